@@ -1,0 +1,15 @@
+"""fastce: the fastest exact cross-entropy loss for NumPy and CuPy arrays.
+
+PyTorch's ``F.cross_entropy`` semantics (class weights with the weighted mean, ignore_index,
+label smoothing, probability targets, gradients) on Numba CPU kernels for NumPy arrays and
+numba.cuda kernels for CUDA arrays; the backend is chosen from the arrays themselves.
+"""
+from .api import (CrossEntropyLoss, CrossEntropyOutput, cross_entropy, cross_entropy_backward,
+                  cross_entropy_with_grad, log_softmax, logsumexp, nll_loss, softmax)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "cross_entropy", "cross_entropy_backward", "cross_entropy_with_grad", "CrossEntropyLoss",
+    "CrossEntropyOutput", "nll_loss", "log_softmax", "softmax", "logsumexp",
+]

@@ -1,0 +1,660 @@
+"""Numba CPU backend: the kernels behind fastce's public functions for NumPy arrays.
+
+Layouts (see ``fastce.spec``): logits are viewed as (N, C, S).
+- ``S == 1`` ("rows"): each row of C logits is contiguous; one row per task, three passes over a
+  row that stays in cache (max, exp-sum, gradient), vectorised along the class axis.
+- ``S > 1`` ("strided", e.g. (N, C, H, W)): the class axis has stride S; a task is a block of
+  up to BLOCK spatial positions of one n, vectorised along the contiguous spatial axis.
+
+The exp is ours (``exp2_nonpos``): the llvmlite wheels have no vector math library, so a call
+to libm's expf per element would make the loss compute-bound at ~4x the cost of reading the
+logits.  A range reduction plus a polynomial, with the power of two assembled from integer
+bits, is accurate to ~2 ulp and lets LLVM vectorise every pass.
+
+Each kernel exists twice: ``parallel=True`` for large problems and a serial twin for small ones,
+where waking the thread pool would cost more than the work.  Per-element results are written
+to O(N*S) arrays and reduced on the host in a fixed order, so the loss is bitwise identical
+whatever the thread count.
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+from . import elementwise as ew
+
+__all__ = ["index_loss", "prob_loss", "target_stats", "softmax_family", "launch"]
+
+# No 'nnan'/'ninf': NaN and inf logits must propagate as in torch.  'reassoc' lets LLVM
+# vectorise the sum reductions.
+FASTMATH = {"reassoc", "nsz", "contract", "arcp", "afn"}
+_JIT = dict(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
+_INLINE = dict(fastmath=FASTMATH, error_model="numpy", inline="always")
+
+LOG2E = 1.4426950408889634
+BLOCK = 256                    # spatial positions per task in the strided layout
+SERIAL_BELOW = 1 << 16         # logits below which the serial kernel runs
+STATS_CHUNK = 1 << 16          # targets per task of the target pre-pass (fixed: deterministic D)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalar building blocks (compiled into the kernels)
+# ---------------------------------------------------------------------------------------------
+@intrinsic
+def fmaximum(typingctx, a, b):
+    """IEEE maximum that propagates NaN (llvm.maximum): vectorises, unlike a compare+select."""
+    if not (isinstance(a, types.Float) and a == b):
+        return None
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(args[0].type, [args[0].type, args[0].type])
+        fn = builder.module.declare_intrinsic("llvm.maximum", [args[0].type], fnty)
+        return builder.call(fn, args)
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def _bits_to_float(typingctx, i):
+    """Reinterpret int32 bits as float32 (int64 as float64)."""
+    if i == types.int32:
+        sig, llty = types.float32(types.int32), ir.FloatType()
+    elif i == types.int64:
+        sig, llty = types.float64(types.int64), ir.DoubleType()
+    else:
+        return None
+
+    def codegen(context, builder, sig_, args):
+        return builder.bitcast(args[0], llty)
+
+    return sig, codegen
+
+
+def exp2_nonpos(u):
+    """2**u for u <= 0 (NaN in, anything out: callers route NaN through the row max)."""
+    return 2.0 ** u
+
+
+# Taylor coefficients of 2**f = exp(f ln2) on |f| <= 1/2: degree 6 is < 2.5e-7 relative for
+# float32, degree 12 < 2e-16 for float64.
+_C32 = tuple(math.log(2.0) ** k / math.factorial(k) for k in range(7))
+_C64 = tuple(math.log(2.0) ** k / math.factorial(k) for k in range(13))
+
+
+def _exp2_f32(u):
+    uc = max(u, np.float32(-126.0))
+    n = np.floor(uc + np.float32(0.5))
+    f = uc - n
+    p = np.float32(_C32[6])
+    p = p * f + np.float32(_C32[5])
+    p = p * f + np.float32(_C32[4])
+    p = p * f + np.float32(_C32[3])
+    p = p * f + np.float32(_C32[2])
+    p = p * f + np.float32(_C32[1])
+    p = p * f + np.float32(1.0)
+    # (Numba widens int32 arithmetic to int64: narrow back before reinterpreting the bits.)
+    scale = _bits_to_float(np.int32((np.int64(n) + 127) << 23))
+    return p * scale if u > np.float32(-126.0) else np.float32(0.0)
+
+
+def _exp2_f64(u):
+    uc = max(u, -1022.0)
+    n = np.floor(uc + 0.5)
+    f = uc - n
+    p = _C64[12]
+    p = p * f + _C64[11]
+    p = p * f + _C64[10]
+    p = p * f + _C64[9]
+    p = p * f + _C64[8]
+    p = p * f + _C64[7]
+    p = p * f + _C64[6]
+    p = p * f + _C64[5]
+    p = p * f + _C64[4]
+    p = p * f + _C64[3]
+    p = p * f + _C64[2]
+    p = p * f + _C64[1]
+    p = p * f + 1.0
+    scale = _bits_to_float((np.int64(n) + 1023) << 52)
+    return p * scale if u > -1022.0 else 0.0
+
+
+@overload(exp2_nonpos, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
+def _exp2_nonpos_impl(u):
+    if u == types.float32:
+        return _exp2_f32
+    if u == types.float64:
+        return _exp2_f64
+    return None
+
+
+def cast_like(value, arr):
+    """``value`` converted to ``arr``'s dtype (keeps float32 loops in float32)."""
+    return value
+
+
+@overload(cast_like, inline="always")
+def _cast_like_impl(value, arr):
+    dt = arr.dtype if isinstance(arr, types.Array) else arr
+
+    def impl(value, arr):
+        return dt(value)
+
+    return impl
+
+
+@njit(**_INLINE)
+def softcap_fast(x, cap, inv_cap):
+    """cap * tanh(x / cap) with tanh(y) = sign(y) (1 - e) / (1 + e), e = exp(-2|y|)."""
+    y = x * inv_cap
+    e = exp2_nonpos(abs(y) * cast_like(-2.0 * LOG2E, y))
+    t = (1 - e) / (1 + e)
+    t = t if y >= 0 else -t
+    return cap * t if x == x else x
+
+
+_index_loss = njit(**_INLINE)(ew.index_loss)
+_index_grad_coefs = njit(**_INLINE)(ew.index_grad_coefs)
+_prob_weight = njit(**_INLINE)(ew.prob_weight)
+_prob_loss = njit(**_INLINE)(ew.prob_loss)
+_prob_grad_coefs = njit(**_INLINE)(ew.prob_grad_coefs)
+_softcap_grad_factor = njit(**_INLINE)(ew.softcap_grad_factor)
+_z_term = njit(**_INLINE)(ew.z_term)
+
+
+# ---------------------------------------------------------------------------------------------
+# Target pre-pass: validation and the mean's denominators, before any kernel indexes with them
+# ---------------------------------------------------------------------------------------------
+def _target_stats(t, w, ignore_index, C, part_D, part_n, part_bad):
+    """Per chunk: sum of w[t] and count over non-ignored targets, first bad position (or -1)."""
+    M = t.size
+    nchunks = part_D.size
+    for k in prange(nchunks):
+        lo = k * STATS_CHUNK
+        hi = min(lo + STATS_CHUNK, M)
+        d = 0.0
+        cnt = 0
+        bad = -1
+        for j in range(lo, hi):
+            tj = np.int64(t[j])
+            if tj == ignore_index:
+                continue
+            if tj < 0 or tj >= C:
+                bad = j
+                break
+            d += np.float64(w[tj])
+            cnt += 1
+        part_D[k] = d
+        part_n[k] = cnt
+        part_bad[k] = bad
+
+
+# ---------------------------------------------------------------------------------------------
+# Class-index targets
+# ---------------------------------------------------------------------------------------------
+def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out, hit_out):
+    """Rows layout.  prm = [keep, smooth_c, W, cap, inv_D, z2_inv_Dz, z_loss] (float64).
+
+    Writes ce_out (the cross-entropy of each row), zl_out (its z-loss) and hit_out (argmax ==
+    target); with want_grad, the gradient into grad.
+    """
+    N, C = x.shape
+    keep, smooth_c, W, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5], prm[6]
+    has_cap = cap > 0.0
+    inv_cap = 1.0 / cap if has_cap else 0.0
+    for i in prange(N):
+        row = x[i]
+        capf = cast_like(cap, row)
+        inv_capf = cast_like(inv_cap, row)
+        # Pass 1: the row max (of the raw logits: softcap is monotonic).  NaN propagates.
+        m = row[0]
+        for c in range(1, C):
+            m = fmaximum(m, row[c])
+        if has_cap:
+            srow = np.empty(C, row.dtype)
+            for c in range(C):
+                srow[c] = softcap_fast(row[c], capf, inv_capf)
+            ms = softcap_fast(m, capf, inv_capf)
+        else:
+            srow = row
+            ms = m
+        # Pass 2: sum of exp(s - max), stored into the gradient row when one is wanted.
+        ms_l = ms * cast_like(LOG2E, row)
+        log2e = cast_like(LOG2E, row)
+        ssum = cast_like(0.0, row)
+        if want_grad:
+            gr = grad[i]
+            for c in range(C):
+                e = exp2_nonpos(srow[c] * log2e - ms_l)
+                gr[c] = e
+                ssum += e
+        else:
+            for c in range(C):
+                ssum += exp2_nonpos(srow[c] * log2e - ms_l)
+        lse = np.float64(ms) + math.log(np.float64(ssum))
+        ti = np.int64(t[i])
+        if ti == ignore_index or ti < 0 or ti >= C:
+            ce_out[i] = 0.0
+            zl_out[i] = 0.0
+            hit_out[i] = 0
+            if want_grad:
+                gr[:] = 0
+            continue
+        w_t = np.float64(w[ti])
+        sum_ws = 0.0
+        if smooth_c != 0.0:
+            acc = cast_like(0.0, row)
+            for c in range(C):
+                acc += w[c] * srow[c]
+            sum_ws = np.float64(acc)
+        s_t = np.float64(srow[ti])
+        ce_out[i] = _index_loss(lse, s_t, w_t, W, sum_ws, keep, smooth_c)
+        zl_out[i] = _z_term(lse, zl)
+        # Token accuracy: the target is the first maximum of the row.
+        hit = row[ti] == m
+        if hit:
+            for c in range(ti):
+                if row[c] == m:
+                    hit = False
+                    break
+        hit_out[i] = 1 if hit else 0
+        if want_grad:
+            alpha, beta, gamma = _index_grad_coefs(g[i * g_stride], lse, w_t, W, keep, smooth_c,
+                                                   inv_D, z2)
+            scale = alpha / np.float64(ssum)
+            if lse != lse:          # NaN row: exps above are meaningless, poison the gradient
+                scale = lse
+            scale_f = cast_like(scale, row)
+            gamma_f = cast_like(gamma, row)
+            one = cast_like(1.0, row)
+            if has_cap:
+                for c in range(C):
+                    q = srow[c] * inv_capf
+                    gr[c] = (gr[c] * scale_f - gamma_f * w[c]) * (one - q * q)
+                gr[ti] -= cast_like(beta * _softcap_grad_factor(s_t, inv_cap), row)
+            elif smooth_c != 0.0:
+                for c in range(C):
+                    gr[c] = gr[c] * scale_f - gamma_f * w[c]
+                gr[ti] -= cast_like(beta, row)
+            else:
+                for c in range(C):
+                    gr[c] = gr[c] * scale_f
+                gr[ti] -= cast_like(beta, row)
+
+
+def _index_strided(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
+                   hit_out):
+    """Strided layout (N, C, S): vectorised along S in blocks of BLOCK positions."""
+    N, C, S = x.shape
+    keep, smooth_c, W, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5], prm[6]
+    has_cap = cap > 0.0
+    inv_cap = 1.0 / cap if has_cap else 0.0
+    nblk = (S + BLOCK - 1) // BLOCK
+    for task in prange(N * nblk):
+        n = task // nblk
+        s0 = (task - n * nblk) * BLOCK
+        L = min(BLOCK, S - s0)
+        capf = cast_like(cap, x)
+        inv_capf = cast_like(inv_cap, x)
+        log2e = cast_like(LOG2E, x)
+        m = np.empty(L, x.dtype)
+        for j in range(L):
+            m[j] = x[n, 0, s0 + j]
+        for c in range(1, C):
+            for j in range(L):
+                m[j] = fmaximum(m[j], x[n, c, s0 + j])
+        ms = np.empty(L, x.dtype)          # row max of the softcapped logits
+        ms_l = np.empty(L, x.dtype)        # ... times log2(e)
+        for j in range(L):
+            ms[j] = softcap_fast(m[j], capf, inv_capf) if has_cap else m[j]
+            ms_l[j] = ms[j] * log2e
+        ssum = np.zeros(L, x.dtype)
+        sws = np.zeros(L, x.dtype)
+        for c in range(C):
+            wc = w[c]
+            if has_cap:
+                for j in range(L):
+                    sv = softcap_fast(x[n, c, s0 + j], capf, inv_capf)
+                    e = exp2_nonpos(sv * log2e - ms_l[j])
+                    ssum[j] += e
+                    sws[j] += wc * sv
+                    if want_grad:
+                        grad[n, c, s0 + j] = e
+            else:
+                if want_grad:
+                    for j in range(L):
+                        e = exp2_nonpos(x[n, c, s0 + j] * log2e - ms_l[j])
+                        ssum[j] += e
+                        grad[n, c, s0 + j] = e
+                else:
+                    for j in range(L):
+                        ssum[j] += exp2_nonpos(x[n, c, s0 + j] * log2e - ms_l[j])
+                if smooth_c != 0.0:
+                    for j in range(L):
+                        sws[j] += wc * x[n, c, s0 + j]
+        # Per position scalars; the gradient coefficients go to small per-block vectors.
+        scale_v = np.zeros(L, x.dtype)
+        gamma_v = np.zeros(L, x.dtype)
+        beta_v = np.zeros(L, x.dtype)
+        for j in range(L):
+            lse = np.float64(ms[j]) + math.log(np.float64(ssum[j]))
+            tj = np.int64(t[n, s0 + j])
+            if tj == ignore_index or tj < 0 or tj >= C:
+                ce_out[n, s0 + j] = 0.0
+                zl_out[n, s0 + j] = 0.0
+                hit_out[n, s0 + j] = 0
+                continue
+            w_t = np.float64(w[tj])
+            xt = x[n, tj, s0 + j]
+            s_t = np.float64(softcap_fast(xt, capf, inv_capf)) if has_cap else np.float64(xt)
+            ce_out[n, s0 + j] = _index_loss(lse, s_t, w_t, W, np.float64(sws[j]), keep, smooth_c)
+            zl_out[n, s0 + j] = _z_term(lse, zl)
+            hit = xt == m[j]
+            if hit:
+                for c in range(tj):
+                    if x[n, c, s0 + j] == m[j]:
+                        hit = False
+                        break
+            hit_out[n, s0 + j] = 1 if hit else 0
+            if want_grad:
+                gi = g[(n * S + s0 + j) * g_stride]
+                alpha, beta, gamma = _index_grad_coefs(gi, lse, w_t, W, keep, smooth_c, inv_D, z2)
+                scale = alpha / np.float64(ssum[j])
+                if lse != lse:
+                    scale = lse
+                scale_v[j] = scale
+                gamma_v[j] = gamma
+                beta_v[j] = beta * (_softcap_grad_factor(s_t, inv_cap) if has_cap else 1.0)
+        if want_grad:
+            one = cast_like(1.0, x)
+            for c in range(C):
+                wc = w[c]
+                if has_cap:
+                    for j in range(L):
+                        q = softcap_fast(x[n, c, s0 + j], capf, inv_capf) * inv_capf
+                        grad[n, c, s0 + j] = ((grad[n, c, s0 + j] * scale_v[j] - gamma_v[j] * wc)
+                                              * (one - q * q))
+                else:
+                    for j in range(L):
+                        grad[n, c, s0 + j] = grad[n, c, s0 + j] * scale_v[j] - gamma_v[j] * wc
+            for j in range(L):
+                tj = np.int64(t[n, s0 + j])
+                if tj == ignore_index or tj < 0 or tj >= C:
+                    continue
+                grad[n, tj, s0 + j] -= beta_v[j]
+
+
+# ---------------------------------------------------------------------------------------------
+# Probability targets (one kernel for both layouts: blocks of the spatial axis, L = 1 for rows)
+# ---------------------------------------------------------------------------------------------
+def _prob_blocks(x, p, w, prm, want_grad, g, g_stride, grad, ce_out, zl_out):
+    """prm = [keep, smooth_c, cap, inv_D, z2_inv_Dz, z_loss]."""
+    N, C, S = x.shape
+    keep, smooth_c, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5]
+    has_cap = cap > 0.0
+    inv_cap = 1.0 / cap if has_cap else 0.0
+    nblk = (S + BLOCK - 1) // BLOCK
+    for task in prange(N * nblk):
+        n = task // nblk
+        s0 = (task - n * nblk) * BLOCK
+        L = min(BLOCK, S - s0)
+        xs = x[n, :, s0:s0 + L]
+        ps = p[n, :, s0:s0 + L]
+        capf = cast_like(cap, x)
+        inv_capf = cast_like(inv_cap, x)
+        log2e = cast_like(LOG2E, x)
+        m = xs[0].copy()
+        for c in range(1, C):
+            for j in range(L):
+                m[j] = fmaximum(m[j], xs[c, j])
+        ms = np.empty_like(m)
+        ms_l = np.empty_like(m)
+        for j in range(L):
+            ms[j] = softcap_fast(m[j], capf, inv_capf) if has_cap else m[j]
+            ms_l[j] = ms[j] * log2e
+        ssum = np.zeros(L)
+        A = np.zeros(L)
+        sqs = np.zeros(L)
+        for c in range(C):
+            wc = np.float64(w[c])
+            for j in range(L):
+                s = softcap_fast(xs[c, j], capf, inv_capf) if has_cap else xs[c, j]
+                e = exp2_nonpos(s * log2e - ms_l[j])
+                ssum[j] += e
+                q = _prob_weight(np.float64(ps[c, j]), wc, keep, smooth_c)
+                A[j] += q
+                sqs[j] += q * np.float64(s)
+                if want_grad:
+                    grad[n, c, s0 + j] = e
+        for j in range(L):
+            lse = np.float64(ms[j]) + math.log(ssum[j])
+            zl_out[n, s0 + j] = _z_term(lse, zl)
+            ce_out[n, s0 + j] = _prob_loss(lse, A[j], sqs[j])
+            if want_grad:
+                alpha, beta = _prob_grad_coefs(g[(n * S + s0 + j) * g_stride], lse, A[j], inv_D, z2)
+                scale = alpha / ssum[j]
+                if lse != lse:
+                    scale = lse
+                for c in range(C):
+                    wc = np.float64(w[c])
+                    q = _prob_weight(np.float64(ps[c, j]), wc, keep, smooth_c)
+                    v = np.float64(grad[n, c, s0 + j]) * scale - beta * q
+                    if has_cap:
+                        s = np.float64(softcap_fast(xs[c, j], capf, inv_capf))
+                        v *= _softcap_grad_factor(s, inv_cap)
+                    grad[n, c, s0 + j] = v
+
+
+# ---------------------------------------------------------------------------------------------
+# log_softmax / softmax / logsumexp (mode 0: lse only, 1: log_softmax, 2: softmax)
+# ---------------------------------------------------------------------------------------------
+def _softmax_rows(x, mode, out, lse_out):
+    N, C = x.shape
+    for i in prange(N):
+        row = x[i]
+        m = row[0]
+        for c in range(1, C):
+            m = fmaximum(m, row[c])
+        log2e = cast_like(LOG2E, row)
+        ml = m * log2e
+        ssum = cast_like(0.0, row)
+        for c in range(C):
+            ssum += exp2_nonpos(row[c] * log2e - ml)
+        lse = np.float64(m) + math.log(np.float64(ssum))
+        lse_out[i] = lse
+        if mode == 1:
+            o = out[i]
+            lsef = cast_like(lse, row)
+            for c in range(C):
+                o[c] = row[c] - lsef
+        elif mode == 2:
+            o = out[i]
+            inv = cast_like(1.0 / np.float64(ssum), row)
+            if lse != lse:
+                inv = cast_like(lse, row)
+            for c in range(C):
+                o[c] = exp2_nonpos(row[c] * log2e - ml) * inv
+
+
+def _softmax_strided(x, mode, out, lse_out):
+    N, C, S = x.shape
+    nblk = (S + BLOCK - 1) // BLOCK
+    for task in prange(N * nblk):
+        n = task // nblk
+        s0 = (task - n * nblk) * BLOCK
+        L = min(BLOCK, S - s0)
+        xs = x[n, :, s0:s0 + L]
+        log2e = cast_like(LOG2E, x)
+        m = xs[0].copy()
+        for c in range(1, C):
+            for j in range(L):
+                m[j] = fmaximum(m[j], xs[c, j])
+        ml = m * log2e
+        ssum = np.zeros_like(m)
+        for c in range(C):
+            for j in range(L):
+                ssum[j] += exp2_nonpos(xs[c, j] * log2e - ml[j])
+        lse = np.empty(L)
+        for j in range(L):
+            lse[j] = np.float64(m[j]) + math.log(np.float64(ssum[j]))
+            lse_out[n, s0 + j] = lse[j]
+        if mode == 1:
+            lsef = lse.astype(x.dtype)
+            for c in range(C):
+                for j in range(L):
+                    out[n, c, s0 + j] = xs[c, j] - lsef[j]
+        elif mode == 2:
+            inv = (1.0 / ssum).astype(x.dtype)
+            for j in range(L):
+                if lse[j] != lse[j]:
+                    inv[j] = lse[j]
+            for c in range(C):
+                for j in range(L):
+                    out[n, c, s0 + j] = exp2_nonpos(xs[c, j] * log2e - ml[j]) * inv[j]
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation (lazy, cached) and launching
+# ---------------------------------------------------------------------------------------------
+def _twins(fn):
+    """(serial, parallel) compilations of one kernel body."""
+    return njit(parallel=False, **_JIT)(fn), njit(parallel=True, **_JIT)(fn)
+
+
+_KERNELS = {fn.__name__: _twins(fn) for fn in
+            (_target_stats, _index_rows, _index_strided, _prob_blocks, _softmax_rows,
+             _softmax_strided)}
+
+# Numba's 'workqueue' threading layer aborts the process when two threads launch parallel
+# kernels at once; 'omp' and 'tbb' are safe.  Until the layer is known (it is chosen at the
+# first parallel launch) and whenever it is workqueue, parallel launches take this lock.
+_launch_lock = threading.Lock()
+_layer_is_safe = None
+
+
+def launch(name, work, *args):
+    """Run kernel ``name`` on ``args``; ``work`` (element count) picks serial or parallel."""
+    global _layer_is_safe
+    serial, parallel = _KERNELS[name]
+    if work < SERIAL_BELOW:
+        return serial(*args)
+    if _layer_is_safe:
+        return parallel(*args)
+    with _launch_lock:
+        out = parallel(*args)
+        if _layer_is_safe is None:
+            _layer_is_safe = numba.threading_layer() in ("omp", "tbb")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend entry points used by fastce.api (arrays already validated and canonical)
+# ---------------------------------------------------------------------------------------------
+def target_stats(t2, w, ignore_index, C):
+    """(D, count, bad_flat_position or -1) over the (N, S) integer targets ``t2``."""
+    flat = t2.reshape(-1)
+    nchunks = max(1, -(-flat.size // STATS_CHUNK))
+    part_D = np.empty(nchunks)
+    part_n = np.empty(nchunks, np.int64)
+    part_bad = np.empty(nchunks, np.int64)
+    launch("_target_stats", flat.size, flat, w, np.int64(ignore_index), np.int64(C),
+           part_D, part_n, part_bad)
+    bad = part_bad[part_bad >= 0]
+    return float(part_D.sum()), int(part_n.sum()), (int(bad[0]) if bad.size else -1)
+
+
+def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride):
+    """Per-element ce, z-loss and hit arrays (N, S); fills ``grad`` (N, C, S) when given."""
+    N, C, S = x3.shape
+    ce = np.empty((N, S))
+    lse = np.empty((N, S))
+    hit = np.empty((N, S), np.uint8)
+    want = grad is not None
+    gbuf = grad if want else np.empty((1, 1, 1), x3.dtype)
+    work = x3.size
+    if S == 1:
+        launch("_index_rows", work, x3.reshape(N, C), t2.reshape(N), w, prm,
+               np.int64(ignore_index), want, g, np.int64(g_stride),
+               gbuf.reshape(gbuf.shape[0], gbuf.shape[1]), ce.reshape(N), lse.reshape(N),
+               hit.reshape(N))
+    else:
+        launch("_index_strided", work, x3, t2, w, prm, np.int64(ignore_index), want, g,
+               np.int64(g_stride), gbuf, ce, lse, hit)
+    return ce, lse, hit
+
+
+def prob_loss(x3, p3, w, prm, grad, g, g_stride):
+    N, C, S = x3.shape
+    ce = np.empty((N, S))
+    lse = np.empty((N, S))
+    want = grad is not None
+    gbuf = grad if want else np.empty((1, 1, 1), x3.dtype)
+    launch("_prob_blocks", x3.size, x3, p3, w, prm, want, g, np.int64(g_stride), gbuf, ce, lse)
+    return ce, lse
+
+
+def softmax_family(x3, mode):
+    """mode 0: lse (N, S); 1: (log_softmax, lse); 2: (softmax, lse)."""
+    N, C, S = x3.shape
+    lse = np.empty((N, S))
+    out = np.empty(x3.shape if mode else (1, 1, 1), x3.dtype)
+    if S == 1:
+        launch("_softmax_rows", x3.size, x3.reshape(N, C), np.int64(mode),
+               out.reshape(out.shape[0], out.shape[1]), lse.reshape(N))
+    else:
+        launch("_softmax_strided", x3.size, x3, np.int64(mode), out, lse)
+    return out, lse
+
+
+class CPUBackend:
+    """What fastce.api needs from a backend, for NumPy arrays."""
+
+    name = "cpu"
+    xp = np
+
+    @staticmethod
+    def asarray(a):
+        return np.asarray(a)
+
+    @staticmethod
+    def contiguous(a):
+        return np.ascontiguousarray(a)
+
+    @staticmethod
+    def empty(shape, dtype):
+        return np.empty(shape, dtype)
+
+    @staticmethod
+    def ones(shape, dtype):
+        return np.ones(shape, dtype)
+
+    @staticmethod
+    def total(a) -> float:
+        """Deterministic float64 sum (pairwise, fixed order)."""
+        return float(np.sum(a, dtype=np.float64))
+
+    @staticmethod
+    def scalar(value, dtype):
+        """The loss of a mean/sum reduction: a NumPy scalar of the input's dtype."""
+        return np.dtype(dtype).type(value)
+
+    @staticmethod
+    def to_host_scalar(a):
+        return np.asarray(a).item()
+
+    @staticmethod
+    def wrap(a, like):
+        return a
+
+    target_stats = staticmethod(target_stats)
+    index_loss = staticmethod(index_loss)
+    prob_loss = staticmethod(prob_loss)
+    softmax_family = staticmethod(softmax_family)
+
+
+BACKEND = CPUBackend()

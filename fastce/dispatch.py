@@ -1,0 +1,45 @@
+"""Choose the backend from the arrays themselves: NumPy arrays (and lists) run on the CPU,
+CUDA arrays (CuPy, Numba device arrays, anything with ``__cuda_array_interface__``) on the GPU.
+
+CuPy is never imported here: a CUDA array is recognised by its interface attribute, so
+``import fastce`` works on machines without CuPy or a GPU.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["is_device_array", "backend_for"]
+
+
+def is_device_array(a) -> bool:
+    """True for CuPy arrays, Numba device arrays (real or simulated) and torch CUDA tensors."""
+    if isinstance(a, np.ndarray) or a is None:
+        return False
+    if hasattr(a, "__cuda_array_interface__"):
+        return True
+    # The Numba CUDA simulator's fake device arrays carry no interface attribute.
+    return type(a).__name__ == "FakeCUDAArray"
+
+
+def backend_for(**named):
+    """The backend module for a call, given its array arguments by name.
+
+    Raises TypeError naming the first argument whose device differs from ``input``'s: fastce
+    never copies between host and device behind the caller's back.
+    """
+    items = [(k, v) for k, v in named.items() if v is not None]
+    first_name, first = items[0]
+    on_gpu = is_device_array(first)
+    for name, value in items[1:]:
+        if np.isscalar(value) or (isinstance(value, np.ndarray) and value.ndim == 0 and name == "grad_output"):
+            continue
+        if is_device_array(value) != on_gpu:
+            where = "a CUDA device" if on_gpu else "the host"
+            raise TypeError(
+                f"fastce: {first_name!r} is on {where} but {name!r} is not; move {name!r} to the "
+                f"same device (fastce makes no implicit host/device copies)")
+    if on_gpu:
+        from . import gpu
+        return gpu.BACKEND
+    from . import cpu
+    return cpu.BACKEND

@@ -1,0 +1,209 @@
+"""The reference definition of fastce: float64 NumPy, written for reading, not speed.
+
+Every backend (the Numba CPU kernels, the numba.cuda GPU kernels) is tested against these
+functions, and these functions are tested against PyTorch.  All arrays here use the canonical
+layout the public API reduces every call to::
+
+    x       (N, C, S)  logits: N outer rows, C classes, S inner (spatial) positions
+    target  (N, S)     class indices, or (N, C, S) probabilities
+    weight  (C,)       class weights (ones when not given)
+
+An *element* i is one (n, s) pair.  With ``s_ic = softcap * tanh(x_ic / softcap)`` (or ``x_ic``
+when there is no softcap) and ``lse_i = log sum_c exp(s_ic)``:
+
+Class-index targets y_i (ignored where ``y_i == ignore_index``), smoothing eps, W = sum_c w_c::
+
+    nll_i    = w[y_i] * (lse_i - s_{i,y_i})
+    smooth_i = sum_c w_c * (lse_i - s_ic)                 = W * lse_i - sum_c w_c s_ic
+    ce_i     = (1 - eps) * nll_i + eps / C * smooth_i     (0 where ignored)
+    D        = sum_{i not ignored} w[y_i]                 (the weighted mean's denominator)
+
+Probability targets p_ic::
+
+    q_ic = w_c * ((1 - eps) * p_ic + eps / C)
+    ce_i = sum_c q_ic * (lse_i - s_ic)
+    D    = N * S                                          (a plain mean over elements)
+
+z-loss (PaLM): ``z_i = z_loss * lse_i**2`` for every element that is not ignored; its mean
+divides by the count of such elements, Dz, not by the weights.
+
+Reductions: "none" -> ce_i + z_i with the target's shape; "sum" -> sum_i (ce_i + z_i);
+"mean" -> sum_i ce_i / D + sum_i z_i / Dz.  0/0 is nan, as in torch.
+
+Gradient with respect to the logits (g_i the upstream gradient, D = Dz = 1 for sum/none)::
+
+    dL/ds_ic = g_i * ((a_i / D + 2 z_loss lse_i / Dz) * softmax(s_i)_c - b_ic / D)
+    a_i  = sum_c b_ic,   b_ic = q_ic   (one-hot y_i scaled by w[y_i] for index targets:
+                                        b_ic = (1 - eps) w[y_i] [c == y_i] + eps w_c / C)
+    dL/dx_ic = dL/ds_ic * (1 - (s_ic / softcap)**2)       (with a softcap; else dL/ds_ic)
+
+Ignored elements have zero loss and zero gradient.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "log_softmax", "softmax", "logsumexp", "softcap_logits",
+    "cross_entropy_index", "cross_entropy_prob", "reduce_loss", "grad_logits",
+    "cross_entropy", "cross_entropy_with_grad", "token_accuracy",
+]
+
+
+def logsumexp(x: np.ndarray, axis: int = 1) -> np.ndarray:
+    """``lse = m + log(sum exp(x - m))`` with ``m = max x`` so that no exp overflows."""
+    x = np.asarray(x, dtype=np.float64)
+    m = np.max(x, axis=axis, keepdims=True)
+    # A row whose max is +-inf: shift by 0 so that inf - inf makes no spurious nan.
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        out = np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)) + m
+    return np.squeeze(out, axis=axis)
+
+
+def log_softmax(x: np.ndarray, axis: int = 1) -> np.ndarray:
+    """``log_softmax(x)_c = x_c - logsumexp(x)``."""
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return x - np.expand_dims(logsumexp(x, axis), axis)
+
+
+def softmax(x: np.ndarray, axis: int = 1) -> np.ndarray:
+    """``softmax(x)_c = exp(x_c - logsumexp(x))``."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return np.exp(log_softmax(x, axis))
+
+
+def softcap_logits(x: np.ndarray, softcap: float | None) -> np.ndarray:
+    """``s = softcap * tanh(x / softcap)`` (Gemma 2), or x itself when softcap is None."""
+    x = np.asarray(x, dtype=np.float64)
+    return x if softcap is None else softcap * np.tanh(x / softcap)
+
+
+def _target_distribution_index(target, weight, ignore_index, eps, C):
+    """b_ic of the module docstring for class-index targets, and the ignore mask (N, S)."""
+    N, S = target.shape
+    ignored = target == ignore_index
+    safe = np.where(ignored, 0, target).astype(np.int64)
+    onehot = np.zeros((N, C, S))
+    np.put_along_axis(onehot, safe[:, None, :], 1.0, axis=1)
+    w_y = weight[safe]                                     # (N, S)
+    b = (1.0 - eps) * w_y[:, None, :] * onehot + eps / C * weight[None, :, None]
+    b = np.where(ignored[:, None, :], 0.0, b)
+    return b, ignored, np.where(ignored, 0.0, w_y)
+
+
+def cross_entropy_index(x, target, weight=None, *, ignore_index=-100, label_smoothing=0.0,
+                        softcap=None, z_loss=0.0):
+    """Per-element loss pieces for class-index targets.
+
+    Returns ``(ce, z, lse, ignored, D, Dz, b)``: ce_i and z_i (N, S), lse_i, the ignore mask,
+    the mean's denominators and the scaled target distribution b_ic (N, C, S) used by the
+    gradient.  Targets must already be valid (in [0, C) or ignore_index).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    N, C, S = x.shape
+    target = np.asarray(target).astype(np.int64)
+    weight = np.ones(C) if weight is None else np.asarray(weight, dtype=np.float64)
+    s = softcap_logits(x, softcap)
+    lse = logsumexp(s, axis=1)                                          # (N, S)
+    b, ignored, w_y = _target_distribution_index(target, weight, ignore_index, label_smoothing, C)
+    with np.errstate(invalid="ignore"):
+        # sum_c b_ic (lse_i - s_ic): (1-eps) nll_i + eps/C smooth_i in one expression.
+        ce = np.sum(b * (lse[:, None, :] - s), axis=1)
+    ce = np.where(ignored, 0.0, ce)
+    z = np.where(ignored, 0.0, z_loss * lse ** 2)
+    D = float(np.sum(w_y))
+    Dz = float(np.sum(~ignored))
+    return ce, z, lse, ignored, D, Dz, b
+
+
+def cross_entropy_prob(x, target, weight=None, *, label_smoothing=0.0, softcap=None, z_loss=0.0):
+    """Per-element loss pieces for probability targets (same return as cross_entropy_index)."""
+    x = np.asarray(x, dtype=np.float64)
+    N, C, S = x.shape
+    p = np.asarray(target, dtype=np.float64)
+    weight = np.ones(C) if weight is None else np.asarray(weight, dtype=np.float64)
+    s = softcap_logits(x, softcap)
+    lse = logsumexp(s, axis=1)
+    q = weight[None, :, None] * ((1.0 - label_smoothing) * p + label_smoothing / C)
+    with np.errstate(invalid="ignore"):
+        ce = np.sum(q * (lse[:, None, :] - s), axis=1)
+    z = z_loss * lse ** 2
+    ignored = np.zeros((N, S), dtype=bool)
+    return ce, z, lse, ignored, float(N * S), float(N * S), q
+
+
+def reduce_loss(ce, z, D, Dz, reduction, z_loss=0.0):
+    """Apply the reduction of the module docstring (0/0 -> nan as in torch)."""
+    if reduction == "none":
+        return ce + z
+    if reduction == "sum":
+        return float(np.sum(ce) + np.sum(z))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        total = np.float64(np.sum(ce)) / np.float64(D)
+        if z_loss:
+            total = total + np.float64(np.sum(z)) / np.float64(Dz)
+    return float(total)
+
+
+def grad_logits(x, lse, b, ignored, D, Dz, reduction, grad_output=1.0, *, softcap=None, z_loss=0.0):
+    """dL/dx (N, C, S) from the pieces above: see the module docstring."""
+    x = np.asarray(x, dtype=np.float64)
+    s = softcap_logits(x, softcap)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        p = np.exp(s - lse[:, None, :])
+        a = np.sum(b, axis=1, keepdims=True)
+        if reduction == "mean":
+            d, dz = np.float64(D), np.float64(Dz)
+        else:
+            d = dz = 1.0
+        g = np.asarray(grad_output, dtype=np.float64)
+        g = g[:, None, :] if g.ndim == 2 else g
+        zterm = 2.0 * z_loss * lse[:, None, :] / dz if z_loss else 0.0
+        grad = g * ((a / d + zterm) * p - b / d)
+        grad = np.where(ignored[:, None, :], 0.0, grad)
+        if softcap is not None:
+            grad = grad * (1.0 - (s / softcap) ** 2)
+    return grad
+
+
+def cross_entropy(x, target, weight=None, *, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, softcap=None, z_loss=0.0):
+    """Loss of the canonical (N, C, S) problem; index targets when ``target`` is (N, S)."""
+    x = np.asarray(x, dtype=np.float64)
+    if np.ndim(target) == 3:
+        ce, z, *_ , D, Dz, _ = cross_entropy_prob(x, target, weight, label_smoothing=label_smoothing,
+                                                  softcap=softcap, z_loss=z_loss)
+    else:
+        ce, z, *_, D, Dz, _ = cross_entropy_index(x, target, weight, ignore_index=ignore_index,
+                                                  label_smoothing=label_smoothing,
+                                                  softcap=softcap, z_loss=z_loss)
+    return reduce_loss(ce, z, D, Dz, reduction, z_loss)
+
+
+def cross_entropy_with_grad(x, target, weight=None, *, ignore_index=-100, reduction="mean",
+                            label_smoothing=0.0, softcap=None, z_loss=0.0, grad_output=1.0):
+    """(loss, dL/dx) of the canonical problem."""
+    x = np.asarray(x, dtype=np.float64)
+    if np.ndim(target) == 3:
+        ce, z, lse, ignored, D, Dz, b = cross_entropy_prob(
+            x, target, weight, label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss)
+    else:
+        ce, z, lse, ignored, D, Dz, b = cross_entropy_index(
+            x, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+            softcap=softcap, z_loss=z_loss)
+    loss = reduce_loss(ce, z, D, Dz, reduction, z_loss)
+    grad = grad_logits(x, lse, b, ignored, D, Dz, reduction, grad_output,
+                       softcap=softcap, z_loss=z_loss)
+    return loss, grad
+
+
+def token_accuracy(x, target, ignore_index=-100):
+    """Fraction of non-ignored elements whose argmax (first maximum) equals the target."""
+    x = np.asarray(x, dtype=np.float64)
+    target = np.asarray(target).astype(np.int64)
+    valid = target != ignore_index
+    hit = (np.argmax(x, axis=1) == target) & valid
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(np.sum(hit) / np.sum(valid))
