@@ -548,8 +548,17 @@ def launch(name, work, *args):
     with _launch_lock:
         out = parallel(*args)
         if _layer_is_safe is None:
-            _layer_is_safe = numba.threading_layer() in ("omp", "tbb")
+            _layer_is_safe = _threading_layer() in ("omp", "tbb")
         return out
+
+
+def _threading_layer():
+    try:
+        from numba.np.ufunc.parallel import _launch_threads
+        _launch_threads()           # a kernel loaded from the cache may not have started it
+        return numba.threading_layer()
+    except Exception:               # unknown: keep the lock
+        return "unknown"
 
 
 # ---------------------------------------------------------------------------------------------
