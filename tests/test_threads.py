@@ -1,0 +1,56 @@
+"""Concurrency and determinism of the CPU backend."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+import fastce
+
+
+def test_eight_threads_agree_and_do_not_abort():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 2048)).astype(np.float32)      # large enough: parallel kernel
+    t = rng.integers(0, 2048, 512)
+    x2 = rng.standard_normal((4, 5, 64, 64)).astype(np.float32)
+    t2 = rng.integers(0, 5, (4, 64, 64))
+    want = fastce.cross_entropy_with_grad(x, t)
+    want2 = fastce.cross_entropy_with_grad(x2, t2)
+
+    def work(i):
+        if i % 2:
+            return fastce.cross_entropy_with_grad(x, t)
+        return fastce.cross_entropy_with_grad(x2, t2)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(work, range(32)))
+    for i, (loss, grad) in enumerate(results):
+        ref = want if i % 2 else want2
+        assert loss == ref[0]
+        np.testing.assert_array_equal(grad, ref[1])
+
+
+SCRIPT = textwrap.dedent("""
+    import numpy as np, fastce
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3000, 1500)).astype(np.float32)
+    t = rng.integers(0, 1500, 3000)
+    x2 = rng.standard_normal((2, 7, 300, 200)).astype(np.float32)
+    t2 = rng.integers(0, 7, (2, 300, 200))
+    a = fastce.cross_entropy(x, t, label_smoothing=0.1)
+    b, g = fastce.cross_entropy_with_grad(x2, t2)
+    print(repr(float(a)), repr(float(b)), float(np.abs(g).sum(dtype=np.float64)).hex())
+""")
+
+
+def test_bitwise_identical_across_thread_counts():
+    outs = []
+    for n in ("1", "2"):
+        env = dict(os.environ, NUMBA_NUM_THREADS=n)
+        outs.append(subprocess.run([sys.executable, "-c", SCRIPT], env=env, check=True,
+                                   capture_output=True, text=True).stdout)
+    assert outs[0] == outs[1]
