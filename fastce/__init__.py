@@ -6,10 +6,12 @@ numba.cuda kernels for CUDA arrays; the backend is chosen from the arrays themse
 """
 from .api import (CrossEntropyLoss, CrossEntropyOutput, cross_entropy, cross_entropy_backward,
                   cross_entropy_with_grad, log_softmax, logsumexp, nll_loss, softmax)
+from .linear import linear_cross_entropy, linear_cross_entropy_with_grad
 
 __version__ = "0.1.0"
 
 __all__ = [
     "cross_entropy", "cross_entropy_backward", "cross_entropy_with_grad", "CrossEntropyLoss",
     "CrossEntropyOutput", "nll_loss", "log_softmax", "softmax", "logsumexp",
+    "linear_cross_entropy", "linear_cross_entropy_with_grad",
 ]

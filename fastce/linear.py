@@ -1,0 +1,410 @@
+"""Fused linear cross-entropy: ``cross_entropy(hidden @ classifier.T + bias, target)`` and its
+gradients without ever materialising the (N, V) logits.
+
+The rows are processed in chunks.  Per chunk, the logits ``hidden[s:e] @ classifier.T (+ bias)``
+are written by the platform BLAS (NumPy ``@``, or cuBLAS through CuPy for CUDA arrays) into one
+preallocated (rows, V) buffer; fastce's own kernels (``fastce.cross_entropy_with_grad`` on the
+chunk, ``reduction="sum"``) give the chunk's loss and logit gradient; then
+
+    grad_hidden[s:e]  = grad_logits @ classifier
+    grad_classifier  += grad_logits.T @ hidden[s:e]      (BLAS gemm with beta=1 when SciPy is
+    grad_bias        += grad_logits.sum(0)                 present, else one (V, H) temporary)
+
+``reduction="mean"`` divides by GLOBAL denominators (the sum of target weights over all
+non-ignored rows for the cross-entropy part, their count for the z-loss part), computed from the
+targets before the first chunk: each chunk runs with ``reduction="sum"``, a scalar grad_output of
+``g / D`` and ``z_loss * D / Dz``, which gives exactly ``dCE/D + dZ/Dz`` (see
+``fastce.elementwise.index_grad_coefs``).
+
+Memory: the public ``cross_entropy_with_grad`` allocates its gradient (it has no ``out=``), so
+two (rows, V) buffers are alive per chunk; the automatic chunk size therefore makes each buffer
+~1/32 of N x V (capped at 32 MiB, at least 1 MiB), i.e. ~1/16 of the logits in all.
+"""
+from __future__ import annotations
+
+import math
+import operator
+import time
+
+import numpy as np
+
+from .api import _check_options, cross_entropy, cross_entropy_with_grad
+from .dispatch import is_device_array
+
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad", "bench_linear"]
+
+_FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_NAMES = ("hidden", "classifier", "target", "bias", "weight", "grad_output")
+
+_MIB = 1 << 20
+AUTO_FRACTION = 32          # each chunk buffer is ~1/32 of N x V ...
+AUTO_MAX_BYTES = 32 * _MIB  # ... but at most this ...
+AUTO_MIN_BYTES = 1 * _MIB   # ... and at least this (small problems: one chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# Array module (NumPy on the host, CuPy for CUDA arrays) and argument checking
+# ---------------------------------------------------------------------------------------------
+def _array_module(named):
+    items = [(k, v) for k, v in named.items() if v is not None and not np.isscalar(v)]
+    on_gpu = is_device_array(items[0][1])
+    for name, value in items[1:]:
+        if name == "grad_output" and isinstance(value, np.ndarray) and value.ndim == 0:
+            continue
+        if is_device_array(value) != on_gpu:
+            where = "a CUDA device" if on_gpu else "the host"
+            raise TypeError(f"fastce: 'hidden' is on {where} but {name!r} is not; move {name!r} "
+                            f"to the same device (fastce makes no implicit host/device copies)")
+    if not on_gpu:
+        return np
+    try:
+        import cupy
+    except ImportError:
+        raise TypeError("fastce: linear_cross_entropy got CUDA device arrays but CuPy is not "
+                        "installed; the fused linear cross-entropy needs CuPy (cuBLAS) for its "
+                        "matmuls on the GPU (pip install cupy-cuda12x)") from None
+    return cupy
+
+
+def _check_float(xp, a, name):
+    a = xp.asarray(a)
+    if a.dtype not in _FLOATS:
+        raise TypeError(f"fastce: {name} must be float16, float32 or float64, got dtype {a.dtype}")
+    return a
+
+
+def chunk_rows(N, V, itemsize, chunk_size=None):
+    """Rows per chunk: ``chunk_size`` validated, or the automatic choice (see module doc)."""
+    if chunk_size is None:
+        budget = N * V * itemsize // AUTO_FRACTION
+        budget = min(max(budget, AUTO_MIN_BYTES), AUTO_MAX_BYTES)
+        rows = budget // max(1, V * itemsize)
+        return int(max(1, min(rows, N)))
+    if isinstance(chunk_size, (bool, np.bool_)):
+        raise TypeError(f"fastce: chunk_size must be None or a positive int, got {chunk_size!r}")
+    try:
+        rows = operator.index(chunk_size)
+    except TypeError:
+        raise TypeError(f"fastce: chunk_size must be None or a positive int, got "
+                        f"{chunk_size!r}") from None
+    if rows < 1:
+        raise ValueError(f"fastce: chunk_size must be >= 1 (rows per chunk), got {chunk_size!r}")
+    return int(max(1, min(rows, N)))
+
+
+def _prepare(xp, hidden, classifier, target, bias, weight, ignore_index):
+    h = _check_float(xp, hidden, "hidden")
+    c = _check_float(xp, classifier, "classifier")
+    if h.ndim != 2:
+        raise ValueError(f"fastce: hidden must be 2-D (N, H), got shape {tuple(h.shape)}")
+    if c.ndim != 2:
+        raise ValueError(f"fastce: classifier must be 2-D (V, H) like torch.nn.Linear.weight, "
+                         f"got shape {tuple(c.shape)}")
+    N, H = h.shape
+    V = c.shape[0]
+    if c.shape[1] != H:
+        raise ValueError(f"fastce: classifier must have shape (V, H={H}) for hidden of shape "
+                         f"{tuple(h.shape)}, got {tuple(c.shape)}")
+    if V == 0:
+        raise ValueError("fastce: classifier has no classes (V = 0 rows)")
+    if c.dtype != h.dtype:
+        raise TypeError(f"fastce: classifier dtype {c.dtype} differs from hidden dtype {h.dtype}")
+    b = None
+    if bias is not None:
+        b = _check_float(xp, bias, "bias")
+        if b.ndim != 1 or b.shape[0] != V:
+            raise ValueError(f"fastce: bias must have shape (V,) = ({V},), got {tuple(b.shape)}")
+        if b.dtype != h.dtype:
+            raise TypeError(f"fastce: bias dtype {b.dtype} differs from hidden dtype {h.dtype}")
+    t = xp.asarray(target)
+    if t.dtype.kind not in "iu":
+        what = "a bool" if t.dtype.kind == "b" else f"dtype {t.dtype}"
+        raise TypeError(f"fastce: target must hold integer class indices, got {what} array "
+                        f"(probability targets are not supported by linear_cross_entropy)")
+    if tuple(t.shape) != (N,):
+        raise ValueError(f"fastce: target must have shape (N,) = ({N},) for hidden of shape "
+                         f"{tuple(h.shape)}, got {tuple(t.shape)}")
+    try:
+        ignore_index = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"fastce: ignore_index must be an int, got {ignore_index!r}") from None
+
+    cdt = np.dtype(np.float32) if h.dtype == np.float16 else h.dtype   # float16 -> float32
+    w = None
+    if weight is not None:
+        w = xp.asarray(weight)
+        if w.ndim != 1 or w.shape[0] != V:
+            raise ValueError(f"fastce: weight must be a 1-D array of length V={V} (one weight "
+                             f"per class), got shape {tuple(w.shape)}")
+        if w.dtype.kind not in "fiu":
+            raise TypeError(f"fastce: weight must be a real numeric array, got dtype {w.dtype}")
+        w = xp.ascontiguousarray(w.astype(cdt))
+
+    # Targets: validation and the global denominators of the mean.
+    t64 = t.astype(np.int64)
+    ignored = t64 == ignore_index
+    bad = ~ignored & ((t64 < 0) | (t64 >= V))
+    if N and bool(bad.any()):
+        pos = int(bad.argmax())
+        raise ValueError(f"fastce: target {int(t64[pos])} at position ({pos},) is out of bounds: "
+                         f"class indices must be in [0, {V}) or equal ignore_index={ignore_index}")
+    keep = ~ignored
+    count = int(keep.sum())
+    if w is None:
+        D = float(count)
+    else:
+        safe = xp.where(ignored, 0, t64)
+        D = float(xp.where(keep, w[safe].astype(np.float64), 0.0).sum())
+    if t.dtype not in (np.dtype(np.int64), np.dtype(np.int32)):
+        t = t64
+    if cdt != h.dtype:
+        h, c = h.astype(cdt), c.astype(cdt)
+        b = None if b is None else b.astype(cdt)
+    return h, c, b, t, w, ignore_index, D, count
+
+
+# ---------------------------------------------------------------------------------------------
+# grad_classifier += grad_logits.T @ hidden_chunk without a (V, H) temporary where possible
+# ---------------------------------------------------------------------------------------------
+def _host_gemm(dtype):
+    try:
+        from scipy.linalg import blas
+    except Exception:            # SciPy is optional
+        return None
+    return blas.get_blas_funcs("gemm", dtype=dtype)
+
+
+class _ClassifierGrad:
+    def __init__(self, xp, V, H, dtype):
+        self.xp = xp
+        self.out = xp.zeros((V, H), dtype)
+        self.first = True
+        self.tmp = None
+        self.gemm = _host_gemm(dtype) if xp is np else None
+
+    def add(self, g, hc):
+        xp, out = self.xp, self.out
+        if self.first:
+            xp.matmul(g.T, hc, out=out)
+            self.first = False
+            return
+        if self.gemm is not None and hc.flags.c_contiguous and g.flags.c_contiguous:
+            # out.T (H, V), Fortran-ordered, += hc.T (H, r) @ g (r, V): in place (beta = 1).
+            res = self.gemm(1.0, hc.T, g.T, beta=1.0, c=out.T, trans_b=1, overwrite_c=1)
+            if res.base is out or np.shares_memory(res, out):
+                return
+            self.gemm = None            # not in place (unexpected): fall back for good
+            out[...] = res.T
+            return
+        if self.tmp is None:
+            self.tmp = xp.empty_like(out)
+        xp.matmul(g.T, hc, out=self.tmp)
+        out += self.tmp
+
+
+# ---------------------------------------------------------------------------------------------
+# The implementation behind both public functions
+# ---------------------------------------------------------------------------------------------
+def _linear_ce(hidden, classifier, target, bias, weight, grad_output, *, ignore_index,
+               reduction, label_smoothing, softcap, z_loss, chunk_size, want_grad):
+    eps, cap, zl = _check_options(reduction, label_smoothing, softcap, z_loss)
+    xp = _array_module(dict(hidden=hidden, classifier=classifier, target=target, bias=bias,
+                            weight=weight, grad_output=grad_output if want_grad else None))
+    in_dtype = xp.asarray(hidden).dtype
+    h, c, b, t, w, ignore_index, D, count = _prepare(xp, hidden, classifier, target, bias,
+                                                     weight, ignore_index)
+    cdt = h.dtype
+    N, H = h.shape
+    V = c.shape[0]
+    rows = chunk_rows(N, V, cdt.itemsize, chunk_size)
+
+    # Per-chunk options: sum reduction, scaled so that the chunks add up to the whole.
+    opts = dict(ignore_index=ignore_index, label_smoothing=eps, softcap=softcap)
+    g_rows = None
+    if reduction == "none":
+        opts.update(reduction="none", z_loss=zl)
+        if want_grad and grad_output is not None:
+            g_rows = xp.asarray(grad_output)
+            if tuple(g_rows.shape) != (N,):
+                raise ValueError(f"fastce: with reduction='none', grad_output must have the "
+                                 f"loss's shape ({N},), got {tuple(g_rows.shape)}")
+    else:
+        g = 1.0
+        if want_grad and grad_output is not None:
+            if not np.isscalar(grad_output):
+                ga = xp.asarray(grad_output)
+                if ga.size != 1 or ga.ndim > 1:
+                    raise ValueError(f"fastce: with reduction={reduction!r}, grad_output must be "
+                                     f"a scalar, got shape {tuple(ga.shape)}")
+                grad_output = ga.reshape(())
+            g = float(grad_output)
+        if reduction == "mean":
+            with np.errstate(divide="ignore", invalid="ignore"):
+                g_chunk = float(np.float64(g) / np.float64(D))
+            z_chunk = zl * D / count if (zl and count and math.isfinite(D)) else 0.0
+        else:
+            g_chunk, z_chunk = g, zl
+        opts.update(reduction="sum", z_loss=z_chunk)
+
+    buf = xp.empty((rows, V), cdt) if N else None
+    per_row = xp.empty(N, cdt) if reduction == "none" else None
+    total = 0.0
+    gh = gc = gb = None
+    if want_grad:
+        gh = xp.empty((N, H), cdt)
+        gc = _ClassifierGrad(xp, V, H, cdt)
+        gb = xp.zeros(V, cdt) if b is not None else None
+    ct = c.T
+    for s in range(0, N, rows):
+        e = min(s + rows, N)
+        logits = buf[: e - s]
+        hc = h[s:e]
+        xp.matmul(hc, ct, out=logits)
+        if b is not None:
+            logits += b
+        t_c = t[s:e]
+        if not want_grad:
+            loss = cross_entropy(logits, t_c, w, **opts)
+        else:
+            go = g_rows[s:e] if g_rows is not None else (None if reduction == "none" else g_chunk)
+            loss, gl = cross_entropy_with_grad(logits, t_c, w, grad_output=go, **opts)
+            xp.matmul(gl, c, out=gh[s:e])
+            gc.add(gl, hc)
+            if gb is not None:
+                gb += gl.sum(axis=0)
+            del gl                     # free before the next chunk's allocation
+        if per_row is not None:
+            per_row[s:e] = loss
+        else:
+            total = total + xp.asarray(loss, dtype=np.float64)
+
+    # Results in the input's dtype.
+    if per_row is not None:
+        out_loss = per_row.astype(in_dtype, copy=False)
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            value = xp.asarray(total, dtype=np.float64)
+            if reduction == "mean":
+                value = value / np.float64(D)
+        out_loss = value.astype(in_dtype)
+        if xp is np:
+            out_loss = out_loss[()]
+    if not want_grad:
+        return out_loss
+    grads = [gh, gc.out, gb]
+    grads = [None if a is None else a.astype(in_dtype, copy=False) for a in grads]
+    return (out_loss, *grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------
+def linear_cross_entropy(hidden, classifier, target, bias=None, *, weight=None, ignore_index=-100,
+                         reduction="mean", label_smoothing=0.0, softcap=None, z_loss=0.0,
+                         chunk_size=None):
+    """``cross_entropy(hidden @ classifier.T + bias, target, weight, ...)`` without the (N, V)
+    logits.
+
+    hidden: (N, H) float16/32/64 (float16 computed in float32); classifier: (V, H), as
+    ``torch.nn.Linear.weight``; bias: (V,) or None; target: (N,) integer class indices;
+    weight: (V,) class weights.  ignore_index, reduction, label_smoothing, softcap and z_loss
+    are those of ``fastce.cross_entropy`` (the mean divides by the sum of the non-ignored
+    targets' weights; the z-loss mean by their count).  chunk_size: rows per chunk, or None for
+    a buffer of ~1/32 of N x V (1 to 32 MiB).  NumPy arrays run on the CPU (BLAS + fastce
+    kernels), CuPy arrays on the GPU (cuBLAS + fastce's GPU kernels).
+
+    Returns the loss in hidden's dtype: a scalar for mean/sum, an (N,) array for "none".
+    """
+    return _linear_ce(hidden, classifier, target, bias, weight, None, ignore_index=ignore_index,
+                      reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
+                      z_loss=z_loss, chunk_size=chunk_size, want_grad=False)
+
+
+def linear_cross_entropy_with_grad(hidden, classifier, target, bias=None, *, weight=None,
+                                   grad_output=None, ignore_index=-100, reduction="mean",
+                                   label_smoothing=0.0, softcap=None, z_loss=0.0,
+                                   chunk_size=None):
+    """(loss, grad_hidden, grad_classifier, grad_bias or None) of ``linear_cross_entropy``.
+
+    grad_output is the upstream gradient of the loss: a scalar for mean/sum, an (N,) array for
+    "none"; None means ones.  Gradients have their argument's shape and hidden's dtype.
+    """
+    return _linear_ce(hidden, classifier, target, bias, weight, grad_output,
+                      ignore_index=ignore_index, reduction=reduction,
+                      label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss,
+                      chunk_size=chunk_size, want_grad=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark helpers (asv_bench/benchmarks/bench_linear.py and ``python -m fastce bench``)
+# ---------------------------------------------------------------------------------------------
+def make_problem(N=4096, H=256, V=32000, dtype=np.float32, seed=0):
+    """Random (hidden, classifier, target) of a language-model head's sizes."""
+    rng = np.random.default_rng(seed)
+    hidden = rng.standard_normal((N, H), dtype=np.float32).astype(dtype)
+    classifier = (rng.standard_normal((V, H), dtype=np.float32) / np.sqrt(H)).astype(dtype)
+    target = rng.integers(0, V, N).astype(np.int64)
+    return hidden, classifier, target
+
+
+def unfused_with_grad(hidden, classifier, target, bias=None, **kw):
+    """The reference path: full (N, V) logits, fastce.cross_entropy_with_grad, two matmuls."""
+    logits = hidden @ classifier.T
+    if bias is not None:
+        logits += bias
+    loss, gl = cross_entropy_with_grad(logits, target, **kw)
+    del logits
+    gh = gl @ classifier
+    gc = gl.T @ hidden
+    gb = gl.sum(axis=0) if bias is not None else None
+    return loss, gh, gc, gb
+
+
+def fused_with_grad(hidden, classifier, target, bias=None, **kw):
+    return linear_cross_entropy_with_grad(hidden, classifier, target, bias, **kw)
+
+
+def peak_extra_bytes(fn, *args, **kw):
+    """Peak traced (tracemalloc: NumPy's allocations) bytes of ``fn(*args)`` beyond its outputs."""
+    import gc
+    import tracemalloc
+    gc.collect()
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        out = fn(*args, **kw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        if started:
+            tracemalloc.stop()
+    outs = sum(getattr(a, "nbytes", 0) for a in out if a is not None)
+    return peak - base - outs
+
+
+def bench_linear(quick=False, N=None, H=256, V=32000, repeat=None):
+    """Fused vs unfused linear cross-entropy with gradients (float32, CPU).
+
+    Returns rows ``(name, median_ms, peak_extra_MB)``: the median wall time of ``repeat`` runs
+    (after a warm-up) and tracemalloc's peak of NumPy allocations beyond the outputs.  quick:
+    N=1024 and 3 runs instead of N=4096 and 7.
+    """
+    N = N if N is not None else (1024 if quick else 4096)
+    repeat = repeat if repeat is not None else (3 if quick else 7)
+    hidden, classifier, target = make_problem(N, H, V)
+    fns = [("linear_ce fused", fused_with_grad), ("linear_ce unfused", unfused_with_grad)]
+    for _, fn in fns:                       # warm-up: JIT compilation, BLAS threads
+        fn(hidden, classifier, target)
+    times = {name: [] for name, _ in fns}
+    for _ in range(repeat):                 # interleaved, so noise hits both alike
+        for name, fn in fns:
+            t0 = time.perf_counter()
+            fn(hidden, classifier, target)
+            times[name].append(time.perf_counter() - t0)
+    rows = []
+    for name, fn in fns:
+        mem = peak_extra_bytes(fn, hidden, classifier, target)
+        rows.append((name, float(np.median(times[name])) * 1e3, mem / 1e6))
+    return rows
