@@ -1,0 +1,587 @@
+"""Benchmarks and the demo behind ``python -m fastce``: fastce next to NumPy, PyTorch and JAX.
+
+Everything here is importable (the asv suite and the tests use it):
+
+- ``numpy_cross_entropy`` / ``numpy_cross_entropy_with_grad``: a plain, log-softmax based NumPy
+  implementation (the baseline a NumPy user would write), class axis 1, weights, ignore_index.
+- ``WORKLOADS`` / ``make_workload``: the benchmark problems W1-W3 (full and ``quick`` sizes).
+- ``implementations``: {(library, op): callable} for one workload; torch and JAX are optional
+  and simply absent when not importable.
+- ``measure_side_by_side``: medians of several libraries timed round-robin (warm-up excluded).
+- ``run_bench`` / ``run_demo``: the two command-line reports.
+
+Timings are medians of samples; each sample runs a callable ``number`` times, with ``number``
+chosen so that a sample lasts at least ``MIN_SAMPLE_S`` (so microsecond calls are measured
+reliably).  Libraries are timed round-robin, one sample each per round, so that a noisy
+machine disturbs them alike.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import sys
+import time
+import tracemalloc
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+import fastce
+from fastce import spec
+
+__all__ = [
+    "numpy_cross_entropy", "numpy_cross_entropy_with_grad", "Workload", "WORKLOADS",
+    "make_workload", "implementations", "measure", "measure_side_by_side", "exactness",
+    "peak_extra_memory", "GOALS", "evaluate_goals", "run_bench", "run_demo", "DEMO_EXAMPLES",
+    "main",
+]
+
+MIN_SAMPLE_S = 0.02
+FASTCE, NUMPY, TORCH, JAX = "fastce", "numpy", "torch", "jax"
+FWD, FWDBWD = "forward", "loss+grad"
+
+
+# ---------------------------------------------------------------------------------------------
+# The NumPy baseline (log-softmax based, float32 in, float32 out)
+# ---------------------------------------------------------------------------------------------
+def _numpy_parts(x, target, weight, ignore_index):
+    m = np.max(x, axis=1, keepdims=True)
+    logp = x - m
+    s = np.exp(logp)
+    lse = np.log(np.sum(s, axis=1, keepdims=True))
+    logp -= lse                                     # log_softmax
+    valid = target != ignore_index
+    t = np.where(valid, target, 0).astype(np.intp)
+    w_t = (weight[t] if weight is not None else np.ones(t.shape, x.dtype)) * valid
+    w_t = w_t.astype(x.dtype, copy=False)
+    picked = np.take_along_axis(logp, np.expand_dims(t, 1), axis=1)
+    D = np.sum(w_t, dtype=np.float64)
+    loss = x.dtype.type(-np.sum(w_t * np.squeeze(picked, 1), dtype=np.float64) / D)
+    return loss, logp, t, w_t, D
+
+
+def numpy_cross_entropy(x, target, weight=None, ignore_index=-100):
+    """Weighted-mean cross entropy of (N, C, ...) logits, torch's semantics, plain NumPy."""
+    return _numpy_parts(x, target, weight, ignore_index)[0]
+
+
+def numpy_cross_entropy_with_grad(x, target, weight=None, ignore_index=-100):
+    """(loss, d loss / d x) in plain NumPy: grad = (softmax - onehot) * w_t / D."""
+    loss, logp, t, w_t, D = _numpy_parts(x, target, weight, ignore_index)
+    grad = np.exp(logp, out=logp)                    # softmax, reusing the buffer
+    scale = np.expand_dims((w_t / D).astype(x.dtype), 1)
+    grad *= scale
+    idx = np.expand_dims(t, 1)
+    np.put_along_axis(grad, idx, np.take_along_axis(grad, idx, axis=1) - scale, axis=1)
+    return loss, grad
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    title: str
+    shape: tuple            # logits shape, class axis 1
+    quick_shape: tuple
+    target_dtype: type
+    ignore_index: int
+    ignore_fraction: float
+    weighted: bool
+    unit: str = "ms"        # how the report prints its times ("ms" or "us")
+    # torch on one thread too: on small problems torch's thread pool can cost more than the
+    # work (and on a loaded machine a lot more), so the fair comparison is the faster torch.
+    torch_one_thread: bool = False
+
+    def sized(self, quick):
+        return self.quick_shape if quick else self.shape
+
+
+WORKLOADS = {
+    "W1": Workload("W1", "language-model logits", (4096, 32000), (256, 32000), np.int64,
+                   -100, 0.10, False),
+    "W2": Workload("W2", "segmentation, class weights", (8, 21, 512, 512), (2, 21, 64, 64),
+                   np.uint8, 255, 0.10, True),
+    "W3": Workload("W3", "small classifier", (256, 10), (256, 10), np.int64, -100, 0.0,
+                   False, unit="us", torch_one_thread=True),
+}
+
+
+@dataclass
+class Problem:
+    workload: Workload
+    x: np.ndarray
+    target: np.ndarray
+    weight: np.ndarray | None
+    ignore_index: int
+
+    @property
+    def kwargs(self):
+        return dict(ignore_index=self.ignore_index)
+
+
+def make_workload(name, quick=False, seed=0, shape=None):
+    """A Problem: float32 logits ~ N(0, 2), targets with the workload's ignored fraction."""
+    wl = WORKLOADS[name]
+    shape = tuple(shape) if shape is not None else wl.sized(quick)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    x *= 2.0
+    C = shape[1]
+    tshape = shape[:1] + shape[2:]
+    t = rng.integers(0, C, size=tshape).astype(wl.target_dtype)
+    if wl.ignore_fraction:
+        t[rng.random(tshape) < wl.ignore_fraction] = wl.ignore_index
+    w = rng.uniform(0.5, 2.0, C).astype(np.float32) if wl.weighted else None
+    return Problem(wl, x, t, w, wl.ignore_index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations per library
+# ---------------------------------------------------------------------------------------------
+def _fastce_impls(p):
+    x, t, w, ii = p.x, p.target, p.weight, p.ignore_index
+    return {
+        FWD: lambda: fastce.cross_entropy(x, t, w, ignore_index=ii),
+        FWDBWD: lambda: fastce.cross_entropy_with_grad(x, t, w, ignore_index=ii),
+    }
+
+
+def _numpy_impls(p):
+    x, t, w, ii = p.x, p.target, p.weight, p.ignore_index
+    return {
+        FWD: lambda: numpy_cross_entropy(x, t, w, ii),
+        FWDBWD: lambda: numpy_cross_entropy_with_grad(x, t, w, ii),
+    }
+
+
+def torch_available():
+    try:
+        import torch  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def jax_available():
+    try:
+        import jax  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def _torch_impls(p, threads=None):
+    """F.cross_entropy forward (no_grad) and forward+backward (autograd.grad), on ``threads``
+    intra-op threads (default: all cores), set before every timed sample."""
+    import torch
+    import torch.nn.functional as F
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    x = torch.from_numpy(p.x)
+    t = torch.from_numpy(p.target.astype(np.int64))       # torch wants int64 targets
+    w = torch.from_numpy(p.weight) if p.weight is not None else None
+    ii = p.ignore_index
+    xg = x.detach().requires_grad_(True)
+
+    def fwd():
+        with torch.no_grad():
+            return F.cross_entropy(x, t, w, ignore_index=ii)
+
+    def fwdbwd():
+        loss = F.cross_entropy(xg, t, w, ignore_index=ii)
+        (g,) = torch.autograd.grad(loss, xg)
+        return loss, g
+
+    for fn in (fwd, fwdbwd):
+        fn.before = lambda: torch.set_num_threads(threads)
+    return {FWD: fwd, FWDBWD: fwdbwd}
+
+
+_JAX_FNS = {}
+
+
+def _jax_fns(ignore_index):
+    """jitted (loss, value_and_grad) of an optax-free log-softmax cross entropy."""
+    if ignore_index in _JAX_FNS:
+        return _JAX_FNS[ignore_index]
+    import jax
+    import jax.numpy as jnp
+
+    def loss_fn(x, t, w):
+        logp = jax.nn.log_softmax(x, axis=1)
+        valid = t != ignore_index
+        tt = jnp.where(valid, t, 0)
+        picked = jnp.squeeze(jnp.take_along_axis(logp, jnp.expand_dims(tt, 1), axis=1), 1)
+        w_t = jnp.where(valid, w[tt], 0.0)
+        return -jnp.sum(w_t * picked) / jnp.sum(w_t)
+
+    fns = (jax.jit(loss_fn), jax.jit(jax.value_and_grad(loss_fn)))
+    _JAX_FNS[ignore_index] = fns
+    return fns
+
+
+def _jax_impls(p):
+    import jax
+    import jax.numpy as jnp
+    fwd_fn, vg_fn = _jax_fns(p.ignore_index)
+    x = jnp.asarray(p.x)
+    t = jnp.asarray(p.target.astype(np.int32))
+    C = p.x.shape[1]
+    w = jnp.asarray(p.weight if p.weight is not None else np.ones(C, np.float32))
+    return {
+        FWD: lambda: jax.block_until_ready(fwd_fn(x, t, w)),
+        FWDBWD: lambda: jax.block_until_ready(vg_fn(x, t, w)),
+    }
+
+
+TORCH1 = "torch-1t"
+_LIBRARIES = {FASTCE: _fastce_impls, NUMPY: _numpy_impls, TORCH: _torch_impls,
+              TORCH1: lambda p: _torch_impls(p, threads=1), JAX: _jax_impls}
+
+
+def available_libraries():
+    libs = [FASTCE, NUMPY]
+    if torch_available():
+        libs += [TORCH, TORCH1]
+    if jax_available():
+        libs.append(JAX)
+    return libs
+
+
+def implementations(problem, libraries=None):
+    """{library: {op: callable}} for the libraries that are importable."""
+    out = {}
+    for lib in libraries or available_libraries():
+        try:
+            out[lib] = _LIBRARIES[lib](problem)
+        except ImportError:
+            continue
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+def _calibrate(fn, min_sample_s=MIN_SAMPLE_S):
+    """Calls per sample so that a sample lasts >= min_sample_s (fn is already warm)."""
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    if dt >= min_sample_s:
+        return 1
+    return int(min(10_000, math.ceil(min_sample_s / max(dt, 1e-7))))
+
+
+def _sample(fn, number):
+    before = getattr(fn, "before", None)
+    if before is not None:
+        before()                    # per-library state (torch's thread count), not timed
+    t0 = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - t0) / number
+
+
+def measure(fn, repeats=5, warmup=1, max_time=None):
+    """Median seconds per call of ``fn`` over ``repeats`` samples (warm-up calls excluded)."""
+    return measure_side_by_side({"fn": fn}, repeats, warmup, max_time)["fn"]
+
+
+def measure_side_by_side(fns, repeats=5, warmup=1, max_time=None, progress=None):
+    """{key: median seconds per call}, the callables timed round-robin after a warm-up.
+
+    ``max_time`` (seconds) stops adding rounds once spent (at least 3 rounds are kept).
+    """
+    numbers = {}
+    for key, fn in fns.items():
+        if progress:
+            progress(f"warm-up {key}")
+        if getattr(fn, "before", None) is not None:
+            fn.before()
+        for _ in range(warmup):
+            fn()
+        numbers[key] = _calibrate(fn)
+    samples = {key: [] for key in fns}
+    start = time.perf_counter()
+    for r in range(repeats):
+        for key, fn in fns.items():
+            samples[key].append(_sample(fn, numbers[key]))
+        if progress:
+            progress(f"round {r + 1}/{repeats}")
+        if max_time is not None and r >= 2 and time.perf_counter() - start > max_time:
+            break
+    return {key: float(np.median(v)) for key, v in samples.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Exactness and memory
+# ---------------------------------------------------------------------------------------------
+def _subset(p, max_elements):
+    """A leading slice of the problem with at most ~max_elements logits (contiguous copies)."""
+    x, t = p.x, p.target
+    if x.size <= max_elements:
+        return x, t
+    per_row = x.size // x.shape[0]
+    n = max(1, max_elements // per_row)
+    x, t = x[:n], t[:n]
+    if x.ndim > 2 and x.size > max_elements:        # one image is still too large: cut pixels
+        flat_x = x.reshape(n, x.shape[1], -1)
+        k = max(1, max_elements // (n * x.shape[1]))
+        return np.ascontiguousarray(flat_x[:, :, :k]), np.ascontiguousarray(t.reshape(n, -1)[:, :k])
+    return np.ascontiguousarray(x), np.ascontiguousarray(t)
+
+
+def exactness(p, max_elements=1 << 23):
+    """Max relative errors of fastce (loss; gradient, normwise by max |grad|) vs the float64
+    reference ``fastce.spec`` on (a leading slice of) the problem, canonical (N, C, S) layout."""
+    x, t = _subset(p, max_elements)
+    N, C = x.shape[:2]
+    x3 = x.reshape(N, C, -1)
+    t2 = t.reshape(N, -1)
+    w64 = None if p.weight is None else p.weight.astype(np.float64)
+    ref_loss, ref_grad = spec.cross_entropy_with_grad(x3, t2, w64, ignore_index=p.ignore_index)
+    loss, grad = fastce.cross_entropy_with_grad(x, t, p.weight, ignore_index=p.ignore_index)
+    loss_f = fastce.cross_entropy(x, t, p.weight, ignore_index=p.ignore_index)
+    grad = np.asarray(grad, np.float64).reshape(N, C, -1)
+    scale = float(np.max(np.abs(ref_grad))) or 1.0
+    ref = float(ref_loss)
+    return {
+        "elements": x.size,
+        "loss_rel": max(abs(float(loss) - ref), abs(float(loss_f) - ref)) / abs(ref),
+        "grad_rel": float(np.max(np.abs(grad - ref_grad))) / scale,
+    }
+
+
+def peak_extra_memory(fn, reference_bytes):
+    """Peak memory that ``fn`` allocates (through NumPy/Python, tracemalloc) / reference_bytes.
+
+    Numba's own allocations inside kernels are not traced; fastce's kernels allocate nothing
+    on the hot paths without a softcap (per-element results come from NumPy on the host).
+    """
+    fn()                                   # warm (compile) first
+    gc.collect()
+    was = tracemalloc.is_tracing()
+    if not was:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    fn()
+    peak = tracemalloc.get_traced_memory()[1] - base
+    if not was:
+        tracemalloc.stop()
+    return peak, peak / reference_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Goals
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Goal:
+    workload: str
+    op: str
+    other: str
+    limit: float             # fastce time / other time must be <= limit
+    text: str
+
+
+GOALS = (
+    Goal("W1", FWD, JAX, 1.0, "W1 forward <= 1.0x JAX"),
+    Goal("W1", FWDBWD, JAX, 0.5, "W1 loss+grad <= 0.5x JAX value_and_grad"),
+    Goal("W2", FWD, TORCH, 0.33, "W2 forward <= 0.33x torch"),
+    Goal("W2", FWDBWD, TORCH, 0.33, "W2 loss+grad <= 0.33x torch fwd+bwd"),
+    Goal("W3", FWD, TORCH, 1.0, "W3 forward <= 1.0x torch"),
+)
+
+
+def evaluate_goals(times):
+    """[(goal, ratio or None, passed or None)] from {(workload, op, library): seconds}.
+
+    Against torch, the faster of torch (all cores) and torch-1t (one thread) counts."""
+    out = []
+    for g in GOALS:
+        a = times.get((g.workload, g.op, FASTCE))
+        others = [times.get((g.workload, g.op, lib)) for lib in
+                  ((TORCH, TORCH1) if g.other == TORCH else (g.other,))]
+        others = [b for b in others if b is not None]
+        b = min(others) if others else None
+        if a is None or b is None:
+            out.append((g, None, None))
+        else:
+            r = a / b
+            out.append((g, r, r <= g.limit))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------------
+def _fmt_time(seconds, unit):
+    return f"{seconds * 1e6:10.1f} us" if unit == "us" else f"{seconds * 1e3:10.2f} ms"
+
+
+def _progress(msg):
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _environment():
+    import numba
+    parts = [f"numpy {np.__version__}", f"numba {numba.__version__} "
+             f"({numba.config.NUMBA_NUM_THREADS} threads)", f"cores {os.cpu_count()}"]
+    if torch_available():
+        import torch
+        parts.append(f"torch {torch.__version__}")
+    if jax_available():
+        import jax
+        parts.append(f"jax {jax.__version__}")
+    return ", ".join(parts)
+
+
+def run_bench(workloads=("W1", "W2", "W3"), quick=False, repeats=None, out=sys.stdout,
+              libraries=None, progress=_progress, max_time=None):
+    """Time every library on every workload, check exactness, print the table and the goals.
+
+    Returns {"times": {(workload, op, library): seconds}, "exactness": {...}, "goals": [...],
+    "memory": (bytes, fraction) or None}.
+    """
+    if repeats is None:
+        repeats = 3 if quick else 7
+    if max_time is None:
+        max_time = 2.0 if quick else 30.0
+    libs = libraries or available_libraries()
+    times, exact, memory = {}, {}, None
+    print(f"fastce {fastce.__version__} benchmark{' (--quick sizes)' if quick else ''}: "
+          f"{_environment()}", file=out)
+    print(f"medians of {repeats} samples per library (round-robin, warm-up excluded); "
+          f"ratio = fastce time / that library's time (< 1: fastce faster)", file=out)
+    rows = []
+    for name in workloads:
+        wl = WORKLOADS[name]
+        progress(f"{name}: building {wl.sized(quick)} float32 ({wl.title})")
+        p = make_workload(name, quick)
+        impls = implementations(
+            p, [lib for lib in libs if lib != TORCH1 or wl.torch_one_thread])
+        for op in (FWD, FWDBWD):
+            fns = {lib: ops[op] for lib, ops in impls.items()}
+            progress(f"{name} {op}: timing {', '.join(fns)}")
+            res = measure_side_by_side(
+                fns, repeats, max_time=max_time,
+                progress=lambda m, n=name, o=op: progress(f"{name} {op}: {m}"))
+            for lib, t in res.items():
+                times[(name, op, lib)] = t
+                rows.append((name, op, lib, t, res[FASTCE] / t, p.x.nbytes / t / 1e9, wl.unit))
+        progress(f"{name}: exactness vs float64 reference")
+        exact[name] = exactness(p)
+        if name == "W1":
+            progress("W1: peak extra memory of the forward")
+            memory = peak_extra_memory(impls[FASTCE][FWD], p.x.nbytes)
+        del impls, p
+        gc.collect()
+
+    print(file=out)
+    print(f"{'workload':<9}{'op':<10}{'library':<8}{'median':>14}{'fastce/other':>14}"
+          f"{'GB/s':>9}", file=out)
+    for name, op, lib, t, ratio, gbs, unit in rows:
+        rtxt = "" if lib == FASTCE else f"{ratio:.3f}x"
+        print(f"{name:<9}{op:<10}{lib:<8}{_fmt_time(t, unit):>14}{rtxt:>14}{gbs:9.2f}", file=out)
+
+    print("\nexactness (fastce float32 vs float64 reference fastce.spec):", file=out)
+    for name, e in exact.items():
+        print(f"  {name}: {e['elements']} logits, loss max rel err {e['loss_rel']:.2e}, "
+              f"grad max err / max|grad| {e['grad_rel']:.2e}", file=out)
+    if memory is not None:
+        print(f"\npeak extra memory, fastce W1 forward: {memory[0] / 2**20:.2f} MiB = "
+              f"{memory[1]:.4f} x the logits (tracemalloc)", file=out)
+
+    goals = evaluate_goals(times)
+    print("\ngoals (fastce time / other time; torch = the faster of torch, torch-1t):", file=out)
+    for g, r, ok in goals:
+        if r is None:
+            print(f"  [skip] {g.text}: not measured", file=out)
+        else:
+            print(f"  [{'PASS' if ok else 'FAIL'}] {g.text}: {r:.3f}x", file=out)
+    if quick:
+        print("  (--quick sizes: the goals are defined at full size)", file=out)
+    return {"times": times, "exactness": exact, "goals": goals, "memory": memory}
+
+
+DEMO_EXAMPLES = (
+    # (label, input values, view shape, target, weight, torch prints)
+    ("(a) weight [1, 1, 1]", [0, 1, 0, 0, 0, 1], (1, 3, 2), [[0, 1]], [1, 1, 1], "1.4803"),
+    ("(b) weight [1, 2, 3]", [0, 1, 0, 0, 0, 1], (1, 3, 2), [[0, 1]], [1, 2, 3], "1.6075"),
+    ("(c) weight [1, 2, 3]", [0, 1, 2, 0, 0, 0, 0, 0, 0, 1, 0, 0.5], (1, 3, 4), [[0, 1, 2, 2]],
+     [1, 2, 3], "1.5472"),
+)
+DEMO_SHAPE = (2048, 8192)
+
+
+def demo_values():
+    """[(label, fastce.cross_entropy, fastce.CrossEntropyLoss, torch's printed value)]."""
+    out = []
+    for label, vals, shape, target, weight, torch_prints in DEMO_EXAMPLES:
+        x = np.array(vals, np.float32).reshape(shape)
+        t = np.array(target, np.int64)
+        w = np.array(weight, np.float32)
+        f = fastce.cross_entropy(x, t, w, ignore_index=255)
+        m = fastce.CrossEntropyLoss(w, ignore_index=255)(x, t)
+        out.append((label, float(f), float(m), torch_prints))
+    return out
+
+
+def run_demo(out=sys.stdout, repeats=5, shape=DEMO_SHAPE):
+    print("fastce: PyTorch's cross entropy, exactly, for NumPy arrays (Numba CPU kernels)\n",
+          file=out)
+    print("The article's examples (float32, ignore_index=255):", file=out)
+    print(f"  {'example':<22}{'fastce.cross_entropy':>22}{'CrossEntropyLoss':>18}"
+          f"{'torch prints':>14}", file=out)
+    for label, f, m, tp in demo_values():
+        print(f"  {label:<22}{f:>22.4f}{m:>18.4f}{tp:>14}", file=out)
+    print("  With class weights, reduction='mean' divides by the sum of the targets' weights "
+          "(not by their count).", file=out)
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    t = rng.integers(0, shape[1], shape[0])
+    res = {}
+    for op, a, b in ((FWD, lambda: fastce.cross_entropy(x, t), lambda: numpy_cross_entropy(x, t)),
+                     (FWDBWD, lambda: fastce.cross_entropy_with_grad(x, t),
+                      lambda: numpy_cross_entropy_with_grad(x, t))):
+        res[op] = measure_side_by_side({FASTCE: a, NUMPY: b}, repeats, max_time=2.0)
+    print(f"\nCPU timing, {shape} float32 logits (median of {repeats}; "
+          f"{os.cpu_count()} cores):", file=out)
+    print(f"  {'op':<11}{'fastce':>11}{'NumPy':>11}{'speed-up':>10}{'fastce GB/s':>13}",
+          file=out)
+    for op, r in res.items():
+        print(f"  {op:<11}{r[FASTCE] * 1e3:>8.2f} ms{r[NUMPY] * 1e3:>8.2f} ms"
+              f"{r[NUMPY] / r[FASTCE]:>9.1f}x{x.nbytes / r[FASTCE] / 1e9:>13.2f}", file=out)
+    print("\nMore: python -m fastce bench [--quick] [--workloads W1,W2,W3] [--repeats K]",
+          file=out)
+    return res
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fastce",
+                                     description="fastce demo (default) and benchmarks")
+    sub = parser.add_subparsers(dest="command")
+    b = sub.add_parser("bench", help="fastce vs NumPy, torch and JAX on W1-W3")
+    b.add_argument("--quick", action="store_true", help="small sizes: finishes in seconds")
+    b.add_argument("--workloads", default="W1,W2,W3",
+                   help="comma-separated subset of " + ",".join(WORKLOADS))
+    b.add_argument("--repeats", type=int, default=None, help="samples per measurement")
+    sub.add_parser("demo", help="the worked examples and a short timing (the default)")
+    args = parser.parse_args(argv)
+    if args.command == "bench":
+        names = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
+        unknown = [w for w in names if w not in WORKLOADS]
+        if unknown:
+            parser.error(f"unknown workload(s) {unknown}; choose from {list(WORKLOADS)}")
+        if args.repeats is not None and args.repeats < 1:
+            parser.error("--repeats must be >= 1")
+        run_bench(names, quick=args.quick, repeats=args.repeats)
+    else:
+        run_demo()
+    return 0
