@@ -1,0 +1,1147 @@
+"""numba.cuda GPU backend: the kernels behind fastce's public functions for CUDA arrays.
+
+Inputs may be CuPy arrays, Numba device arrays (real, or the CUDA simulator's fake ones) or any
+object with ``__cuda_array_interface__``.  Internally every array is a ``DArray``: a thin wrapper
+of a C-contiguous Numba device array (zero-copy views of CuPy memory; new buffers come from
+CuPy's memory pool when CuPy is installed) that offers the few NumPy-like methods fastce.api
+uses (astype, reshape, +, *, ==, where, take_along_axis...), each a small kernel.  Results are
+handed back as CuPy arrays for CuPy (and foreign CUDA) inputs when CuPy is installed, and as
+Numba device arrays otherwise.  CuPy is imported lazily: ``import fastce`` needs neither CuPy
+nor a GPU.
+
+Layouts (see ``fastce.spec``): logits are viewed as (N, C, S).
+- ``S == 1`` and C > SMALL_C ("rows"): one thread block per row.  Each thread runs a single-pass
+  online softmax (running max, rescaled sum) over its strided share of the row; the block
+  combines the partial (max, sum) pairs with a fixed-order shared-memory tree.  The logits are
+  read once for the loss and twice for loss+grad (the second pass writes the gradient).
+- otherwise ("strided", e.g. (N, C, H, W), or rows with few classes): one thread per (n, s)
+  position, consecutive threads on consecutive s (coalesced along S).
+
+Per-element outputs (ce, z-loss, hit) are written to O(N*S) arrays exactly as on the CPU and
+summed by a fixed-order two-stage reduction (no float atomics): the loss is deterministic.
+Index arithmetic is 64-bit.  The per-element formulas are those of ``fastce.elementwise``,
+compiled as CUDA device functions.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+from numba import config, cuda
+
+from . import elementwise as ew
+
+__all__ = ["BACKEND", "GPUBackend", "DArray"]
+
+SIM = bool(config.ENABLE_CUDASIM)
+# The simulator runs every thread as a Python thread: keep blocks small there.
+ROW_MAX = 32 if SIM else 512          # max threads per block of the row kernels (power of 2)
+RED_T = 32 if SIM else 256            # threads per block of the reductions (power of 2)
+RED_BLOCKS = 4 if SIM else 1024       # max blocks of the first reduction stage
+ELEM_T = 32 if SIM else 256           # threads per block of the element-wise kernels
+SMALL_C = 4 if SIM else 64            # rows with at most this many classes: one thread per row
+MAX_GRID = 1 << 30
+
+_f8 = np.float64
+_i8 = np.int64
+
+# ---------------------------------------------------------------------------------------------
+# Shared per-element math (fastce.elementwise) as CUDA device functions
+# ---------------------------------------------------------------------------------------------
+_index_loss = cuda.jit(device=True)(ew.index_loss)
+_index_grad_coefs = cuda.jit(device=True)(ew.index_grad_coefs)
+_prob_weight = cuda.jit(device=True)(ew.prob_weight)
+_prob_loss = cuda.jit(device=True)(ew.prob_loss)
+_prob_grad_coefs = cuda.jit(device=True)(ew.prob_grad_coefs)
+_softcap_grad_factor = cuda.jit(device=True)(ew.softcap_grad_factor)
+_z_term = cuda.jit(device=True)(ew.z_term)
+
+
+@cuda.jit(device=True)
+def _combine(m1, s1, m2, s2):
+    """Merge two online-softmax partials (max, sum of exp(v - max)), in float64."""
+    m = m1 if m1 >= m2 else m2
+    r = 0.0
+    if s1 != 0.0:
+        r += s1 * math.exp(m1 - m)
+    if s2 != 0.0:
+        r += s2 * math.exp(m2 - m)
+    return m, r
+
+
+@cuda.jit(device=True)
+def _finish_lse(m, s, nan):
+    """lse of a row from its (max, sum); NaN for a NaN logit or a +inf (softcapped) max."""
+    if nan != 0 or m == math.inf:
+        return math.nan
+    return m + math.log(s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss kernels, one set per compute dtype F (float32 or float64)
+# ---------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _kernels(F):
+    """Compile (lazily, once per dtype signature) the loss kernels computing in dtype F."""
+
+    @cuda.jit(device=True)
+    def online(m, s, v):
+        """Add logit v to the running (max m, sum s); NaN and -inf logits are skipped."""
+        if v > m:
+            s = s * math.exp(m - v) + F(1.0)
+            m = v
+        elif v > F(-math.inf):
+            s = s + math.exp(v - m)
+        return m, s
+
+    @cuda.jit(device=True)
+    def capped(v, has_cap, capf, inv_capf):
+        if has_cap:
+            return capf * math.tanh(v * inv_capf)
+        return v
+
+    @cuda.jit(device=True)
+    def index_finish(x, n, s, t, w, prm, ignore_index, want_grad, g, gi, m, ssum, nan, sws,
+                     ir, C, ce_out, zl_out, hit_out):
+        """Per-element outputs of one element; returns (target, scale, gamma, beta) for the
+        gradient (target -1 where ignored).  x is (N, C, S) and the element is (n, s)."""
+        keep, smooth_c, W, cap = prm[0], prm[1], prm[2], prm[3]
+        inv_D, z2, zl = prm[4], prm[5], prm[6]
+        has_cap = cap > 0.0
+        inv_cap = 1.0 / cap if has_cap else 0.0
+        lse = _finish_lse(m, ssum, nan)
+        ti = _i8(t[n, s])
+        if ti == ignore_index or ti < 0 or ti >= C:
+            ce_out[n, s] = 0.0
+            zl_out[n, s] = 0.0
+            hit_out[n, s] = 0
+            return _i8(-1), 0.0, 0.0, 0.0
+        w_t = _f8(w[ti])
+        xt = x[n, ti, s]
+        s_t = _f8(capped(xt, has_cap, F(cap), F(inv_cap)))
+        ce_out[n, s] = _index_loss(lse, s_t, w_t, W, sws, keep, smooth_c)
+        zl_out[n, s] = _z_term(lse, zl)
+        hit_out[n, s] = 1 if (nan == 0 and ir == ti) else 0
+        scale = 0.0
+        gamma = 0.0
+        beta = 0.0
+        if want_grad:
+            alpha, beta, gamma = _index_grad_coefs(g[gi], lse, w_t, W, keep, smooth_c, inv_D, z2)
+            scale = alpha / ssum
+            if lse != lse:          # NaN element: poison its gradient, as on the CPU
+                scale = lse
+            if has_cap:
+                beta = beta * _softcap_grad_factor(s_t, inv_cap)
+        return ti, scale, gamma, beta
+
+    @cuda.jit(device=True)
+    def grad_value(v, c, ti, ms, scale_f, gamma_f, beta_f, wc, has_cap, has_smooth, capf,
+                   inv_capf):
+        sv = capped(v, has_cap, capf, inv_capf)
+        e = math.exp(sv - ms)
+        if has_cap:
+            q = sv * inv_capf
+            r = (e * scale_f - gamma_f * wc) * (F(1.0) - q * q)
+        elif has_smooth:
+            r = e * scale_f - gamma_f * wc
+        else:
+            r = e * scale_f
+        if c == ti:
+            r -= beta_f
+        return r
+
+    def index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
+                   hit_out):
+        """x (N, C, 1): one block per row, online softmax over the row's strided share."""
+        sh_m = cuda.shared.array(ROW_MAX, np.float64)
+        sh_s = cuda.shared.array(ROW_MAX, np.float64)
+        sh_w = cuda.shared.array(ROW_MAX, np.float64)
+        sh_r = cuda.shared.array(ROW_MAX, np.float64)
+        sh_i = cuda.shared.array(ROW_MAX, np.int64)
+        sh_n = cuda.shared.array(ROW_MAX, np.int32)
+        sh_c = cuda.shared.array(4, np.float64)
+        sh_t = cuda.shared.array(1, np.int64)
+        N = x.shape[0]
+        C = x.shape[1]
+        tid = cuda.threadIdx.x
+        bd = cuda.blockDim.x
+        smooth_c, cap = prm[1], prm[3]
+        has_cap = cap > 0.0
+        has_smooth = smooth_c != 0.0
+        capf = F(cap)
+        inv_capf = F(1.0 / cap) if has_cap else F(0.0)
+        row = _i8(cuda.blockIdx.x)
+        while row < N:
+            m = F(-math.inf)
+            ssum = F(0.0)
+            sws = F(0.0)
+            mr = F(-math.inf)
+            ir = _i8(C)
+            nan = 0
+            c = _i8(tid)
+            while c < C:
+                v = x[row, c, 0]
+                if v != v:
+                    nan = 1
+                else:
+                    if v > mr or ir == C:
+                        mr = v
+                        ir = c
+                    sv = capped(v, has_cap, capf, inv_capf)
+                    m, ssum = online(m, ssum, sv)
+                    if has_smooth:
+                        sws += w[c] * sv
+                c += bd
+            sh_m[tid] = m
+            sh_s[tid] = ssum
+            sh_w[tid] = sws
+            sh_r[tid] = mr
+            sh_i[tid] = ir
+            sh_n[tid] = nan
+            cuda.syncthreads()
+            stride = bd // 2
+            while stride > 0:
+                if tid < stride:
+                    o = tid + stride
+                    mm, ss = _combine(sh_m[tid], sh_s[tid], sh_m[o], sh_s[o])
+                    sh_m[tid] = mm
+                    sh_s[tid] = ss
+                    sh_w[tid] = sh_w[tid] + sh_w[o]
+                    if sh_r[o] > sh_r[tid] or (sh_r[o] == sh_r[tid] and sh_i[o] < sh_i[tid]):
+                        sh_r[tid] = sh_r[o]
+                        sh_i[tid] = sh_i[o]
+                    sh_n[tid] = sh_n[tid] | sh_n[o]
+                cuda.syncthreads()
+                stride //= 2
+            if tid == 0:
+                ti, scale, gamma, beta = index_finish(
+                    x, row, 0, t, w, prm, ignore_index, want_grad, g, row * g_stride,
+                    sh_m[0], sh_s[0], sh_n[0], sh_w[0], sh_i[0], C, ce_out, zl_out, hit_out)
+                sh_t[0] = ti
+                sh_c[0] = scale
+                sh_c[1] = gamma
+                sh_c[2] = beta
+            cuda.syncthreads()
+            if want_grad:
+                ti = sh_t[0]
+                ms = F(sh_m[0])
+                scale_f = F(sh_c[0])
+                gamma_f = F(sh_c[1])
+                beta_f = F(sh_c[2])
+                c = _i8(tid)
+                while c < C:
+                    if ti < 0:
+                        grad[row, c, 0] = F(0.0)
+                    else:
+                        grad[row, c, 0] = grad_value(x[row, c, 0], c, ti, ms, scale_f, gamma_f,
+                                                     beta_f, w[c], has_cap, has_smooth, capf,
+                                                     inv_capf)
+                    c += bd
+            cuda.syncthreads()          # shared memory is reused by the next row
+            row += cuda.gridDim.x
+
+    def index_strided(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
+                      hit_out):
+        """x (N, C, S): one thread per (n, s), consecutive threads on consecutive s."""
+        N = x.shape[0]
+        C = x.shape[1]
+        S = x.shape[2]
+        smooth_c, cap = prm[1], prm[3]
+        has_cap = cap > 0.0
+        has_smooth = smooth_c != 0.0
+        capf = F(cap)
+        inv_capf = F(1.0 / cap) if has_cap else F(0.0)
+        total = _i8(N) * S
+        pos = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+        step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+        while pos < total:
+            n = pos // S
+            s = pos - n * S
+            m = F(-math.inf)
+            ssum = F(0.0)
+            sws = F(0.0)
+            mr = F(-math.inf)
+            ir = _i8(C)
+            nan = 0
+            for c in range(C):
+                v = x[n, c, s]
+                if v != v:
+                    nan = 1
+                else:
+                    if v > mr or ir == C:
+                        mr = v
+                        ir = c
+                    sv = capped(v, has_cap, capf, inv_capf)
+                    m, ssum = online(m, ssum, sv)
+                    if has_smooth:
+                        sws += w[c] * sv
+            ti, scale, gamma, beta = index_finish(
+                x, n, s, t, w, prm, ignore_index, want_grad, g, pos * g_stride, _f8(m),
+                _f8(ssum), nan, _f8(sws), ir, C, ce_out, zl_out, hit_out)
+            if want_grad:
+                scale_f = F(scale)
+                gamma_f = F(gamma)
+                beta_f = F(beta)
+                for c in range(C):
+                    if ti < 0:
+                        grad[n, c, s] = F(0.0)
+                    else:
+                        grad[n, c, s] = grad_value(x[n, c, s], c, ti, m, scale_f, gamma_f,
+                                                   beta_f, w[c], has_cap, has_smooth, capf,
+                                                   inv_capf)
+            pos += step
+
+    def prob_elems(x, p, w, prm, want_grad, g, g_stride, grad, ce_out, zl_out):
+        """Probability targets, one thread per (n, s).  prm = [keep, smooth_c, cap, inv_D,
+        z2_inv_Dz, z_loss]."""
+        N = x.shape[0]
+        C = x.shape[1]
+        S = x.shape[2]
+        keep, smooth_c, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5]
+        has_cap = cap > 0.0
+        inv_cap = 1.0 / cap if has_cap else 0.0
+        capf = F(cap)
+        inv_capf = F(inv_cap)
+        total = _i8(N) * S
+        pos = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+        step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+        while pos < total:
+            n = pos // S
+            s = pos - n * S
+            m = F(-math.inf)
+            ssum = F(0.0)
+            nan = 0
+            A = 0.0
+            sqs = 0.0
+            for c in range(C):
+                v = x[n, c, s]
+                sv = capped(v, has_cap, capf, inv_capf)
+                if v != v:
+                    nan = 1
+                else:
+                    m, ssum = online(m, ssum, sv)
+                q = _prob_weight(_f8(p[n, c, s]), _f8(w[c]), keep, smooth_c)
+                A += q
+                sqs += q * _f8(sv)
+            lse = _finish_lse(_f8(m), _f8(ssum), nan)
+            zl_out[n, s] = _z_term(lse, zl)
+            ce_out[n, s] = _prob_loss(lse, A, sqs)
+            if want_grad:
+                alpha, beta = _prob_grad_coefs(g[pos * g_stride], lse, A, inv_D, z2)
+                scale = alpha / _f8(ssum)
+                if lse != lse:
+                    scale = lse
+                for c in range(C):
+                    sv = capped(x[n, c, s], has_cap, capf, inv_capf)
+                    q = _prob_weight(_f8(p[n, c, s]), _f8(w[c]), keep, smooth_c)
+                    val = _f8(math.exp(sv - m)) * scale - beta * q
+                    if has_cap:
+                        val *= _softcap_grad_factor(_f8(sv), inv_cap)
+                    grad[n, c, s] = val
+            pos += step
+
+    @cuda.jit(device=True)
+    def softmax_out(x, n, c, s, mode, m, lse, inv, out):
+        v = x[n, c, s]
+        if mode == 1:
+            out[n, c, s] = v - F(lse)
+        else:
+            out[n, c, s] = math.exp(v - m) * F(inv)
+
+    def softmax_rows(x, mode, out, lse_out):
+        """x (N, C, 1): one block per row; mode 0 lse, 1 log_softmax, 2 softmax."""
+        sh_m = cuda.shared.array(ROW_MAX, np.float64)
+        sh_s = cuda.shared.array(ROW_MAX, np.float64)
+        sh_n = cuda.shared.array(ROW_MAX, np.int32)
+        N = x.shape[0]
+        C = x.shape[1]
+        tid = cuda.threadIdx.x
+        bd = cuda.blockDim.x
+        row = _i8(cuda.blockIdx.x)
+        while row < N:
+            m = F(-math.inf)
+            ssum = F(0.0)
+            nan = 0
+            c = _i8(tid)
+            while c < C:
+                v = x[row, c, 0]
+                if v != v:
+                    nan = 1
+                else:
+                    m, ssum = online(m, ssum, v)
+                c += bd
+            sh_m[tid] = m
+            sh_s[tid] = ssum
+            sh_n[tid] = nan
+            cuda.syncthreads()
+            stride = bd // 2
+            while stride > 0:
+                if tid < stride:
+                    o = tid + stride
+                    mm, ss = _combine(sh_m[tid], sh_s[tid], sh_m[o], sh_s[o])
+                    sh_m[tid] = mm
+                    sh_s[tid] = ss
+                    sh_n[tid] = sh_n[tid] | sh_n[o]
+                cuda.syncthreads()
+                stride //= 2
+            mt = sh_m[0]
+            st = sh_s[0]
+            lse = _finish_lse(mt, st, sh_n[0])
+            if tid == 0:
+                lse_out[row, 0] = lse
+            if mode != 0:
+                inv = 1.0 / st
+                if lse != lse:
+                    inv = lse
+                mf = F(mt)
+                c = _i8(tid)
+                while c < C:
+                    softmax_out(x, row, c, 0, mode, mf, lse, inv, out)
+                    c += bd
+            cuda.syncthreads()
+            row += cuda.gridDim.x
+
+    def softmax_strided(x, mode, out, lse_out):
+        N = x.shape[0]
+        C = x.shape[1]
+        S = x.shape[2]
+        total = _i8(N) * S
+        pos = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+        step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+        while pos < total:
+            n = pos // S
+            s = pos - n * S
+            m = F(-math.inf)
+            ssum = F(0.0)
+            nan = 0
+            for c in range(C):
+                v = x[n, c, s]
+                if v != v:
+                    nan = 1
+                else:
+                    m, ssum = online(m, ssum, v)
+            lse = _finish_lse(_f8(m), _f8(ssum), nan)
+            lse_out[n, s] = lse
+            if mode != 0:
+                inv = 1.0 / _f8(ssum)
+                if lse != lse:
+                    inv = lse
+                for c in range(C):
+                    softmax_out(x, n, c, s, mode, m, lse, inv, out)
+            pos += step
+
+    fns = dict(index_rows=index_rows, index_strided=index_strided, prob_elems=prob_elems,
+               softmax_rows=softmax_rows, softmax_strided=softmax_strided)
+    return {k: cuda.jit(f) for k, f in fns.items()}, fns
+
+
+# ---------------------------------------------------------------------------------------------
+# Reductions and the target pre-pass (fixed-order two-stage, no atomics)
+# ---------------------------------------------------------------------------------------------
+@cuda.jit
+def _k_sum(a, n, chunk, out):
+    """out[b] = float64 sum of a[b*chunk : (b+1)*chunk] in a fixed order."""
+    sh = cuda.shared.array(RED_T, np.float64)
+    tid = cuda.threadIdx.x
+    bd = cuda.blockDim.x
+    lo = _i8(cuda.blockIdx.x) * chunk
+    hi = lo + chunk if lo + chunk < n else n
+    acc = 0.0
+    i = lo + tid
+    while i < hi:
+        acc += _f8(a[i])
+        i += bd
+    sh[tid] = acc
+    cuda.syncthreads()
+    stride = bd // 2
+    while stride > 0:
+        if tid < stride:
+            sh[tid] = sh[tid] + sh[tid + stride]
+        cuda.syncthreads()
+        stride //= 2
+    if tid == 0:
+        out[cuda.blockIdx.x] = sh[0]
+
+
+@cuda.jit
+def _k_stats(t, w, ignore_index, C, n, chunk, part_D, part_n, part_bad):
+    """Per block: sum of w[t] and count over non-ignored targets, first bad position (or n)."""
+    sh_d = cuda.shared.array(RED_T, np.float64)
+    sh_c = cuda.shared.array(RED_T, np.int64)
+    sh_b = cuda.shared.array(RED_T, np.int64)
+    tid = cuda.threadIdx.x
+    bd = cuda.blockDim.x
+    lo = _i8(cuda.blockIdx.x) * chunk
+    hi = lo + chunk if lo + chunk < n else n
+    d = 0.0
+    cnt = _i8(0)
+    bad = _i8(n)
+    i = lo + tid
+    while i < hi:
+        tj = _i8(t[i])
+        if tj != ignore_index:
+            if tj < 0 or tj >= C:
+                if bad == n:
+                    bad = i
+            else:
+                d += _f8(w[tj])
+                cnt += 1
+        i += bd
+    sh_d[tid] = d
+    sh_c[tid] = cnt
+    sh_b[tid] = bad
+    cuda.syncthreads()
+    stride = bd // 2
+    while stride > 0:
+        if tid < stride:
+            sh_d[tid] = sh_d[tid] + sh_d[tid + stride]
+            sh_c[tid] = sh_c[tid] + sh_c[tid + stride]
+            if sh_b[tid + stride] < sh_b[tid]:
+                sh_b[tid] = sh_b[tid + stride]
+        cuda.syncthreads()
+        stride //= 2
+    if tid == 0:
+        b = cuda.blockIdx.x
+        part_D[b] = sh_d[0]
+        part_n[b] = sh_c[0]
+        part_bad[b] = sh_b[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Small element-wise kernels behind DArray's NumPy-like methods (flat, contiguous arrays)
+# ---------------------------------------------------------------------------------------------
+def _flat_kernel(body):
+    """A grid-stride kernel over i in [0, out.size) calling body(i, *args)."""
+    dev = cuda.jit(device=True)(body)
+
+    def k(out, a, sa, b, sb):
+        i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+        step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+        n = out.shape[0]
+        while i < n:
+            dev(out, i, a, sa, b, sb)
+            i += step
+    return cuda.jit(k)
+
+
+def _b_cast(out, i, a, sa, b, sb):
+    out[i] = a[i * sa]
+
+
+def _b_add(out, i, a, sa, b, sb):
+    out[i] = a[i * sa] + b[i * sb]
+
+
+def _b_sub(out, i, a, sa, b, sb):
+    out[i] = a[i * sa] - b[i * sb]
+
+
+def _b_mul(out, i, a, sa, b, sb):
+    out[i] = a[i * sa] * b[i * sb]
+
+
+def _b_div(out, i, a, sa, b, sb):
+    out[i] = a[i * sa] / b[i * sb]
+
+
+def _b_eq(out, i, a, sa, b, sb):
+    out[i] = a[i * sa] == b[i * sb]
+
+
+def _b_ne(out, i, a, sa, b, sb):
+    out[i] = a[i * sa] != b[i * sb]
+
+
+def _b_neg(out, i, a, sa, b, sb):
+    out[i] = -a[i * sa]
+
+
+def _b_gather(out, i, a, sa, b, sb):
+    """out = a[b] (a 1-D table, b integer indices)."""
+    out[i] = a[_i8(b[i])]
+
+
+_K = {name: _flat_kernel(fn) for name, fn in
+      (("cast", _b_cast), ("add", _b_add), ("sub", _b_sub), ("mul", _b_mul), ("div", _b_div),
+       ("eq", _b_eq), ("ne", _b_ne), ("neg", _b_neg), ("gather", _b_gather))}
+
+
+@cuda.jit
+def _k_where(out, cond, sc, a, sa, b, sb):
+    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+    while i < out.shape[0]:
+        out[i] = a[i * sa] if cond[i * sc] else b[i * sb]
+        i += step
+
+
+@cuda.jit
+def _k_take1(out, x, idx):
+    """out[n, 0, s] = x[n, idx[n, 0, s], s] (take_along_axis on axis 1)."""
+    N = x.shape[0]
+    S = x.shape[2]
+    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+    while i < _i8(N) * S:
+        n = i // S
+        s = i - n * S
+        out[n, 0, s] = x[n, _i8(idx[n, 0, s]), s]
+        i += step
+
+
+@cuda.jit
+def _k_fill(out, value):
+    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+    while i < out.shape[0]:
+        out[i] = value
+        i += step
+
+
+@cuda.jit
+def _k_copy1(out, src):
+    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+    while i < out.shape[0]:
+        out[i] = src[i]
+        i += step
+
+
+@cuda.jit
+def _k_copy2(out, src):
+    d1 = src.shape[1]
+    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+    while i < out.shape[0]:
+        out[i] = src[i // d1, i % d1]
+        i += step
+
+
+@cuda.jit
+def _k_copy3(out, src):
+    d1 = src.shape[1]
+    d2 = src.shape[2]
+    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+    while i < out.shape[0]:
+        r = i // d2
+        out[i] = src[r // d1, r % d1, i % d2]
+        i += step
+
+
+@cuda.jit
+def _k_copy4(out, src):
+    """out (flat, C order) = src (any strides)."""
+    d1 = src.shape[1]
+    d2 = src.shape[2]
+    d3 = src.shape[3]
+    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+    while i < out.shape[0]:
+        r = i // d3
+        r2 = r // d2
+        out[i] = src[r2 // d1, r2 % d1, r % d2, i % d3]
+        i += step
+
+
+_COPY = {1: _k_copy1, 2: _k_copy2, 3: _k_copy3, 4: _k_copy4}
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configurations (cached per shape class) and allocation
+# ---------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _max_blocks():
+    if SIM:
+        return 64
+    try:
+        return int(cuda.get_current_device().MULTIPROCESSOR_COUNT) * 32
+    except Exception:
+        return 4096
+
+
+@functools.lru_cache(maxsize=1024)
+def _elem_cfg(n):
+    """(blocks, threads) of a grid-stride launch over n items."""
+    return max(1, min(-(-n // ELEM_T), _max_blocks())), ELEM_T
+
+
+@functools.lru_cache(maxsize=1024)
+def _row_cfg(N, C):
+    threads = 32
+    while threads < C and threads < ROW_MAX:
+        threads *= 2
+    return max(1, min(N, MAX_GRID)), threads
+
+
+@functools.lru_cache(maxsize=1024)
+def _red_cfg(n):
+    nblocks = max(1, min(-(-n // RED_T), RED_BLOCKS))
+    return nblocks, max(1, -(-n // nblocks))
+
+
+@functools.lru_cache(maxsize=None)
+def _cupy():
+    """CuPy when it is installed and a device is present (never under the simulator)."""
+    if SIM:
+        return None
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None
+        return cupy
+    except Exception:
+        return None
+
+
+def _alloc(shape, dtype):
+    """A C-contiguous device array (from CuPy's pool when CuPy is available)."""
+    shape = tuple(int(s) for s in shape)
+    dtype = np.dtype(dtype)
+    cp = _cupy()
+    if cp is not None and math.prod(shape) > 0:
+        c = cp.empty(shape, dtype)
+        return DArray(cuda.as_cuda_array(c, sync=False), c)
+    return DArray(cuda.device_array(shape, dtype))
+
+
+def _is_numba_array(a):
+    return bool(getattr(a, "__cuda_ndarray__", False))
+
+
+def _scalar_operand(value, dtype):
+    """A one-element device array holding a Python/NumPy scalar, in ``dtype``."""
+    return cuda.to_device(np.array([value], dtype=dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# DArray: the NumPy-like subset of a device array that fastce.api uses
+# ---------------------------------------------------------------------------------------------
+class DArray:
+    """A C-contiguous Numba device array plus the NumPy-like methods fastce.api needs."""
+
+    __slots__ = ("d", "owner")
+
+    def __init__(self, d, owner=None):
+        self.d = d
+        self.owner = owner          # keeps foreign (CuPy) memory alive
+
+    # metadata
+    @property
+    def shape(self):
+        return tuple(int(s) for s in self.d.shape)
+
+    @property
+    def ndim(self):
+        return len(self.d.shape)
+
+    @property
+    def size(self):
+        return math.prod(self.shape)
+
+    @property
+    def dtype(self):
+        return np.dtype(self.d.dtype)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __repr__(self):
+        return f"DArray(shape={self.shape}, dtype={self.dtype})"
+
+    def flat(self):
+        """The 1-D device array view (for the flat kernels)."""
+        return self.d.reshape(self.size)
+
+    def copy_to_host(self):
+        return self.d.copy_to_host()
+
+    def __float__(self):
+        return float(self.copy_to_host().reshape(-1)[0])
+
+    # shape and dtype changes
+    def reshape(self, *shape, **kw):
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        shape = tuple(int(s) for s in shape)
+        if -1 in shape:
+            known = math.prod(s for s in shape if s != -1)
+            shape = tuple((self.size // known if known else 0) if s == -1 else s for s in shape)
+        if math.prod(shape) != self.size:
+            raise ValueError(f"cannot reshape array of size {self.size} into shape {shape}")
+        if shape == self.shape:
+            return self
+        return DArray(self.d.reshape(shape), self.owner)
+
+    def astype(self, dtype, copy=True):
+        dtype = np.dtype(dtype)
+        if dtype == self.dtype and not copy:
+            return self
+        out = _alloc(self.shape, dtype)
+        _launch_flat("cast", out, self, None)
+        return out
+
+    def copy(self):
+        return self.astype(self.dtype)
+
+    # indexing
+    def __getitem__(self, key):
+        if isinstance(key, DArray):
+            if self.ndim != 1:
+                raise NotImplementedError("fastce.gpu: array indexing of a non-1-D table")
+            out = _alloc(key.shape, self.dtype)
+            _launch_flat("gather", out, self, key)
+            return out
+        if isinstance(key, (int, np.integer)):
+            k = int(key)
+            if self.ndim == 1:
+                k = k % self.shape[0] if self.shape[0] else k
+                return DArray(self.d.reshape(self.size)[k:k + 1], self.owner)
+            key = (k,)
+        if not isinstance(key, tuple):
+            key = (key,)
+        # Only what reshapes can express: full slices, None (new axes), 0 on size-1 axes.
+        shape = []
+        dims = list(self.shape)
+        j = 0
+        for k in key:
+            if k is None:
+                shape.append(1)
+            elif isinstance(k, slice) and k == slice(None):
+                shape.append(dims[j])
+                j += 1
+            elif isinstance(k, (int, np.integer)) and dims[j] == 1 and int(k) in (0, -1):
+                j += 1
+            else:
+                raise NotImplementedError(f"fastce.gpu: unsupported index {key!r}")
+        shape.extend(dims[j:])
+        return DArray(self.d.reshape(tuple(shape)), self.owner)
+
+    # arithmetic
+    def _binary(self, other, op, reverse=False, compare=False):
+        if isinstance(other, DArray):
+            a, b = (other, self) if reverse else (self, other)
+            if a.shape == b.shape:
+                shape = a.shape
+            elif b.size == 1:
+                shape = a.shape
+            elif a.size == 1:
+                shape = b.shape
+            else:
+                raise NotImplementedError("fastce.gpu: broadcasting beyond scalars")
+            dtype = np.bool_ if compare else np.result_type(a.dtype, b.dtype)
+            out = _alloc(shape, dtype)
+            _launch_flat(op, out, a, b)
+            return out
+        if not np.isscalar(other) and not (isinstance(other, np.ndarray) and other.ndim == 0):
+            return NotImplemented
+        other = other.item() if isinstance(other, (np.ndarray, np.generic)) else other
+        if compare:
+            odt = np.int64 if (self.dtype.kind in "iub" and isinstance(other, (int, bool))) \
+                else np.float64
+            dtype = np.bool_
+        else:
+            dtype = odt = np.result_type(self.dtype, other)
+        o = DArray(_scalar_operand(other, odt))
+        out = _alloc(self.shape, dtype)
+        if reverse:
+            _launch_flat(op, out, o, self)
+        else:
+            _launch_flat(op, out, self, o)
+        return out
+
+    def __add__(self, other):
+        return self._binary(other, "add")
+
+    def __radd__(self, other):
+        return self._binary(other, "add", reverse=True)
+
+    def __sub__(self, other):
+        return self._binary(other, "sub")
+
+    def __rsub__(self, other):
+        return self._binary(other, "sub", reverse=True)
+
+    def __mul__(self, other):
+        return self._binary(other, "mul")
+
+    def __rmul__(self, other):
+        return self._binary(other, "mul", reverse=True)
+
+    def __truediv__(self, other):
+        return self._binary(other, "div")
+
+    def __eq__(self, other):
+        return self._binary(other, "eq", compare=True)
+
+    def __ne__(self, other):
+        return self._binary(other, "ne", compare=True)
+
+    __hash__ = None
+
+    def __neg__(self):
+        out = _alloc(self.shape, self.dtype)
+        _launch_flat("neg", out, self, None)
+        return out
+
+
+def _launch_flat(name, out, a, b):
+    n = out.size
+    if n == 0:
+        return
+    sa = 1 if a.size == n else 0
+    bd = a.flat() if b is None else b.flat()
+    sb = 1 if (b is not None and b.size == n) else 0
+    if name == "gather":
+        sa = 0
+    blocks, threads = _elem_cfg(n)
+    _K[name][blocks, threads](out.flat(), a.flat(), _i8(sa), bd, _i8(sb))
+
+
+class _XP:
+    """The array-namespace subset fastce.api uses on the GPU (``be.xp``)."""
+
+    float64 = np.float64
+
+    @staticmethod
+    def asarray(a, dtype=None):
+        out = BACKEND.asarray(a)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    @staticmethod
+    def _operand(v, dtype):
+        if isinstance(v, DArray):
+            return v
+        return DArray(_scalar_operand(v, dtype))
+
+    @staticmethod
+    def where(cond, a, b):
+        cond = BACKEND.asarray(cond)
+
+        def spec(v):
+            return v.dtype if isinstance(v, DArray) else v
+        dtype = np.result_type(spec(a), spec(b))
+        shape = cond.shape
+        for v in (a, b):
+            if isinstance(v, DArray) and v.size != 1:
+                shape = v.shape
+        A, B = _XP._operand(a, dtype), _XP._operand(b, dtype)
+        out = _alloc(shape, dtype)
+        n = out.size
+        if n:
+            blocks, threads = _elem_cfg(n)
+            _k_where[blocks, threads](out.flat(), cond.flat(), _i8(cond.size == n), A.flat(),
+                                      _i8(A.size == n), B.flat(), _i8(B.size == n))
+        return out
+
+    @staticmethod
+    def take_along_axis(arr, idx, axis):
+        if arr.ndim != 3 or axis != 1 or idx.ndim != 3 or idx.shape[1] != 1:
+            raise NotImplementedError("fastce.gpu: take_along_axis on (N, C, S) axis 1 only")
+        N, _, S = arr.shape
+        out = _alloc((N, 1, S), arr.dtype)
+        n = N * S
+        if n:
+            blocks, threads = _elem_cfg(n)
+            _k_take1[blocks, threads](out.d, arr.d, idx.d)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Backend entry points used by fastce.api
+# ---------------------------------------------------------------------------------------------
+def _compute_kernels(dtype):
+    F = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    return _kernels(F)[0]
+
+
+def target_stats(t2, w, ignore_index, C):
+    """(D, count, bad_flat_position or -1) over the (N, S) integer targets ``t2``."""
+    n = t2.size
+    if n == 0:
+        return 0.0, 0, -1
+    nblocks, chunk = _red_cfg(n)
+    part_D = cuda.device_array(nblocks, np.float64)
+    part_n = cuda.device_array(nblocks, np.int64)
+    part_bad = cuda.device_array(nblocks, np.int64)
+    _k_stats[nblocks, RED_T](t2.flat(), w.flat(), _i8(ignore_index), _i8(C), _i8(n), _i8(chunk),
+                             part_D, part_n, part_bad)
+    D = part_D.copy_to_host()
+    cnt = part_n.copy_to_host()
+    bad = int(part_bad.copy_to_host().min())
+    return float(D.sum()), int(cnt.sum()), (bad if bad < n else -1)
+
+
+def total(a) -> float:
+    """Deterministic float64 sum: fixed-order two-stage reduction."""
+    a = BACKEND.asarray(a)
+    n = a.size
+    if n == 0:
+        return 0.0
+    nblocks, chunk = _red_cfg(n)
+    part = cuda.device_array(nblocks, np.float64)
+    _k_sum[nblocks, RED_T](a.flat(), _i8(n), _i8(chunk), part)
+    if nblocks > 1:
+        one = cuda.device_array(1, np.float64)
+        _k_sum[1, RED_T](part, _i8(nblocks), _i8(nblocks), one)
+        part = one
+    return float(part.copy_to_host()[0])
+
+
+def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride):
+    """Per-element ce, z-loss and hit arrays (N, S); fills ``grad`` (N, C, S) when given."""
+    N, C, S = x3.shape
+    ce = _alloc((N, S), np.float64)
+    zl = _alloc((N, S), np.float64)
+    hit = _alloc((N, S), np.uint8)
+    if N * S == 0:
+        return ce, zl, hit
+    want = grad is not None
+    gbuf = grad.d if want else cuda.device_array((1, 1, 1), x3.dtype)
+    ks = _compute_kernels(x3.dtype)
+    args = (x3.d, t2.d, w.d, prm.d, _i8(ignore_index), want, g.d, _i8(g_stride), gbuf, ce.d,
+            zl.d, hit.d)
+    if S == 1 and C > SMALL_C:
+        blocks, threads = _row_cfg(N, C)
+        ks["index_rows"][blocks, threads](*args)
+    else:
+        blocks, threads = _elem_cfg(N * S)
+        ks["index_strided"][blocks, threads](*args)
+    return ce, zl, hit
+
+
+def prob_loss(x3, p3, w, prm, grad, g, g_stride):
+    N, C, S = x3.shape
+    ce = _alloc((N, S), np.float64)
+    zl = _alloc((N, S), np.float64)
+    if N * S == 0:
+        return ce, zl
+    want = grad is not None
+    gbuf = grad.d if want else cuda.device_array((1, 1, 1), x3.dtype)
+    blocks, threads = _elem_cfg(N * S)
+    _compute_kernels(x3.dtype)["prob_elems"][blocks, threads](
+        x3.d, p3.d, w.d, prm.d, want, g.d, _i8(g_stride), gbuf, ce.d, zl.d)
+    return ce, zl
+
+
+def softmax_family(x3, mode):
+    """mode 0: lse (N, S); 1: (log_softmax, lse); 2: (softmax, lse)."""
+    N, C, S = x3.shape
+    lse = _alloc((N, S), np.float64)
+    out = _alloc(x3.shape if mode else (1, 1, 1), x3.dtype)
+    if N * S == 0:
+        return out, lse
+    ks = _compute_kernels(x3.dtype)
+    if S == 1 and C > SMALL_C:
+        blocks, threads = _row_cfg(N, C)
+        ks["softmax_rows"][blocks, threads](x3.d, _i8(mode), out.d, lse.d)
+    else:
+        blocks, threads = _elem_cfg(N * S)
+        ks["softmax_strided"][blocks, threads](x3.d, _i8(mode), out.d, lse.d)
+    return out, lse
+
+
+@functools.lru_cache(maxsize=None)
+def _scalar_class(base):
+    """``base`` (a Numba device array class) plus float()/int()/item() for 0-d losses."""
+    def item(self):
+        return self.copy_to_host().reshape(-1)[0].item()
+    ns = {"__float__": lambda self: float(item(self)), "__int__": lambda self: int(item(self)),
+          "item": item}
+    return type(base.__name__, (base,), ns)
+
+
+class GPUBackend:
+    """What fastce.api needs from a backend, for CUDA arrays."""
+
+    name = "gpu"
+    xp = _XP()
+
+    @staticmethod
+    def asarray(a):
+        if isinstance(a, DArray):
+            return a
+        owner = None
+        if _is_numba_array(a):
+            d = a
+        elif hasattr(a, "__cuda_array_interface__"):
+            d, owner = cuda.as_cuda_array(a, sync=False), a
+        else:                      # host scalars / 0-d arrays (e.g. a grad_output of 1.0)
+            d = cuda.to_device(np.ascontiguousarray(np.asarray(a)))
+        if not d.is_c_contiguous():
+            d = _contiguous_copy(d)
+            owner = None
+        return DArray(d, owner)
+
+    @staticmethod
+    def contiguous(a):
+        return GPUBackend.asarray(a)
+
+    @staticmethod
+    def empty(shape, dtype):
+        return _alloc(shape if isinstance(shape, tuple) else (shape,), dtype)
+
+    @staticmethod
+    def ones(shape, dtype):
+        out = _alloc(shape if isinstance(shape, tuple) else (shape,), dtype)
+        n = out.size
+        if n:
+            blocks, threads = _elem_cfg(n)
+            _k_fill[blocks, threads](out.flat(), np.dtype(dtype).type(1))
+        return out
+
+    total = staticmethod(total)
+
+    @staticmethod
+    def scalar(value, dtype):
+        """The loss of a mean/sum reduction: a 0-d device array of the input's dtype."""
+        return DArray(cuda.to_device(np.array(value, dtype=dtype)))
+
+    @staticmethod
+    def to_host_scalar(a):
+        a = GPUBackend.asarray(a)
+        return a.copy_to_host().reshape(-1)[0].item()
+
+    @staticmethod
+    def wrap(a, like):
+        """A result in the caller's array type: CuPy for CuPy/foreign inputs (when CuPy is
+        installed), a Numba device array for Numba device array inputs."""
+        if not isinstance(a, DArray):
+            return a
+        if not _is_numba_array(like) and hasattr(like, "__cuda_array_interface__"):
+            cp = _cupy()
+            if cp is not None:
+                if a.owner is not None and type(a.owner).__module__.startswith("cupy") \
+                        and tuple(a.owner.shape) == a.shape:
+                    return a.owner
+                return cp.asarray(a.d)
+        d = a.d
+        if d.ndim == 0:
+            try:
+                d.__class__ = _scalar_class(type(d))
+            except TypeError:
+                pass
+        return d
+
+    target_stats = staticmethod(target_stats)
+    index_loss = staticmethod(index_loss)
+    prob_loss = staticmethod(prob_loss)
+    softmax_family = staticmethod(softmax_family)
+
+
+def _contiguous_copy(d):
+    """A C-contiguous copy of a strided Numba device array (up to 4-D)."""
+    shape = tuple(int(s) for s in d.shape)
+    if len(shape) not in _COPY:
+        raise ValueError("fastce: non-contiguous CUDA arrays of more than 4 dimensions are not "
+                         "supported; pass a contiguous array")
+    out = _alloc(shape, d.dtype)
+    n = out.size
+    if n:
+        blocks, threads = _elem_cfg(n)
+        _COPY[len(shape)][blocks, threads](out.flat(), d)
+    return out.d
+
+
+BACKEND = GPUBackend()
