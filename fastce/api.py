@@ -247,7 +247,7 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
                 zs = be.total(zls)
                 zpart = be.scalar(zs / Dz if mean else zs, in_dtype)
             acc = (be.total(hit) / count) if (hit is not None and count) else float("nan")
-        stats = (zpart, acc)
+        stats = (be.wrap(zpart, input), acc)
     return be.wrap(loss, input), be.wrap(grad, input), stats
 
 
