@@ -1,0 +1,1 @@
+"""fastce's asv benchmarks (CPU): see bench_cross_entropy.py."""

@@ -1,0 +1,125 @@
+"""CPU benchmarks of fastce.cross_entropy (forward) and cross_entropy_with_grad (loss+grad).
+
+- ``Shapes``: time_ and track_ (GB/s of logits) on (4096, 32000), (8, 21, 512, 512), (256, 10)
+  float32 logits with plain targets.
+- ``Throughput``: GB/s over a grid of N x C (size capped so that one call stays well under a
+  second even on a slow machine).
+- ``Workloads``: time_ of the realistic problems W1-W3 of ``python -m fastce bench`` (ignored
+  targets, uint8 targets and class weights for W2).
+
+Every setup builds the arrays and calls fastce once (Numba compiles, or loads its cache) so
+that no timed region includes compilation.
+"""
+import os
+import sys
+import time
+
+import numpy as np
+
+try:
+    import fastce
+except ImportError:         # a fresh checkout that was not pip-installed: use the source tree
+    sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+    import fastce
+
+from fastce.bench import make_workload
+
+FORWARD, LOSS_GRAD = "forward", "loss+grad"
+OPS = [FORWARD, LOSS_GRAD]
+SHAPES = {
+    "4096x32000": (4096, 32000),
+    "8x21x512x512": (8, 21, 512, 512),
+    "256x10": (256, 10),
+}
+MAX_GRID_ELEMENTS = 1 << 25     # 128 MiB of float32 logits: ~0.1-0.4 s per call here
+TRACK_CALLS = 5                 # timed calls whose median a track_ benchmark reports
+MIN_SAMPLE_S = 0.01
+
+
+def _logits(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape, dtype=np.float32)
+    x *= 2.0
+    t = rng.integers(0, shape[1], size=shape[:1] + shape[2:])
+    return x, t
+
+
+def _op(op, x, t, weight=None, ignore_index=-100):
+    if op == FORWARD:
+        return lambda: fastce.cross_entropy(x, t, weight, ignore_index=ignore_index)
+    return lambda: fastce.cross_entropy_with_grad(x, t, weight, ignore_index=ignore_index)
+
+
+def median_seconds(fn, calls=TRACK_CALLS):
+    """Median seconds per call over ``calls`` samples; a sample loops fn for >= MIN_SAMPLE_S."""
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    number = 1 if dt >= MIN_SAMPLE_S else int(min(10_000, MIN_SAMPLE_S / max(dt, 1e-7)) + 1)
+    samples = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            fn()
+        samples.append((time.perf_counter() - t0) / number)
+    return float(np.median(samples))
+
+
+class Shapes:
+    """fastce on the three reference shapes, float32, int64 targets, no weights/ignores."""
+    params = [list(SHAPES), OPS]
+    param_names = ["shape", "op"]
+    timeout = 300
+    warmup_time = 0         # setup already warmed up (compiled)
+    repeat = (1, 5, 30.0)
+
+    def setup(self, shape, op):
+        self.x, self.t = _logits(SHAPES[shape])
+        self.fn = _op(op, self.x, self.t)
+        self.fn()               # compile / load the Numba cache outside the timed region
+
+    def time_call(self, shape, op):
+        self.fn()
+
+    def track_gbps(self, shape, op):
+        return self.x.nbytes / median_seconds(self.fn) / 1e9
+
+    track_gbps.unit = "GB/s"
+
+
+class Throughput:
+    """GB/s of logits over N x C, (N, C) float32 logits; combinations over the cap are skipped."""
+    params = [[64, 1024, 8192], [1000, 32000, 256000], OPS]
+    param_names = ["N", "C", "op"]
+    timeout = 300
+    warmup_time = 0
+
+    def setup(self, N, C, op):
+        if N * C > MAX_GRID_ELEMENTS:
+            raise NotImplementedError(f"{N}x{C} logits exceed the size cap")
+        self.x, self.t = _logits((N, C))
+        self.fn = _op(op, self.x, self.t)
+        self.fn()
+
+    def track_gbps(self, N, C, op):
+        return self.x.nbytes / median_seconds(self.fn) / 1e9
+
+    track_gbps.unit = "GB/s"
+
+
+class Workloads:
+    """The benchmark workloads W1 (LM logits, 10% ignored), W2 (segmentation, uint8 targets,
+    ignore_index=255, class weights) and W3 (small classifier)."""
+    params = [["W1", "W2", "W3"], OPS]
+    param_names = ["workload", "op"]
+    timeout = 300
+    warmup_time = 0
+    repeat = (1, 5, 30.0)
+
+    def setup(self, workload, op):
+        p = make_workload(workload)
+        self.fn = _op(op, p.x, p.target, p.weight, p.ignore_index)
+        self.fn()
+
+    def time_call(self, workload, op):
+        self.fn()
