@@ -35,7 +35,7 @@ __all__ = ["index_loss", "prob_loss", "target_stats", "softmax_family", "launch"
 # vectorise the sum reductions.
 FASTMATH = {"reassoc", "nsz", "contract", "arcp", "afn"}
 _JIT = dict(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
-_INLINE = dict(fastmath=FASTMATH, error_model="numpy", inline="always")
+_INLINE = dict(fastmath=FASTMATH, error_model="numpy")    # LLVM inlines these small functions
 
 LOG2E = 1.4426950408889634
 BLOCK = 256                    # spatial positions per task in the strided layout
@@ -100,7 +100,7 @@ def _exp2_f32(u):
     p = p * f + np.float32(1.0)
     # (Numba widens int32 arithmetic to int64: narrow back before reinterpreting the bits.)
     scale = _bits_to_float(np.int32((np.int64(n) + 127) << 23))
-    return p * scale if u > np.float32(-126.0) else np.float32(0.0)
+    return (p * scale) * np.float32(u > np.float32(-126.0))   # exactly 0 below 2**-126
 
 
 def _exp2_f64(u):
@@ -121,7 +121,7 @@ def _exp2_f64(u):
     p = p * f + _C64[1]
     p = p * f + 1.0
     scale = _bits_to_float((np.int64(n) + 1023) << 52)
-    return p * scale if u > -1022.0 else 0.0
+    return (p * scale) * np.float64(u > -1022.0)
 
 
 @overload(exp2_nonpos, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
@@ -167,6 +167,66 @@ _softcap_grad_factor = njit(**_INLINE)(ew.softcap_grad_factor)
 _z_term = njit(**_INLINE)(ew.z_term)
 
 
+# Row passes: small loops LLVM vectorises.  Each is called with one array per call site (the
+# raw row, or the softcapped scratch row), so LLVM can prove what aliases what.
+@njit(**_INLINE)
+def _row_max(row):
+    m = row[0]
+    for c in range(1, row.shape[0]):
+        m = fmaximum(m, row[c])
+    return m
+
+
+@njit(**_INLINE)
+def _row_exp_sum(src, ms, log2e):
+    """sum_c exp(src_c - ms), as 2**(src_c log2e - ms log2e)."""
+    ms_l = ms * log2e
+    acc = ms - ms                     # 0 of src's dtype
+    for c in range(src.shape[0]):
+        acc += exp2_nonpos(src[c] * log2e - ms_l)
+    return acc
+
+
+@njit(**_INLINE)
+def _row_exp_sum_store(src, ms, log2e, out):
+    """_row_exp_sum, also storing each exp into ``out`` (the gradient row)."""
+    ms_l = ms * log2e
+    acc = ms - ms
+    for c in range(src.shape[0]):
+        e = exp2_nonpos(src[c] * log2e - ms_l)
+        out[c] = e
+        acc += e
+    return acc
+
+
+@njit(**_INLINE)
+def _row_dot(w, src):
+    acc = src[0] - src[0]
+    for c in range(src.shape[0]):
+        acc += w[c] * src[c]
+    return acc
+
+
+@njit(**_INLINE)
+def _row_grad(gr, scale, gamma, w, smoothing):
+    """gr_c <- gr_c * scale - gamma w_c  (gr holds exp(s_c - max) on entry)."""
+    if smoothing:
+        for c in range(gr.shape[0]):
+            gr[c] = gr[c] * scale - gamma * w[c]
+    else:
+        for c in range(gr.shape[0]):
+            gr[c] = gr[c] * scale
+
+
+@njit(**_INLINE)
+def _row_grad_softcap(gr, scale, gamma, w, srow, inv_cap):
+    """As _row_grad, times ds/dx = 1 - (s_c / cap)^2."""
+    one = inv_cap - inv_cap + 1
+    for c in range(gr.shape[0]):
+        q = srow[c] * inv_cap
+        gr[c] = (gr[c] * scale - gamma * w[c]) * (one - q * q)
+
+
 # ---------------------------------------------------------------------------------------------
 # Target pre-pass: validation and the mean's denominators, before any kernel indexes with them
 # ---------------------------------------------------------------------------------------------
@@ -207,52 +267,50 @@ def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out
     keep, smooth_c, W, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5], prm[6]
     has_cap = cap > 0.0
     inv_cap = 1.0 / cap if has_cap else 0.0
+    smoothing = smooth_c != 0.0
     for i in prange(N):
         row = x[i]
         capf = cast_like(cap, row)
         inv_capf = cast_like(inv_cap, row)
-        # Pass 1: the row max (of the raw logits: softcap is monotonic).  NaN propagates.
-        m = row[0]
-        for c in range(1, C):
-            m = fmaximum(m, row[c])
+        log2e = cast_like(LOG2E, row)
+        # Pass 1: the row max, of the raw logits (softcap is monotonic).  NaN propagates.
+        m = _row_max(row)
+        ti = np.int64(t[i])
+        valid = not (ti == ignore_index or ti < 0 or ti >= C)
+        # Pass 2: sum of exp(s - max), stored into the gradient row when one is wanted; and,
+        # with smoothing, sum_c w_c s_c.
+        sum_ws = 0.0
         if has_cap:
             srow = np.empty(C, row.dtype)
             for c in range(C):
                 srow[c] = softcap_fast(row[c], capf, inv_capf)
             ms = softcap_fast(m, capf, inv_capf)
+            if want_grad:
+                ssum = _row_exp_sum_store(srow, ms, log2e, grad[i])
+            else:
+                ssum = _row_exp_sum(srow, ms, log2e)
+            if smoothing and valid:
+                sum_ws = np.float64(_row_dot(w, srow))
+            s_t = np.float64(srow[ti]) if valid else 0.0
         else:
-            srow = row
+            srow = row[:0]
             ms = m
-        # Pass 2: sum of exp(s - max), stored into the gradient row when one is wanted.
-        ms_l = ms * cast_like(LOG2E, row)
-        log2e = cast_like(LOG2E, row)
-        ssum = cast_like(0.0, row)
-        if want_grad:
-            gr = grad[i]
-            for c in range(C):
-                e = exp2_nonpos(srow[c] * log2e - ms_l)
-                gr[c] = e
-                ssum += e
-        else:
-            for c in range(C):
-                ssum += exp2_nonpos(srow[c] * log2e - ms_l)
+            if want_grad:
+                ssum = _row_exp_sum_store(row, ms, log2e, grad[i])
+            else:
+                ssum = _row_exp_sum(row, ms, log2e)
+            if smoothing and valid:
+                sum_ws = np.float64(_row_dot(w, row))
+            s_t = np.float64(row[ti]) if valid else 0.0
         lse = np.float64(ms) + math.log(np.float64(ssum))
-        ti = np.int64(t[i])
-        if ti == ignore_index or ti < 0 or ti >= C:
+        if not valid:
             ce_out[i] = 0.0
             zl_out[i] = 0.0
             hit_out[i] = 0
             if want_grad:
-                gr[:] = 0
+                grad[i, :] = 0
             continue
         w_t = np.float64(w[ti])
-        sum_ws = 0.0
-        if smooth_c != 0.0:
-            acc = cast_like(0.0, row)
-            for c in range(C):
-                acc += w[c] * srow[c]
-            sum_ws = np.float64(acc)
-        s_t = np.float64(srow[ti])
         ce_out[i] = _index_loss(lse, s_t, w_t, W, sum_ws, keep, smooth_c)
         zl_out[i] = _z_term(lse, zl)
         # Token accuracy: the target is the first maximum of the row.
@@ -264,26 +322,18 @@ def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out
                     break
         hit_out[i] = 1 if hit else 0
         if want_grad:
+            gr = grad[i]
             alpha, beta, gamma = _index_grad_coefs(g[i * g_stride], lse, w_t, W, keep, smooth_c,
                                                    inv_D, z2)
             scale = alpha / np.float64(ssum)
-            if lse != lse:          # NaN row: exps above are meaningless, poison the gradient
+            if lse != lse:          # NaN row: the exps above are meaningless, poison the gradient
                 scale = lse
-            scale_f = cast_like(scale, row)
-            gamma_f = cast_like(gamma, row)
-            one = cast_like(1.0, row)
             if has_cap:
-                for c in range(C):
-                    q = srow[c] * inv_capf
-                    gr[c] = (gr[c] * scale_f - gamma_f * w[c]) * (one - q * q)
+                _row_grad_softcap(gr, cast_like(scale, row), cast_like(gamma, row), w, srow,
+                                  inv_capf)
                 gr[ti] -= cast_like(beta * _softcap_grad_factor(s_t, inv_cap), row)
-            elif smooth_c != 0.0:
-                for c in range(C):
-                    gr[c] = gr[c] * scale_f - gamma_f * w[c]
-                gr[ti] -= cast_like(beta, row)
             else:
-                for c in range(C):
-                    gr[c] = gr[c] * scale_f
+                _row_grad(gr, cast_like(scale, row), cast_like(gamma, row), w, smoothing)
                 gr[ti] -= cast_like(beta, row)
 
 
