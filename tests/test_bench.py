@@ -1,0 +1,168 @@
+"""The demo, ``python -m fastce bench --quick`` and the asv suite run (CPU, seconds each)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastce import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+ASV_DIR = ROOT / "asv_bench"
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def _run(args, timeout=120, cwd=ROOT):
+    proc = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo
+# ---------------------------------------------------------------------------------------------
+def test_demo_values_are_computed_by_fastce():
+    values = bench.demo_values()
+    assert [round(f, 4) for _, f, _, _ in values] == [1.4803, 1.6075, 1.5472]
+    assert [round(m, 4) for _, _, m, _ in values] == [1.4803, 1.6075, 1.5472]
+
+
+def test_python_m_fastce_demo():
+    out = _run([sys.executable, "-m", "fastce"]).stdout
+    for value in ("1.4803", "1.6075", "1.5472"):
+        # fastce.cross_entropy, CrossEntropyLoss and the "torch prints" column
+        assert len(re.findall(re.escape(value), out)) >= 3, out
+    assert "sum of the targets' weights" in out
+    assert "forward" in out and "loss+grad" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# The NumPy baseline and the benchmark helpers
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["W1", "W2", "W3"])
+def test_numpy_baseline_matches_fastce(name):
+    p = bench.make_workload(name, quick=True)
+    loss, grad = bench.numpy_cross_entropy_with_grad(p.x, p.target, p.weight, p.ignore_index)
+    ref_loss, ref_grad = bench.fastce.cross_entropy_with_grad(p.x, p.target, p.weight,
+                                                              ignore_index=p.ignore_index)
+    assert bench.numpy_cross_entropy(p.x, p.target, p.weight, p.ignore_index) == loss
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-9)
+    if p.workload.ignore_fraction:
+        assert np.any(p.target == p.ignore_index)
+    e = bench.exactness(p)
+    assert e["loss_rel"] < 1e-5 and e["grad_rel"] < 1e-5
+
+
+def test_goals_evaluation():
+    times = {("W1", "forward", "fastce"): 1.0, ("W1", "forward", "jax"): 2.0,
+             ("W3", "forward", "fastce"): 3.0, ("W3", "forward", "torch"): 10.0,
+             ("W3", "forward", "torch-1t"): 2.0}
+    res = {g.text: (r, ok) for g, r, ok in bench.evaluate_goals(times)}
+    assert res["W1 forward <= 1.0x JAX"] == (0.5, True)
+    assert res["W3 forward <= 1.0x torch"] == (1.5, False)      # the faster torch counts
+    assert res["W2 forward <= 0.33x torch"] == (None, None)
+
+
+def test_bench_quick_cli():
+    proc = _run([sys.executable, "-m", "fastce", "bench", "--quick", "--workloads", "W2,W3",
+                 "--repeats", "2"], timeout=180)
+    out = proc.stdout
+    for lib in ("fastce", "numpy"):
+        assert re.search(rf"W2\s+forward\s+{lib}\b", out), out
+        assert re.search(rf"W3\s+loss\+grad\s+{lib}\b", out), out
+    assert "exactness" in out and "goals" in out
+    assert "[bench]" in proc.stderr          # progress goes to stderr
+
+
+def test_bench_rejects_unknown_workload():
+    proc = subprocess.run([sys.executable, "-m", "fastce", "bench", "--workloads", "W9"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "W9" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# asv
+# ---------------------------------------------------------------------------------------------
+def _load_suite():
+    path = ASV_DIR / "benchmarks" / "bench_cross_entropy.py"
+    spec = importlib.util.spec_from_file_location("fastce_asv_bench_cross_entropy", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_asv_suite_direct_call():
+    mod = _load_suite()
+    b = mod.Shapes()
+    for op in mod.OPS:
+        b.setup("256x10", op)
+        b.time_call("256x10", op)
+        assert b.track_gbps("256x10", op) > 0
+    assert mod.Shapes.track_gbps.unit == "GB/s"
+    t = mod.Throughput()
+    with pytest.raises(NotImplementedError):
+        t.setup(8192, 256000, "forward")        # over the size cap: skipped by asv
+    w = mod.Workloads()
+    w.setup("W3", "loss+grad")
+    w.time_call("W3", "loss+grad")
+
+
+def test_asv_conf_is_valid_json():
+    text = (ASV_DIR / "asv.conf.json").read_text()
+    text = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("//"))
+    conf = json.loads(text)
+    assert conf["benchmark_dir"] == "benchmarks" and conf["repo"] == ".."
+
+
+def _asv_conf_copy(tmp_path):
+    """asv_bench's configuration with absolute paths and results/html under tmp_path."""
+    text = (ASV_DIR / "asv.conf.json").read_text()
+    conf = json.loads("\n".join(l for l in text.splitlines() if not l.lstrip().startswith("//")))
+    conf.update(repo=str(ROOT), benchmark_dir=str(ASV_DIR / "benchmarks"),
+                results_dir=str(tmp_path / "results"), html_dir=str(tmp_path / "html"),
+                env_dir=str(tmp_path / "env"))
+    path = tmp_path / "asv.conf.json"
+    path.write_text(json.dumps(conf))
+    return path
+
+
+def _git_has_commit():
+    if shutil.which("git") is None:
+        return False
+    proc = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=ROOT,
+                          capture_output=True, text=True)
+    return proc.returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("asv") is None and importlib.util.find_spec("asv") is None,
+                    reason="asv is not installed")
+@pytest.mark.skipif(not _git_has_commit(), reason="asv needs a git repository with a commit")
+def test_asv_quick_run(tmp_path):
+    conf = _asv_conf_copy(tmp_path)
+    asv = [sys.executable, "-m", "asv"]
+    # The machine description: asv asks for it interactively unless given.
+    _run(asv + ["machine", "--yes", "--machine", "fastce-test", "--config", str(conf)],
+         cwd=tmp_path)
+    proc = _run(asv + ["check", "--python=same", "--config", str(conf)], cwd=tmp_path)
+    assert "No problems found" in proc.stdout + proc.stderr
+    proc = _run(asv + ["run", "--python=same", "--quick", "--machine", "fastce-test",
+                       "--config", str(conf), "--show-stderr",
+                       "--bench", r"Shapes.time_call\(.256x10"], timeout=180, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert "Shapes.time_call" in out and "failed" not in out.lower(), out
+    assert any((tmp_path / "results").rglob("*.json"))
