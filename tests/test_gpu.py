@@ -1,0 +1,400 @@
+"""The GPU backend (fastce.gpu) against fastce.spec and the CPU backend.
+
+Run under the Numba CUDA simulator (no GPU needed, tiny shapes):
+
+    NUMBA_ENABLE_CUDASIM=1 python -m pytest tests/test_gpu.py -q
+
+Without the simulator and without a GPU, the GPU cases skip; the import test and the PTX
+compilation test (which needs only NVVM, not a device) still run.  Tests marked ``gpu`` run
+on a real GPU with CuPy (``python -m fastce.gpu_check`` runs them there).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastce
+from fastce import spec
+
+from conftest import HAVE_GPU, SIMULATOR
+from helpers import spec_loss_and_grad
+
+ON_GPU = SIMULATOR or HAVE_GPU
+# The simulator evaluates kernels with NumPy scalars, which warn on inf - inf (NaN expected).
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs NUMBA_ENABLE_CUDASIM=1 or a CUDA GPU")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _to(a):
+    """A NumPy array as a device array: the simulator's, else CuPy's."""
+    if a is None:
+        return None
+    a = np.array(a, order="C")           # (ascontiguousarray would make 0-d arrays 1-d)
+    if SIMULATOR:
+        from numba import cuda
+        return cuda.to_device(a)
+    import cupy
+    return cupy.asarray(a)
+
+
+def _host(a):
+    if a is None:
+        return None
+    if hasattr(a, "copy_to_host"):
+        return np.asarray(a.copy_to_host())
+    if isinstance(a, (float, int, np.generic, np.ndarray)):
+        return np.asarray(a)
+    import cupy
+    return cupy.asnumpy(a)
+
+
+def _close(a, b, rtol, what=""):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, f"{what}: {a.shape} != {b.shape}"
+    finite = np.abs(b[np.isfinite(b)])
+    atol = rtol * max(1e-2, float(finite.max()) if finite.size else 0.0)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, equal_nan=True, err_msg=what)
+
+
+# Shapes chosen to hit every kernel under the simulator: rows (C > SMALL_C, S == 1), rows with
+# few classes (one thread per row), strided (N, C, S), unbatched (C,).
+SHAPES = [(3, 37), (5, 3), (2, 3, 5), (37,)]
+OPTION_SETS = [
+    dict(),
+    dict(label_smoothing=0.15),
+    dict(softcap=2.5),
+    dict(z_loss=0.05),
+    dict(label_smoothing=0.1, softcap=3.0, z_loss=0.02, ignore_index=1),
+]
+
+
+def _case(rng, shape, *, prob=False, ignore=None, dtype=np.float64):
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
+    C = shape[1] if len(shape) > 1 else shape[0]
+    if prob:
+        axis = 1 if len(shape) > 1 else 0
+        p = rng.random(shape) ** 2
+        return x, (p / p.sum(axis=axis, keepdims=True)).astype(dtype)
+    tshape = (shape[0],) + tuple(shape[2:]) if len(shape) > 1 else ()
+    t = rng.integers(0, C, tshape)
+    if ignore is not None and t.ndim:
+        t[rng.random(tshape) < 0.3] = ignore
+    return x, t
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("opts", OPTION_SETS, ids=lambda o: ",".join(o) or "plain")
+def test_index_targets_match_spec(shape, opts):
+    rng = np.random.default_rng(abs(hash((shape, tuple(opts)))) % 2**32)
+    x, t = _case(rng, shape, ignore=opts.get("ignore_index"))
+    C = shape[1] if len(shape) > 1 else shape[0]
+    w = rng.random(C) + 0.5
+    for weight in (None, w):
+        for reduction in ("mean", "sum", "none"):
+            go = None
+            if reduction == "none" and len(shape) > 1:
+                go = rng.standard_normal(t.shape)
+            loss, grad = fastce.cross_entropy_with_grad(
+                _to(x), _to(t), _to(weight), grad_output=_to(go) if go is not None else None,
+                reduction=reduction, **opts)
+            want_l, want_g = spec_loss_and_grad(x, t, weight, reduction=reduction,
+                                                grad_output=go, **opts)
+            what = f"{shape} {opts} {reduction} weighted={weight is not None}"
+            _close(_host(loss), want_l, 1e-10, what)
+            _close(_host(grad), want_g, 1e-10, what)
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", [(3, 37), (2, 3, 5)])
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.2, softcap=2.0, z_loss=0.1)],
+                         ids=["plain", "all"])
+def test_probability_targets_match_spec(shape, opts):
+    rng = np.random.default_rng(7)
+    x, p = _case(rng, shape, prob=True)
+    w = rng.random(shape[1]) + 0.5
+    for reduction in ("mean", "sum", "none"):
+        loss, grad = fastce.cross_entropy_with_grad(_to(x), _to(p), _to(w), reduction=reduction,
+                                                    grad_output=2.0 if reduction != "none"
+                                                    else None, **opts)
+        want_l, want_g = spec_loss_and_grad(x, p, w, reduction=reduction,
+                                            grad_output=2.0 if reduction != "none" else None,
+                                            **opts)
+        _close(_host(loss), want_l, 1e-10, reduction)
+        _close(_host(grad), want_g, 1e-10, reduction)
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", [(4, 37), (2, 6, 3)])
+def test_float32_and_float16_match_cpu(shape):
+    rng = np.random.default_rng(3)
+    for dtype, rtol in ((np.float32, 2e-5), (np.float16, 2e-3)):
+        x, t = _case(rng, shape, dtype=dtype)
+        w = (rng.random(shape[1]) + 0.5).astype(np.float32)
+        for reduction in ("mean", "none"):
+            loss, grad = fastce.cross_entropy_with_grad(_to(x), _to(t), _to(w),
+                                                        reduction=reduction, label_smoothing=0.1)
+            cl, cg = fastce.cross_entropy_with_grad(x, t, w, reduction=reduction,
+                                                    label_smoothing=0.1)
+            lh, gh = _host(loss), _host(grad)
+            assert lh.dtype == dtype and gh.dtype == dtype and gh.shape == x.shape
+            _close(lh, cl, rtol, f"{dtype} loss")
+            _close(gh, cg, rtol, f"{dtype} grad")
+
+
+@needs_gpu
+def test_scalar_results_are_0d_device_arrays():
+    rng = np.random.default_rng(1)
+    x, t = _case(rng, (3, 37))
+    loss = fastce.cross_entropy(_to(x), _to(t))
+    assert not isinstance(loss, (float, np.generic, np.ndarray))
+    assert _host(loss).shape == ()
+    assert float(loss) == pytest.approx(spec.cross_entropy(x[:, :, None], t[:, None]), rel=1e-12)
+    if SIMULATOR:
+        assert hasattr(loss, "copy_to_host")      # a Numba device array for Numba inputs
+
+
+@needs_gpu
+def test_extras_z_loss_and_token_accuracy():
+    rng = np.random.default_rng(2)
+    x, t = _case(rng, (6, 37), ignore=-100)
+    t[0] = int(np.argmax(x[0]))             # at least one hit
+    out = fastce.cross_entropy(_to(x), _to(t), z_loss=0.1, return_z_loss=True,
+                               return_token_accuracy=True)
+    cpu = fastce.cross_entropy(x, t, z_loss=0.1, return_z_loss=True, return_token_accuracy=True)
+    _close(_host(out.loss), cpu.loss, 1e-10)
+    _close(_host(out.z_loss), cpu.z_loss, 1e-10)
+    assert out.token_accuracy == pytest.approx(spec.token_accuracy(x[:, :, None], t[:, None]))
+    assert out.token_accuracy == cpu.token_accuracy
+    none = fastce.cross_entropy(_to(x), _to(t), z_loss=0.1, reduction="none", return_z_loss=True)
+    _close(_host(none.z_loss), fastce.cross_entropy(x, t, z_loss=0.1, reduction="none",
+                                                    return_z_loss=True).z_loss, 1e-10)
+
+
+@needs_gpu
+def test_special_values_match_cpu():
+    x = np.array([[1e4, -1e4, 0.0, 1.0, 2.0],          # finite: no overflow
+                  [-np.inf, 1.0, 2.0, -np.inf, 0.5],   # masked vocabulary
+                  [np.nan, 1.0, 2.0, 3.0, 4.0],        # NaN -> NaN
+                  [np.inf, 1.0, 2.0, 3.0, 4.0],        # +inf -> NaN
+                  [1.0, -np.inf, 2.0, 3.0, 4.0]])      # target's logit -inf -> +inf
+    t = np.array([0, 2, 1, 1, 1])
+    for shape_x, shape_t in ((x, t), (x[:, :, None], t[:, None])):
+        lg, gg = fastce.cross_entropy_with_grad(_to(shape_x), _to(shape_t), reduction="none")
+        lc, gc = fastce.cross_entropy_with_grad(shape_x, shape_t, reduction="none")
+        _close(_host(lg), lc, 1e-12)
+        _close(_host(gg)[:2], gc[:2], 1e-12)
+        assert np.isnan(_host(gg)[2:4]).all() and np.isnan(gc[2:4]).all()
+
+
+@needs_gpu
+def test_ignore_all_and_uint8_255():
+    rng = np.random.default_rng(4)
+    x, t = _case(rng, (4, 37))
+    t[:] = -100
+    assert np.isnan(float(fastce.cross_entropy(_to(x), _to(t))))
+    assert float(fastce.cross_entropy(_to(x), _to(t), reduction="sum")) == 0.0
+    grad = _host(fastce.cross_entropy_backward(_to(x), _to(t)))
+    assert np.all(grad == 0)
+    x2, t2 = _case(rng, (2, 4, 3))
+    t8 = t2.astype(np.uint8)
+    t8[0, 1] = 255
+    w = rng.random(4)
+    loss, grad = fastce.cross_entropy_with_grad(_to(x2), _to(t8), _to(w), ignore_index=255)
+    want_l, want_g = spec_loss_and_grad(x2, t8.astype(np.int64), w, ignore_index=255)
+    _close(_host(loss), want_l, 1e-10)
+    _close(_host(grad), want_g, 1e-10)
+
+
+@needs_gpu
+@pytest.mark.parametrize("target_dtype", [np.int8, np.int16, np.int32, np.uint16, np.uint8])
+def test_target_dtypes(target_dtype):
+    rng = np.random.default_rng(5)
+    x, t = _case(rng, (3, 7))
+    got = float(fastce.cross_entropy(_to(x), _to(t.astype(target_dtype))))
+    assert got == pytest.approx(float(fastce.cross_entropy(x, t)), rel=1e-12)
+
+
+@needs_gpu
+def test_out_of_range_target_is_validated_on_device():
+    rng = np.random.default_rng(6)
+    x, t = _case(rng, (2, 5, 3))
+    t[1, 2] = 5
+    with pytest.raises(ValueError, match=r"target 5 at position \(1, 2\)"):
+        fastce.cross_entropy(_to(x), _to(t))
+    t[1, 2] = -3
+    with pytest.raises(ValueError, match="target -3"):
+        fastce.cross_entropy_backward(_to(x), _to(t))
+
+
+@needs_gpu
+def test_softmax_family_and_nll_match_cpu():
+    rng = np.random.default_rng(8)
+    for shape, axis in (((3, 37), -1), ((5, 3), -1), ((2, 4, 3), 1), ((37,), 0)):
+        x = rng.standard_normal(shape) * 4
+        for fn in (fastce.log_softmax, fastce.softmax, fastce.logsumexp):
+            _close(_host(fn(_to(x), axis=axis)), fn(x, axis=axis), 1e-12, fn.__name__)
+    x = np.log(rng.random((2, 4, 3)))
+    t = rng.integers(0, 4, (2, 3))
+    t[0, 0] = -100
+    w = rng.random(4)
+    for reduction in ("mean", "sum", "none"):
+        _close(_host(fastce.nll_loss(_to(x), _to(t), _to(w), reduction=reduction)),
+               fastce.nll_loss(x, t, w, reduction=reduction), 1e-12, reduction)
+
+
+@needs_gpu
+def test_class_axis_and_loss_object():
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((2, 3, 6))
+    t = rng.integers(0, 6, (2, 3))
+    fn = fastce.CrossEntropyLoss(label_smoothing=0.1, class_axis=-1, reduction="sum")
+    got_l, got_g = fn.with_grad(_to(x), _to(t))
+    want_l, want_g = fastce.cross_entropy_with_grad(x, t, label_smoothing=0.1, class_axis=-1,
+                                                    reduction="sum")
+    _close(_host(got_l), want_l, 1e-10)
+    _close(_host(got_g), want_g, 1e-10)
+
+
+@needs_gpu
+def test_deterministic_and_inputs_untouched():
+    rng = np.random.default_rng(10)
+    x, t = _case(rng, (7, 37))
+    xd, td = _to(x), _to(t)
+    runs = [fastce.cross_entropy_with_grad(xd, td, label_smoothing=0.1) for _ in range(2)]
+    assert _host(runs[0][0]).tobytes() == _host(runs[1][0]).tobytes()
+    assert _host(runs[0][1]).tobytes() == _host(runs[1][1]).tobytes()
+    assert np.array_equal(_host(xd), x) and np.array_equal(_host(td), t)
+
+
+@needs_gpu
+def test_total_is_a_fixed_order_two_stage_sum():
+    from fastce import gpu
+    a = np.random.default_rng(11).standard_normal(1000)
+    d = gpu.BACKEND.asarray(_to(a))
+    assert gpu.BACKEND.total(d) == pytest.approx(float(np.sum(a)), rel=1e-12)
+    assert gpu.BACKEND.total(d) == gpu.BACKEND.total(d)
+    D, n, bad = gpu.BACKEND.target_stats(gpu.BACKEND.asarray(_to(np.array([[0, 2, -100, 1]]))),
+                                         gpu.BACKEND.asarray(_to(np.array([1.0, 2.0, 3.0]))),
+                                         -100, 3)
+    assert (D, n, bad) == (6.0, 3, -1)
+
+
+@needs_gpu
+def test_non_contiguous_device_input():
+    if not SIMULATOR:
+        pytest.skip("CuPy views are covered by the shared backend tests")
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((4, 9))
+    t = rng.integers(0, 5, 4)
+    xd = _to(x)[:, ::2]                      # a strided Numba device view (4, 5)
+    _close(_host(fastce.cross_entropy(xd, _to(t))),
+           fastce.cross_entropy(np.ascontiguousarray(x[:, ::2]), t), 1e-12)
+
+
+# --- dispatch: arguments on different devices -----------------------------------------------
+@needs_gpu
+@pytest.mark.parametrize("which", ["target", "weight", "grad_output"])
+def test_mixed_devices_raise_naming_the_argument(which):
+    rng = np.random.default_rng(13)
+    x, t = _case(rng, (3, 5))
+    w = rng.random(5)
+    go = rng.standard_normal(3)
+    args = dict(target=_to(t), weight=_to(w), grad_output=_to(go))
+    args[which] = {"target": t, "weight": w, "grad_output": go}[which]
+    with pytest.raises(TypeError, match=repr(which)):
+        fastce.cross_entropy_backward(_to(x), args["target"], args["grad_output"],
+                                      args["weight"], reduction="none")
+    # the other direction: host input with a device argument
+    args = dict(target=t, weight=w, grad_output=go)
+    args[which] = _to(args[which])
+    with pytest.raises(TypeError, match=repr(which)):
+        fastce.cross_entropy_backward(x, args["target"], args["grad_output"], args["weight"],
+                                      reduction="none")
+
+
+@needs_gpu
+def test_scalar_grad_output_on_host_is_allowed():
+    rng = np.random.default_rng(14)
+    x, t = _case(rng, (3, 37))
+    g1 = _host(fastce.cross_entropy_backward(_to(x), _to(t), 2.0))
+    g2 = _host(fastce.cross_entropy_backward(_to(x), _to(t), np.float64(2.0)))
+    _close(g1, 2 * _host(fastce.cross_entropy_backward(_to(x), _to(t))), 1e-12)
+    _close(g2, g1, 0)
+
+
+# --- without a GPU ---------------------------------------------------------------------------
+def test_import_fastce_without_cupy_or_gpu():
+    code = ("import sys; sys.modules['cupy'] = None\n"
+            "import fastce, fastce.gpu, numpy as np\n"
+            "assert 'cupy' not in sys.modules or sys.modules['cupy'] is None\n"
+            "print(float(fastce.cross_entropy(np.zeros((2, 3)), np.array([0, 1]))))\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.strip()) == pytest.approx(np.log(3.0))
+
+
+def test_kernels_compile_to_ptx():
+    """Every loss kernel compiles for a real GPU (sm_80): needs NVVM only, not a device."""
+    if SIMULATOR:
+        pytest.skip("the simulator has no compiler")
+    from fastce import gpu_check
+    try:
+        n = gpu_check.compile_ptx_all(cc=(8, 0))
+    except gpu_check.NoCompiler as e:
+        pytest.skip(str(e))
+    assert n >= 20
+
+
+@needs_gpu
+def test_gpu_check_quick_mode(tmp_path):
+    if not SIMULATOR:
+        pytest.skip("quick mode is exercised under the simulator")
+    from fastce import gpu_check
+    rc = gpu_check.main(["--out", str(tmp_path), "--quick", "--no-tests"])
+    assert rc == 0
+    report = (tmp_path / "gpu_benchmark.md").read_text()
+    assert "fastce" in report and "|" in report
+
+
+# --- real GPU (CuPy) -------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_cupy_arrays_in_cupy_arrays_out():
+    import cupy
+    rng = np.random.default_rng(15)
+    x, t = _case(rng, (64, 1000), dtype=np.float32)
+    xd, td = cupy.asarray(x), cupy.asarray(t)
+    loss, grad = fastce.cross_entropy_with_grad(xd, td, label_smoothing=0.1)
+    assert isinstance(loss, cupy.ndarray) and loss.shape == () and loss.dtype == np.float32
+    assert isinstance(grad, cupy.ndarray) and grad.shape == x.shape
+    cl, cg = fastce.cross_entropy_with_grad(x, t, label_smoothing=0.1)
+    _close(cupy.asnumpy(loss), cl, 1e-5)
+    _close(cupy.asnumpy(grad), cg, 1e-5)
+    per = fastce.cross_entropy(xd, td, reduction="none")
+    assert isinstance(per, cupy.ndarray)
+    x4 = rng.standard_normal((2, 5, 16, 16)).astype(np.float32)
+    t4 = rng.integers(0, 5, (2, 16, 16))
+    _close(cupy.asnumpy(fastce.cross_entropy_backward(cupy.asarray(x4), cupy.asarray(t4))),
+           fastce.cross_entropy_backward(x4, t4), 1e-5)
+
+
+@pytest.mark.gpu
+def test_cupy_large_rows_match_cpu():
+    import cupy
+    rng = np.random.default_rng(16)
+    x = (rng.standard_normal((256, 32000)) * 4).astype(np.float32)
+    t = rng.integers(0, 32000, 256)
+    t[::7] = -100
+    gl, gg = fastce.cross_entropy_with_grad(cupy.asarray(x), cupy.asarray(t), softcap=30.0,
+                                            z_loss=1e-4)
+    cl, cg = fastce.cross_entropy_with_grad(x, t, softcap=30.0, z_loss=1e-4)
+    _close(cupy.asnumpy(gl), cl, 1e-5)
+    _close(cupy.asnumpy(gg), cg, 1e-4)
