@@ -77,8 +77,15 @@ def _bits_to_float(typingctx, i):
 
 
 def exp2_nonpos(u):
-    """2**u for u <= 0 (NaN in, anything out: callers route NaN through the row max)."""
+    """2**u for u <= 0, flushed to 2**-126 (float32) / 2**-1022 (float64) below that: added to
+    a sum >= 1 such a floor changes nothing.  NaN in, anything out: callers route NaN through
+    the row max.  ``exp2_nonpos_exact`` returns exactly 0 below the floor (for gradients)."""
     return 2.0 ** u
+
+
+def exp2_nonpos_exact(u):
+    """2**u for u <= 0, exactly 0 for u below -126 (float32) / -1022 (float64)."""
+    return 2.0 ** u if u > -126 else 0.0
 
 
 # Taylor coefficients of 2**f = exp(f ln2) on |f| <= 1/2: degree 6 is < 2.5e-7 relative for
@@ -100,7 +107,7 @@ def _exp2_f32(u):
     p = p * f + np.float32(1.0)
     # (Numba widens int32 arithmetic to int64: narrow back before reinterpreting the bits.)
     scale = _bits_to_float(np.int32((np.int64(n) + 127) << 23))
-    return (p * scale) * np.float32(u > np.float32(-126.0))   # exactly 0 below 2**-126
+    return p * scale
 
 
 def _exp2_f64(u):
@@ -121,7 +128,7 @@ def _exp2_f64(u):
     p = p * f + _C64[1]
     p = p * f + 1.0
     scale = _bits_to_float((np.int64(n) + 1023) << 52)
-    return (p * scale) * np.float64(u > -1022.0)
+    return p * scale
 
 
 @overload(exp2_nonpos, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
@@ -130,6 +137,17 @@ def _exp2_nonpos_impl(u):
         return _exp2_f32
     if u == types.float64:
         return _exp2_f64
+    return None
+
+
+@overload(exp2_nonpos_exact, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
+def _exp2_nonpos_exact_impl(u):
+    if isinstance(u, types.Float):
+        lo = u(-126.0 if u == types.float32 else -1022.0)
+
+        def impl(u):
+            return exp2_nonpos(u) * (u > lo)   # bool -> 0/1: vectorises as a mask, no branch
+        return impl
     return None
 
 
@@ -193,7 +211,7 @@ def _row_exp_sum_store(src, ms, log2e, out):
     ms_l = ms * log2e
     acc = ms - ms
     for c in range(src.shape[0]):
-        e = exp2_nonpos(src[c] * log2e - ms_l)
+        e = exp2_nonpos_exact(src[c] * log2e - ms_l)
         out[c] = e
         acc += e
     return acc
@@ -370,7 +388,7 @@ def _index_strided(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_
             if has_cap:
                 for j in range(L):
                     sv = softcap_fast(x[n, c, s0 + j], capf, inv_capf)
-                    e = exp2_nonpos(sv * log2e - ms_l[j])
+                    e = exp2_nonpos_exact(sv * log2e - ms_l[j])
                     ssum[j] += e
                     sws[j] += wc * sv
                     if want_grad:
@@ -378,7 +396,7 @@ def _index_strided(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_
             else:
                 if want_grad:
                     for j in range(L):
-                        e = exp2_nonpos(x[n, c, s0 + j] * log2e - ms_l[j])
+                        e = exp2_nonpos_exact(x[n, c, s0 + j] * log2e - ms_l[j])
                         ssum[j] += e
                         grad[n, c, s0 + j] = e
                 else:
@@ -474,7 +492,7 @@ def _prob_blocks(x, p, w, prm, want_grad, g, g_stride, grad, ce_out, zl_out):
             wc = np.float64(w[c])
             for j in range(L):
                 s = softcap_fast(xs[c, j], capf, inv_capf) if has_cap else xs[c, j]
-                e = exp2_nonpos(s * log2e - ms_l[j])
+                e = exp2_nonpos_exact(s * log2e - ms_l[j])
                 ssum[j] += e
                 q = _prob_weight(np.float64(ps[c, j]), wc, keep, smooth_c)
                 A[j] += q
@@ -528,7 +546,7 @@ def _softmax_rows(x, mode, out, lse_out):
             if lse != lse:
                 inv = cast_like(lse, row)
             for c in range(C):
-                o[c] = exp2_nonpos(row[c] * log2e - ml) * inv
+                o[c] = exp2_nonpos_exact(row[c] * log2e - ml) * inv
 
 
 def _softmax_strided(x, mode, out, lse_out):
@@ -565,7 +583,7 @@ def _softmax_strided(x, mode, out, lse_out):
                     inv[j] = lse[j]
             for c in range(C):
                 for j in range(L):
-                    out[n, c, s0 + j] = exp2_nonpos(xs[c, j] * log2e - ml[j]) * inv[j]
+                    out[n, c, s0 + j] = exp2_nonpos_exact(xs[c, j] * log2e - ml[j]) * inv[j]
 
 
 # ---------------------------------------------------------------------------------------------
