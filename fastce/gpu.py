@@ -721,11 +721,12 @@ def _scalar_operand(value, dtype):
 class DArray:
     """A C-contiguous Numba device array plus the NumPy-like methods fastce.api needs."""
 
-    __slots__ = ("d", "owner")
+    __slots__ = ("d", "owner", "known_sum")
 
-    def __init__(self, d, owner=None):
+    def __init__(self, d, owner=None, known_sum=None):
         self.d = d
         self.owner = owner          # keeps foreign (CuPy) memory alive
+        self.known_sum = known_sum  # set on the cached (read-only) ones arrays
 
     # metadata
     @property
@@ -957,25 +958,27 @@ def _compute_kernels(dtype):
 
 
 def target_stats(t2, w, ignore_index, C):
-    """(D, count, bad_flat_position or -1) over the (N, S) integer targets ``t2``."""
+    """(D, count, bad_flat_position or -1) over the (N, S) integer targets ``t2``.
+
+    One kernel writes per-block partials (sum of w[t], count, first bad position) in a fixed
+    order; the host adds the <= RED_BLOCKS partials (one device-to-host copy)."""
     n = t2.size
     if n == 0:
         return 0.0, 0, -1
     nblocks, chunk = _red_cfg(n)
-    part_D = cuda.device_array(nblocks, np.float64)
-    part_n = cuda.device_array(nblocks, np.int64)
-    part_bad = cuda.device_array(nblocks, np.int64)
+    part = cuda.device_array((3, nblocks), np.float64)
     _k_stats[nblocks, RED_T](t2.flat(), w.flat(), _i8(ignore_index), _i8(C), _i8(n), _i8(chunk),
-                             part_D, part_n, part_bad)
-    D = part_D.copy_to_host()
-    cnt = part_n.copy_to_host()
-    bad = int(part_bad.copy_to_host().min())
-    return float(D.sum()), int(cnt.sum()), (bad if bad < n else -1)
+                             part[0], part[1], part[2])
+    host = part.copy_to_host()
+    bad = int(host[2].min())
+    return float(host[0].sum()), int(host[1].sum()), (bad if bad < n else -1)
 
 
 def total(a) -> float:
     """Deterministic float64 sum: fixed-order two-stage reduction."""
     a = BACKEND.asarray(a)
+    if a.known_sum is not None:
+        return a.known_sum
     n = a.size
     if n == 0:
         return 0.0
@@ -1052,6 +1055,17 @@ def _scalar_class(base):
     return type(base.__name__, (base,), ns)
 
 
+@functools.lru_cache(maxsize=64)
+def _ones(shape, dtype):
+    out = _alloc(shape, dtype)
+    n = out.size
+    if n:
+        blocks, threads = _elem_cfg(n)
+        _k_fill[blocks, threads](out.flat(), np.dtype(dtype).type(1))
+    out.known_sum = float(n)
+    return out
+
+
 class GPUBackend:
     """What fastce.api needs from a backend, for CUDA arrays."""
 
@@ -1084,12 +1098,9 @@ class GPUBackend:
 
     @staticmethod
     def ones(shape, dtype):
-        out = _alloc(shape if isinstance(shape, tuple) else (shape,), dtype)
-        n = out.size
-        if n:
-            blocks, threads = _elem_cfg(n)
-            _k_fill[blocks, threads](out.flat(), np.dtype(dtype).type(1))
-        return out
+        """Ones (cached per shape and dtype: fastce.api only reads them)."""
+        shape = tuple(int(v) for v in (shape if isinstance(shape, tuple) else (shape,)))
+        return _ones(shape, np.dtype(dtype).str)
 
     total = staticmethod(total)
 

@@ -81,7 +81,7 @@ def compile_ptx_all(cc=(8, 0)):
         i8 = nt.int64
         cuda.compile_ptx(gpu._k_sum.py_func, (arr(f8, 1), i8, i8, arr(f8, 1)), cc=cc)
         cuda.compile_ptx(gpu._k_stats.py_func, (arr(i8, 1), arr(nt.float32, 1), i8, i8, i8, i8,
-                                                arr(f8, 1), arr(i8, 1), arr(i8, 1)), cc=cc)
+                                                arr(f8, 1), arr(f8, 1), arr(f8, 1)), cc=cc)
         n += 2
         for name, (o, a, b) in {"cast": (nt.float16, nt.float32, nt.float32),
                                 "add": (f8, f8, f8), "mul": (f8, f8, f8),
