@@ -169,6 +169,13 @@ def _bad_target_error(be, t, pos, C, ignore_index):
                       f"{ignore_index}")
 
 
+def _div(a: float, b: float) -> float:
+    """IEEE a / b for Python floats (x/0 -> +-inf, 0/0 -> nan), as torch's mean of nothing."""
+    if b == 0.0:
+        return math.nan if (a == 0.0 or a != a) else math.copysign(math.inf, a)
+    return a / b
+
+
 # ---------------------------------------------------------------------------------------------
 # The one implementation behind every cross-entropy entry point
 # ---------------------------------------------------------------------------------------------
@@ -208,9 +215,8 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
         count = N * S
 
     mean = reduction == "mean"
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv_D = (np.float64(1.0) / np.float64(D)) if mean else 1.0
-        z2 = 2.0 * zl * ((np.float64(1.0) / np.float64(Dz)) if mean else 1.0)
+    inv_D = _div(1.0, D) if mean else 1.0
+    z2 = 2.0 * zl * (_div(1.0, Dz) if mean else 1.0)
     grad = be.empty((N, C, S), x3.dtype) if want_grad else None
     if kind == "index":
         prm = be.xp.asarray(np.array([1.0 - eps, eps / C, W, cap, inv_D, z2, zl]))
@@ -227,11 +233,10 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
             loss = per.reshape(loss_shape).astype(in_dtype)
         else:
             total = be.total(ce)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                value = np.float64(total) / np.float64(D) if mean else np.float64(total)
-                if zl:
-                    zsum = be.total(zls)
-                    value = value + (np.float64(zsum) / np.float64(Dz) if mean else zsum)
+            value = _div(total, D) if mean else total
+            if zl:
+                zsum = be.total(zls)
+                value = value + (_div(zsum, Dz) if mean else zsum)
             loss = be.scalar(value, in_dtype)
     if grad is not None:
         grad = grad.reshape(x.shape) if axis != x.ndim or True else grad

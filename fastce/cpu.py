@@ -18,6 +18,7 @@ whatever the thread count.
 """
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -632,9 +633,27 @@ def _threading_layer():
 # ---------------------------------------------------------------------------------------------
 # Backend entry points used by fastce.api (arrays already validated and canonical)
 # ---------------------------------------------------------------------------------------------
+@njit(**_JIT)
+def _target_stats_small(t, w, ignore_index, C):
+    """_target_stats in one serial piece, returning (D, count, first bad position or -1)."""
+    d = 0.0
+    cnt = 0
+    for j in range(t.size):
+        tj = np.int64(t[j])
+        if tj == ignore_index:
+            continue
+        if tj < 0 or tj >= C:
+            return d, cnt, j
+        d += np.float64(w[tj])
+        cnt += 1
+    return d, cnt, -1
+
+
 def target_stats(t2, w, ignore_index, C):
     """(D, count, bad_flat_position or -1) over the (N, S) integer targets ``t2``."""
     flat = t2.reshape(-1)
+    if flat.size <= STATS_CHUNK:       # one chunk: the same summation order as the parallel path
+        return _target_stats_small(flat, w, ignore_index, C)
     nchunks = max(1, -(-flat.size // STATS_CHUNK))
     part_D = np.empty(nchunks)
     part_n = np.empty(nchunks, np.int64)
@@ -688,6 +707,11 @@ def softmax_family(x3, mode):
     return out, lse
 
 
+@functools.lru_cache(maxsize=256)
+def _ones(shape, dtype):
+    return np.ones(shape, dtype)
+
+
 class CPUBackend:
     """What fastce.api needs from a backend, for NumPy arrays."""
 
@@ -708,7 +732,8 @@ class CPUBackend:
 
     @staticmethod
     def ones(shape, dtype):
-        return np.ones(shape, dtype)
+        """Ones, cached per shape and dtype (fastce.api only reads them, never hands them out)."""
+        return _ones(shape if isinstance(shape, tuple) else (shape,), np.dtype(dtype))
 
     @staticmethod
     def total(a) -> float:
