@@ -10,8 +10,8 @@ Numba device arrays otherwise.  CuPy is imported lazily: ``import fastce`` needs
 nor a GPU.
 
 Layouts (see ``fastce.spec``): logits are viewed as (N, C, S).
-- ``S == 1`` and C > SMALL_C ("rows"): one thread block per row.  Each thread runs a single-pass
-  online softmax (running max, rescaled sum) over its strided share of the row; the block
+- ``S == 1`` and C > SMALL_C ("rows", index or probability targets): one thread block per
+  row.  Each thread runs a single-pass online softmax (running max, rescaled sum) over its strided share of the row; the block
   combines the partial (max, sum) pairs with a fixed-order shared-memory tree.  The logits are
   read once for the loss and twice for loss+grad (the second pass writes the gradient).
 - otherwise ("strided", e.g. (N, C, H, W), or rows with few classes): one thread per (n, s)
@@ -341,6 +341,88 @@ def _kernels(F):
                     grad[n, c, s] = val
             pos += step
 
+    def prob_rows(x, p, w, prm, want_grad, g, g_stride, grad, ce_out, zl_out):
+        """Probability targets, x (N, C, 1): one block per row (as index_rows)."""
+        sh_m = cuda.shared.array(ROW_MAX, np.float64)
+        sh_s = cuda.shared.array(ROW_MAX, np.float64)
+        sh_a = cuda.shared.array(ROW_MAX, np.float64)
+        sh_q = cuda.shared.array(ROW_MAX, np.float64)
+        sh_n = cuda.shared.array(ROW_MAX, np.int32)
+        sh_c = cuda.shared.array(2, np.float64)
+        N = x.shape[0]
+        C = x.shape[1]
+        tid = cuda.threadIdx.x
+        bd = cuda.blockDim.x
+        keep, smooth_c, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5]
+        has_cap = cap > 0.0
+        inv_cap = 1.0 / cap if has_cap else 0.0
+        capf = F(cap)
+        inv_capf = F(inv_cap)
+        row = _i8(cuda.blockIdx.x)
+        while row < N:
+            m = F(-math.inf)
+            ssum = F(0.0)
+            nan = 0
+            A = 0.0
+            sqs = 0.0
+            c = _i8(tid)
+            while c < C:
+                v = x[row, c, 0]
+                sv = capped(v, has_cap, capf, inv_capf)
+                if v != v:
+                    nan = 1
+                else:
+                    m, ssum = online(m, ssum, sv)
+                q = _prob_weight(_f8(p[row, c, 0]), _f8(w[c]), keep, smooth_c)
+                A += q
+                sqs += q * _f8(sv)
+                c += bd
+            sh_m[tid] = m
+            sh_s[tid] = ssum
+            sh_a[tid] = A
+            sh_q[tid] = sqs
+            sh_n[tid] = nan
+            cuda.syncthreads()
+            stride = bd // 2
+            while stride > 0:
+                if tid < stride:
+                    o = tid + stride
+                    mm, ss = _combine(sh_m[tid], sh_s[tid], sh_m[o], sh_s[o])
+                    sh_m[tid] = mm
+                    sh_s[tid] = ss
+                    sh_a[tid] = sh_a[tid] + sh_a[o]
+                    sh_q[tid] = sh_q[tid] + sh_q[o]
+                    sh_n[tid] = sh_n[tid] | sh_n[o]
+                cuda.syncthreads()
+                stride //= 2
+            if tid == 0:
+                lse = _finish_lse(sh_m[0], sh_s[0], sh_n[0])
+                zl_out[row, 0] = _z_term(lse, zl)
+                ce_out[row, 0] = _prob_loss(lse, sh_a[0], sh_q[0])
+                if want_grad:
+                    alpha, beta = _prob_grad_coefs(g[row * g_stride], lse, sh_a[0], inv_D, z2)
+                    scale = alpha / sh_s[0]
+                    if lse != lse:
+                        scale = lse
+                    sh_c[0] = scale
+                    sh_c[1] = beta
+            cuda.syncthreads()
+            if want_grad:
+                mf = F(sh_m[0])
+                scale = sh_c[0]
+                beta = sh_c[1]
+                c = _i8(tid)
+                while c < C:
+                    sv = capped(x[row, c, 0], has_cap, capf, inv_capf)
+                    q = _prob_weight(_f8(p[row, c, 0]), _f8(w[c]), keep, smooth_c)
+                    val = _f8(math.exp(sv - mf)) * scale - beta * q
+                    if has_cap:
+                        val *= _softcap_grad_factor(_f8(sv), inv_cap)
+                    grad[row, c, 0] = val
+                    c += bd
+            cuda.syncthreads()
+            row += cuda.gridDim.x
+
     @cuda.jit(device=True)
     def softmax_out(x, n, c, s, mode, m, lse, inv, out):
         v = x[n, c, s]
@@ -432,6 +514,7 @@ def _kernels(F):
             pos += step
 
     fns = dict(index_rows=index_rows, index_strided=index_strided, prob_elems=prob_elems,
+               prob_rows=prob_rows,
                softmax_rows=softmax_rows, softmax_strided=softmax_strided)
     return {k: cuda.jit(f) for k, f in fns.items()}, fns
 
@@ -706,13 +789,23 @@ def _alloc(shape, dtype):
     return DArray(cuda.device_array(shape, dtype))
 
 
+def _to_dev(host):
+    """A device copy of a host array (CuPy's pool when CuPy is available)."""
+    host = np.asarray(host)
+    cp = _cupy()
+    if cp is not None and host.size > 0:
+        c = cp.asarray(host)
+        return DArray(cuda.as_cuda_array(c, sync=False), c)
+    return DArray(cuda.to_device(host))
+
+
 def _is_numba_array(a):
     return bool(getattr(a, "__cuda_ndarray__", False))
 
 
 def _scalar_operand(value, dtype):
     """A one-element device array holding a Python/NumPy scalar, in ``dtype``."""
-    return cuda.to_device(np.array([value], dtype=dtype))
+    return _to_dev(np.array([value], dtype=dtype)).d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -966,7 +1059,7 @@ def target_stats(t2, w, ignore_index, C):
     if n == 0:
         return 0.0, 0, -1
     nblocks, chunk = _red_cfg(n)
-    part = cuda.device_array((3, nblocks), np.float64)
+    part = _alloc((3, nblocks), np.float64).d
     _k_stats[nblocks, RED_T](t2.flat(), w.flat(), _i8(ignore_index), _i8(C), _i8(n), _i8(chunk),
                              part[0], part[1], part[2])
     host = part.copy_to_host()
@@ -983,10 +1076,10 @@ def total(a) -> float:
     if n == 0:
         return 0.0
     nblocks, chunk = _red_cfg(n)
-    part = cuda.device_array(nblocks, np.float64)
+    part = _alloc((nblocks,), np.float64).d
     _k_sum[nblocks, RED_T](a.flat(), _i8(n), _i8(chunk), part)
     if nblocks > 1:
-        one = cuda.device_array(1, np.float64)
+        one = _alloc((1,), np.float64).d
         _k_sum[1, RED_T](part, _i8(nblocks), _i8(nblocks), one)
         part = one
     return float(part.copy_to_host()[0])
@@ -1001,7 +1094,7 @@ def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride):
     if N * S == 0:
         return ce, zl, hit
     want = grad is not None
-    gbuf = grad.d if want else cuda.device_array((1, 1, 1), x3.dtype)
+    gbuf = grad.d if want else _alloc((1, 1, 1), x3.dtype).d
     ks = _compute_kernels(x3.dtype)
     args = (x3.d, t2.d, w.d, prm.d, _i8(ignore_index), want, g.d, _i8(g_stride), gbuf, ce.d,
             zl.d, hit.d)
@@ -1021,9 +1114,12 @@ def prob_loss(x3, p3, w, prm, grad, g, g_stride):
     if N * S == 0:
         return ce, zl
     want = grad is not None
-    gbuf = grad.d if want else cuda.device_array((1, 1, 1), x3.dtype)
-    blocks, threads = _elem_cfg(N * S)
-    _compute_kernels(x3.dtype)["prob_elems"][blocks, threads](
+    gbuf = grad.d if want else _alloc((1, 1, 1), x3.dtype).d
+    if S == 1 and C > SMALL_C:
+        name, (blocks, threads) = "prob_rows", _row_cfg(N, C)
+    else:
+        name, (blocks, threads) = "prob_elems", _elem_cfg(N * S)
+    _compute_kernels(x3.dtype)[name][blocks, threads](
         x3.d, p3.d, w.d, prm.d, want, g.d, _i8(g_stride), gbuf, ce.d, zl.d)
     return ce, zl
 
@@ -1082,7 +1178,7 @@ class GPUBackend:
         elif hasattr(a, "__cuda_array_interface__"):
             d, owner = cuda.as_cuda_array(a, sync=False), a
         else:                      # host scalars / 0-d arrays (e.g. a grad_output of 1.0)
-            d = cuda.to_device(np.ascontiguousarray(np.asarray(a)))
+            return _to_dev(np.array(a, order="C"))
         if not d.is_c_contiguous():
             d = _contiguous_copy(d)
             owner = None
@@ -1107,7 +1203,7 @@ class GPUBackend:
     @staticmethod
     def scalar(value, dtype):
         """The loss of a mean/sum reduction: a 0-d device array of the input's dtype."""
-        return DArray(cuda.to_device(np.array(value, dtype=dtype)))
+        return _to_dev(np.array(value, dtype=dtype))
 
     @staticmethod
     def to_host_scalar(a):

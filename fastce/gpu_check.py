@@ -73,8 +73,9 @@ def compile_ptx_all(cc=(8, 0)):
                     n += 1
             sig = (arr(ft, 3), arr(ft, 3), arr(ft, 1), arr(f8, 1), nt.boolean, arr(f8, 1),
                    nt.int64, arr(ft, 3), arr(f8, 2), arr(f8, 2))
-            cuda.compile_ptx(fns["prob_elems"], sig, cc=cc)
-            n += 1
+            for k in ("prob_elems", "prob_rows"):
+                cuda.compile_ptx(fns[k], sig, cc=cc)
+                n += 1
             for k in ("softmax_rows", "softmax_strided"):
                 cuda.compile_ptx(fns[k], (arr(ft, 3), nt.int64, arr(ft, 3), arr(f8, 2)), cc=cc)
                 n += 1

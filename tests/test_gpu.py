@@ -112,7 +112,7 @@ def test_index_targets_match_spec(shape, opts):
 
 
 @needs_gpu
-@pytest.mark.parametrize("shape", [(3, 37), (2, 3, 5)])
+@pytest.mark.parametrize("shape", [(3, 37), (4, 3), (2, 3, 5)])
 @pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.2, softcap=2.0, z_loss=0.1)],
                          ids=["plain", "all"])
 def test_probability_targets_match_spec(shape, opts):
@@ -363,6 +363,20 @@ def test_gpu_check_quick_mode(tmp_path):
     assert rc == 0
     report = (tmp_path / "gpu_benchmark.md").read_text()
     assert "fastce" in report and "|" in report
+
+
+def test_asv_gpu_benchmarks_skip_without_gpu():
+    if HAVE_GPU:
+        pytest.skip("a GPU is present")
+    import importlib.util
+    path = os.path.join(ROOT, "asv_bench", "benchmarks", "bench_gpu.py")
+    spec_ = importlib.util.spec_from_file_location("fastce_asv_bench_gpu", path)
+    mod = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(mod)
+    with pytest.raises(NotImplementedError):
+        mod.GPUShapes().setup("4096x32000-f32", mod.FORWARD)
+    with pytest.raises(NotImplementedError):
+        mod.GPUCopyBandwidth().setup()
 
 
 # --- real GPU (CuPy) -------------------------------------------------------------------------
