@@ -41,6 +41,7 @@ _INLINE = dict(fastmath=FASTMATH, error_model="numpy")    # LLVM inlines these s
 LOG2E = 1.4426950408889634
 BLOCK = 256                    # spatial positions per task in the strided layout
 SERIAL_BELOW = 1 << 16         # logits below which the serial kernel runs
+SMALL_C = 32                   # rows of at most this many classes take the scalar rows kernel
 STATS_CHUNK = 1 << 16          # targets per task of the target pre-pass (fixed: deterministic D)
 
 
@@ -356,6 +357,63 @@ def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out
                 gr[ti] -= cast_like(beta, row)
 
 
+def _index_rows_small(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
+                      hit_out):
+    """_index_rows for rows of few classes (C <= SMALL_C): plain loops on 2-D indices, no
+    per-row views or calls, whose set-up would cost more than the row itself."""
+    N, C = x.shape
+    keep, smooth_c, W, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5], prm[6]
+    has_cap = cap > 0.0
+    inv_cap = 1.0 / cap if has_cap else 0.0
+    capf = cast_like(cap, x)
+    inv_capf = cast_like(inv_cap, x)
+    for i in prange(N):
+        m = x[i, 0]
+        for c in range(1, C):
+            m = fmaximum(m, x[i, c])
+        ms = softcap_fast(m, capf, inv_capf) if has_cap else m
+        ssum = 0.0
+        sum_ws = 0.0
+        for c in range(C):
+            sv = np.float64(softcap_fast(x[i, c], capf, inv_capf) if has_cap else x[i, c])
+            e = math.exp(sv - np.float64(ms))
+            ssum += e
+            sum_ws += np.float64(w[c]) * sv
+            if want_grad:
+                grad[i, c] = e
+        lse = np.float64(ms) + math.log(ssum)
+        ti = np.int64(t[i])
+        if ti == ignore_index or ti < 0 or ti >= C:
+            ce_out[i] = 0.0
+            zl_out[i] = 0.0
+            hit_out[i] = 0
+            if want_grad:
+                for c in range(C):
+                    grad[i, c] = 0
+            continue
+        w_t = np.float64(w[ti])
+        s_t = np.float64(softcap_fast(x[i, ti], capf, inv_capf) if has_cap else x[i, ti])
+        ce_out[i] = _index_loss(lse, s_t, w_t, W, sum_ws, keep, smooth_c)
+        zl_out[i] = _z_term(lse, zl)
+        hit = x[i, ti] == m
+        for c in range(ti):
+            if x[i, c] == m:
+                hit = False
+        hit_out[i] = 1 if hit else 0
+        if want_grad:
+            alpha, beta, gamma = _index_grad_coefs(g[i * g_stride], lse, w_t, W, keep, smooth_c,
+                                                   inv_D, z2)
+            scale = alpha / ssum if lse == lse else lse
+            for c in range(C):
+                v = np.float64(grad[i, c]) * scale - gamma * np.float64(w[c])
+                if c == ti:
+                    v -= beta
+                if has_cap:
+                    sv = np.float64(softcap_fast(x[i, c], capf, inv_capf))
+                    v *= _softcap_grad_factor(sv, inv_cap)
+                grad[i, c] = v
+
+
 def _index_strided(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
                    hit_out):
     """Strided layout (N, C, S): vectorised along S in blocks of BLOCK positions."""
@@ -596,7 +654,8 @@ def _twins(fn):
 
 
 _KERNELS = {fn.__name__: _twins(fn) for fn in
-            (_target_stats, _index_rows, _index_strided, _prob_blocks, _softmax_rows,
+            (_target_stats, _index_rows, _index_rows_small, _index_strided, _prob_blocks,
+             _softmax_rows,
              _softmax_strided)}
 
 # Numba's 'workqueue' threading layer aborts the process when two threads launch parallel
@@ -674,7 +733,8 @@ def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride):
     gbuf = grad if want else np.empty((1, 1, 1), x3.dtype)
     work = x3.size
     if S == 1:
-        launch("_index_rows", work, x3.reshape(N, C), t2.reshape(N), w, prm,
+        launch("_index_rows_small" if C <= SMALL_C else "_index_rows", work, x3.reshape(N, C),
+               t2.reshape(N), w, prm,
                np.int64(ignore_index), want, g, np.int64(g_stride),
                gbuf.reshape(gbuf.shape[0], gbuf.shape[1]), ce.reshape(N), lse.reshape(N),
                hit.reshape(N))
