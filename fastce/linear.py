@@ -7,8 +7,13 @@ preallocated (rows, V) buffer; fastce's own kernels (``fastce.cross_entropy_with
 chunk, ``reduction="sum"``) give the chunk's loss and logit gradient; then
 
     grad_hidden[s:e]  = grad_logits @ classifier
-    grad_classifier  += grad_logits.T @ hidden[s:e]      (BLAS gemm with beta=1 when SciPy is
-    grad_bias        += grad_logits.sum(0)                 present, else one (V, H) temporary)
+    grad_classifier  += grad_logits.T @ hidden[s:e]     (first chunk written in place; later
+    grad_bias        += grad_logits.sum(0)                ones in V-blocks via a (V/8, H) temp)
+
+fastce.cross_entropy_with_grad has no ``out=``: it returns a new gradient array.  So that this
+costs little memory, it is called on sub-blocks of chunk/8 rows and each sub-block's gradient is
+copied over its (spent) logits in the buffer; the BLAS calls keep the full chunk height (OpenBLAS
+is very slow for the grad_hidden gemm, K = V, when it has <= 256 rows on a loaded 2-core box).
 
 ``reduction="mean"`` divides by GLOBAL denominators (the sum of target weights over all
 non-ignored rows for the cross-entropy part, their count for the z-loss part), computed from the
@@ -16,9 +21,9 @@ targets before the first chunk: each chunk runs with ``reduction="sum"``, a scal
 ``g / D`` and ``z_loss * D / Dz``, which gives exactly ``dCE/D + dZ/Dz`` (see
 ``fastce.elementwise.index_grad_coefs``).
 
-Memory: the public ``cross_entropy_with_grad`` allocates its gradient (it has no ``out=``), so
-two (rows, V) buffers are alive per chunk; the automatic chunk size therefore makes each buffer
-~1/32 of N x V (capped at 32 MiB, at least 1 MiB), i.e. ~1/16 of the logits in all.
+Memory beyond the outputs: the (rows, V) buffer (automatic: ~1/10 of N x V, 1 to 64 MiB), one
+sub-block gradient (1/8 of it) and the (V/8, H) temporary: ~0.12 x the logits at N=4096,
+H=256, V=32000 float32, against ~1.9 x for the unfused path (logits + their gradient).
 """
 from __future__ import annotations
 
@@ -37,9 +42,10 @@ _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _NAMES = ("hidden", "classifier", "target", "bias", "weight", "grad_output")
 
 _MIB = 1 << 20
-AUTO_FRACTION = 32          # each chunk buffer is ~1/32 of N x V ...
-AUTO_MAX_BYTES = 32 * _MIB  # ... but at most this ...
+AUTO_FRACTION = 10          # the chunk buffer is ~1/10 of N x V ...
+AUTO_MAX_BYTES = 64 * _MIB  # ... but at most this ...
 AUTO_MIN_BYTES = 1 * _MIB   # ... and at least this (small problems: one chunk)
+SUB_BLOCKS = 8              # fastce calls per chunk; also V-blocks of the grad_classifier update
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,23 +170,20 @@ def _prepare(xp, hidden, classifier, target, bias, weight, ignore_index):
 
 
 # ---------------------------------------------------------------------------------------------
-# grad_classifier += grad_logits.T @ hidden_chunk without a (V, H) temporary where possible
+# grad_classifier += grad_logits.T @ hidden_chunk
 # ---------------------------------------------------------------------------------------------
-def _host_gemm(dtype):
-    try:
-        from scipy.linalg import blas
-    except Exception:            # SciPy is optional
-        return None
-    return blas.get_blas_funcs("gemm", dtype=dtype)
-
-
 class _ClassifierGrad:
+    """The first chunk's product is written straight into the output; later ones are added in
+    V-blocks through a (V / 8, H) temporary: each gemm still has a large shape (V/8, H, rows).
+    (SciPy's in-place gemm, beta=1, was tried: its separate OpenBLAS thread pool made every BLAS
+    call ~2x slower on a 2-core machine.)"""
+
     def __init__(self, xp, V, H, dtype):
         self.xp = xp
         self.out = xp.zeros((V, H), dtype)
         self.first = True
+        self.vb = max(1, -(-V // SUB_BLOCKS))
         self.tmp = None
-        self.gemm = _host_gemm(dtype) if xp is np else None
 
     def add(self, g, hc):
         xp, out = self.xp, self.out
@@ -188,18 +191,14 @@ class _ClassifierGrad:
             xp.matmul(g.T, hc, out=out)
             self.first = False
             return
-        if self.gemm is not None and hc.flags.c_contiguous and g.flags.c_contiguous:
-            # out.T (H, V), Fortran-ordered, += hc.T (H, r) @ g (r, V): in place (beta = 1).
-            res = self.gemm(1.0, hc.T, g.T, beta=1.0, c=out.T, trans_b=1, overwrite_c=1)
-            if res.base is out or np.shares_memory(res, out):
-                return
-            self.gemm = None            # not in place (unexpected): fall back for good
-            out[...] = res.T
-            return
         if self.tmp is None:
-            self.tmp = xp.empty_like(out)
-        xp.matmul(g.T, hc, out=self.tmp)
-        out += self.tmp
+            self.tmp = xp.empty((self.vb, out.shape[1]), out.dtype)
+        V = out.shape[0]
+        for v in range(0, V, self.vb):
+            u = min(v + self.vb, V)
+            tmp = self.tmp[: u - v]
+            xp.matmul(g[:, v:u].T, hc, out=tmp)
+            out[v:u] += tmp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +254,8 @@ def _linear_ce(hidden, classifier, target, bias, weight, grad_output, *, ignore_
         gc = _ClassifierGrad(xp, V, H, cdt)
         gb = xp.zeros(V, cdt) if b is not None else None
     ct = c.T
+    sub = -(-rows // SUB_BLOCKS) if want_grad else rows   # rows per fastce call: its gradient
+                                                          # is a new array, kept small
     for s in range(0, N, rows):
         e = min(s + rows, N)
         logits = buf[: e - s]
@@ -262,21 +263,26 @@ def _linear_ce(hidden, classifier, target, bias, weight, grad_output, *, ignore_
         xp.matmul(hc, ct, out=logits)
         if b is not None:
             logits += b
-        t_c = t[s:e]
-        if not want_grad:
-            loss = cross_entropy(logits, t_c, w, **opts)
-        else:
-            go = g_rows[s:e] if g_rows is not None else (None if reduction == "none" else g_chunk)
-            loss, gl = cross_entropy_with_grad(logits, t_c, w, grad_output=go, **opts)
-            xp.matmul(gl, c, out=gh[s:e])
-            gc.add(gl, hc)
+        for a in range(s, e, sub):
+            z = min(a + sub, e)
+            blk = logits[a - s: z - s]
+            if not want_grad:
+                loss = cross_entropy(blk, t[a:z], w, **opts)
+            else:
+                go = (g_rows[a:z] if g_rows is not None
+                      else (None if reduction == "none" else g_chunk))
+                loss, gl = cross_entropy_with_grad(blk, t[a:z], w, grad_output=go, **opts)
+                blk[...] = gl                  # the gradient replaces the spent logits
+                del gl
+            if per_row is not None:
+                per_row[a:z] = loss
+            else:
+                total = total + xp.asarray(loss, dtype=np.float64)
+        if want_grad:                          # logits now holds d loss / d logits
+            xp.matmul(logits, c, out=gh[s:e])
+            gc.add(logits, hc)
             if gb is not None:
-                gb += gl.sum(axis=0)
-            del gl                     # free before the next chunk's allocation
-        if per_row is not None:
-            per_row[s:e] = loss
-        else:
-            total = total + xp.asarray(loss, dtype=np.float64)
+                gb += logits.sum(axis=0)
 
     # Results in the input's dtype.
     if per_row is not None:
@@ -310,7 +316,7 @@ def linear_cross_entropy(hidden, classifier, target, bias=None, *, weight=None, 
     weight: (V,) class weights.  ignore_index, reduction, label_smoothing, softcap and z_loss
     are those of ``fastce.cross_entropy`` (the mean divides by the sum of the non-ignored
     targets' weights; the z-loss mean by their count).  chunk_size: rows per chunk, or None for
-    a buffer of ~1/32 of N x V (1 to 32 MiB).  NumPy arrays run on the CPU (BLAS + fastce
+    a buffer of ~1/10 of N x V (1 to 64 MiB).  NumPy arrays run on the CPU (BLAS + fastce
     kernels), CuPy arrays on the GPU (cuBLAS + fastce's GPU kernels).
 
     Returns the loss in hidden's dtype: a scalar for mean/sum, an (N,) array for "none".
