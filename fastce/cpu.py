@@ -414,57 +414,97 @@ def _index_rows_small(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, 
                 grad[i, c] = v
 
 
+# Strided passes: each works on contiguous segments of BLOCK spatial positions (one class c of
+# one n), element-wise across the segment, so LLVM vectorises them like the row passes.
+@njit(**_INLINE)
+def _seg_max(xs, m):
+    for j in range(xs.shape[0]):
+        m[j] = fmaximum(m[j], xs[j])
+
+
+@njit(**_INLINE)
+def _seg_exp_acc(xs, ms_l, log2e, ssum):
+    for j in range(xs.shape[0]):
+        ssum[j] += exp2_nonpos(xs[j] * log2e - ms_l[j])
+
+
+@njit(**_INLINE)
+def _seg_exp_acc_store(xs, ms_l, log2e, ssum, gs):
+    for j in range(xs.shape[0]):
+        e = exp2_nonpos_exact(xs[j] * log2e - ms_l[j])
+        ssum[j] += e
+        gs[j] = e
+
+
+@njit(**_INLINE)
+def _seg_axpy(wc, xs, acc):
+    for j in range(xs.shape[0]):
+        acc[j] += wc * xs[j]
+
+
+@njit(**_INLINE)
+def _seg_grad(gs, scale_v, gamma_v, wc):
+    for j in range(gs.shape[0]):
+        gs[j] = gs[j] * scale_v[j] - gamma_v[j] * wc
+
+
+@njit(**_INLINE)
+def _seg_softcap(xs, capf, inv_capf, out):
+    for j in range(xs.shape[0]):
+        out[j] = softcap_fast(xs[j], capf, inv_capf)
+
+
+@njit(**_INLINE)
+def _seg_grad_softcap(gs, scale_v, gamma_v, wc, ss, inv_capf):
+    one = inv_capf - inv_capf + 1
+    for j in range(gs.shape[0]):
+        q = ss[j] * inv_capf
+        gs[j] = (gs[j] * scale_v[j] - gamma_v[j] * wc) * (one - q * q)
+
+
 def _index_strided(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
                    hit_out):
-    """Strided layout (N, C, S): vectorised along S in blocks of BLOCK positions."""
+    """Strided layout (N, C, S): a task is BLOCK positions of one n, vectorised along S."""
     N, C, S = x.shape
     keep, smooth_c, W, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5], prm[6]
     has_cap = cap > 0.0
     inv_cap = 1.0 / cap if has_cap else 0.0
+    smoothing = smooth_c != 0.0
     nblk = (S + BLOCK - 1) // BLOCK
+    capf = cast_like(cap, x)
+    inv_capf = cast_like(inv_cap, x)
+    log2e = cast_like(LOG2E, x)
     for task in prange(N * nblk):
         n = task // nblk
         s0 = (task - n * nblk) * BLOCK
         L = min(BLOCK, S - s0)
-        capf = cast_like(cap, x)
-        inv_capf = cast_like(inv_cap, x)
-        log2e = cast_like(LOG2E, x)
-        m = np.empty(L, x.dtype)
-        for j in range(L):
-            m[j] = x[n, 0, s0 + j]
+        # Pass 1: per-position max over the classes (raw logits; softcap is monotonic).
+        m = x[n, 0, s0:s0 + L].copy()
         for c in range(1, C):
-            for j in range(L):
-                m[j] = fmaximum(m[j], x[n, c, s0 + j])
-        ms = np.empty(L, x.dtype)          # row max of the softcapped logits
+            _seg_max(x[n, c, s0:s0 + L], m)
+        ms = np.empty(L, x.dtype)          # max of the softcapped logits
         ms_l = np.empty(L, x.dtype)        # ... times log2(e)
         for j in range(L):
             ms[j] = softcap_fast(m[j], capf, inv_capf) if has_cap else m[j]
             ms_l[j] = ms[j] * log2e
+        # Pass 2: sums of exp(s - max) (stored into the gradient when wanted), sum_c w_c s_c.
         ssum = np.zeros(L, x.dtype)
         sws = np.zeros(L, x.dtype)
+        sc = np.empty(L if has_cap else 0, x.dtype)
         for c in range(C):
-            wc = w[c]
+            xs = x[n, c, s0:s0 + L]
             if has_cap:
-                for j in range(L):
-                    sv = softcap_fast(x[n, c, s0 + j], capf, inv_capf)
-                    e = exp2_nonpos_exact(sv * log2e - ms_l[j])
-                    ssum[j] += e
-                    sws[j] += wc * sv
-                    if want_grad:
-                        grad[n, c, s0 + j] = e
+                _seg_softcap(xs, capf, inv_capf, sc)
+                src = sc
             else:
-                if want_grad:
-                    for j in range(L):
-                        e = exp2_nonpos_exact(x[n, c, s0 + j] * log2e - ms_l[j])
-                        ssum[j] += e
-                        grad[n, c, s0 + j] = e
-                else:
-                    for j in range(L):
-                        ssum[j] += exp2_nonpos(x[n, c, s0 + j] * log2e - ms_l[j])
-                if smooth_c != 0.0:
-                    for j in range(L):
-                        sws[j] += wc * x[n, c, s0 + j]
-        # Per position scalars; the gradient coefficients go to small per-block vectors.
+                src = xs
+            if want_grad:
+                _seg_exp_acc_store(src, ms_l, log2e, ssum, grad[n, c, s0:s0 + L])
+            else:
+                _seg_exp_acc(src, ms_l, log2e, ssum)
+            if smoothing:
+                _seg_axpy(w[c], src, sws)
+        # Per position: loss, z-loss, token hit, gradient coefficients.
         scale_v = np.zeros(L, x.dtype)
         gamma_v = np.zeros(L, x.dtype)
         beta_v = np.zeros(L, x.dtype)
@@ -498,17 +538,14 @@ def _index_strided(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_
                 gamma_v[j] = gamma
                 beta_v[j] = beta * (_softcap_grad_factor(s_t, inv_cap) if has_cap else 1.0)
         if want_grad:
-            one = cast_like(1.0, x)
+            # Pass 3: the dense part of the gradient, then the one-hot part.
             for c in range(C):
-                wc = w[c]
+                gs = grad[n, c, s0:s0 + L]
                 if has_cap:
-                    for j in range(L):
-                        q = softcap_fast(x[n, c, s0 + j], capf, inv_capf) * inv_capf
-                        grad[n, c, s0 + j] = ((grad[n, c, s0 + j] * scale_v[j] - gamma_v[j] * wc)
-                                              * (one - q * q))
+                    _seg_softcap(x[n, c, s0:s0 + L], capf, inv_capf, sc)
+                    _seg_grad_softcap(gs, scale_v, gamma_v, w[c], sc, inv_capf)
                 else:
-                    for j in range(L):
-                        grad[n, c, s0 + j] = grad[n, c, s0 + j] * scale_v[j] - gamma_v[j] * wc
+                    _seg_grad(gs, scale_v, gamma_v, w[c])
             for j in range(L):
                 tj = np.int64(t[n, s0 + j])
                 if tj == ignore_index or tj < 0 or tj >= C:
