@@ -378,7 +378,8 @@ def _index_rows_small(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, 
             sv = np.float64(softcap_fast(x[i, c], capf, inv_capf) if has_cap else x[i, c])
             e = math.exp(sv - np.float64(ms))
             ssum += e
-            sum_ws += np.float64(w[c]) * sv
+            if smooth_c != 0.0:        # (0 * -inf would poison a masked target's loss)
+                sum_ws += np.float64(w[c]) * sv
             if want_grad:
                 grad[i, c] = e
         lse = np.float64(ms) + math.log(ssum)
