@@ -136,20 +136,37 @@ def _kernels(F):
         return ti, scale, gamma, beta
 
     @cuda.jit(device=True)
-    def grad_value(v, c, ti, ms, scale_f, gamma_f, beta_f, wc, has_cap, has_smooth, capf,
+    def grad_value(v, c, ti, ms, scale_f, gamma_f, beta_f, w, wi, has_cap, has_smooth, capf,
                    inv_capf):
+        """dL/dx of class c (w[wi] its weight, read only when smoothing needs it)."""
         sv = capped(v, has_cap, capf, inv_capf)
         e = math.exp(sv - ms)
         if has_cap:
             q = sv * inv_capf
-            r = (e * scale_f - gamma_f * wc) * (F(1.0) - q * q)
+            gw = gamma_f * w[wi] if has_smooth else F(0.0)
+            r = (e * scale_f - gw) * (F(1.0) - q * q)
         elif has_smooth:
-            r = e * scale_f - gamma_f * wc
+            r = e * scale_f - gamma_f * w[wi]
         else:
             r = e * scale_f
         if c == ti:
             r -= beta_f
         return r
+
+    @cuda.jit(device=True)
+    def row_step(v, c, w, m, ssum, sws, mr, ir, nan, C, has_cap, has_smooth, capf, inv_capf):
+        """Add logit v of class c to a thread's running row state."""
+        if v != v:
+            nan = 1
+        else:
+            if v > mr or ir == C:
+                mr = v
+                ir = c
+            sv = capped(v, has_cap, capf, inv_capf)
+            m, ssum = online(m, ssum, sv)
+            if has_smooth:
+                sws += w[c] * sv
+        return m, ssum, sws, mr, ir, nan
 
     def index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
                    hit_out):
@@ -180,18 +197,24 @@ def _kernels(F):
             ir = _i8(C)
             nan = 0
             c = _i8(tid)
+            # Four independent loads in flight per thread, then the updates in class order.
+            while c + 3 * bd < C:
+                v0 = x[row, c, 0]
+                v1 = x[row, c + bd, 0]
+                v2 = x[row, c + 2 * bd, 0]
+                v3 = x[row, c + 3 * bd, 0]
+                m, ssum, sws, mr, ir, nan = row_step(v0, c, w, m, ssum, sws, mr, ir, nan, C,
+                                                     has_cap, has_smooth, capf, inv_capf)
+                m, ssum, sws, mr, ir, nan = row_step(v1, c + bd, w, m, ssum, sws, mr, ir, nan,
+                                                     C, has_cap, has_smooth, capf, inv_capf)
+                m, ssum, sws, mr, ir, nan = row_step(v2, c + 2 * bd, w, m, ssum, sws, mr, ir,
+                                                     nan, C, has_cap, has_smooth, capf, inv_capf)
+                m, ssum, sws, mr, ir, nan = row_step(v3, c + 3 * bd, w, m, ssum, sws, mr, ir,
+                                                     nan, C, has_cap, has_smooth, capf, inv_capf)
+                c += 4 * bd
             while c < C:
-                v = x[row, c, 0]
-                if v != v:
-                    nan = 1
-                else:
-                    if v > mr or ir == C:
-                        mr = v
-                        ir = c
-                    sv = capped(v, has_cap, capf, inv_capf)
-                    m, ssum = online(m, ssum, sv)
-                    if has_smooth:
-                        sws += w[c] * sv
+                m, ssum, sws, mr, ir, nan = row_step(x[row, c, 0], c, w, m, ssum, sws, mr, ir,
+                                                     nan, C, has_cap, has_smooth, capf, inv_capf)
                 c += bd
             sh_m[tid] = m
             sh_s[tid] = ssum
@@ -230,13 +253,23 @@ def _kernels(F):
                 gamma_f = F(sh_c[1])
                 beta_f = F(sh_c[2])
                 c = _i8(tid)
-                while c < C:
-                    if ti < 0:
+                if ti < 0:
+                    while c < C:
                         grad[row, c, 0] = F(0.0)
-                    else:
-                        grad[row, c, 0] = grad_value(x[row, c, 0], c, ti, ms, scale_f, gamma_f,
-                                                     beta_f, w[c], has_cap, has_smooth, capf,
-                                                     inv_capf)
+                        c += bd
+                while c + bd < C:           # two loads in flight per thread
+                    v0 = x[row, c, 0]
+                    v1 = x[row, c + bd, 0]
+                    grad[row, c, 0] = grad_value(v0, c, ti, ms, scale_f, gamma_f, beta_f, w, c,
+                                                 has_cap, has_smooth, capf, inv_capf)
+                    grad[row, c + bd, 0] = grad_value(v1, c + bd, ti, ms, scale_f, gamma_f,
+                                                      beta_f, w, c + bd, has_cap, has_smooth,
+                                                      capf, inv_capf)
+                    c += 2 * bd
+                while c < C:
+                    grad[row, c, 0] = grad_value(x[row, c, 0], c, ti, ms, scale_f, gamma_f,
+                                                 beta_f, w, c, has_cap, has_smooth, capf,
+                                                 inv_capf)
                     c += bd
             cuda.syncthreads()          # shared memory is reused by the next row
             row += cuda.gridDim.x
@@ -288,7 +321,7 @@ def _kernels(F):
                         grad[n, c, s] = F(0.0)
                     else:
                         grad[n, c, s] = grad_value(x[n, c, s], c, ti, m, scale_f, gamma_f,
-                                                   beta_f, w[c], has_cap, has_smooth, capf,
+                                                   beta_f, w, c, has_cap, has_smooth, capf,
                                                    inv_capf)
             pos += step
 
