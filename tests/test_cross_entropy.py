@@ -216,22 +216,32 @@ def test_inputs_are_not_modified(backend):
 # ---------------------------------------------------------------------------------------------
 # Special values and degenerate batches (torch's answers)
 # ---------------------------------------------------------------------------------------------
-def test_special_values_follow_torch(backend):
+@pytest.mark.parametrize("layout", ["rows", "rows_many_classes", "strided"])
+def test_special_values_follow_torch(backend, layout):
     x = np.array([[np.nan, 0.0, 1.0],        # nan logit -> nan
                   [np.inf, 0.0, 1.0],        # +inf logit -> nan
                   [0.0, -np.inf, 1.0],       # target logit -inf -> inf
                   [1e4, -1e4, 0.0],          # huge logits: finite
                   [-np.inf, 2.0, 1.0]])      # masked class (not the target): fine
     t = np.array([1, 1, 1, 0, 1])
+    if layout == "rows_many_classes":        # masked extra classes change nothing
+        x = np.concatenate([x, np.full((5, 60), -np.inf)], axis=1)
+    if layout == "strided":                  # (1, C, 5): the class axis strided
+        x, t = np.ascontiguousarray(x.T[None]), t[None]
+
+    def rows(a):
+        return a[0].T if layout == "strided" else a
+
     loss = backend.host(fastce.cross_entropy(backend.to(x), backend.to(t), reduction="none"))
+    loss = loss.reshape(-1)
     assert np.isnan(loss[0]) and np.isnan(loss[1])
     assert loss[2] == np.inf
     assert loss[3] == 0.0
     assert_close(loss[4], np.log1p(np.exp(-1.0)), 1e-12)
-    _, grad = _run(backend, x[3:], t[3:], None)
-    assert np.all(np.isfinite(grad)) and grad[1, 0] == 0.0   # exp(-inf) contributes exactly 0
-    _, grad = _run(backend, x[:1], t[:1], None)
-    assert np.all(np.isnan(grad))
+    _, grad = _run(backend, x, t, None, reduction="none")
+    grad = rows(grad)
+    assert np.all(np.isfinite(grad[3:])) and grad[4, 0] == 0.0   # exp(-inf) is exactly 0
+    assert np.all(np.isnan(grad[0])) and np.all(np.isnan(grad[1]))
 
 
 def test_empty_batch_and_all_ignored(backend):
