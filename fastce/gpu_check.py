@@ -85,10 +85,12 @@ def compile_ptx_all(cc=(8, 0)):
                                                 arr(f8, 1), arr(f8, 1), arr(f8, 1)), cc=cc)
         n += 2
         for name, (o, a, b) in {"cast": (nt.float16, nt.float32, nt.float32),
+                                "cast_up": (nt.float32, nt.float16, nt.float16),
                                 "add": (f8, f8, f8), "mul": (f8, f8, f8),
                                 "eq": (nt.boolean, i8, i8), "neg": (f8, f8, f8),
                                 "gather": (f8, f8, i8)}.items():
-            cuda.compile_ptx(gpu._K[name].py_func, (arr(o, 1), arr(a, 1), i8, arr(b, 1), i8),
+            kernel = gpu._K[name.split("_")[0]]
+            cuda.compile_ptx(kernel.py_func, (arr(o, 1), arr(a, 1), i8, arr(b, 1), i8),
                              cc=cc)
             n += 1
         cuda.compile_ptx(gpu._k_where.py_func, (arr(f8, 1), arr(nt.boolean, 1), i8, arr(f8, 1),
