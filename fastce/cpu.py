@@ -357,64 +357,6 @@ def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out
                 gr[ti] -= cast_like(beta, row)
 
 
-def _index_rows_small(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
-                      hit_out):
-    """_index_rows for rows of few classes (C <= SMALL_C): plain loops on 2-D indices, no
-    per-row views or calls, whose set-up would cost more than the row itself."""
-    N, C = x.shape
-    keep, smooth_c, W, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5], prm[6]
-    has_cap = cap > 0.0
-    inv_cap = 1.0 / cap if has_cap else 0.0
-    capf = cast_like(cap, x)
-    inv_capf = cast_like(inv_cap, x)
-    for i in prange(N):
-        m = x[i, 0]
-        for c in range(1, C):
-            m = fmaximum(m, x[i, c])
-        ms = softcap_fast(m, capf, inv_capf) if has_cap else m
-        ssum = 0.0
-        sum_ws = 0.0
-        for c in range(C):
-            sv = np.float64(softcap_fast(x[i, c], capf, inv_capf) if has_cap else x[i, c])
-            e = math.exp(sv - np.float64(ms))
-            ssum += e
-            if smooth_c != 0.0:        # (0 * -inf would poison a masked target's loss)
-                sum_ws += np.float64(w[c]) * sv
-            if want_grad:
-                grad[i, c] = e
-        lse = np.float64(ms) + math.log(ssum)
-        ti = np.int64(t[i])
-        if ti == ignore_index or ti < 0 or ti >= C:
-            ce_out[i] = 0.0
-            zl_out[i] = 0.0
-            hit_out[i] = 0
-            if want_grad:
-                for c in range(C):
-                    grad[i, c] = 0
-            continue
-        w_t = np.float64(w[ti])
-        s_t = np.float64(softcap_fast(x[i, ti], capf, inv_capf) if has_cap else x[i, ti])
-        ce_out[i] = _index_loss(lse, s_t, w_t, W, sum_ws, keep, smooth_c)
-        zl_out[i] = _z_term(lse, zl)
-        hit = x[i, ti] == m
-        for c in range(ti):
-            if x[i, c] == m:
-                hit = False
-        hit_out[i] = 1 if hit else 0
-        if want_grad:
-            alpha, beta, gamma = _index_grad_coefs(g[i * g_stride], lse, w_t, W, keep, smooth_c,
-                                                   inv_D, z2)
-            scale = alpha / ssum if lse == lse else lse
-            for c in range(C):
-                v = np.float64(grad[i, c]) * scale - gamma * np.float64(w[c])
-                if c == ti:
-                    v -= beta
-                if has_cap:
-                    sv = np.float64(softcap_fast(x[i, c], capf, inv_capf))
-                    v *= _softcap_grad_factor(sv, inv_cap)
-                grad[i, c] = v
-
-
 # Strided passes: each works on contiguous segments of BLOCK spatial positions (one class c of
 # one n), element-wise across the segment, so LLVM vectorises them like the row passes.
 @njit(**_INLINE)
@@ -463,95 +405,129 @@ def _seg_grad_softcap(gs, scale_v, gamma_v, wc, ss, inv_capf):
         gs[j] = (gs[j] * scale_v[j] - gamma_v[j] * wc) * (one - q * q)
 
 
-def _index_strided(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
-                   hit_out):
-    """Strided layout (N, C, S): a task is BLOCK positions of one n, vectorised along S."""
-    N, C, S = x.shape
+@njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
+def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, g, g_off, g_stride,
+                 grad, ce_out, zl_out, hit_out):
+    """Class-index loss of L positions whose logits are x[xn, :, xs0:xs0+L] (C-contiguous 3-D,
+    positions contiguous), targets t[on, os0:os0+L]; writes ce/zl/hit_out[on, os0 + j] and,
+    with want_grad, grad[xn, :, xs0:xs0+L].  g[(g_off + j) * g_stride] is the upstream gradient.
+    Every pass runs along contiguous segments of the L positions, which LLVM vectorises."""
+    C = x.shape[1]
     keep, smooth_c, W, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5], prm[6]
     has_cap = cap > 0.0
     inv_cap = 1.0 / cap if has_cap else 0.0
     smoothing = smooth_c != 0.0
-    nblk = (S + BLOCK - 1) // BLOCK
     capf = cast_like(cap, x)
     inv_capf = cast_like(inv_cap, x)
     log2e = cast_like(LOG2E, x)
+    # Pass 1: per-position max over the classes (raw logits; softcap is monotonic).
+    m = x[xn, 0, xs0:xs0 + L].copy()
+    for c in range(1, C):
+        _seg_max(x[xn, c, xs0:xs0 + L], m)
+    ms = np.empty(L, x.dtype)          # max of the softcapped logits
+    ms_l = np.empty(L, x.dtype)        # ... times log2(e)
+    for j in range(L):
+        ms[j] = softcap_fast(m[j], capf, inv_capf) if has_cap else m[j]
+        ms_l[j] = ms[j] * log2e
+    # Pass 2: sums of exp(s - max) (stored into the gradient when wanted), sum_c w_c s_c.
+    ssum = np.zeros(L, x.dtype)
+    sws = np.zeros(L, x.dtype)
+    sc = np.empty(L if has_cap else 0, x.dtype)
+    for c in range(C):
+        xs = x[xn, c, xs0:xs0 + L]
+        if has_cap:
+            _seg_softcap(xs, capf, inv_capf, sc)
+            src = sc
+        else:
+            src = xs
+        if want_grad:
+            _seg_exp_acc_store(src, ms_l, log2e, ssum, grad[xn, c, xs0:xs0 + L])
+        else:
+            _seg_exp_acc(src, ms_l, log2e, ssum)
+        if smoothing:
+            _seg_axpy(w[c], src, sws)
+    # Per position: loss, z-loss, token hit, gradient coefficients.
+    scale_v = np.zeros(L, x.dtype)
+    gamma_v = np.zeros(L, x.dtype)
+    beta_v = np.zeros(L, x.dtype)
+    for j in range(L):
+        lse = np.float64(ms[j]) + math.log(np.float64(ssum[j]))
+        tj = np.int64(t[on, os0 + j])
+        if tj == ignore_index or tj < 0 or tj >= C:
+            ce_out[on, os0 + j] = 0.0
+            zl_out[on, os0 + j] = 0.0
+            hit_out[on, os0 + j] = 0
+            continue
+        w_t = np.float64(w[tj])
+        xt = x[xn, tj, xs0 + j]
+        s_t = np.float64(softcap_fast(xt, capf, inv_capf)) if has_cap else np.float64(xt)
+        ce_out[on, os0 + j] = _index_loss(lse, s_t, w_t, W, np.float64(sws[j]), keep, smooth_c)
+        zl_out[on, os0 + j] = _z_term(lse, zl)
+        hit = xt == m[j]
+        if hit:
+            for c in range(tj):
+                if x[xn, c, xs0 + j] == m[j]:
+                    hit = False
+                    break
+        hit_out[on, os0 + j] = 1 if hit else 0
+        if want_grad:
+            alpha, beta, gamma = _index_grad_coefs(g[(g_off + j) * g_stride], lse, w_t, W, keep,
+                                                   smooth_c, inv_D, z2)
+            scale = alpha / np.float64(ssum[j])
+            if lse != lse:
+                scale = lse
+            scale_v[j] = scale
+            gamma_v[j] = gamma
+            beta_v[j] = beta * (_softcap_grad_factor(s_t, inv_cap) if has_cap else 1.0)
+    if want_grad:
+        # Pass 3: the dense part of the gradient, then the one-hot part.
+        for c in range(C):
+            gs = grad[xn, c, xs0:xs0 + L]
+            if has_cap:
+                _seg_softcap(x[xn, c, xs0:xs0 + L], capf, inv_capf, sc)
+                _seg_grad_softcap(gs, scale_v, gamma_v, w[c], sc, inv_capf)
+            else:
+                _seg_grad(gs, scale_v, gamma_v, w[c])
+        for j in range(L):
+            tj = np.int64(t[on, os0 + j])
+            if tj == ignore_index or tj < 0 or tj >= C:
+                continue
+            grad[xn, tj, xs0 + j] -= beta_v[j]
+
+
+def _index_strided(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
+                   hit_out):
+    """Strided layout (N, C, S): a task is BLOCK positions of one n."""
+    N, C, S = x.shape
+    nblk = (S + BLOCK - 1) // BLOCK
     for task in prange(N * nblk):
         n = task // nblk
         s0 = (task - n * nblk) * BLOCK
         L = min(BLOCK, S - s0)
-        # Pass 1: per-position max over the classes (raw logits; softcap is monotonic).
-        m = x[n, 0, s0:s0 + L].copy()
-        for c in range(1, C):
-            _seg_max(x[n, c, s0:s0 + L], m)
-        ms = np.empty(L, x.dtype)          # max of the softcapped logits
-        ms_l = np.empty(L, x.dtype)        # ... times log2(e)
+        _index_block(x, n, s0, L, t, n, s0, w, prm, ignore_index, want_grad, g, n * S + s0,
+                     g_stride, grad, ce_out, zl_out, hit_out)
+
+
+def _index_rows_small(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
+                      hit_out):
+    """Rows of few classes (C <= SMALL_C), x (N, C, 1): a task transposes BLOCK rows into a
+    (1, C, BLOCK) scratch, so that the strided block code vectorises across rows."""
+    N, C = x.shape[0], x.shape[1]
+    nblk = (N + BLOCK - 1) // BLOCK
+    for b in prange(nblk):
+        i0 = b * BLOCK
+        L = min(BLOCK, N - i0)
+        xb = np.empty((1, C, L), x.dtype)
         for j in range(L):
-            ms[j] = softcap_fast(m[j], capf, inv_capf) if has_cap else m[j]
-            ms_l[j] = ms[j] * log2e
-        # Pass 2: sums of exp(s - max) (stored into the gradient when wanted), sum_c w_c s_c.
-        ssum = np.zeros(L, x.dtype)
-        sws = np.zeros(L, x.dtype)
-        sc = np.empty(L if has_cap else 0, x.dtype)
-        for c in range(C):
-            xs = x[n, c, s0:s0 + L]
-            if has_cap:
-                _seg_softcap(xs, capf, inv_capf, sc)
-                src = sc
-            else:
-                src = xs
-            if want_grad:
-                _seg_exp_acc_store(src, ms_l, log2e, ssum, grad[n, c, s0:s0 + L])
-            else:
-                _seg_exp_acc(src, ms_l, log2e, ssum)
-            if smoothing:
-                _seg_axpy(w[c], src, sws)
-        # Per position: loss, z-loss, token hit, gradient coefficients.
-        scale_v = np.zeros(L, x.dtype)
-        gamma_v = np.zeros(L, x.dtype)
-        beta_v = np.zeros(L, x.dtype)
-        for j in range(L):
-            lse = np.float64(ms[j]) + math.log(np.float64(ssum[j]))
-            tj = np.int64(t[n, s0 + j])
-            if tj == ignore_index or tj < 0 or tj >= C:
-                ce_out[n, s0 + j] = 0.0
-                zl_out[n, s0 + j] = 0.0
-                hit_out[n, s0 + j] = 0
-                continue
-            w_t = np.float64(w[tj])
-            xt = x[n, tj, s0 + j]
-            s_t = np.float64(softcap_fast(xt, capf, inv_capf)) if has_cap else np.float64(xt)
-            ce_out[n, s0 + j] = _index_loss(lse, s_t, w_t, W, np.float64(sws[j]), keep, smooth_c)
-            zl_out[n, s0 + j] = _z_term(lse, zl)
-            hit = xt == m[j]
-            if hit:
-                for c in range(tj):
-                    if x[n, c, s0 + j] == m[j]:
-                        hit = False
-                        break
-            hit_out[n, s0 + j] = 1 if hit else 0
-            if want_grad:
-                gi = g[(n * S + s0 + j) * g_stride]
-                alpha, beta, gamma = _index_grad_coefs(gi, lse, w_t, W, keep, smooth_c, inv_D, z2)
-                scale = alpha / np.float64(ssum[j])
-                if lse != lse:
-                    scale = lse
-                scale_v[j] = scale
-                gamma_v[j] = gamma
-                beta_v[j] = beta * (_softcap_grad_factor(s_t, inv_cap) if has_cap else 1.0)
-        if want_grad:
-            # Pass 3: the dense part of the gradient, then the one-hot part.
             for c in range(C):
-                gs = grad[n, c, s0:s0 + L]
-                if has_cap:
-                    _seg_softcap(x[n, c, s0:s0 + L], capf, inv_capf, sc)
-                    _seg_grad_softcap(gs, scale_v, gamma_v, w[c], sc, inv_capf)
-                else:
-                    _seg_grad(gs, scale_v, gamma_v, w[c])
+                xb[0, c, j] = x[i0 + j, c, 0]
+        gb = np.empty((1, C, L) if want_grad else (1, 1, 1), x.dtype)
+        _index_block(xb, 0, 0, L, t, 0, i0, w, prm, ignore_index, want_grad, g, i0, g_stride,
+                     gb, ce_out, zl_out, hit_out)
+        if want_grad:
             for j in range(L):
-                tj = np.int64(t[n, s0 + j])
-                if tj == ignore_index or tj < 0 or tj >= C:
-                    continue
-                grad[n, tj, s0 + j] -= beta_v[j]
+                for c in range(C):
+                    grad[i0 + j, c, 0] = gb[0, c, j]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -770,12 +746,16 @@ def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride):
     want = grad is not None
     gbuf = grad if want else np.empty((1, 1, 1), x3.dtype)
     work = x3.size
-    if S == 1:
-        launch("_index_rows_small" if C <= SMALL_C else "_index_rows", work, x3.reshape(N, C),
-               t2.reshape(N), w, prm,
+    if S == 1 and C > SMALL_C:
+        launch("_index_rows", work, x3.reshape(N, C), t2.reshape(N), w, prm,
                np.int64(ignore_index), want, g, np.int64(g_stride),
                gbuf.reshape(gbuf.shape[0], gbuf.shape[1]), ce.reshape(N), lse.reshape(N),
                hit.reshape(N))
+    elif S == 1:
+        # outputs and targets viewed as one row of N positions: (1, N)
+        launch("_index_rows_small", work, x3, t2.reshape(1, N), w, prm, np.int64(ignore_index),
+               want, g, np.int64(g_stride), gbuf, ce.reshape(1, N), lse.reshape(1, N),
+               hit.reshape(1, N))
     else:
         launch("_index_strided", work, x3, t2, w, prm, np.int64(ignore_index), want, g,
                np.int64(g_stride), gbuf, ce, lse, hit)
