@@ -11,7 +11,7 @@ chunk, ``reduction="sum"``) give the chunk's loss and logit gradient; then
     grad_bias        += grad_logits.sum(0)                ones in V-blocks via a (V/8, H) temp)
 
 fastce.cross_entropy_with_grad has no ``out=``: it returns a new gradient array.  So that this
-costs little memory, it is called on sub-blocks of chunk/8 rows and each sub-block's gradient is
+costs little memory, it is called on sub-blocks of chunk/2 rows and each sub-block's gradient is
 copied over its (spent) logits in the buffer; the BLAS calls keep the full chunk height (OpenBLAS
 is very slow for the grad_hidden gemm, K = V, when it has <= 256 rows on a loaded 2-core box).
 
@@ -21,8 +21,8 @@ targets before the first chunk: each chunk runs with ``reduction="sum"``, a scal
 ``g / D`` and ``z_loss * D / Dz``, which gives exactly ``dCE/D + dZ/Dz`` (see
 ``fastce.elementwise.index_grad_coefs``).
 
-Memory beyond the outputs: the (rows, V) buffer (automatic: ~1/10 of N x V, 1 to 64 MiB), one
-sub-block gradient (1/8 of it) and the (V/8, H) temporary: ~0.12 x the logits at N=4096,
+Memory beyond the outputs: the (rows, V) buffer (automatic: ~1/12 of N x V, 1 to 64 MiB), one
+sub-block gradient (1/2 of it) and the (V/8, H) temporary: ~0.13 x the logits at N=4096,
 H=256, V=32000 float32, against ~1.9 x for the unfused path (logits + their gradient).
 """
 from __future__ import annotations
@@ -42,10 +42,11 @@ _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _NAMES = ("hidden", "classifier", "target", "bias", "weight", "grad_output")
 
 _MIB = 1 << 20
-AUTO_FRACTION = 10          # the chunk buffer is ~1/10 of N x V ...
+AUTO_FRACTION = 12          # the chunk buffer is ~1/12 of N x V ...
 AUTO_MAX_BYTES = 64 * _MIB  # ... but at most this ...
 AUTO_MIN_BYTES = 1 * _MIB   # ... and at least this (small problems: one chunk)
-SUB_BLOCKS = 8              # fastce calls per chunk; also V-blocks of the grad_classifier update
+SUB_BLOCKS = 2              # fastce calls per chunk (each returns a new gradient of 1/2 chunk)
+V_BLOCKS = 8                # V-blocks of the grad_classifier update (temporary: V/8 x H)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ class _ClassifierGrad:
         self.xp = xp
         self.out = xp.zeros((V, H), dtype)
         self.first = True
-        self.vb = max(1, -(-V // SUB_BLOCKS))
+        self.vb = max(1, -(-V // V_BLOCKS))
         self.tmp = None
 
     def add(self, g, hc):
@@ -316,7 +317,7 @@ def linear_cross_entropy(hidden, classifier, target, bias=None, *, weight=None, 
     weight: (V,) class weights.  ignore_index, reduction, label_smoothing, softcap and z_loss
     are those of ``fastce.cross_entropy`` (the mean divides by the sum of the non-ignored
     targets' weights; the z-loss mean by their count).  chunk_size: rows per chunk, or None for
-    a buffer of ~1/10 of N x V (1 to 64 MiB).  NumPy arrays run on the CPU (BLAS + fastce
+    a buffer of ~1/12 of N x V (1 to 64 MiB).  NumPy arrays run on the CPU (BLAS + fastce
     kernels), CuPy arrays on the GPU (cuBLAS + fastce's GPU kernels).
 
     Returns the loss in hidden's dtype: a scalar for mean/sum, an (N,) array for "none".

@@ -180,7 +180,7 @@ def test_target_dtypes_and_noncontiguous():
 
 
 def test_auto_chunk_rows():
-    assert chunk_rows(4096, 32000, 4) == 409            # 1/10 of N x V
+    assert chunk_rows(4096, 32000, 4) == 341            # 1/12 of N x V
     assert chunk_rows(10, 20, 8) == 10                   # small: one chunk
     assert chunk_rows(10 ** 6, 32000, 4) == 524          # capped at 64 MiB
     assert chunk_rows(10, 20, 8, 3) == 3
