@@ -464,6 +464,14 @@ def _kernels(F):
         else:
             out[n, c, s] = math.exp(v - m) * F(inv)
 
+    @cuda.jit(device=True)
+    def lse_step(v, m, ssum, nan):
+        if v != v:
+            nan = 1
+        else:
+            m, ssum = online(m, ssum, v)
+        return m, ssum, nan
+
     def softmax_rows(x, mode, out, lse_out):
         """x (N, C, 1): one block per row; mode 0 lse, 1 log_softmax, 2 softmax."""
         sh_m = cuda.shared.array(ROW_MAX, np.float64)
@@ -479,12 +487,18 @@ def _kernels(F):
             ssum = F(0.0)
             nan = 0
             c = _i8(tid)
+            while c + 3 * bd < C:       # four loads in flight, updates in class order
+                v0 = x[row, c, 0]
+                v1 = x[row, c + bd, 0]
+                v2 = x[row, c + 2 * bd, 0]
+                v3 = x[row, c + 3 * bd, 0]
+                m, ssum, nan = lse_step(v0, m, ssum, nan)
+                m, ssum, nan = lse_step(v1, m, ssum, nan)
+                m, ssum, nan = lse_step(v2, m, ssum, nan)
+                m, ssum, nan = lse_step(v3, m, ssum, nan)
+                c += 4 * bd
             while c < C:
-                v = x[row, c, 0]
-                if v != v:
-                    nan = 1
-                else:
-                    m, ssum = online(m, ssum, v)
+                m, ssum, nan = lse_step(x[row, c, 0], m, ssum, nan)
                 c += bd
             sh_m[tid] = m
             sh_s[tid] = ssum
