@@ -20,7 +20,13 @@ Layouts (see ``fastce.spec``): logits are viewed as (N, C, S).
 Per-element outputs (ce, z-loss, hit) are written to O(N*S) arrays exactly as on the CPU and
 summed by a fixed-order two-stage reduction (no float atomics): the loss is deterministic.
 Index arithmetic is 64-bit.  The per-element formulas are those of ``fastce.elementwise``,
-compiled as CUDA device functions.
+compiled as CUDA device functions.  Block reductions use a shared-memory tree (the CUDA simulator
+has no warp shuffles, and the tree keeps one code path for both).
+
+Kernels run on the CUDA default (legacy) stream, which orders them with CuPy's default stream
+and with blocking streams; work queued on a non-blocking stream must be synchronised first.
+Mean/sum losses, target validation and token accuracy copy a few numbers to the host (the API
+returns Python-side denominators and raises on bad targets), so those calls synchronise.
 """
 from __future__ import annotations
 
@@ -1198,8 +1204,18 @@ def _scalar_class(base):
     return type(base.__name__, (base,), ns)
 
 
+def _device_id():
+    """The current CUDA device (the cache of ones is per device)."""
+    cp = _cupy()
+    if cp is not None:
+        return cp.cuda.runtime.getDevice()
+    if SIM:
+        return 0
+    return cuda.get_current_device().id
+
+
 @functools.lru_cache(maxsize=64)
-def _ones(shape, dtype):
+def _ones(shape, dtype, device):
     out = _alloc(shape, dtype)
     n = out.size
     if n:
@@ -1243,7 +1259,7 @@ class GPUBackend:
     def ones(shape, dtype):
         """Ones (cached per shape and dtype: fastce.api only reads them)."""
         shape = tuple(int(v) for v in (shape if isinstance(shape, tuple) else (shape,)))
-        return _ones(shape, np.dtype(dtype).str)
+        return _ones(shape, np.dtype(dtype).str, _device_id())
 
     total = staticmethod(total)
 
