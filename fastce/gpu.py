@@ -805,8 +805,9 @@ def _elem_cfg(n):
 
 @functools.lru_cache(maxsize=1024)
 def _row_cfg(N, C):
+    """(blocks, threads) of the row kernels: about 8+ classes per thread, a power of 2."""
     threads = 32
-    while threads < C and threads < ROW_MAX:
+    while threads * 8 < C and threads < ROW_MAX:
         threads *= 2
     return max(1, min(N, MAX_GRID)), threads
 
