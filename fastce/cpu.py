@@ -199,21 +199,19 @@ def _row_max(row):
 
 @njit(**_INLINE)
 def _row_exp_sum(src, ms, log2e):
-    """sum_c exp(src_c - ms), as 2**(src_c log2e - ms log2e)."""
-    ms_l = ms * log2e
+    """sum_c exp(src_c - ms), as 2**((src_c - ms) log2e): exact 1 at the max."""
     acc = ms - ms                     # 0 of src's dtype
     for c in range(src.shape[0]):
-        acc += exp2_nonpos(src[c] * log2e - ms_l)
+        acc += exp2_nonpos((src[c] - ms) * log2e)
     return acc
 
 
 @njit(**_INLINE)
 def _row_exp_sum_store(src, ms, log2e, out):
     """_row_exp_sum, also storing each exp into ``out`` (the gradient row)."""
-    ms_l = ms * log2e
     acc = ms - ms
     for c in range(src.shape[0]):
-        e = exp2_nonpos_exact(src[c] * log2e - ms_l)
+        e = exp2_nonpos_exact((src[c] - ms) * log2e)
         out[c] = e
         acc += e
     return acc
@@ -297,31 +295,43 @@ def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out
         m = _row_max(row)
         ti = np.int64(t[i])
         valid = not (ti == ignore_index or ti < 0 or ti >= C)
-        # Pass 2: sum of exp(s - max), stored into the gradient row when one is wanted; and,
-        # with smoothing, sum_c w_c s_c.
+        # Every read of the logits comes before pass 2 writes the gradient row, which may be
+        # the logits themselves (cross_entropy_with_grad(..., out=input)).
+        hit = False
+        if valid:
+            # Token accuracy: the target is the first maximum of the row.
+            hit = row[ti] == m
+            if hit:
+                for c in range(ti):
+                    if row[c] == m:
+                        hit = False
+                        break
         sum_ws = 0.0
         if has_cap:
             srow = np.empty(C, row.dtype)
             for c in range(C):
                 srow[c] = softcap_fast(row[c], capf, inv_capf)
             ms = softcap_fast(m, capf, inv_capf)
+        else:
+            srow = row[:0]
+            ms = m
+        if smoothing and valid:
+            sum_ws = np.float64(_row_dot(w, srow)) if has_cap else np.float64(_row_dot(w, row))
+        if valid:
+            s_t = np.float64(srow[ti]) if has_cap else np.float64(row[ti])
+        else:
+            s_t = 0.0
+        # Pass 2: sum of exp(s - max), stored into the gradient row when one is wanted.
+        if has_cap:
             if want_grad:
                 ssum = _row_exp_sum_store(srow, ms, log2e, grad[i])
             else:
                 ssum = _row_exp_sum(srow, ms, log2e)
-            if smoothing and valid:
-                sum_ws = np.float64(_row_dot(w, srow))
-            s_t = np.float64(srow[ti]) if valid else 0.0
         else:
-            srow = row[:0]
-            ms = m
             if want_grad:
                 ssum = _row_exp_sum_store(row, ms, log2e, grad[i])
             else:
                 ssum = _row_exp_sum(row, ms, log2e)
-            if smoothing and valid:
-                sum_ws = np.float64(_row_dot(w, row))
-            s_t = np.float64(row[ti]) if valid else 0.0
         lse = np.float64(ms) + math.log(np.float64(ssum))
         if not valid:
             ce_out[i] = 0.0
@@ -333,13 +343,6 @@ def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out
         w_t = np.float64(w[ti])
         ce_out[i] = _index_loss(lse, s_t, w_t, W, sum_ws, keep, smooth_c)
         zl_out[i] = _z_term(lse, zl)
-        # Token accuracy: the target is the first maximum of the row.
-        hit = row[ti] == m
-        if hit:
-            for c in range(ti):
-                if row[c] == m:
-                    hit = False
-                    break
         hit_out[i] = 1 if hit else 0
         if want_grad:
             gr = grad[i]
@@ -366,15 +369,15 @@ def _seg_max(xs, m):
 
 
 @njit(**_INLINE)
-def _seg_exp_acc(xs, ms_l, log2e, ssum):
+def _seg_exp_acc(xs, ms, log2e, ssum):
     for j in range(xs.shape[0]):
-        ssum[j] += exp2_nonpos(xs[j] * log2e - ms_l[j])
+        ssum[j] += exp2_nonpos((xs[j] - ms[j]) * log2e)
 
 
 @njit(**_INLINE)
-def _seg_exp_acc_store(xs, ms_l, log2e, ssum, gs):
+def _seg_exp_acc_store(xs, ms, log2e, ssum, gs):
     for j in range(xs.shape[0]):
-        e = exp2_nonpos_exact(xs[j] * log2e - ms_l[j])
+        e = exp2_nonpos_exact((xs[j] - ms[j]) * log2e)
         ssum[j] += e
         gs[j] = e
 
@@ -425,11 +428,24 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, g, 
     for c in range(1, C):
         _seg_max(x[xn, c, xs0:xs0 + L], m)
     ms = np.empty(L, x.dtype)          # max of the softcapped logits
-    ms_l = np.empty(L, x.dtype)        # ... times log2(e)
     for j in range(L):
         ms[j] = softcap_fast(m[j], capf, inv_capf) if has_cap else m[j]
-        ms_l[j] = ms[j] * log2e
-    # Pass 2: sums of exp(s - max) (stored into the gradient when wanted), sum_c w_c s_c.
+    # The target logits and token hits, read before pass 2 may overwrite the logits with the
+    # gradient (cross_entropy_with_grad(..., out=input)).
+    xt_v = np.zeros(L, x.dtype)
+    for j in range(L):
+        tj = np.int64(t[on, os0 + j])
+        hit = False
+        if not (tj == ignore_index or tj < 0 or tj >= C):
+            xt_v[j] = x[xn, tj, xs0 + j]
+            hit = xt_v[j] == m[j]
+            if hit:
+                for c in range(tj):
+                    if x[xn, c, xs0 + j] == m[j]:
+                        hit = False
+                        break
+        hit_out[on, os0 + j] = 1 if hit else 0
+    # Pass 2: sum_c w_c s_c, and the sums of exp(s - max), stored into the gradient if wanted.
     ssum = np.zeros(L, x.dtype)
     sws = np.zeros(L, x.dtype)
     sc = np.empty(L if has_cap else 0, x.dtype)
@@ -437,16 +453,20 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, g, 
         xs = x[xn, c, xs0:xs0 + L]
         if has_cap:
             _seg_softcap(xs, capf, inv_capf, sc)
-            src = sc
+            if smoothing:
+                _seg_axpy(w[c], sc, sws)
+            if want_grad:
+                _seg_exp_acc_store(sc, ms, log2e, ssum, grad[xn, c, xs0:xs0 + L])
+            else:
+                _seg_exp_acc(sc, ms, log2e, ssum)
         else:
-            src = xs
-        if want_grad:
-            _seg_exp_acc_store(src, ms_l, log2e, ssum, grad[xn, c, xs0:xs0 + L])
-        else:
-            _seg_exp_acc(src, ms_l, log2e, ssum)
-        if smoothing:
-            _seg_axpy(w[c], src, sws)
-    # Per position: loss, z-loss, token hit, gradient coefficients.
+            if smoothing:
+                _seg_axpy(w[c], xs, sws)
+            if want_grad:
+                _seg_exp_acc_store(xs, ms, log2e, ssum, grad[xn, c, xs0:xs0 + L])
+            else:
+                _seg_exp_acc(xs, ms, log2e, ssum)
+    # Per position: loss, z-loss, gradient coefficients.
     scale_v = np.zeros(L, x.dtype)
     gamma_v = np.zeros(L, x.dtype)
     beta_v = np.zeros(L, x.dtype)
@@ -456,20 +476,12 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, g, 
         if tj == ignore_index or tj < 0 or tj >= C:
             ce_out[on, os0 + j] = 0.0
             zl_out[on, os0 + j] = 0.0
-            hit_out[on, os0 + j] = 0
             continue
         w_t = np.float64(w[tj])
-        xt = x[xn, tj, xs0 + j]
+        xt = xt_v[j]
         s_t = np.float64(softcap_fast(xt, capf, inv_capf)) if has_cap else np.float64(xt)
         ce_out[on, os0 + j] = _index_loss(lse, s_t, w_t, W, np.float64(sws[j]), keep, smooth_c)
         zl_out[on, os0 + j] = _z_term(lse, zl)
-        hit = xt == m[j]
-        if hit:
-            for c in range(tj):
-                if x[xn, c, xs0 + j] == m[j]:
-                    hit = False
-                    break
-        hit_out[on, os0 + j] = 1 if hit else 0
         if want_grad:
             alpha, beta, gamma = _index_grad_coefs(g[(g_off + j) * g_stride], lse, w_t, W, keep,
                                                    smooth_c, inv_D, z2)
@@ -554,18 +566,16 @@ def _prob_blocks(x, p, w, prm, want_grad, g, g_stride, grad, ce_out, zl_out):
             for j in range(L):
                 m[j] = fmaximum(m[j], xs[c, j])
         ms = np.empty_like(m)
-        ms_l = np.empty_like(m)
         for j in range(L):
             ms[j] = softcap_fast(m[j], capf, inv_capf) if has_cap else m[j]
-            ms_l[j] = ms[j] * log2e
-        ssum = np.zeros(L)
+            ssum = np.zeros(L)
         A = np.zeros(L)
         sqs = np.zeros(L)
         for c in range(C):
             wc = np.float64(w[c])
             for j in range(L):
                 s = softcap_fast(xs[c, j], capf, inv_capf) if has_cap else xs[c, j]
-                e = exp2_nonpos_exact(s * log2e - ms_l[j])
+                e = exp2_nonpos_exact((s - ms[j]) * log2e)
                 ssum[j] += e
                 q = _prob_weight(np.float64(ps[c, j]), wc, keep, smooth_c)
                 A[j] += q
@@ -602,10 +612,9 @@ def _softmax_rows(x, mode, out, lse_out):
         for c in range(1, C):
             m = fmaximum(m, row[c])
         log2e = cast_like(LOG2E, row)
-        ml = m * log2e
         ssum = cast_like(0.0, row)
         for c in range(C):
-            ssum += exp2_nonpos(row[c] * log2e - ml)
+            ssum += exp2_nonpos((row[c] - m) * log2e)
         lse = np.float64(m) + math.log(np.float64(ssum))
         lse_out[i] = lse
         if mode == 1:
@@ -619,7 +628,7 @@ def _softmax_rows(x, mode, out, lse_out):
             if lse != lse:
                 inv = cast_like(lse, row)
             for c in range(C):
-                o[c] = exp2_nonpos_exact(row[c] * log2e - ml) * inv
+                o[c] = exp2_nonpos_exact((row[c] - m) * log2e) * inv
 
 
 def _softmax_strided(x, mode, out, lse_out):
@@ -635,11 +644,10 @@ def _softmax_strided(x, mode, out, lse_out):
         for c in range(1, C):
             for j in range(L):
                 m[j] = fmaximum(m[j], xs[c, j])
-        ml = m * log2e
         ssum = np.zeros_like(m)
         for c in range(C):
             for j in range(L):
-                ssum[j] += exp2_nonpos(xs[c, j] * log2e - ml[j])
+                ssum[j] += exp2_nonpos((xs[c, j] - m[j]) * log2e)
         lse = np.empty(L)
         for j in range(L):
             lse[j] = np.float64(m[j]) + math.log(np.float64(ssum[j]))
@@ -656,7 +664,7 @@ def _softmax_strided(x, mode, out, lse_out):
                     inv[j] = lse[j]
             for c in range(C):
                 for j in range(L):
-                    out[n, c, s0 + j] = exp2_nonpos_exact(xs[c, j] * log2e - ml[j]) * inv[j]
+                    out[n, c, s0 + j] = exp2_nonpos_exact((xs[c, j] - m[j]) * log2e) * inv[j]
 
 
 # ---------------------------------------------------------------------------------------------
