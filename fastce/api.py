@@ -65,6 +65,26 @@ def _check_options(reduction, label_smoothing, softcap, z_loss):
     return eps, cap, zl
 
 
+def _check_ignore_index(ignore_index):
+    try:
+        return operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"fastce: ignore_index must be an int, got {ignore_index!r}") from None
+
+
+def _check_out(be, out, x, input):
+    """The caller's gradient buffer: x's shape and dtype, C-contiguous; may be ``input``."""
+    o = be.asarray(out)
+    if tuple(o.shape) != tuple(x.shape) or o.dtype != x.dtype:
+        raise ValueError(f"fastce: out must have the input's shape {tuple(x.shape)} and dtype "
+                         f"{x.dtype}, got {tuple(o.shape)} {o.dtype}")
+    if x.dtype == np.float16:
+        raise ValueError("fastce: out= is not supported for float16 input (computed in float32)")
+    if be.name == "cpu" and not (o.flags.c_contiguous and o.flags.writeable):
+        raise ValueError("fastce: out must be a writeable C-contiguous array")
+    return o
+
+
 def _check_logits(be, input, name="input"):
     x = be.asarray(input)
     if x.dtype not in _FLOATS:
@@ -181,14 +201,11 @@ def _div(a: float, b: float) -> float:
 # ---------------------------------------------------------------------------------------------
 def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reduction,
                    label_smoothing, softcap, z_loss, class_axis, want_loss, want_grad,
-                   want_stats=False):
+                   want_stats=False, out=None):
     be = backend_for(input=input, target=target, weight=weight, grad_output=grad_output)
     eps, cap, zl = _check_options(reduction, label_smoothing, softcap, z_loss)
     x = _check_logits(be, input)
-    try:
-        ignore_index = operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(f"fastce: ignore_index must be an int, got {ignore_index!r}") from None
+    ignore_index = _check_ignore_index(ignore_index)
     axis = _class_axis(x, class_axis)
     kind, t = _check_target(be, target, x, axis)
     in_dtype = x.dtype
@@ -217,7 +234,18 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
     mean = reduction == "mean"
     inv_D = _div(1.0, D) if mean else 1.0
     z2 = 2.0 * zl * (_div(1.0, Dz) if mean else 1.0)
-    grad = be.empty((N, C, S), x3.dtype) if want_grad else None
+    grad = None
+    if want_grad:
+        if out is None:
+            grad = be.empty((N, C, S), x3.dtype)
+        else:
+            o = _check_out(be, out, x, input)
+            aliased = out is input or (be.name == "cpu" and np.may_share_memory(o, x3))
+            if aliased and (cap or be.name != "cpu"):
+                # The CPU kernels read all they need before overwriting the logits, except
+                # for softcap's third pass; the GPU kernels make no such promise.
+                x3 = x3.copy()
+            grad = be.contiguous(o).reshape(N, C, S)
     if kind == "index":
         prm = be.xp.asarray(np.array([1.0 - eps, eps / C, W, cap, inv_D, z2, zl]))
         ce, zls, hit = be.index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride)
@@ -239,9 +267,12 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
                 value = value + (_div(zsum, Dz) if mean else zsum)
             loss = be.scalar(value, in_dtype)
     if grad is not None:
-        grad = grad.reshape(x.shape) if axis != x.ndim or True else grad
-        if grad.dtype != in_dtype:
-            grad = grad.astype(in_dtype)
+        if out is not None:
+            grad = out
+        else:
+            grad = grad.reshape(x.shape)
+            if grad.dtype != in_dtype:
+                grad = grad.astype(in_dtype)
     stats = None
     if want_stats:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -293,20 +324,24 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
 
 def cross_entropy_backward(input, target, grad_output=None, weight=None, *, ignore_index=-100,
                            reduction="mean", label_smoothing=0.0, softcap=None, z_loss=0.0,
-                           class_axis=1):
+                           class_axis=1, out=None):
     """d loss / d input, the input's shape and dtype.  ``grad_output`` is the upstream gradient:
-    a scalar for mean/sum, an array of the loss's shape for "none"; None means ones."""
+    a scalar for mean/sum, an array of the loss's shape for "none"; None means ones.
+    ``out``: a C-contiguous array of the input's shape and dtype to write the gradient into; it
+    may be ``input`` itself (the logits are overwritten by their gradient, saving memory)."""
     _, grad, _ = _cross_entropy(
         input, target, weight, grad_output, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss, class_axis=class_axis,
-        want_loss=False, want_grad=True)
+        want_loss=False, want_grad=True, out=out)
     return grad
 
 
 def cross_entropy_with_grad(input, target, weight=None, *, grad_output=None, ignore_index=-100,
                             reduction="mean", label_smoothing=0.0, softcap=None, z_loss=0.0,
-                            class_axis=1, return_z_loss=False, return_token_accuracy=False):
-    """(loss, grad) from one fused pass over the logits; allocates only the gradient.
+                            class_axis=1, return_z_loss=False, return_token_accuracy=False,
+                            out=None):
+    """(loss, grad) from one fused pass over the logits; allocates only the gradient (nothing
+    with ``out``, which may be ``input`` itself: see cross_entropy_backward).
 
     With return_z_loss / return_token_accuracy the first item is a ``CrossEntropyOutput``.
     """
@@ -314,7 +349,7 @@ def cross_entropy_with_grad(input, target, weight=None, *, grad_output=None, ign
     loss, grad, stats = _cross_entropy(
         input, target, weight, grad_output, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss, class_axis=class_axis,
-        want_loss=True, want_grad=True, want_stats=want_stats)
+        want_loss=True, want_grad=True, want_stats=want_stats, out=out)
     if want_stats:
         loss = CrossEntropyOutput(loss, stats[0] if return_z_loss else None,
                                   stats[1] if return_token_accuracy else None)
@@ -363,7 +398,7 @@ def nll_loss(log_probs, target, weight=None, *, ignore_index=-100, reduction="me
     be = backend_for(input=log_probs, target=target, weight=weight)
     _check_options(reduction, 0.0, None, 0.0)
     x = _check_logits(be, log_probs, "log_probs")
-    ignore_index = operator.index(ignore_index)
+    ignore_index = _check_ignore_index(ignore_index)
     axis = _class_axis(x, class_axis)
     kind, t = _check_target(be, target, x, axis)
     if kind != "index":

@@ -311,3 +311,45 @@ def test_nll_loss_matches_cross_entropy(backend, reduction):
                                        reduction=reduction))
     want = spec_loss_and_grad(x, t, w, reduction=reduction)[0]
     assert_close(got, want, 1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# out=: the gradient into the caller's buffer, or over the logits themselves
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(6, 300), (9, 7), (2, 5, 40)])
+@pytest.mark.parametrize("opts", [dict(), dict(label_smoothing=0.2, weighted=True),
+                                  dict(softcap=3.0), dict(prob=True), dict(z_loss=0.01)])
+def test_gradient_into_out_and_in_place(backend, shape, opts):
+    opts = dict(opts)
+    rng = np.random.default_rng(12)
+    prob = opts.pop("prob", False)
+    w = (rng.random(shape[1]) + 0.1) if opts.pop("weighted", False) else None
+    x, t = random_case(rng, shape, np.float64, prob=prob, ignore_frac=0.0 if prob else 0.3)
+    want_l, want_g = spec_loss_and_grad(x, t, w, **opts)
+    buf = backend.to(np.full(shape, 7.0))
+    loss, grad = fastce.cross_entropy_with_grad(backend.to(x), backend.to(t), backend.to(w),
+                                                out=buf, **opts)
+    assert grad is buf
+    assert_close(backend.host(grad), want_g, 1e-9)
+    xb = backend.to(x.copy())                      # in place: the logits become the gradient
+    loss2, grad2 = fastce.cross_entropy_with_grad(xb, backend.to(t), backend.to(w), out=xb,
+                                                  **opts)
+    assert grad2 is xb
+    assert_close(backend.host(loss2), want_l, 1e-9)
+    assert_close(backend.host(xb), want_g, 1e-9)
+    xb = backend.to(x.copy())
+    g3 = fastce.cross_entropy_backward(xb, backend.to(t), None, backend.to(w), out=xb, **opts)
+    assert_close(backend.host(g3), want_g, 1e-9)
+
+
+def test_bad_out(backend):
+    x = np.zeros((4, 5))
+    t = np.zeros(4, np.int64)
+    with pytest.raises(ValueError, match="shape"):
+        fastce.cross_entropy_with_grad(backend.to(x), backend.to(t), out=backend.to(np.zeros((4, 6))))
+    with pytest.raises(ValueError, match="dtype"):
+        fastce.cross_entropy_with_grad(backend.to(x), backend.to(t),
+                                       out=backend.to(np.zeros((4, 5), np.float32)))
+    if backend.name == "cpu":
+        with pytest.raises(ValueError, match="C-contiguous"):
+            fastce.cross_entropy_backward(x, t, out=np.zeros((5, 4)).T)
