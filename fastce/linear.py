@@ -10,10 +10,8 @@ chunk, ``reduction="sum"``) give the chunk's loss and logit gradient; then
     grad_classifier  += grad_logits.T @ hidden[s:e]     (first chunk written in place; later
     grad_bias        += grad_logits.sum(0)                ones in V-blocks via a (V/8, H) temp)
 
-fastce.cross_entropy_with_grad has no ``out=``: it returns a new gradient array.  So that this
-costs little memory, it is called on sub-blocks of chunk/2 rows and each sub-block's gradient is
-copied over its (spent) logits in the buffer; the BLAS calls keep the full chunk height (OpenBLAS
-is very slow for the grad_hidden gemm, K = V, when it has <= 256 rows on a loaded 2-core box).
+The chunk's gradient is written over its (spent) logits: ``cross_entropy_with_grad(...,
+out=logits)``, so the buffer is the only chunk-sized allocation.
 
 ``reduction="mean"`` divides by GLOBAL denominators (the sum of target weights over all
 non-ignored rows for the cross-entropy part, their count for the z-loss part), computed from the
@@ -21,9 +19,9 @@ targets before the first chunk: each chunk runs with ``reduction="sum"``, a scal
 ``g / D`` and ``z_loss * D / Dz``, which gives exactly ``dCE/D + dZ/Dz`` (see
 ``fastce.elementwise.index_grad_coefs``).
 
-Memory beyond the outputs: the (rows, V) buffer (automatic: ~1/12 of N x V, 1 to 64 MiB), one
-sub-block gradient (1/2 of it) and the (V/8, H) temporary: ~0.13 x the logits at N=4096,
-H=256, V=32000 float32, against ~1.9 x for the unfused path (logits + their gradient).
+Memory beyond the outputs: the (rows, V) buffer (automatic: ~1/12 of N x V, 1 to 64 MiB) and
+the (V/8, H) temporary: under 0.1 x the logits at N=4096, H=256, V=32000 float32, against
+~1.9 x for the unfused path (logits + their gradient).
 """
 from __future__ import annotations
 
@@ -45,7 +43,6 @@ _MIB = 1 << 20
 AUTO_FRACTION = 12          # the chunk buffer is ~1/12 of N x V ...
 AUTO_MAX_BYTES = 64 * _MIB  # ... but at most this ...
 AUTO_MIN_BYTES = 1 * _MIB   # ... and at least this (small problems: one chunk)
-SUB_BLOCKS = 2              # fastce calls per chunk (each returns a new gradient of 1/2 chunk)
 V_BLOCKS = 8                # V-blocks of the grad_classifier update (temporary: V/8 x H)
 
 
@@ -255,8 +252,6 @@ def _linear_ce(hidden, classifier, target, bias, weight, grad_output, *, ignore_
         gc = _ClassifierGrad(xp, V, H, cdt)
         gb = xp.zeros(V, cdt) if b is not None else None
     ct = c.T
-    sub = -(-rows // SUB_BLOCKS) if want_grad else rows   # rows per fastce call: its gradient
-                                                          # is a new array, kept small
     for s in range(0, N, rows):
         e = min(s + rows, N)
         logits = buf[: e - s]
@@ -264,21 +259,17 @@ def _linear_ce(hidden, classifier, target, bias, weight, grad_output, *, ignore_
         xp.matmul(hc, ct, out=logits)
         if b is not None:
             logits += b
-        for a in range(s, e, sub):
-            z = min(a + sub, e)
-            blk = logits[a - s: z - s]
-            if not want_grad:
-                loss = cross_entropy(blk, t[a:z], w, **opts)
-            else:
-                go = (g_rows[a:z] if g_rows is not None
-                      else (None if reduction == "none" else g_chunk))
-                loss, gl = cross_entropy_with_grad(blk, t[a:z], w, grad_output=go, **opts)
-                blk[...] = gl                  # the gradient replaces the spent logits
-                del gl
-            if per_row is not None:
-                per_row[a:z] = loss
-            else:
-                total = total + xp.asarray(loss, dtype=np.float64)
+        if not want_grad:
+            loss = cross_entropy(logits, t[s:e], w, **opts)
+        else:
+            go = g_rows[s:e] if g_rows is not None else (None if reduction == "none" else g_chunk)
+            # the gradient replaces the spent logits, in place
+            loss, _ = cross_entropy_with_grad(logits, t[s:e], w, grad_output=go, out=logits,
+                                              **opts)
+        if per_row is not None:
+            per_row[s:e] = loss
+        else:
+            total = total + xp.asarray(loss, dtype=np.float64)
         if want_grad:                          # logits now holds d loss / d logits
             xp.matmul(logits, c, out=gh[s:e])
             gc.add(logits, hc)
