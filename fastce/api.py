@@ -80,9 +80,29 @@ def _check_out(be, out, x, input):
                          f"{x.dtype}, got {tuple(o.shape)} {o.dtype}")
     if x.dtype == np.float16:
         raise ValueError("fastce: out= is not supported for float16 input (computed in float32)")
-    if be.name == "cpu" and not (o.flags.c_contiguous and o.flags.writeable):
+    if not _is_writeable_c_contiguous(out if be.name != "cpu" else o):
         raise ValueError("fastce: out must be a writeable C-contiguous array")
     return o
+
+
+def _is_writeable_c_contiguous(a):
+    flags = getattr(a, "flags", None)
+    if flags is not None and hasattr(flags, "c_contiguous"):       # NumPy, CuPy
+        return bool(flags.c_contiguous) and bool(getattr(flags, "writeable", True))
+    if hasattr(a, "is_c_contiguous"):                               # Numba device arrays
+        return bool(a.is_c_contiguous())
+    cai = getattr(a, "__cuda_array_interface__", None)
+    if cai is not None:
+        strides, shape = cai.get("strides"), cai["shape"]
+        if strides is None:
+            return True
+        itemsize = np.dtype(cai["typestr"]).itemsize
+        expected = []
+        for n in reversed(shape):
+            expected.append(itemsize)
+            itemsize *= n
+        return tuple(strides) == tuple(reversed(expected)) or math.prod(shape) <= 1
+    return False
 
 
 def _check_logits(be, input, name="input"):
@@ -235,19 +255,22 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
     inv_D = _div(1.0, D) if mean else 1.0
     z2 = 2.0 * zl * (_div(1.0, Dz) if mean else 1.0)
     grad = None
+    in_place = False
     if want_grad:
         if out is None:
             grad = be.empty((N, C, S), x3.dtype)
         else:
             o = _check_out(be, out, x, input)
-            aliased = out is input or (be.name == "cpu" and np.may_share_memory(o, x3))
-            if aliased and (cap or be.name != "cpu"):
+            in_place = out is input or (be.name == "cpu" and np.may_share_memory(o, x3))
+            if in_place and (cap or be.name != "cpu"):
                 # The CPU kernels read all they need before overwriting the logits, except
                 # for softcap's third pass; the GPU kernels make no such promise.
                 x3 = x3.copy()
+                in_place = False
             grad = be.contiguous(o).reshape(N, C, S)
     if kind == "index":
-        prm = be.xp.asarray(np.array([1.0 - eps, eps / C, W, cap, inv_D, z2, zl]))
+        prm = be.xp.asarray(np.array([1.0 - eps, eps / C, W, cap, inv_D, z2, zl,
+                                      float(in_place)]))
         ce, zls, hit = be.index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride)
     else:
         prm = be.xp.asarray(np.array([1.0 - eps, eps / C, cap, inv_D, z2, zl]))

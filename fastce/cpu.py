@@ -218,6 +218,18 @@ def _row_exp_sum_store(src, ms, log2e, out):
 
 
 @njit(**_INLINE)
+def _row_exp_sum_inplace(buf, ms, log2e):
+    """_row_exp_sum_store when the gradient row is the logits row itself (out=input): one
+    array read and written, so LLVM needs no overlap check to vectorise."""
+    acc = ms - ms
+    for c in range(buf.shape[0]):
+        e = exp2_nonpos_exact((buf[c] - ms) * log2e)
+        buf[c] = e
+        acc += e
+    return acc
+
+
+@njit(**_INLINE)
 def _row_dot(w, src):
     acc = src[0] - src[0]
     for c in range(src.shape[0]):
@@ -276,7 +288,8 @@ def _target_stats(t, w, ignore_index, C, part_D, part_n, part_bad):
 # Class-index targets
 # ---------------------------------------------------------------------------------------------
 def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out, hit_out):
-    """Rows layout.  prm = [keep, smooth_c, W, cap, inv_D, z2_inv_Dz, z_loss] (float64).
+    """Rows layout.  prm = [keep, smooth_c, W, cap, inv_D, z2_inv_Dz, z_loss, in_place]
+    (float64; in_place: grad is x itself, and there is no softcap).
 
     Writes ce_out (the cross-entropy of each row), zl_out (its z-loss) and hit_out (argmax ==
     target); with want_grad, the gradient into grad.
@@ -286,6 +299,7 @@ def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out
     has_cap = cap > 0.0
     inv_cap = 1.0 / cap if has_cap else 0.0
     smoothing = smooth_c != 0.0
+    in_place = prm[7] != 0.0
     for i in prange(N):
         row = x[i]
         capf = cast_like(cap, row)
@@ -328,7 +342,9 @@ def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out
             else:
                 ssum = _row_exp_sum(srow, ms, log2e)
         else:
-            if want_grad:
+            if want_grad and in_place:
+                ssum = _row_exp_sum_inplace(grad[i], ms, log2e)
+            elif want_grad:
                 ssum = _row_exp_sum_store(row, ms, log2e, grad[i])
             else:
                 ssum = _row_exp_sum(row, ms, log2e)
@@ -383,6 +399,15 @@ def _seg_exp_acc_store(xs, ms, log2e, ssum, gs):
 
 
 @njit(**_INLINE)
+def _seg_exp_acc_inplace(gs, ms, log2e, ssum):
+    """_seg_exp_acc_store when the gradient is the logits themselves (out=input)."""
+    for j in range(gs.shape[0]):
+        e = exp2_nonpos_exact((gs[j] - ms[j]) * log2e)
+        ssum[j] += e
+        gs[j] = e
+
+
+@njit(**_INLINE)
 def _seg_axpy(wc, xs, acc):
     for j in range(xs.shape[0]):
         acc[j] += wc * xs[j]
@@ -409,11 +434,12 @@ def _seg_grad_softcap(gs, scale_v, gamma_v, wc, ss, inv_capf):
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
-def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, g, g_off, g_stride,
-                 grad, ce_out, zl_out, hit_out):
+def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_place, g, g_off,
+                 g_stride, grad, ce_out, zl_out, hit_out):
     """Class-index loss of L positions whose logits are x[xn, :, xs0:xs0+L] (C-contiguous 3-D,
     positions contiguous), targets t[on, os0:os0+L]; writes ce/zl/hit_out[on, os0 + j] and,
-    with want_grad, grad[xn, :, xs0:xs0+L].  g[(g_off + j) * g_stride] is the upstream gradient.
+    with want_grad, grad[xn, :, xs0:xs0+L] (in_place: grad is x).  g[(g_off + j) * g_stride] is
+    the upstream gradient.
     Every pass runs along contiguous segments of the L positions, which LLVM vectorises."""
     C = x.shape[1]
     keep, smooth_c, W, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5], prm[6]
@@ -462,7 +488,9 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, g, 
         else:
             if smoothing:
                 _seg_axpy(w[c], xs, sws)
-            if want_grad:
+            if want_grad and in_place:
+                _seg_exp_acc_inplace(grad[xn, c, xs0:xs0 + L], ms, log2e, ssum)
+            elif want_grad:
                 _seg_exp_acc_store(xs, ms, log2e, ssum, grad[xn, c, xs0:xs0 + L])
             else:
                 _seg_exp_acc(xs, ms, log2e, ssum)
@@ -516,8 +544,8 @@ def _index_strided(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_
         n = task // nblk
         s0 = (task - n * nblk) * BLOCK
         L = min(BLOCK, S - s0)
-        _index_block(x, n, s0, L, t, n, s0, w, prm, ignore_index, want_grad, g, n * S + s0,
-                     g_stride, grad, ce_out, zl_out, hit_out)
+        _index_block(x, n, s0, L, t, n, s0, w, prm, ignore_index, want_grad, prm[7] != 0.0, g,
+                     n * S + s0, g_stride, grad, ce_out, zl_out, hit_out)
 
 
 def _index_rows_small(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
@@ -534,8 +562,8 @@ def _index_rows_small(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, 
             for c in range(C):
                 xb[0, c, j] = x[i0 + j, c, 0]
         gb = np.empty((1, C, L) if want_grad else (1, 1, 1), x.dtype)
-        _index_block(xb, 0, 0, L, t, 0, i0, w, prm, ignore_index, want_grad, g, i0, g_stride,
-                     gb, ce_out, zl_out, hit_out)
+        _index_block(xb, 0, 0, L, t, 0, i0, w, prm, ignore_index, want_grad, False, g, i0,
+                     g_stride, gb, ce_out, zl_out, hit_out)     # (the scratch never aliases)
         if want_grad:
             for j in range(L):
                 for c in range(C):

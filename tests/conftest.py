@@ -41,7 +41,7 @@ class Backend:
         """A NumPy array (or None) as this backend's array type."""
         if a is None or self.name == "cpu":
             return a
-        a = np.ascontiguousarray(a)
+        a = np.array(a, order="C")          # (ascontiguousarray would make 0-d arrays 1-d)
         if self.simulator:
             from numba import cuda
             return cuda.to_device(a)
@@ -77,5 +77,5 @@ def backend(request):
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU with CuPy")
     for item in items:
-        if "gpu" in item.keywords and not HAVE_GPU:
+        if item.get_closest_marker("gpu") is not None and not HAVE_GPU:
             item.add_marker(skip_gpu)
