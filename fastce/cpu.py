@@ -133,7 +133,7 @@ def _exp2_f64(u):
     return p * scale
 
 
-@overload(exp2_nonpos, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
+@overload(exp2_nonpos, jit_options=dict(fastmath=FASTMATH, error_model="numpy"), inline="always")
 def _exp2_nonpos_impl(u):
     if u == types.float32:
         return _exp2_f32
@@ -142,7 +142,8 @@ def _exp2_nonpos_impl(u):
     return None
 
 
-@overload(exp2_nonpos_exact, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
+@overload(exp2_nonpos_exact, jit_options=dict(fastmath=FASTMATH, error_model="numpy"),
+          inline="always")
 def _exp2_nonpos_exact_impl(u):
     if isinstance(u, types.Float):
         lo = u(-126.0 if u == types.float32 else -1022.0)
@@ -151,6 +152,14 @@ def _exp2_nonpos_exact_impl(u):
             return exp2_nonpos(u) * (u > lo)   # bool -> 0/1: vectorises as a mask, no branch
         return impl
     return None
+
+
+@njit(**_INLINE)
+def exp2_exact_call(u):
+    """exp2_nonpos_exact as a called function: for use inside prange bodies, into which Numba's
+    IR inlining is unreliable (it can mistype the loop index).  Vectorised loops live in the
+    small helpers below, which inline exp2_nonpos themselves."""
+    return exp2_nonpos_exact(u)
 
 
 def cast_like(value, arr):
@@ -603,7 +612,7 @@ def _prob_blocks(x, p, w, prm, want_grad, g, g_stride, grad, ce_out, zl_out):
             wc = np.float64(w[c])
             for j in range(L):
                 s = softcap_fast(xs[c, j], capf, inv_capf) if has_cap else xs[c, j]
-                e = exp2_nonpos_exact((s - ms[j]) * log2e)
+                e = exp2_exact_call((s - ms[j]) * log2e)
                 ssum[j] += e
                 q = _prob_weight(np.float64(ps[c, j]), wc, keep, smooth_c)
                 A[j] += q
@@ -640,9 +649,7 @@ def _softmax_rows(x, mode, out, lse_out):
         for c in range(1, C):
             m = fmaximum(m, row[c])
         log2e = cast_like(LOG2E, row)
-        ssum = cast_like(0.0, row)
-        for c in range(C):
-            ssum += exp2_nonpos((row[c] - m) * log2e)
+        ssum = _row_exp_sum(row, m, log2e)
         lse = np.float64(m) + math.log(np.float64(ssum))
         lse_out[i] = lse
         if mode == 1:
@@ -655,8 +662,8 @@ def _softmax_rows(x, mode, out, lse_out):
             inv = cast_like(1.0 / np.float64(ssum), row)
             if lse != lse:
                 inv = cast_like(lse, row)
-            for c in range(C):
-                o[c] = exp2_nonpos_exact((row[c] - m) * log2e) * inv
+            _row_exp_sum_store(row, m, log2e, o)
+            _row_grad(o, inv, inv, o, False)            # o *= inv
 
 
 def _softmax_strided(x, mode, out, lse_out):
@@ -674,8 +681,7 @@ def _softmax_strided(x, mode, out, lse_out):
                 m[j] = fmaximum(m[j], xs[c, j])
         ssum = np.zeros_like(m)
         for c in range(C):
-            for j in range(L):
-                ssum[j] += exp2_nonpos((xs[c, j] - m[j]) * log2e)
+            _seg_exp_acc(x[n, c, s0:s0 + L], m, log2e, ssum)
         lse = np.empty(L)
         for j in range(L):
             lse[j] = np.float64(m[j]) + math.log(np.float64(ssum[j]))
@@ -690,9 +696,12 @@ def _softmax_strided(x, mode, out, lse_out):
             for j in range(L):
                 if lse[j] != lse[j]:
                     inv[j] = lse[j]
+            zero = np.zeros(L, x.dtype)
+            spent = np.zeros(L, x.dtype)
             for c in range(C):
-                for j in range(L):
-                    out[n, c, s0 + j] = exp2_nonpos_exact((xs[c, j] - m[j]) * log2e) * inv[j]
+                oc = out[n, c, s0:s0 + L]
+                _seg_exp_acc_store(x[n, c, s0:s0 + L], m, log2e, spent, oc)
+                _seg_grad(oc, inv, zero, zero[0])     # oc *= inv
 
 
 # ---------------------------------------------------------------------------------------------
