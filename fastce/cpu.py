@@ -516,15 +516,19 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
     inv_capf = cast_like(inv_cap, x)
     log2e = cast_like(LOG2E, x)
     # Pass 1: per-position max over the classes (raw logits; softcap is monotonic).
-    m = x[xn, 0, xs0:xs0 + L].copy()
+    # One scratch allocation for the block's per-position vectors (rows 5.. start zeroed).
+    scratch = np.empty((11, L), x.dtype)
+    scratch[5:] = 0
+    m = scratch[0]
+    m[:] = x[xn, 0, xs0:xs0 + L]
     for c in range(1, C):
         _seg_max(x[xn, c, xs0:xs0 + L], m)
-    ms = np.empty(L, x.dtype)          # max of the softcapped logits
+    ms = scratch[1]                    # max of the softcapped logits
     for j in range(L):
         ms[j] = softcap_fast(m[j], capf, inv_capf) if has_cap else m[j]
     # The target logits and token hits, read before pass 2 may overwrite the logits with the
     # gradient (cross_entropy_with_grad(..., out=input)).
-    xt_v = np.zeros(L, x.dtype)
+    xt_v = scratch[5]
     for j in range(L):
         tj = np.int64(t[on, os0 + j])
         hit = False
@@ -538,9 +542,9 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
                         break
         hit_out[on, os0 + j] = 1 if hit else 0
     # Pass 2: sum_c w_c s_c, and the sums of exp(s - max), stored into the gradient if wanted.
-    ssum = np.zeros(L, x.dtype)
-    sws = np.zeros(L, x.dtype)
-    sc = np.empty(L if has_cap else 0, x.dtype)
+    ssum = scratch[6]
+    sws = scratch[7]
+    sc = scratch[2]
     for c in range(C):
         xs = x[xn, c, xs0:xs0 + L]
         if has_cap:
@@ -561,10 +565,10 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
             else:
                 _seg_exp_acc(xs, ms, log2e, ssum)
     # Per position: loss, z-loss, gradient coefficients.
-    scale_v = np.zeros(L, x.dtype)
-    gamma_v = np.zeros(L, x.dtype)
-    beta_v = np.zeros(L, x.dtype)
-    log_v = np.empty(L, x.dtype)
+    scale_v = scratch[8]
+    gamma_v = scratch[9]
+    beta_v = scratch[10]
+    log_v = scratch[3]
     _seg_log(ssum, log_v)
     for j in range(L):
         lse = np.float64(ms[j]) + np.float64(log_v[j])
@@ -920,7 +924,7 @@ class CPUBackend:
     @staticmethod
     def total(a) -> float:
         """Deterministic float64 sum (pairwise, fixed order)."""
-        return float(np.sum(a, dtype=np.float64))
+        return float(a.sum() if a.dtype == np.float64 else a.sum(dtype=np.float64))
 
     @staticmethod
     def scalar(value, dtype):
