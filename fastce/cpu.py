@@ -39,7 +39,7 @@ _JIT = dict(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 _INLINE = dict(fastmath=FASTMATH, error_model="numpy")    # LLVM inlines these small functions
 
 LOG2E = 1.4426950408889634
-BLOCK = 256                    # spatial positions per task in the strided layout
+BLOCK = 1024                   # spatial positions per task in the strided layout
 SERIAL_BELOW = 1 << 16         # logits below which the serial kernel runs
 SMALL_C = 32                   # rows of at most this many classes take the scalar rows kernel
 STATS_CHUNK = 1 << 16          # targets per task of the target pre-pass (fixed: deterministic D)
@@ -474,6 +474,17 @@ def _seg_log(ssum, out):
 
 
 @njit(**_INLINE)
+def _seg_index_loss(ms, log_v, st_v, wt_v, valid_v, sws, W, keep, smooth_c, zl, lse_v, ce, zls):
+    """Per position: lse, ce = index_loss(...) and the z-loss, 0 where not valid."""
+    for j in range(ms.shape[0]):
+        lse = np.float64(ms[j]) + np.float64(log_v[j])
+        lse_v[j] = lse
+        v = _index_loss(lse, st_v[j], wt_v[j], W, np.float64(sws[j]), keep, smooth_c)
+        ce[j] = v if valid_v[j] != 0.0 else 0.0
+        zls[j] = _z_term(lse, zl) if valid_v[j] != 0.0 else 0.0
+
+
+@njit(**_INLINE)
 def _seg_axpy(wc, xs, acc):
     for j in range(xs.shape[0]):
         acc[j] += wc * xs[j]
@@ -526,15 +537,23 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
     ms = scratch[1]                    # max of the softcapped logits
     for j in range(L):
         ms[j] = softcap_fast(m[j], capf, inv_capf) if has_cap else m[j]
-    # The target logits and token hits, read before pass 2 may overwrite the logits with the
-    # gradient (cross_entropy_with_grad(..., out=input)).
-    xt_v = scratch[5]
+    # Gather per position: validity, target weight, target logit (softcapped) and token hit,
+    # all read before pass 2 may overwrite the logits with the gradient (out=input).
+    f64 = np.empty((4, L))
+    valid_v, wt_v, st_v, lse_v = f64[0], f64[1], f64[2], f64[3]
     for j in range(L):
         tj = np.int64(t[on, os0 + j])
         hit = False
-        if not (tj == ignore_index or tj < 0 or tj >= C):
-            xt_v[j] = x[xn, tj, xs0 + j]
-            hit = xt_v[j] == m[j]
+        if tj == ignore_index or tj < 0 or tj >= C:
+            valid_v[j] = 0.0
+            wt_v[j] = 0.0
+            st_v[j] = 0.0
+        else:
+            valid_v[j] = 1.0
+            wt_v[j] = w[tj]
+            xt = x[xn, tj, xs0 + j]
+            st_v[j] = softcap_fast(xt, capf, inv_capf) if has_cap else xt
+            hit = xt == m[j]
             if hit:
                 for c in range(tj):
                     if x[xn, c, xs0 + j] == m[j]:
@@ -564,33 +583,27 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
                 _seg_exp_acc_store(xs, ms, log2e, ssum, grad[xn, c, xs0:xs0 + L])
             else:
                 _seg_exp_acc(xs, ms, log2e, ssum)
-    # Per position: loss, z-loss, gradient coefficients.
+    # Per position: loss and z-loss (vectorised), then the gradient coefficients.
+    log_v = scratch[3]
+    _seg_log(ssum, log_v)
+    _seg_index_loss(ms, log_v, st_v, wt_v, valid_v, sws, W, keep, smooth_c, zl, lse_v,
+                    ce_out[on, os0:os0 + L], zl_out[on, os0:os0 + L])
     scale_v = scratch[8]
     gamma_v = scratch[9]
     beta_v = scratch[10]
-    log_v = scratch[3]
-    _seg_log(ssum, log_v)
-    for j in range(L):
-        lse = np.float64(ms[j]) + np.float64(log_v[j])
-        tj = np.int64(t[on, os0 + j])
-        if tj == ignore_index or tj < 0 or tj >= C:
-            ce_out[on, os0 + j] = 0.0
-            zl_out[on, os0 + j] = 0.0
-            continue
-        w_t = np.float64(w[tj])
-        xt = xt_v[j]
-        s_t = np.float64(softcap_fast(xt, capf, inv_capf)) if has_cap else np.float64(xt)
-        ce_out[on, os0 + j] = _index_loss(lse, s_t, w_t, W, np.float64(sws[j]), keep, smooth_c)
-        zl_out[on, os0 + j] = _z_term(lse, zl)
-        if want_grad:
-            alpha, beta, gamma = _index_grad_coefs(g[(g_off + j) * g_stride], lse, w_t, W, keep,
-                                                   smooth_c, inv_D, z2)
+    if want_grad:
+        for j in range(L):
+            if valid_v[j] == 0.0:
+                continue
+            lse = lse_v[j]
+            alpha, beta, gamma = _index_grad_coefs(g[(g_off + j) * g_stride], lse, wt_v[j], W,
+                                                   keep, smooth_c, inv_D, z2)
             scale = alpha / np.float64(ssum[j])
             if lse != lse:
                 scale = lse
             scale_v[j] = scale
             gamma_v[j] = gamma
-            beta_v[j] = beta * (_softcap_grad_factor(s_t, inv_cap) if has_cap else 1.0)
+            beta_v[j] = beta * (_softcap_grad_factor(st_v[j], inv_cap) if has_cap else 1.0)
     if want_grad:
         # Pass 3: the dense part of the gradient, then the one-hot part.
         for c in range(C):
@@ -771,8 +784,15 @@ def _softmax_strided(x, mode, out, lse_out):
 # Compilation (lazy, cached) and launching
 # ---------------------------------------------------------------------------------------------
 def _twins(fn):
-    """(serial, parallel) compilations of one kernel body."""
-    return njit(parallel=False, **_JIT)(fn), njit(parallel=True, **_JIT)(fn)
+    """(serial, parallel) compilations of one kernel body.
+
+    Numba's on-disk cache keys a function by its qualified name and signature, not by its
+    compile flags: the serial twin is a copy under another name, so that the two never load
+    each other's machine code."""
+    serial = type(fn)(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__,
+                      fn.__closure__)
+    serial.__qualname__ = fn.__qualname__ + "_serial"
+    return njit(parallel=False, **_JIT)(serial), njit(parallel=True, **_JIT)(fn)
 
 
 _KERNELS = {fn.__name__: _twins(fn) for fn in
