@@ -140,15 +140,20 @@ def _canonical(be, x, axis):
     return x.reshape(N, C, S), N, C, S
 
 
-def _check_weight(be, weight, C, dtype):
-    if weight is None:
-        return be.ones(C, dtype), float(C)
-    w = be.asarray(weight)
+def check_weight_meta(w, C):
+    """Raise unless ``w`` (any array type) is a 1-D real array of length C."""
     if w.ndim != 1 or w.shape[0] != C:
         raise ValueError(f"fastce: weight must be a 1-D array of length C={C} (one weight per "
                          f"class), got shape {tuple(w.shape)}")
     if w.dtype.kind not in "fiu":
         raise TypeError(f"fastce: weight must be a real numeric array, got dtype {w.dtype}")
+
+
+def _check_weight(be, weight, C, dtype):
+    if weight is None:
+        return be.ones(C, dtype), float(C)
+    w = be.asarray(weight)
+    check_weight_meta(w, C)
     w = be.contiguous(w.astype(dtype))
     return w, be.total(w)
 

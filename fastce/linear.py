@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from .api import _check_options, cross_entropy, cross_entropy_with_grad
+from .api import _check_options, check_weight_meta, cross_entropy, cross_entropy_with_grad
 from .dispatch import is_device_array
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad", "bench_linear"]
@@ -137,11 +137,7 @@ def _prepare(xp, hidden, classifier, target, bias, weight, ignore_index):
     w = None
     if weight is not None:
         w = xp.asarray(weight)
-        if w.ndim != 1 or w.shape[0] != V:
-            raise ValueError(f"fastce: weight must be a 1-D array of length V={V} (one weight "
-                             f"per class), got shape {tuple(w.shape)}")
-        if w.dtype.kind not in "fiu":
-            raise TypeError(f"fastce: weight must be a real numeric array, got dtype {w.dtype}")
+        check_weight_meta(w, V)
         w = xp.ascontiguousarray(w.astype(cdt))
 
     # Targets: validation and the global denominators of the mean.
