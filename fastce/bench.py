@@ -448,7 +448,7 @@ def _environment():
 
 
 def run_bench(workloads=("W1", "W2", "W3"), quick=False, repeats=None, out=sys.stdout,
-              libraries=None, progress=_progress, max_time=None):
+              libraries=None, progress=_progress, max_time=None, linear=False):
     """Time every library on every workload, check exactness, print the table and the goals.
 
     Returns {"times": {(workload, op, library): seconds}, "exactness": {...}, "goals": [...],
@@ -502,6 +502,19 @@ def run_bench(workloads=("W1", "W2", "W3"), quick=False, repeats=None, out=sys.s
     if memory is not None:
         print(f"\npeak extra memory, fastce W1 forward: {memory[0] / 2**20:.2f} MiB = "
               f"{memory[1]:.4f} x the logits (tracemalloc)", file=out)
+
+    if linear:
+        from .linear import bench_linear
+        progress("LIN: fused vs unfused linear cross-entropy")
+        lin = bench_linear(quick=quick, repeat=repeats)
+        fused, unfused = lin[0], lin[1]
+        print("\nfused linear cross-entropy, loss + 3 gradients (N=%d, H=256, V=32000 float32):"
+              % (1024 if quick else 4096), file=out)
+        for name, ms, mb in lin:
+            print(f"  {name:<20}{ms:10.1f} ms   peak extra {mb:8.1f} MB", file=out)
+        print(f"  fused / unfused time: {fused[1] / unfused[1]:.3f}x (goal <= 1.2x); fused peak "
+              f"extra memory / logits: {fused[2] * 1e6 / ((1024 if quick else 4096) * 32000 * 4):.3f}"
+              f" (goal <= 0.15)", file=out)
 
     goals = evaluate_goals(times)
     print("\ngoals (fastce time / other time; torch = the faster of torch, torch-1t):", file=out)
@@ -575,19 +588,22 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command")
     b = sub.add_parser("bench", help="fastce vs NumPy, torch and JAX on W1-W3")
     b.add_argument("--quick", action="store_true", help="small sizes: finishes in seconds")
-    b.add_argument("--workloads", default="W1,W2,W3",
-                   help="comma-separated subset of " + ",".join(WORKLOADS))
+    b.add_argument("--workloads", default="W1,W2,W3,LIN",
+                   help="comma-separated subset of " + ",".join(WORKLOADS) + ",LIN (LIN: the "
+                   "fused linear cross-entropy against the unfused path)")
     b.add_argument("--repeats", type=int, default=None, help="samples per measurement")
     sub.add_parser("demo", help="the worked examples and a short timing (the default)")
     args = parser.parse_args(argv)
     if args.command == "bench":
         names = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
+        linear = "LIN" in names
+        names = [w for w in names if w != "LIN"]
         unknown = [w for w in names if w not in WORKLOADS]
         if unknown:
             parser.error(f"unknown workload(s) {unknown}; choose from {list(WORKLOADS)}")
         if args.repeats is not None and args.repeats < 1:
             parser.error("--repeats must be >= 1")
-        run_bench(names, quick=args.quick, repeats=args.repeats)
+        run_bench(names, quick=args.quick, repeats=args.repeats, linear=linear)
     else:
         run_demo()
     return 0
