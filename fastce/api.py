@@ -275,7 +275,7 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
             grad = be.contiguous(o).reshape(N, C, S)
     if kind == "index":
         prm = be.xp.asarray(np.array([1.0 - eps, eps / C, W, cap, inv_D, z2, zl,
-                                      float(in_place)]))
+                                      float(in_place), float(want_stats)]))
         ce, zls, hit = be.index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride)
     else:
         prm = be.xp.asarray(np.array([1.0 - eps, eps / C, cap, inv_D, z2, zl]))

@@ -347,8 +347,9 @@ def _target_stats(t, w, ignore_index, C, part_D, part_n, part_bad):
 # Class-index targets
 # ---------------------------------------------------------------------------------------------
 def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out, hit_out):
-    """Rows layout.  prm = [keep, smooth_c, W, cap, inv_D, z2_inv_Dz, z_loss, in_place]
-    (float64; in_place: grad is x itself, and there is no softcap).
+    """Rows layout.  prm = [keep, smooth_c, W, cap, inv_D, z2_inv_Dz, z_loss, in_place, want_hit]
+    (float64; in_place: grad is x itself, and there is no softcap; want_hit: token accuracy
+    asked for, else hit_out is left 0).
 
     Writes ce_out (the cross-entropy of each row), zl_out (its z-loss) and hit_out (argmax ==
     target); with want_grad, the gradient into grad.
@@ -359,6 +360,7 @@ def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out
     inv_cap = 1.0 / cap if has_cap else 0.0
     smoothing = smooth_c != 0.0
     in_place = prm[7] != 0.0
+    want_hit = prm[8] != 0.0
     for i in prange(N):
         row = x[i]
         capf = cast_like(cap, row)
@@ -371,7 +373,7 @@ def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out
         # Every read of the logits comes before pass 2 writes the gradient row, which may be
         # the logits themselves (cross_entropy_with_grad(..., out=input)).
         hit = False
-        if valid:
+        if valid and want_hit:
             # Token accuracy: the target is the first maximum of the row.
             hit = row[ti] == m
             if hit:
@@ -523,6 +525,7 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
     has_cap = cap > 0.0
     inv_cap = 1.0 / cap if has_cap else 0.0
     smoothing = smooth_c != 0.0
+    want_hit = prm[8] != 0.0
     capf = cast_like(cap, x)
     inv_capf = cast_like(inv_cap, x)
     log2e = cast_like(LOG2E, x)
@@ -553,7 +556,7 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
             wt_v[j] = w[tj]
             xt = x[xn, tj, xs0 + j]
             st_v[j] = softcap_fast(xt, capf, inv_capf) if has_cap else xt
-            hit = xt == m[j]
+            hit = want_hit and xt == m[j]
             if hit:
                 for c in range(tj):
                     if x[xn, c, xs0 + j] == m[j]:

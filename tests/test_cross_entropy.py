@@ -353,3 +353,19 @@ def test_bad_out(backend):
     with pytest.raises(ValueError, match="C-contiguous"):
         strided = backend.to(np.zeros((5, 4)))
         fastce.cross_entropy_backward(backend.to(x), backend.to(t), out=strided.T)
+
+
+@pytest.mark.parametrize("shape", [(40, 6), (40, 70), (4, 6, 10)])
+def test_token_accuracy_on_every_layout(backend, shape):
+    from fastce import spec
+    from helpers import canonical
+    rng = np.random.default_rng(13)
+    x, t = random_case(rng, shape, np.float64, ignore_frac=0.2)
+    x = np.round(x)                               # ties: the first maximum is the argmax
+    amax = np.argmax(x, axis=1)
+    hit_some = rng.random(t.shape) < 0.5
+    t = np.where(hit_some & (t != -100), amax, t)  # about half the targets are the argmax
+    out = fastce.cross_entropy(backend.to(x), backend.to(t), return_token_accuracy=True)
+    x3, t3 = canonical(x, t)
+    assert out.token_accuracy == pytest.approx(spec.token_accuracy(x3, t3), abs=1e-12)
+    assert 0.3 < out.token_accuracy < 1.0
