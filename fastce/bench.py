@@ -24,8 +24,7 @@ import os
 import sys
 import time
 import tracemalloc
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
