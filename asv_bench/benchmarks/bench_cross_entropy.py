@@ -10,17 +10,11 @@
 Every setup builds the arrays and calls fastce once (Numba compiles, or loads its cache) so
 that no timed region includes compilation.
 """
-import os
-import sys
 import time
 
 import numpy as np
 
-try:
-    import fastce
-except ImportError:         # a fresh checkout that was not pip-installed: use the source tree
-    sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-    import fastce
+import fastce  # the suite measures the installed fastce (pip install -e ".[bench]")
 
 from fastce.bench import make_workload
 

@@ -6,14 +6,8 @@ fused path saves ~1 GB of logits + logit gradient).
 setup() builds the problem and runs each path once on a slice (Numba compiles or loads its
 cache), so no timed region includes compilation.
 """
-import os
-import sys
 
-try:
-    import fastce
-except ImportError:         # a fresh checkout that was not pip-installed: use the source tree
-    sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-    import fastce
+import fastce  # the suite measures the installed fastce (pip install -e ".[bench]")
 
 from fastce.linear import fused_with_grad, make_problem, unfused_with_grad
 
