@@ -242,11 +242,16 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
     g, g_stride = (_check_grad_output(be, grad_output, reduction, loss_shape, in_dtype)
                    if want_grad else (be.ones(1, np.float64), 0))
 
+    # The forward may validate its targets inside the loss kernel itself (which never reads
+    # with a bad one); the gradient needs the mean's denominator first: a pre-pass.
+    fuse_stats = kind == "index" and not want_grad and getattr(be, "fuses_target_stats", False)
     if kind == "index":
         t2 = be.contiguous(t).reshape(N, S)
-        D, count, bad = be.target_stats(t2, w, ignore_index, C)
-        if bad >= 0:
-            raise _bad_target_error(be, t, bad, C, ignore_index)
+        D, count = 1.0, 0
+        if not fuse_stats:
+            D, count, bad = be.target_stats(t2, w, ignore_index, C)
+            if bad >= 0:
+                raise _bad_target_error(be, t, bad, C, ignore_index)
         Dz = float(count)
     else:
         if ignore_index != -100:
@@ -276,7 +281,14 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
     if kind == "index":
         prm = be.xp.asarray(np.array([1.0 - eps, eps / C, W, cap, inv_D, z2, zl,
                                       float(in_place), float(want_stats)]))
-        ce, zls, hit = be.index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride)
+        ce, zls, hit, stats = be.index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride,
+                                            per_position=reduction == "none",
+                                            fuse_stats=fuse_stats)
+        if fuse_stats:
+            D, count, bad = stats
+            if bad >= 0:
+                raise _bad_target_error(be, t, bad, C, ignore_index)
+            Dz = float(count)
     else:
         prm = be.xp.asarray(np.array([1.0 - eps, eps / C, cap, inv_D, z2, zl]))
         ce, zls = be.prob_loss(x3, t2, w, prm, grad, g, g_stride)

@@ -13,7 +13,8 @@ Everything here is importable (the asv suite and the tests use it):
 Timings are medians of samples; each sample runs a callable ``number`` times, with ``number``
 chosen so that a sample lasts at least ``MIN_SAMPLE_S`` (so microsecond calls are measured
 reliably).  Libraries are timed round-robin, one sample each per round, so that a noisy
-machine disturbs them alike.
+machine disturbs them alike, each sample after a pause of ``SETTLE_S`` (the thread pools of the
+library timed before it go idle).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ __all__ = [
 ]
 
 MIN_SAMPLE_S = 0.05
+SETTLE_S = 0.05
 FASTCE, NUMPY, TORCH, JAX = "fastce", "numpy", "torch", "jax"
 FWD, FWDBWD = "forward", "loss+grad"
 
@@ -286,6 +288,9 @@ def _sample(fn, number):
     before = getattr(fn, "before", None)
     if before is not None:
         before()                    # per-library state (torch's thread count), not timed
+    # Let the previous sample's worker threads (XLA's, OpenMP's) stop spinning: otherwise each
+    # library is timed while its predecessor in the round still holds the cores.
+    time.sleep(SETTLE_S)
     t0 = time.perf_counter()
     for _ in range(number):
         fn()

@@ -4,17 +4,23 @@ Layouts (see ``fastce.spec``): logits are viewed as (N, C, S).
 - ``S == 1`` ("rows"): each row of C logits is contiguous; one row per task, three passes over a
   row that stays in cache (max, exp-sum, gradient), vectorised along the class axis.
 - ``S > 1`` ("strided", e.g. (N, C, H, W)): the class axis has stride S; a task is a block of
-  up to BLOCK spatial positions of one n, vectorised along the contiguous spatial axis.
+  BLOCK spatial positions of one n, vectorised along the contiguous spatial axis.  While a block
+  computes its exps, the next block's logits are prefetched into L2, so that its memory-bound
+  first pass overlaps this one's compute-bound second pass.  Rows of few classes are transposed
+  per block into the same layout.
 
 The exp is ours (``exp2_nonpos``): the llvmlite wheels have no vector math library, so a call
 to libm's expf per element would make the loss compute-bound at ~4x the cost of reading the
 logits.  A range reduction plus a polynomial, with the power of two assembled from integer
-bits, is accurate to ~2 ulp and lets LLVM vectorise every pass.
+bits, is accurate to ~3 ulp and lets LLVM vectorise every pass.
 
 Each kernel exists twice: ``parallel=True`` for large problems and a serial twin for small ones,
-where waking the thread pool would cost more than the work.  Per-element results are written
-to O(N*S) arrays and reduced on the host in a fixed order, so the loss is bitwise identical
-whatever the thread count.
+where waking the thread pool would cost more than the work.  Per-row results, or per-block sums
+over a fixed partition, are written to arrays and reduced on the host in a fixed order, so the
+loss is bitwise identical whatever the thread count.  The forward validates each block's
+targets inside the loss kernel (a bad target is never used as an index and is reported after
+the kernel); loss+grad needs the mean's denominator before its gradient pass, so it runs the
+target pre-pass first, over the same partition (the same denominator to the last bit).
 """
 from __future__ import annotations
 
@@ -39,10 +45,9 @@ _JIT = dict(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 _INLINE = dict(fastmath=FASTMATH, error_model="numpy")    # LLVM inlines these small functions
 
 LOG2E = 1.4426950408889634
-BLOCK = 1024                   # spatial positions per task in the strided layout
+BLOCK = 512                    # positions per task of the block kernels (C of them fit L1-L2)
 SERIAL_BELOW = 1 << 16         # logits below which the serial kernel runs
 SMALL_C = 32                   # rows of at most this many classes take the scalar rows kernel
-STATS_CHUNK = 1 << 16          # targets per task of the target pre-pass (fixed: deterministic D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,6 +81,62 @@ def _bits_to_float(typingctx, i):
         return builder.bitcast(args[0], llty)
 
     return sig, codegen
+
+
+@intrinsic
+def _rint(typingctx, a):
+    """Round to nearest even (llvm.rint): one vroundps, where floor(a + 0.5) takes two ops."""
+    if not isinstance(a, types.Float):
+        return None
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(args[0].type, [args[0].type])
+        fn = builder.module.declare_intrinsic("llvm.rint", [args[0].type], fnty)
+        return builder.call(fn, args)
+
+    return a(a), codegen
+
+
+@intrinsic
+def _pow2i(typingctx, n):
+    """2**n for an integral float n in the normal exponent range, its bits built in an integer
+    of the float's own width (float32 -> int32: 8 lanes per AVX2 op, where Numba's int64
+    arithmetic would convert through 64-bit lanes)."""
+    if n == types.float32:
+        width, bias, shift, llty = 32, 127, 23, ir.FloatType()
+    elif n == types.float64:
+        width, bias, shift, llty = 64, 1023, 52, ir.DoubleType()
+    else:
+        return None
+
+    def codegen(context, builder, sig, args):
+        ity = ir.IntType(width)
+        k = builder.fptosi(args[0], ity)
+        k = builder.add(k, ir.Constant(ity, bias))
+        k = builder.shl(k, ir.Constant(ity, shift))
+        return builder.bitcast(k, llty)
+
+    return n(n), codegen
+
+
+@intrinsic
+def prefetch(typingctx, arr, index):
+    """Hint the cache to fetch arr.flat[index] into L2 (llvm.prefetch; never faults)."""
+    if not isinstance(arr, types.Array) or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        i8p = ir.IntType(8).as_pointer()
+        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p], fnty)
+        # read, locality 2 (L2: a block of logits outgrows L1), data cache
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, index), codegen
 
 
 @intrinsic
@@ -140,31 +201,30 @@ def exp2_nonpos_exact(u):
     return 2.0 ** u if u > -126 else 0.0
 
 
-# Taylor coefficients of 2**f = exp(f ln2) on |f| <= 1/2: degree 6 is < 2.5e-7 relative for
-# float32, degree 12 < 2e-16 for float64.
-_C32 = tuple(math.log(2.0) ** k / math.factorial(k) for k in range(7))
+# 2**f on |f| <= 1/2.  float32: a degree-5 polynomial fitted for least maximum relative error
+# (9e-8, below float32's half ulp; evaluated in float32: within 3.2 ulp, where Taylor's degree 6
+# gives 4 ulp with one more multiply-add).  float64: Taylor's degree 12, < 2e-16.
+_C32 = (1.0, 0.6931469775950491, 0.24022242078980532, 0.05550733747383977,
+        0.009671513021455427, 0.001326472682199684)
 _C64 = tuple(math.log(2.0) ** k / math.factorial(k) for k in range(13))
 
 
 def _exp2_f32(u):
     uc = max(u, np.float32(-126.0))
-    n = np.floor(uc + np.float32(0.5))
-    f = uc - n
-    p = np.float32(_C32[6])
-    p = p * f + np.float32(_C32[5])
+    n = _rint(uc)
+    f = uc - n                        # |f| <= 1/2
+    p = np.float32(_C32[5])
     p = p * f + np.float32(_C32[4])
     p = p * f + np.float32(_C32[3])
     p = p * f + np.float32(_C32[2])
     p = p * f + np.float32(_C32[1])
     p = p * f + np.float32(1.0)
-    # (Numba widens int32 arithmetic to int64: narrow back before reinterpreting the bits.)
-    scale = _bits_to_float(np.int32((np.int64(n) + 127) << 23))
-    return p * scale
+    return p * _pow2i(n)
 
 
 def _exp2_f64(u):
     uc = max(u, -1022.0)
-    n = np.floor(uc + 0.5)
+    n = _rint(uc)
     f = uc - n
     p = _C64[12]
     p = p * f + _C64[11]
@@ -179,8 +239,7 @@ def _exp2_f64(u):
     p = p * f + _C64[2]
     p = p * f + _C64[1]
     p = p * f + 1.0
-    scale = _bits_to_float((np.int64(n) + 1023) << 52)
-    return p * scale
+    return p * _pow2i(n)
 
 
 @overload(exp2_nonpos, jit_options=dict(fastmath=FASTMATH, error_model="numpy"), inline="always")
@@ -319,28 +378,61 @@ def _row_grad_softcap(gr, scale, gamma, w, srow, inv_cap):
 # ---------------------------------------------------------------------------------------------
 # Target pre-pass: validation and the mean's denominators, before any kernel indexes with them
 # ---------------------------------------------------------------------------------------------
-def _target_stats(t, w, ignore_index, C, part_D, part_n, part_bad):
-    """Per chunk: sum of w[t] and count over non-ignored targets, first bad position (or -1)."""
-    M = t.size
-    nchunks = part_D.size
-    for k in prange(nchunks):
-        lo = k * STATS_CHUNK
-        hi = min(lo + STATS_CHUNK, M)
-        d = 0.0
-        cnt = 0
-        bad = -1
-        for j in range(lo, hi):
-            tj = np.int64(t[j])
-            if tj == ignore_index:
-                continue
-            if tj < 0 or tj >= C:
-                bad = j
+# Targets are summed in the block partition of the block kernels (BLOCK positions of one n;
+# rows viewed as (1, N)), so that the forward, which computes these statistics inside its own
+# blocks, and the pre-pass of loss+grad add the same numbers in the same order.
+@njit(**_INLINE)
+def _seg_targets(ts, w, ignore_index, C, valid_v, wt_v):
+    """Per target of a segment: valid_v (1 unless ignored or out of range) and wt_v (w[t], 0
+    where not valid); returns the number of bad targets (neither ignore_index nor in [0, C)).
+    Branch-free, so LLVM vectorises it (gathering w)."""
+    nbad = 0
+    for j in range(ts.shape[0]):
+        tj = np.int64(ts[j])
+        in_range = (tj >= 0) & (tj < C)
+        ok = in_range & (tj != ignore_index)
+        valid_v[j] = 1.0 if ok else 0.0
+        wt_v[j] = np.float64(w[tj if ok else 0]) if ok else 0.0
+        nbad += 1 if (not in_range) & (tj != ignore_index) else 0
+    return nbad
+
+
+@njit(**_INLINE)
+def _seg_sum(v):
+    acc = 0.0
+    for j in range(v.shape[0]):
+        acc += v[j]
+    return acc
+
+
+@njit(**_INLINE)
+def _seg_stats(ts, ignore_index, C, valid_v, wt_v, nbad, stats, slot, flat0):
+    """stats[:, slot] = (sum of w[t], count, first bad flat position or -1) of a segment whose
+    _seg_targets gave valid_v, wt_v and nbad; flat0 is its first target's flat position."""
+    stats[0, slot] = _seg_sum(wt_v)
+    stats[1, slot] = _seg_sum(valid_v)
+    first = -1
+    if nbad:
+        for j in range(ts.shape[0]):
+            tj = np.int64(ts[j])
+            if tj != ignore_index and (tj < 0 or tj >= C):
+                first = flat0 + j
                 break
-            d += np.float64(w[tj])
-            cnt += 1
-        part_D[k] = d
-        part_n[k] = cnt
-        part_bad[k] = bad
+    stats[2, slot] = first
+
+
+def _target_stats(t, w, ignore_index, C, part):
+    """part[:, task] = (sum of w[t], count, first bad flat position or -1) per block of t (M, S)."""
+    M, S = t.shape
+    nblk = (S + BLOCK - 1) // BLOCK
+    for task in prange(M * nblk):
+        n = task // nblk
+        s0 = (task - n * nblk) * BLOCK
+        L = min(BLOCK, S - s0)
+        ts = t[n, s0:s0 + L]
+        v = np.empty((2, L))
+        nbad = _seg_targets(ts, w, ignore_index, C, v[0], v[1])
+        _seg_stats(ts, ignore_index, C, v[0], v[1], nbad, part, task, n * S + s0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,21 +561,40 @@ def _seg_exp_acc_inplace(gs, ms, log2e, ssum):
 
 
 @njit(**_INLINE)
-def _seg_log(ssum, out):
-    """out_j = log(ssum_j), vectorised (float32: within ~1 ulp)."""
-    for j in range(ssum.shape[0]):
-        out[j] = log_ge1(ssum[j])
+def _seg_prefetch(flat, start, n):
+    """Prefetch flat[start:start + n], one hint per 64-byte line."""
+    step = max(1, 64 // flat.itemsize)
+    for k in range(0, n, step):
+        prefetch(flat, start + k)
 
 
 @njit(**_INLINE)
-def _seg_index_loss(ms, log_v, st_v, wt_v, valid_v, sws, W, keep, smooth_c, zl, lse_v, ce, zls):
-    """Per position: lse, ce = index_loss(...) and the z-loss, 0 where not valid."""
+def _seg_target_logits(ts, valid_v, xt2, xs0, st_v):
+    """st_v[j] = xt2[t_j, xs0 + j], 0 where not valid (vectorised with gathers)."""
+    for j in range(ts.shape[0]):
+        ok = valid_v[j] != 0.0
+        st_v[j] = np.float64(xt2[np.int64(ts[j]) if ok else 0, xs0 + j]) if ok else 0.0
+
+
+@njit(**_INLINE)
+def _seg_first_argmax(xs, m, c, first):
+    """first_j <- c where xs_j == m_j (classes visited last to first: the first maximum wins)."""
+    for j in range(xs.shape[0]):
+        first[j] = c if xs[j] == m[j] else first[j]
+
+
+@njit(**_INLINE)
+def _seg_index_loss(ms, ssum, st_v, wt_v, valid_v, sws, W, keep, smooth_c, zl, lse_v, ce, zls):
+    """Per position: lse = ms + log(ssum) (the log vectorised: float32 within ~1 ulp), ce =
+    index_loss(...) and its z-loss (into zls, unless empty), 0 where not valid."""
     for j in range(ms.shape[0]):
-        lse = np.float64(ms[j]) + np.float64(log_v[j])
+        lse = np.float64(ms[j]) + np.float64(log_ge1(ssum[j]))
         lse_v[j] = lse
         v = _index_loss(lse, st_v[j], wt_v[j], W, np.float64(sws[j]), keep, smooth_c)
         ce[j] = v if valid_v[j] != 0.0 else 0.0
-        zls[j] = _z_term(lse, zl) if valid_v[j] != 0.0 else 0.0
+    if zls.shape[0]:
+        for j in range(ms.shape[0]):
+            zls[j] = _z_term(lse_v[j], zl) if valid_v[j] != 0.0 else 0.0
 
 
 @njit(**_INLINE)
@@ -496,6 +607,12 @@ def _seg_axpy(wc, xs, acc):
 def _seg_grad(gs, scale_v, gamma_v, wc):
     for j in range(gs.shape[0]):
         gs[j] = gs[j] * scale_v[j] - gamma_v[j] * wc
+
+
+@njit(**_INLINE)
+def _seg_scale(gs, scale_v):
+    for j in range(gs.shape[0]):
+        gs[j] = gs[j] * scale_v[j]
 
 
 @njit(**_INLINE)
@@ -514,13 +631,21 @@ def _seg_grad_softcap(gs, scale_v, gamma_v, wc, ss, inv_capf):
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_place, g, g_off,
-                 g_stride, grad, ce_out, zl_out, hit_out):
-    """Class-index loss of L positions whose logits are x[xn, :, xs0:xs0+L] (C-contiguous 3-D,
-    positions contiguous), targets t[on, os0:os0+L]; writes ce/zl/hit_out[on, os0 + j] and,
-    with want_grad, grad[xn, :, xs0:xs0+L] (in_place: grad is x).  g[(g_off + j) * g_stride] is
-    the upstream gradient.
-    Every pass runs along contiguous segments of the L positions, which LLVM vectorises."""
+                 g_stride, grad, per_position, slot, ce_out, zl_out, hit_out, stats,
+                 prefetch_next):
+    """Class-index loss of the L positions whose logits are x[xn, :, xs0:xs0+L] (C-contiguous
+    3-D, positions contiguous) and targets t[on, os0:os0+L]; every pass runs along contiguous
+    segments of the L positions, which LLVM vectorises.
+
+    per_position: ce/zl/hit_out[on, os0 + j] per position; else their sums over the block in
+    ce/zl/hit_out[0, slot] (a fixed partition: the same numbers whatever the thread count).
+    stats (3, tasks), unless empty: the block's target statistics into stats[:, slot] (the
+    forward validates its targets here, instead of in a pre-pass).  want_grad: the gradient into
+    grad[xn, :, xs0:xs0+L] (in_place: grad is x); g[(g_off + j) * g_stride] is the upstream
+    gradient.  prefetch_next: hint the next block of x (the next task of this thread) into L2
+    while this one computes its exps."""
     C = x.shape[1]
+    S = x.shape[2]
     keep, smooth_c, W, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5], prm[6]
     has_cap = cap > 0.0
     inv_cap = 1.0 / cap if has_cap else 0.0
@@ -529,45 +654,52 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
     capf = cast_like(cap, x)
     inv_capf = cast_like(inv_cap, x)
     log2e = cast_like(LOG2E, x)
+    ts = t[on, os0:os0 + L]
+    # One scratch allocation each for the block's per-position vectors.
+    scratch = np.empty((7, L), x.dtype)
+    f64 = np.empty((9, L))
+    m, ms, sc, ssum, sws = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
+    valid_v, wt_v, st_v, lse_v, ce_v, zl_v = f64[0], f64[1], f64[2], f64[3], f64[4], f64[5]
+    nbad = _seg_targets(ts, w, ignore_index, C, valid_v, wt_v)
+    if stats.shape[1]:
+        _seg_stats(ts, ignore_index, C, valid_v, wt_v, nbad, stats, slot,
+                   on * t.shape[1] + os0)
     # Pass 1: per-position max over the classes (raw logits; softcap is monotonic).
-    # One scratch allocation for the block's per-position vectors (rows 5.. start zeroed).
-    scratch = np.empty((11, L), x.dtype)
-    scratch[5:] = 0
-    m = scratch[0]
     m[:] = x[xn, 0, xs0:xs0 + L]
     for c in range(1, C):
         _seg_max(x[xn, c, xs0:xs0 + L], m)
-    ms = scratch[1]                    # max of the softcapped logits
-    for j in range(L):
-        ms[j] = softcap_fast(m[j], capf, inv_capf) if has_cap else m[j]
-    # Gather per position: validity, target weight, target logit (softcapped) and token hit,
-    # all read before pass 2 may overwrite the logits with the gradient (out=input).
-    f64 = np.empty((4, L))
-    valid_v, wt_v, st_v, lse_v = f64[0], f64[1], f64[2], f64[3]
-    for j in range(L):
-        tj = np.int64(t[on, os0 + j])
-        hit = False
-        if tj == ignore_index or tj < 0 or tj >= C:
-            valid_v[j] = 0.0
-            wt_v[j] = 0.0
-            st_v[j] = 0.0
-        else:
-            valid_v[j] = 1.0
-            wt_v[j] = w[tj]
-            xt = x[xn, tj, xs0 + j]
-            st_v[j] = softcap_fast(xt, capf, inv_capf) if has_cap else xt
-            hit = want_hit and xt == m[j]
-            if hit:
-                for c in range(tj):
-                    if x[xn, c, xs0 + j] == m[j]:
-                        hit = False
-                        break
-        hit_out[on, os0 + j] = 1 if hit else 0
+    if has_cap:
+        _seg_softcap(m, capf, inv_capf, ms)
+    else:
+        ms = m
+    # Everything read from the logits by position is read here, before pass 2 may overwrite
+    # them with the gradient (out=input).
+    _seg_target_logits(ts, valid_v, x[xn], xs0, st_v)
+    if has_cap:
+        for j in range(L):
+            st_v[j] = np.float64(softcap_fast(cast_like(st_v[j], x), capf, inv_capf))
+    if want_hit:
+        # Token accuracy: the target is the first maximum of its position.
+        first = f64[6]
+        first[:] = C
+        for c in range(C - 1, -1, -1):
+            _seg_first_argmax(x[xn, c, xs0:xs0 + L], m, c, first)
+        hit_v = f64[7]
+        for j in range(L):
+            hit_v[j] = 1.0 if valid_v[j] != 0.0 and first[j] == np.float64(ts[j]) else 0.0
     # Pass 2: sum_c w_c s_c, and the sums of exp(s - max), stored into the gradient if wanted.
-    ssum = scratch[6]
-    sws = scratch[7]
-    sc = scratch[2]
+    nx_s0 = xs0 + L
+    nx_n = xn
+    if nx_s0 >= S:
+        nx_n += 1
+        nx_s0 = 0
+    prefetch_next = prefetch_next and nx_n < x.shape[0]
+    flat = x.reshape(-1)
+    ssum[:] = 0
+    sws[:] = 0
     for c in range(C):
+        if prefetch_next:
+            _seg_prefetch(flat, (nx_n * C + c) * S + nx_s0, min(L, S - nx_s0))
         xs = x[xn, c, xs0:xs0 + L]
         if has_cap:
             _seg_softcap(xs, capf, inv_capf, sc)
@@ -586,46 +718,54 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
                 _seg_exp_acc_store(xs, ms, log2e, ssum, grad[xn, c, xs0:xs0 + L])
             else:
                 _seg_exp_acc(xs, ms, log2e, ssum)
-    # Per position: loss and z-loss (vectorised), then the gradient coefficients.
-    log_v = scratch[3]
-    _seg_log(ssum, log_v)
-    _seg_index_loss(ms, log_v, st_v, wt_v, valid_v, sws, W, keep, smooth_c, zl, lse_v,
-                    ce_out[on, os0:os0 + L], zl_out[on, os0:os0 + L])
-    scale_v = scratch[8]
-    gamma_v = scratch[9]
-    beta_v = scratch[10]
+    # Per position: loss and z-loss (vectorised), then the block's sums or per-position values.
+    if per_position:
+        ce_v = ce_out[on, os0:os0 + L]
+        zl_v = zl_out[on, os0:os0 + L]
+    elif zl == 0.0:
+        zl_v = zl_v[:0]                 # the z-loss terms are all 0: skip them
+    _seg_index_loss(ms, ssum, st_v, wt_v, valid_v, sws, W, keep, smooth_c, zl, lse_v, ce_v,
+                    zl_v)
+    if per_position:
+        if want_hit:
+            hit_out[on, os0:os0 + L] = f64[7]
+    else:
+        ce_out[0, slot] = _seg_sum(ce_v)
+        zl_out[0, slot] = _seg_sum(zl_v)
+        hit_out[0, slot] = _seg_sum(f64[7]) if want_hit else 0.0
     if want_grad:
+        # Coefficients in the logits' dtype: pass 3 then runs in float32 lanes for float32.
+        scale_v, gamma_v, beta_v = scratch[5], scratch[6], f64[8]
         for j in range(L):
-            if valid_v[j] == 0.0:
-                continue
             lse = lse_v[j]
             alpha, beta, gamma = _index_grad_coefs(g[(g_off + j) * g_stride], lse, wt_v[j], W,
                                                    keep, smooth_c, inv_D, z2)
             scale = alpha / np.float64(ssum[j])
             if lse != lse:
                 scale = lse
-            scale_v[j] = scale
-            gamma_v[j] = gamma
-            beta_v[j] = beta * (_softcap_grad_factor(st_v[j], inv_cap) if has_cap else 1.0)
-    if want_grad:
+            ok = valid_v[j] != 0.0
+            scale_v[j] = cast_like(scale if ok else 0.0, x)
+            gamma_v[j] = cast_like(gamma if ok else 0.0, x)
+            beta_v[j] = (beta * (_softcap_grad_factor(st_v[j], inv_cap) if has_cap else 1.0)
+                         if ok else 0.0)
         # Pass 3: the dense part of the gradient, then the one-hot part.
         for c in range(C):
             gs = grad[xn, c, xs0:xs0 + L]
             if has_cap:
                 _seg_softcap(x[xn, c, xs0:xs0 + L], capf, inv_capf, sc)
                 _seg_grad_softcap(gs, scale_v, gamma_v, w[c], sc, inv_capf)
-            else:
+            elif smoothing:
                 _seg_grad(gs, scale_v, gamma_v, w[c])
+            else:
+                _seg_scale(gs, scale_v)
         for j in range(L):
-            tj = np.int64(t[on, os0 + j])
-            if tj == ignore_index or tj < 0 or tj >= C:
-                continue
-            grad[xn, tj, xs0 + j] -= beta_v[j]
+            if valid_v[j] != 0.0:
+                grad[xn, np.int64(ts[j]), xs0 + j] -= beta_v[j]
 
 
-def _index_strided(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
-                   hit_out):
-    """Strided layout (N, C, S): a task is BLOCK positions of one n."""
+def _index_strided(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, per_position,
+                   ce_out, zl_out, hit_out, stats):
+    """Strided layout (N, C, S): task = BLOCK positions of one n."""
     N, C, S = x.shape
     nblk = (S + BLOCK - 1) // BLOCK
     for task in prange(N * nblk):
@@ -633,13 +773,14 @@ def _index_strided(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_
         s0 = (task - n * nblk) * BLOCK
         L = min(BLOCK, S - s0)
         _index_block(x, n, s0, L, t, n, s0, w, prm, ignore_index, want_grad, prm[7] != 0.0, g,
-                     n * S + s0, g_stride, grad, ce_out, zl_out, hit_out)
+                     n * S + s0, g_stride, grad, per_position, task, ce_out, zl_out, hit_out,
+                     stats, True)
 
 
-def _index_rows_small(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
-                      hit_out):
-    """Rows of few classes (C <= SMALL_C), x (N, C, 1): a task transposes BLOCK rows into a
-    (1, C, BLOCK) scratch, so that the strided block code vectorises across rows."""
+def _index_rows_small(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, per_position,
+                      ce_out, zl_out, hit_out, stats):
+    """Rows of few classes (C <= SMALL_C), x (N, C, 1), targets t (1, N): a task transposes
+    BLOCK rows into a (1, C, BLOCK) scratch, so that the block code vectorises across rows."""
     N, C = x.shape[0], x.shape[1]
     nblk = (N + BLOCK - 1) // BLOCK
     for b in prange(nblk):
@@ -651,7 +792,7 @@ def _index_rows_small(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, 
                 xb[0, c, j] = x[i0 + j, c, 0]
         gb = np.empty((1, C, L) if want_grad else (1, 1, 1), x.dtype)
         _index_block(xb, 0, 0, L, t, 0, i0, w, prm, ignore_index, want_grad, False, g, i0,
-                     g_stride, gb, ce_out, zl_out, hit_out)     # (the scratch never aliases)
+                     g_stride, gb, per_position, b, ce_out, zl_out, hit_out, stats, False)
         if want_grad:
             for j in range(L):
                 for c in range(C):
@@ -837,60 +978,67 @@ def _threading_layer():
 # ---------------------------------------------------------------------------------------------
 # Backend entry points used by fastce.api (arrays already validated and canonical)
 # ---------------------------------------------------------------------------------------------
-@njit(**_JIT)
-def _target_stats_small(t, w, ignore_index, C):
-    """_target_stats in one serial piece, returning (D, count, first bad position or -1)."""
-    d = 0.0
-    cnt = 0
-    for j in range(t.size):
-        tj = np.int64(t[j])
-        if tj == ignore_index:
-            continue
-        if tj < 0 or tj >= C:
-            return d, cnt, j
-        d += np.float64(w[tj])
-        cnt += 1
-    return d, cnt, -1
+def _stats_view(t2):
+    """Targets (N, S) in the block partition of the kernels: rows (S == 1) as one row (1, N)."""
+    return t2.reshape(1, -1) if t2.shape[1] == 1 else t2
+
+
+def _sum_stats(part):
+    """(D, count, first bad flat position or -1) from per-block statistics, in block order."""
+    if part.shape[1] == 1:              # one block (small problems): skip NumPy's reductions
+        d, cnt, bad = part[:, 0].tolist()
+        return d, int(cnt), int(bad)
+    bad = part[2][part[2] >= 0]
+    return float(part[0].sum()), int(part[1].sum()), (int(bad[0]) if bad.size else -1)
+
+
+def _n_blocks(tv):
+    return tv.shape[0] * -(-tv.shape[1] // BLOCK)
 
 
 def target_stats(t2, w, ignore_index, C):
     """(D, count, bad_flat_position or -1) over the (N, S) integer targets ``t2``."""
-    flat = t2.reshape(-1)
-    if flat.size <= STATS_CHUNK:       # one chunk: the same summation order as the parallel path
-        return _target_stats_small(flat, w, ignore_index, C)
-    nchunks = max(1, -(-flat.size // STATS_CHUNK))
-    part_D = np.empty(nchunks)
-    part_n = np.empty(nchunks, np.int64)
-    part_bad = np.empty(nchunks, np.int64)
-    launch("_target_stats", flat.size, flat, w, np.int64(ignore_index), np.int64(C),
-           part_D, part_n, part_bad)
-    bad = part_bad[part_bad >= 0]
-    return float(part_D.sum()), int(part_n.sum()), (int(bad[0]) if bad.size else -1)
+    tv = _stats_view(t2)
+    part = np.empty((3, _n_blocks(tv)))
+    launch("_target_stats", tv.size, tv, w, np.int64(ignore_index), np.int64(C), part)
+    return _sum_stats(part)
 
 
-def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride):
-    """Per-element ce, z-loss and hit arrays (N, S); fills ``grad`` (N, C, S) when given."""
+_NO_STATS = np.empty((3, 0))
+
+
+def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride, per_position=True,
+               fuse_stats=False):
+    """(ce, z-loss, hit, stats).  per_position: ce/z-loss/hit per position (N, S); else arrays
+    whose sums are theirs (per-block partial sums, in a fixed partition).  Fills ``grad``
+    (N, C, S) when given.  fuse_stats: stats = target_stats(...) computed by the loss kernel
+    itself (forward only: the gradient needs the mean's denominator first); when it finds a bad
+    target the other outputs are meaningless (but no out-of-range read happened).  Else None."""
     N, C, S = x3.shape
-    ce = np.empty((N, S))
-    lse = np.empty((N, S))
-    hit = np.empty((N, S), np.uint8)
     want = grad is not None
     gbuf = grad if want else np.empty((1, 1, 1), x3.dtype)
     work = x3.size
+    args = (w, prm, np.int64(ignore_index), want, g, np.int64(g_stride))
     if S == 1 and C > SMALL_C:
-        launch("_index_rows", work, x3.reshape(N, C), t2.reshape(N), w, prm,
-               np.int64(ignore_index), want, g, np.int64(g_stride),
-               gbuf.reshape(gbuf.shape[0], gbuf.shape[1]), ce.reshape(N), lse.reshape(N),
-               hit.reshape(N))
-    elif S == 1:
-        # outputs and targets viewed as one row of N positions: (1, N)
-        launch("_index_rows_small", work, x3, t2.reshape(1, N), w, prm, np.int64(ignore_index),
-               want, g, np.int64(g_stride), gbuf, ce.reshape(1, N), lse.reshape(1, N),
-               hit.reshape(1, N))
-    else:
-        launch("_index_strided", work, x3, t2, w, prm, np.int64(ignore_index), want, g,
-               np.int64(g_stride), gbuf, ce, lse, hit)
-    return ce, lse, hit
+        # Rows: per-row outputs are small; the target statistics come from the pre-pass.
+        stats = target_stats(t2, w, ignore_index, C) if fuse_stats else None
+        if stats is not None and stats[2] >= 0:
+            return None, None, None, stats
+        ce, zl, hit = np.empty(N), np.empty(N), np.empty(N)
+        launch("_index_rows", work, x3.reshape(N, C), t2.reshape(N), *args,
+               gbuf.reshape(gbuf.shape[0], gbuf.shape[1]), ce, zl, hit)
+        return ce, zl, hit, stats
+    tv = _stats_view(t2)
+    nblk = _n_blocks(tv)
+    if per_position:
+        ce, zl, hit = np.empty(tv.shape), np.empty(tv.shape), np.zeros(tv.shape)
+        part = np.empty((3, nblk)) if fuse_stats else _NO_STATS
+    else:                               # one allocation: block sums and target statistics
+        buf = np.zeros((6 if fuse_stats else 3, nblk))
+        ce, zl, hit, part = buf[0:1], buf[1:2], buf[2:3], (buf[3:] if fuse_stats else _NO_STATS)
+    launch("_index_rows_small" if S == 1 else "_index_strided", work, x3, tv, *args, gbuf,
+           per_position, ce, zl, hit, part)
+    return ce, zl, hit, (_sum_stats(part) if fuse_stats else None)
 
 
 def prob_loss(x3, p3, w, prm, grad, g, g_stride):
@@ -947,6 +1095,8 @@ class CPUBackend:
     @staticmethod
     def total(a) -> float:
         """Deterministic float64 sum (pairwise, fixed order)."""
+        if a.size == 1:                 # a single partial sum (small problems)
+            return float(a.reshape(-1)[0])
         return float(a.sum() if a.dtype == np.float64 else a.sum(dtype=np.float64))
 
     @staticmethod
@@ -962,6 +1112,7 @@ class CPUBackend:
     def wrap(a, like):
         return a
 
+    fuses_target_stats = True       # index_loss(..., fuse_stats=True) is supported
     target_stats = staticmethod(target_stats)
     index_loss = staticmethod(index_loss)
     prob_loss = staticmethod(prob_loss)

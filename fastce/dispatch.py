@@ -27,9 +27,11 @@ def backend_for(**named):
     Raises TypeError naming the first argument whose device differs from ``input``'s: fastce
     never copies between host and device behind the caller's back.
     """
-    if all(type(v) is np.ndarray or v is None for v in named.values()):     # the common case
-        from . import cpu
-        return cpu.BACKEND
+    for v in named.values():                # the common case: host arrays only
+        if type(v) is not np.ndarray and v is not None:
+            break
+    else:
+        return _cpu_backend()
     items = [(k, v) for k, v in named.items() if v is not None]
     first_name, first = items[0]
     on_gpu = is_device_array(first)
@@ -44,5 +46,14 @@ def backend_for(**named):
     if on_gpu:
         from . import gpu
         return gpu.BACKEND
-    from . import cpu
-    return cpu.BACKEND
+    return _cpu_backend()
+
+
+_CPU = []
+
+
+def _cpu_backend():
+    if not _CPU:                            # imported on first use (it compiles nothing yet)
+        from . import cpu
+        _CPU.append(cpu.BACKEND)
+    return _CPU[0]

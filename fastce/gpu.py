@@ -1139,14 +1139,19 @@ def total(a) -> float:
     return float(part.copy_to_host()[0])
 
 
-def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride):
-    """Per-element ce, z-loss and hit arrays (N, S); fills ``grad`` (N, C, S) when given."""
+def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride, per_position=True,
+               fuse_stats=False):
+    """(ce, z-loss, hit, None): per-element arrays (N, S) (whatever ``per_position``); fills
+    ``grad`` (N, C, S) when given.  The targets are validated by ``target_stats`` beforehand
+    (``fuse_stats`` is not supported here: fuses_target_stats is False)."""
+    if fuse_stats:
+        raise NotImplementedError("fastce.gpu: the target statistics come from target_stats")
     N, C, S = x3.shape
     ce = _alloc((N, S), np.float64)
     zl = _alloc((N, S), np.float64)
     hit = _alloc((N, S), np.uint8)
     if N * S == 0:
-        return ce, zl, hit
+        return ce, zl, hit, None
     want = grad is not None
     gbuf = grad.d if want else _alloc((1, 1, 1), x3.dtype).d
     ks = _compute_kernels(x3.dtype)
@@ -1158,7 +1163,7 @@ def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride):
     else:
         blocks, threads = _elem_cfg(N * S)
         ks["index_strided"][blocks, threads](*args)
-    return ce, zl, hit
+    return ce, zl, hit, None
 
 
 def prob_loss(x3, p3, w, prm, grad, g, g_stride):
@@ -1295,6 +1300,7 @@ class GPUBackend:
                 pass
         return d
 
+    fuses_target_stats = False      # the forward validates its targets in target_stats
     target_stats = staticmethod(target_stats)
     index_loss = staticmethod(index_loss)
     prob_loss = staticmethod(prob_loss)

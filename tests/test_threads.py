@@ -41,9 +41,15 @@ SCRIPT = textwrap.dedent("""
     t = rng.integers(0, 1500, 3000)
     x2 = rng.standard_normal((2, 7, 300, 200)).astype(np.float32)
     t2 = rng.integers(0, 7, (2, 300, 200))
+    w = rng.uniform(0.5, 2.0, 7).astype(np.float32)
+    x3 = rng.standard_normal((200000, 5)).astype(np.float32)
+    t3 = rng.integers(0, 5, 200000)
     a = fastce.cross_entropy(x, t, label_smoothing=0.1)
     b, g = fastce.cross_entropy_with_grad(x2, t2)
-    print(repr(float(a)), repr(float(b)), float(np.abs(g).sum(dtype=np.float64)).hex())
+    c = fastce.cross_entropy(x2, t2, w, return_z_loss=True, return_token_accuracy=True)
+    d = fastce.cross_entropy(x3, t3, z_loss=1e-4)
+    print(repr(float(a)), repr(float(b)), float(np.abs(g).sum(dtype=np.float64)).hex(),
+          repr(float(c.loss)), repr(float(c.z_loss)), repr(c.token_accuracy), repr(float(d)))
 """)
 
 
