@@ -391,8 +391,24 @@ def _seg_targets(ts, w, ignore_index, C, valid_v, wt_v):
         tj = np.int64(ts[j])
         in_range = (tj >= 0) & (tj < C)
         ok = in_range & (tj != ignore_index)
-        valid_v[j] = 1.0 if ok else 0.0
-        wt_v[j] = np.float64(w[tj if ok else 0]) if ok else 0.0
+        valid_v[j] = 1 if ok else 0
+        wt_v[j] = w[tj if ok else 0] if ok else 0
+        nbad += 1 if (not in_range) & (tj != ignore_index) else 0
+    return nbad
+
+
+@njit(**_INLINE)
+def _seg_targets_logits(ts, w, ignore_index, C, xt2, xs0, valid_v, wt_v, st_v):
+    """_seg_targets (the same values) and the target logits st_v[j] = xt2[t_j, xs0 + j]."""
+    nbad = 0
+    for j in range(ts.shape[0]):
+        tj = np.int64(ts[j])
+        in_range = (tj >= 0) & (tj < C)
+        ok = in_range & (tj != ignore_index)
+        tc = tj if ok else 0
+        valid_v[j] = 1 if ok else 0
+        wt_v[j] = w[tc] if ok else 0
+        st_v[j] = xt2[tc, xs0 + j] if ok else 0
         nbad += 1 if (not in_range) & (tj != ignore_index) else 0
     return nbad
 
@@ -430,7 +446,7 @@ def _target_stats(t, w, ignore_index, C, part):
         s0 = (task - n * nblk) * BLOCK
         L = min(BLOCK, S - s0)
         ts = t[n, s0:s0 + L]
-        v = np.empty((2, L))
+        v = np.empty((2, L), w.dtype)
         nbad = _seg_targets(ts, w, ignore_index, C, v[0], v[1])
         _seg_stats(ts, ignore_index, C, v[0], v[1], nbad, part, task, n * S + s0)
 
@@ -569,14 +585,6 @@ def _seg_prefetch(flat, start, n):
 
 
 @njit(**_INLINE)
-def _seg_target_logits(ts, valid_v, xt2, xs0, st_v):
-    """st_v[j] = xt2[t_j, xs0 + j], 0 where not valid (vectorised with gathers)."""
-    for j in range(ts.shape[0]):
-        ok = valid_v[j] != 0.0
-        st_v[j] = np.float64(xt2[np.int64(ts[j]) if ok else 0, xs0 + j]) if ok else 0.0
-
-
-@njit(**_INLINE)
 def _seg_first_argmax(xs, m, c, first):
     """first_j <- c where xs_j == m_j (classes visited last to first: the first maximum wins)."""
     for j in range(xs.shape[0]):
@@ -590,7 +598,8 @@ def _seg_index_loss(ms, ssum, st_v, wt_v, valid_v, sws, W, keep, smooth_c, zl, l
     for j in range(ms.shape[0]):
         lse = np.float64(ms[j]) + np.float64(log_ge1(ssum[j]))
         lse_v[j] = lse
-        v = _index_loss(lse, st_v[j], wt_v[j], W, np.float64(sws[j]), keep, smooth_c)
+        v = _index_loss(lse, np.float64(st_v[j]), np.float64(wt_v[j]), W, np.float64(sws[j]),
+                        keep, smooth_c)
         ce[j] = v if valid_v[j] != 0.0 else 0.0
     if zls.shape[0]:
         for j in range(ms.shape[0]):
@@ -656,11 +665,14 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
     log2e = cast_like(LOG2E, x)
     ts = t[on, os0:os0 + L]
     # One scratch allocation each for the block's per-position vectors.
-    scratch = np.empty((7, L), x.dtype)
-    f64 = np.empty((9, L))
+    scratch = np.empty((10, L), x.dtype)
+    f64 = np.empty((6, L))
     m, ms, sc, ssum, sws = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
-    valid_v, wt_v, st_v, lse_v, ce_v, zl_v = f64[0], f64[1], f64[2], f64[3], f64[4], f64[5]
-    nbad = _seg_targets(ts, w, ignore_index, C, valid_v, wt_v)
+    valid_v, wt_v, st_v = scratch[7], scratch[8], scratch[9]
+    lse_v, ce_v, zl_v = f64[0], f64[1], f64[2]
+    # Everything read from the logits by position (target logits, token hits) is read before
+    # pass 2 may overwrite them with the gradient (out=input).
+    nbad = _seg_targets_logits(ts, w, ignore_index, C, x[xn], xs0, valid_v, wt_v, st_v)
     if stats.shape[1]:
         _seg_stats(ts, ignore_index, C, valid_v, wt_v, nbad, stats, slot,
                    on * t.shape[1] + os0)
@@ -672,19 +684,16 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
         _seg_softcap(m, capf, inv_capf, ms)
     else:
         ms = m
-    # Everything read from the logits by position is read here, before pass 2 may overwrite
-    # them with the gradient (out=input).
-    _seg_target_logits(ts, valid_v, x[xn], xs0, st_v)
     if has_cap:
         for j in range(L):
-            st_v[j] = np.float64(softcap_fast(cast_like(st_v[j], x), capf, inv_capf))
+            st_v[j] = softcap_fast(st_v[j], capf, inv_capf)
     if want_hit:
         # Token accuracy: the target is the first maximum of its position.
-        first = f64[6]
+        first = f64[3]
         first[:] = C
         for c in range(C - 1, -1, -1):
             _seg_first_argmax(x[xn, c, xs0:xs0 + L], m, c, first)
-        hit_v = f64[7]
+        hit_v = f64[4]
         for j in range(L):
             hit_v[j] = 1.0 if valid_v[j] != 0.0 and first[j] == np.float64(ts[j]) else 0.0
     # Pass 2: sum_c w_c s_c, and the sums of exp(s - max), stored into the gradient if wanted.
@@ -728,17 +737,18 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
                     zl_v)
     if per_position:
         if want_hit:
-            hit_out[on, os0:os0 + L] = f64[7]
+            hit_out[on, os0:os0 + L] = f64[4]
     else:
         ce_out[0, slot] = _seg_sum(ce_v)
         zl_out[0, slot] = _seg_sum(zl_v)
-        hit_out[0, slot] = _seg_sum(f64[7]) if want_hit else 0.0
+        hit_out[0, slot] = _seg_sum(f64[4]) if want_hit else 0.0
     if want_grad:
         # Coefficients in the logits' dtype: pass 3 then runs in float32 lanes for float32.
-        scale_v, gamma_v, beta_v = scratch[5], scratch[6], f64[8]
+        scale_v, gamma_v, beta_v = scratch[5], scratch[6], f64[5]
         for j in range(L):
             lse = lse_v[j]
-            alpha, beta, gamma = _index_grad_coefs(g[(g_off + j) * g_stride], lse, wt_v[j], W,
+            alpha, beta, gamma = _index_grad_coefs(g[(g_off + j) * g_stride], lse,
+                                                   np.float64(wt_v[j]), W,
                                                    keep, smooth_c, inv_D, z2)
             scale = alpha / np.float64(ssum[j])
             if lse != lse:
@@ -746,7 +756,8 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
             ok = valid_v[j] != 0.0
             scale_v[j] = cast_like(scale if ok else 0.0, x)
             gamma_v[j] = cast_like(gamma if ok else 0.0, x)
-            beta_v[j] = (beta * (_softcap_grad_factor(st_v[j], inv_cap) if has_cap else 1.0)
+            beta_v[j] = (beta * (_softcap_grad_factor(np.float64(st_v[j]), inv_cap)
+                                 if has_cap else 1.0)
                          if ok else 0.0)
         # Pass 3: the dense part of the gradient, then the one-hot part.
         for c in range(C):
