@@ -262,8 +262,9 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
         count = N * S
 
     mean = reduction == "mean"
-    inv_D = _div(1.0, D) if mean else 1.0
-    z2 = 2.0 * zl * (_div(1.0, Dz) if mean else 1.0)
+    # Gradient coefficients (the forward's kernels ignore them; its D may not be known yet).
+    inv_D = (_div(1.0, D) if mean else 1.0) if want_grad else 1.0
+    z2 = 2.0 * zl * (_div(1.0, Dz) if mean else 1.0) if want_grad else 0.0
     grad = None
     in_place = False
     if want_grad:

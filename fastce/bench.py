@@ -459,7 +459,7 @@ def run_bench(workloads=("W1", "W2", "W3"), quick=False, repeats=None, out=sys.s
     "memory": (bytes, fraction) or None}.
     """
     if repeats is None:
-        repeats = 3 if quick else 7
+        repeats = 3 if quick else 11
     if max_time is None:
         max_time = 2.0 if quick else 30.0
     libs = libraries or available_libraries()
