@@ -567,6 +567,17 @@ def _seg_exp_acc2(xa, xb, ms, log2e, ssum):
 
 
 @njit(**_INLINE)
+def _seg_exp_acc_store2(xa, xb, ms, log2e, ssum, ga, gb):
+    """_seg_exp_acc_store of two classes at once."""
+    for j in range(xa.shape[0]):
+        ea = exp2_nonpos_exact((xa[j] - ms[j]) * log2e)
+        eb = exp2_nonpos_exact((xb[j] - ms[j]) * log2e)
+        ssum[j] += ea + eb
+        ga[j] = ea
+        gb[j] = eb
+
+
+@njit(**_INLINE)
 def _seg_max2(xa, xb, m):
     for j in range(xa.shape[0]):
         m[j] = fmaximum(m[j], fmaximum(xa[j], xb[j]))
@@ -722,8 +733,8 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
     ssum[:] = 0
     sws[:] = 0
     c_pairs = 0
-    if not has_cap and not want_grad:
-        # the plain forward: two classes per sweep of the running sums
+    if not has_cap and not (want_grad and in_place):
+        # two classes per sweep of the running sums
         c_pairs = C - C % 2
         for c in range(0, c_pairs, 2):
             if prefetch_next:
@@ -734,7 +745,11 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
             if smoothing:
                 _seg_axpy(w[c], xa, sws)
                 _seg_axpy(w[c + 1], xb, sws)
-            _seg_exp_acc2(xa, xb, ms, log2e, ssum)
+            if want_grad:
+                _seg_exp_acc_store2(xa, xb, ms, log2e, ssum, grad[xn, c, xs0:xs0 + L],
+                                    grad[xn, c + 1, xs0:xs0 + L])
+            else:
+                _seg_exp_acc2(xa, xb, ms, log2e, ssum)
     for c in range(c_pairs, C):
         if prefetch_next:
             _seg_prefetch(flat, (nx_n * C + c) * S + nx_s0, min(L, S - nx_s0))
