@@ -708,11 +708,10 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
         _seg_max(x[xn, C - 1, xs0:xs0 + L], m)
     if has_cap:
         _seg_softcap(m, capf, inv_capf, ms)
-    else:
-        ms = m
-    if has_cap:
         for j in range(L):
             st_v[j] = softcap_fast(st_v[j], capf, inv_capf)
+    else:
+        ms = m
     if want_hit:
         # Token accuracy: the target is the first maximum of its position.
         first = f64[3]
