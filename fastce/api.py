@@ -65,15 +65,26 @@ def _check_options(reduction, label_smoothing, softcap, z_loss):
     return eps, cap, zl
 
 
+_INT64 = np.iinfo(np.int64)
+
+
 def _check_ignore_index(ignore_index):
+    if isinstance(ignore_index, (bool, np.bool_)):
+        raise TypeError(f"fastce: ignore_index must be an int, got {ignore_index!r}")
     try:
-        return operator.index(ignore_index)
+        value = operator.index(ignore_index)
     except TypeError:
         raise TypeError(f"fastce: ignore_index must be an int, got {ignore_index!r}") from None
+    if not _INT64.min <= value <= _INT64.max:
+        raise ValueError(f"fastce: ignore_index must fit in int64 (as in torch), got {value}")
+    return value
 
 
-def _check_out(be, out, x, input):
-    """The caller's gradient buffer: x's shape and dtype, C-contiguous; may be ``input``."""
+def _check_out(be, out, x):
+    """The caller's gradient buffer: an array of the backend, x's shape and dtype,
+    C-contiguous.  It may be the input itself (see _cross_entropy for other overlaps)."""
+    if not be.is_array(out):
+        raise TypeError(f"fastce: out must be {be.array_kind}, got {type(out).__name__}")
     o = be.asarray(out)
     if tuple(o.shape) != tuple(x.shape) or o.dtype != x.dtype:
         raise ValueError(f"fastce: out must have the input's shape {tuple(x.shape)} and dtype "
@@ -107,6 +118,8 @@ def _is_writeable_c_contiguous(a):
 
 def _check_logits(be, input, name="input"):
     x = be.asarray(input)
+    if x.dtype.kind == "f" and not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))     # big-endian logits: one native-order copy
     if x.dtype not in _FLOATS:
         raise TypeError(f"fastce: {name} must be float16, float32 or float64 logits, got dtype "
                         f"{x.dtype}")
@@ -117,11 +130,15 @@ def _check_logits(be, input, name="input"):
 
 
 def _class_axis(x, class_axis):
-    axis = 0 if x.ndim == 1 else class_axis
+    """The class axis: torch's (1, or 0 for unbatched 1-D input) when class_axis is None."""
+    if class_axis is None:
+        return 1 if x.ndim > 1 else 0
+    if isinstance(class_axis, (bool, np.bool_)):
+        raise TypeError(f"fastce: class_axis must be None or an int, got {class_axis!r}")
     try:
-        axis = operator.index(axis)
+        axis = operator.index(class_axis)
     except TypeError:
-        raise TypeError(f"fastce: class_axis must be an int, got {class_axis!r}") from None
+        raise TypeError(f"fastce: class_axis must be None or an int, got {class_axis!r}") from None
     if not -x.ndim <= axis < x.ndim:
         raise ValueError(f"fastce: class_axis {class_axis} is out of range for input of shape "
                          f"{tuple(x.shape)}")
@@ -150,12 +167,23 @@ def check_weight_meta(w, C):
 
 
 def _check_weight(be, weight, C, dtype):
+    """(weights in the compute dtype, their sum).  Raises if a finite weight overflows that
+    dtype (1e39 in float32 would silently become inf)."""
     if weight is None:
         return be.ones(C, dtype), float(C)
     w = be.asarray(weight)
     check_weight_meta(w, C)
-    w = be.contiguous(w.astype(dtype))
-    return w, be.total(w)
+    with np.errstate(over="ignore"):
+        wc = be.contiguous(w.astype(dtype))
+    W = be.total(wc)
+    if not math.isfinite(W) and w.dtype != dtype and math.isfinite(be.total(w)):
+        host = np.asarray(be.to_host(w), dtype=np.float64)
+        with np.errstate(over="ignore"):
+            bad = int(np.flatnonzero(np.isinf(host.astype(dtype)))[0])
+        raise ValueError(f"fastce: weight {float(host[bad])!r} of class {bad} overflows the logits' "
+                         f"compute dtype {np.dtype(dtype)}; pass smaller weights (only their "
+                         f"ratios matter to the mean) or float64 logits")
+    return wc, W
 
 
 def _check_target(be, target, x, axis):
@@ -178,6 +206,11 @@ def _check_target(be, target, x, axis):
     if tuple(t.shape) != expected:
         raise ValueError(f"fastce: class-index target must have shape {expected} for input of "
                          f"shape {tuple(x.shape)}, got {tuple(t.shape)}")
+    if t.dtype.kind == "u" and t.dtype.itemsize >= 8:
+        # uint64 values above int64's range would wrap (possibly onto ignore_index).
+        pos = be.first_above(t, _INT64.max)
+        if pos >= 0:
+            raise _bad_target_error(be, t, pos, int(x.shape[axis]), None)
     if t.dtype.itemsize > 8 or t.dtype not in _NATIVE_TARGETS:
         t = t.astype(np.int64)
     return "index", t
@@ -186,19 +219,30 @@ def _check_target(be, target, x, axis):
 _NATIVE_TARGETS = (np.dtype(np.int64), np.dtype(np.int32), np.dtype(np.uint8))
 
 
+def _check_real(be, a, name):
+    """``a`` as an array of the backend, rejecting what would be silently cast to float."""
+    if isinstance(a, (str, bytes, complex, np.complexfloating)):
+        raise TypeError(f"fastce: {name} must be a real number or array, got {a!r}")
+    arr = be.asarray(a)
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"fastce: {name} must be real (float or integer), got dtype {arr.dtype}")
+    return arr
+
+
 def _check_grad_output(be, grad_output, reduction, loss_shape, dtype):
     """The upstream gradient as a flat float64 array and its stride (0 = one scalar)."""
     if grad_output is None:
         return be.ones(1, np.float64), 0
     if reduction == "none":
-        g = be.asarray(grad_output)
+        g = _check_real(be, grad_output, "grad_output")
         if tuple(g.shape) != tuple(loss_shape):
             raise ValueError(f"fastce: with reduction='none', grad_output must have the loss's "
                              f"shape {tuple(loss_shape)}, got {tuple(g.shape)}")
         return be.contiguous(g.astype(np.float64)).reshape(-1), 1
     if np.isscalar(grad_output):
+        _check_real(np, grad_output, "grad_output")
         return be.ones(1, np.float64) * float(grad_output), 0
-    g = be.asarray(grad_output)
+    g = _check_real(be, grad_output, "grad_output")
     if g.size != 1 or g.ndim > 1:
         raise ValueError(f"fastce: with reduction={reduction!r}, grad_output must be a scalar, "
                          f"got shape {tuple(g.shape)}")
@@ -209,9 +253,35 @@ def _bad_target_error(be, t, pos, C, ignore_index):
     flat = t.reshape(-1)
     value = be.to_host_scalar(flat[pos])
     where = np.unravel_index(pos, tuple(t.shape)) if t.ndim else ()
+    allowed = f"[0, {C})" + ("" if ignore_index is None else
+                             f" or equal ignore_index={ignore_index}")
     return ValueError(f"fastce: target {value} at position {tuple(int(i) for i in where)} is out "
-                      f"of bounds: class indices must be in [0, {C}) or equal ignore_index="
-                      f"{ignore_index}")
+                      f"of bounds: class indices must be in {allowed}")
+
+
+def check_index_target(target, weight, ignore_index, C, dtype):
+    """Validate class-index targets for C classes and the class weights (cast to ``dtype``,
+    the compute dtype); return (D, count): the sum of the non-ignored targets' weights and
+    their number.  The one target check behind every entry point (fastce.linear's too)."""
+    be = backend_for(target=target, weight=weight)
+    ignore_index = _check_ignore_index(ignore_index)
+    t = be.asarray(target)
+    if t.dtype.kind not in "iu":
+        what = "a bool" if t.dtype.kind == "b" else f"dtype {t.dtype}"
+        raise TypeError(f"fastce: target must hold integer class indices, got {what} array")
+    if t.dtype.kind == "u" and t.dtype.itemsize >= 8:
+        pos = be.first_above(t, _INT64.max)
+        if pos >= 0:
+            raise _bad_target_error(be, t, pos, C, None)
+    if t.dtype not in _NATIVE_TARGETS:
+        t = t.astype(np.int64)
+    w, _ = _check_weight(be, weight, C, np.dtype(dtype))
+    if t.size == 0:
+        return 0.0, 0
+    D, count, bad = be.target_stats(be.contiguous(t).reshape(1, -1), w, ignore_index, C)
+    if bad >= 0:
+        raise _bad_target_error(be, t, bad, C, ignore_index)
+    return D, count
 
 
 def _div(a: float, b: float) -> float:
@@ -226,25 +296,32 @@ def _div(a: float, b: float) -> float:
 # ---------------------------------------------------------------------------------------------
 def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reduction,
                    label_smoothing, softcap, z_loss, class_axis, want_loss, want_grad,
-                   want_stats=False, out=None):
+                   want_stats=False, out=None, denominators=None):
+    """Every cross-entropy entry point.  ``denominators`` (fastce.linear's chunks): the mean's
+    (D, Dz) of the whole batch, used instead of this call's own."""
     be = backend_for(input=input, target=target, weight=weight, grad_output=grad_output)
     eps, cap, zl = _check_options(reduction, label_smoothing, softcap, z_loss)
     x = _check_logits(be, input)
     ignore_index = _check_ignore_index(ignore_index)
     axis = _class_axis(x, class_axis)
     kind, t = _check_target(be, target, x, axis)
+    if kind == "prob" and ignore_index >= 0:
+        raise ValueError("fastce: ignore_index is not supported with probability targets (as "
+                         "in torch, which accepts only a negative one)")
     in_dtype = x.dtype
-    x3, N, C, S = _canonical(be, x, axis)
-    if C == 0:
-        raise ValueError("fastce: input has no classes (size 0 along the class axis)")
-    w, W = _check_weight(be, weight, C, x3.dtype)
     loss_shape = tuple(x.shape[:axis]) + tuple(x.shape[axis + 1:])
     g, g_stride = (_check_grad_output(be, grad_output, reduction, loss_shape, in_dtype)
                    if want_grad else (be.ones(1, np.float64), 0))
+    o = _check_out(be, out, x) if (want_grad and out is not None) else None
+    if x.shape[axis] == 0 or math.prod(loss_shape) == 0:
+        return _empty_problem(be, x, int(x.shape[axis]), t, kind, weight, ignore_index,
+                              reduction, loss_shape, input, want_grad, want_stats, out)
+    x3, N, C, S = _canonical(be, x, axis)
+    w, W = _check_weight(be, weight, C, x3.dtype)
 
     # The forward may validate its targets inside the loss kernel itself (which never reads
     # with a bad one); the gradient needs the mean's denominator first: a pre-pass.
-    fuse_stats = kind == "index" and not want_grad and getattr(be, "fuses_target_stats", False)
+    fuse_stats = kind == "index" and not want_grad and be.fuses_target_stats
     if kind == "index":
         t2 = be.contiguous(t).reshape(N, S)
         D, count = 1.0, 0
@@ -254,12 +331,11 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
                 raise _bad_target_error(be, t, bad, C, ignore_index)
         Dz = float(count)
     else:
-        if ignore_index != -100:
-            raise ValueError("fastce: ignore_index is not supported with probability targets "
-                             "(as in torch)")
         t2 = be.contiguous(t.astype(x3.dtype)).reshape(N, C, S)
         D = Dz = float(N * S)
         count = N * S
+    if denominators is not None:
+        D, Dz = denominators
 
     mean = reduction == "mean"
     # Gradient coefficients (the forward's kernels ignore them; its D may not be known yet).
@@ -267,18 +343,24 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
     z2 = 2.0 * zl * (_div(1.0, Dz) if mean else 1.0) if want_grad else 0.0
     grad = None
     in_place = False
-    if want_grad:
-        if out is None:
-            grad = be.empty((N, C, S), x3.dtype)
-        else:
-            o = _check_out(be, out, x, input)
-            in_place = out is input or (be.name == "cpu" and np.may_share_memory(o, x3))
-            if in_place and (cap or be.name != "cpu"):
-                # The CPU kernels read all they need before overwriting the logits, except
-                # for softcap's third pass; the GPU kernels make no such promise.
-                x3 = x3.copy()
-                in_place = False
-            grad = be.contiguous(o).reshape(N, C, S)
+    if o is not None:
+        # Only out that IS the logits (same memory, shape and strides) takes the in-place path;
+        # any other overlap with an argument is read through a copy of that argument.
+        in_place = be.same_memory(o, x3)
+        if in_place and cap:
+            in_place = False        # softcap's third pass re-reads the logits: keep a copy
+            x3 = x3.copy()
+        elif not in_place and be.may_share_memory(o, x3):
+            x3 = x3.copy()
+        if be.may_share_memory(o, t2):
+            t2 = t2.copy()
+        if be.may_share_memory(o, w):
+            w = w.copy()
+        if be.may_share_memory(o, g):
+            g = g.copy()
+        grad = be.contiguous(o).reshape(N, C, S)
+    elif want_grad:
+        grad = be.empty((N, C, S), x3.dtype)
     if kind == "index":
         prm = be.xp.asarray(np.array([1.0 - eps, eps / C, W, cap, inv_D, z2, zl,
                                       float(in_place), float(want_stats)]))
@@ -290,6 +372,8 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
             if bad >= 0:
                 raise _bad_target_error(be, t, bad, C, ignore_index)
             Dz = float(count)
+            if denominators is not None:
+                D, Dz = denominators
     else:
         prm = be.xp.asarray(np.array([1.0 - eps, eps / C, cap, inv_D, z2, zl]))
         ce, zls = be.prob_loss(x3, t2, w, prm, grad, g, g_stride)
@@ -316,15 +400,42 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
                 grad = grad.astype(in_dtype)
     stats = None
     if want_stats:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            zpart = None
-            if reduction == "none":
-                zpart = zls.reshape(loss_shape).astype(in_dtype)
-            else:
-                zs = be.total(zls)
-                zpart = be.scalar(zs / Dz if mean else zs, in_dtype)
-            acc = (be.total(hit) / count) if (hit is not None and count) else float("nan")
+        if reduction == "none":
+            zpart = zls.reshape(loss_shape).astype(in_dtype)
+        else:
+            zs = be.total(zls)
+            zpart = be.scalar(_div(zs, Dz) if mean else zs, in_dtype)
+        acc = _div(be.total(hit), count) if (hit is not None and count) else math.nan
         stats = (be.wrap(zpart, input), acc)
+    return be.wrap(loss, input), be.wrap(grad, input), stats
+
+
+def _empty_problem(be, x, C, t, kind, weight, ignore_index, reduction, loss_shape, input,
+                   want_grad, want_stats, out):
+    """No positions, or no classes (then every target must be ignored): torch's answers (mean
+    nan, sum 0, empty or zero arrays), with no kernel launched and nothing of size C made."""
+    if weight is not None:
+        check_weight_meta(be.asarray(weight), C)
+    n = math.prod(loss_shape)
+    if kind == "index" and n:
+        t2 = be.contiguous(t).reshape(1, n)
+        _, count, bad = be.target_stats(t2, be.ones(1, np.float64), ignore_index, C)
+        if bad >= 0:
+            raise _bad_target_error(be, t, bad, C, ignore_index)
+    # Probability targets over no classes: each element's loss is an empty sum, 0.
+    value = 0.0 if (reduction == "sum" or (kind == "prob" and n)) else math.nan
+    if reduction == "none":
+        loss = be.zeros(loss_shape, x.dtype)
+    else:
+        loss = be.scalar(value, x.dtype)
+    grad = None
+    if want_grad:
+        grad = out if out is not None else be.zeros(tuple(x.shape), x.dtype)
+    stats = None
+    if want_stats:
+        zpart = be.zeros(loss_shape, x.dtype) if reduction == "none" else be.scalar(
+            0.0 if reduction == "sum" else math.nan, x.dtype)
+        stats = (be.wrap(zpart, input), math.nan)
     return be.wrap(loss, input), be.wrap(grad, input), stats
 
 
@@ -332,13 +443,14 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
 # Public functions
 # ---------------------------------------------------------------------------------------------
 def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0, softcap=None, z_loss=0.0, class_axis=1,
+                  label_smoothing=0.0, softcap=None, z_loss=0.0, class_axis=None,
                   return_z_loss=False, return_token_accuracy=False):
     """Cross-entropy between logits ``input`` and ``target``, as torch's ``F.cross_entropy``.
 
     input: logits (C,), (N, C) or (N, C, d1, ..., dK); float16/32/64 (float16 computed in
-        float32).  ``class_axis`` (default 1, fastce only) names the class axis, so that (B, T, V)
-        logits need no transposed copy: ``class_axis=-1``.
+        float32).  ``class_axis`` (fastce only; default None: torch's axis 1, or 0 for 1-D input)
+        names the class axis, so that (B, T, V) logits need no transposed copy:
+        ``class_axis=-1``.
     target: class indices of any integer dtype with the input's shape minus the class axis, or
         class probabilities (float, the input's shape).
     weight: (C,) class weights.  With ``reduction="mean"`` the sum of per-element losses is
@@ -365,7 +477,7 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
 
 def cross_entropy_backward(input, target, grad_output=None, weight=None, *, ignore_index=-100,
                            reduction="mean", label_smoothing=0.0, softcap=None, z_loss=0.0,
-                           class_axis=1, out=None):
+                           class_axis=None, out=None):
     """d loss / d input, the input's shape and dtype.  ``grad_output`` is the upstream gradient:
     a scalar for mean/sum, an array of the loss's shape for "none"; None means ones.
     ``out``: a C-contiguous array of the input's shape and dtype to write the gradient into; it
@@ -379,7 +491,7 @@ def cross_entropy_backward(input, target, grad_output=None, weight=None, *, igno
 
 def cross_entropy_with_grad(input, target, weight=None, *, grad_output=None, ignore_index=-100,
                             reduction="mean", label_smoothing=0.0, softcap=None, z_loss=0.0,
-                            class_axis=1, return_z_loss=False, return_token_accuracy=False,
+                            class_axis=None, return_z_loss=False, return_token_accuracy=False,
                             out=None):
     """(loss, grad) from one fused pass over the logits; allocates only the gradient (nothing
     with ``out``, which may be ``input`` itself: see cross_entropy_backward).
@@ -402,7 +514,7 @@ class CrossEntropyLoss:
     ``loss_fn.backward(input, target, grad_output=None)`` and ``loss_fn.with_grad(...)``."""
 
     def __init__(self, weight=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                 softcap=None, z_loss=0.0, class_axis=1):
+                 softcap=None, z_loss=0.0, class_axis=None):
         _check_options(reduction, label_smoothing, softcap, z_loss)
         self.weight = weight
         self.ignore_index = ignore_index
@@ -433,7 +545,7 @@ class CrossEntropyLoss:
 
 
 def nll_loss(log_probs, target, weight=None, *, ignore_index=-100, reduction="mean",
-             class_axis=1):
+             class_axis=None):
     """Negative log-likelihood of ``target`` under ``log_probs`` (torch's ``F.nll_loss``):
     ``l_i = -w[y_i] * log_probs[i, y_i]``, the mean dividing by the sum of the targets' weights."""
     be = backend_for(input=log_probs, target=target, weight=weight)
@@ -451,10 +563,13 @@ def nll_loss(log_probs, target, weight=None, *, ignore_index=-100, reduction="me
     if bad >= 0:
         raise _bad_target_error(be, t, bad, C, ignore_index)
     xp = be.xp
-    ignored = t2 == ignore_index
-    safe = xp.where(ignored, 0, t2).astype(np.int64)
-    picked = xp.take_along_axis(x3, safe[:, None, :], axis=1)[:, 0, :].astype(np.float64)
-    per = xp.where(ignored, 0.0, -w[safe] * picked)
+    if C == 0 or N * S == 0:        # every target ignored (checked above): torch's nan mean
+        per = be.zeros((N, S), np.float64)
+    else:
+        ignored = t2 == ignore_index
+        safe = xp.where(ignored, 0, t2).astype(np.int64)
+        picked = xp.take_along_axis(x3, safe[:, None, :], axis=1)[:, 0, :].astype(np.float64)
+        per = xp.where(ignored, 0.0, -w[safe] * picked)
     loss_shape = tuple(x.shape[:axis]) + tuple(x.shape[axis + 1:])
     if reduction == "none":
         return be.wrap(per.reshape(loss_shape).astype(x.dtype), log_probs)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 
 import numba
@@ -286,23 +287,88 @@ def _cast_like_impl(value, arr):
     return impl
 
 
+def _tanh_taylor(n_terms):
+    """Taylor coefficients of tanh(y)/y in y**2: 2^2k (2^2k - 1) B_2k / (2k)!."""
+    from fractions import Fraction
+    B = [Fraction(1)]                      # Bernoulli numbers B_0..B_2n (B_1 = -1/2)
+    for m in range(1, 2 * n_terms + 1):
+        B.append(-sum(math.comb(m + 1, k) * B[k] for k in range(m)) / (m + 1))
+    return tuple(float(4 ** k * (4 ** k - 1) * B[2 * k] / math.factorial(2 * k))
+                 for k in range(1, n_terms + 1))
+
+
+# |y| < 1/4: tanh(y) = y P(y^2).  Terms until the next is below the dtype's half ulp relative
+# to y: through y^11 for float32 (next 2e-10), y^21 for float64 (next 2e-18).  Above 1/4 the
+# exp form loses at most a factor e/(1-e) < 1.6 to cancellation.
+_TANH32 = _tanh_taylor(6)
+_TANH64 = _tanh_taylor(11)
+TANH_SMALL = 0.25
+
+
+def _tanh_small(y):
+    return y * np.tanh(y)
+
+
+@overload(_tanh_small, jit_options=dict(fastmath=FASTMATH, error_model="numpy"), inline="always")
+def _tanh_small_impl(y):
+    if y == types.float32:
+        c = tuple(np.float32(v) for v in _TANH32)
+
+        def impl32(y):
+            y2 = y * y
+            p = c[5]
+            p = p * y2 + c[4]
+            p = p * y2 + c[3]
+            p = p * y2 + c[2]
+            p = p * y2 + c[1]
+            p = p * y2 + c[0]
+            return y * p
+        return impl32
+    if y == types.float64:
+        c = _TANH64
+
+        def impl64(y):
+            y2 = y * y
+            p = c[10]
+            p = p * y2 + c[9]
+            p = p * y2 + c[8]
+            p = p * y2 + c[7]
+            p = p * y2 + c[6]
+            p = p * y2 + c[5]
+            p = p * y2 + c[4]
+            p = p * y2 + c[3]
+            p = p * y2 + c[2]
+            p = p * y2 + c[1]
+            p = p * y2 + c[0]
+            return y * p
+        return impl64
+    return None
+
+
 @njit(**_INLINE)
 def softcap_fast(x, cap, inv_cap):
-    """cap * tanh(x / cap) with tanh(y) = sign(y) (1 - e) / (1 + e), e = exp(-2|y|)."""
+    """cap * tanh(x / cap): an odd polynomial for |x / cap| < 1/4 (where the exp form cancels:
+    softcap=1e8 would lose every digit), else tanh(y) = sign(y) (1 - e) / (1 + e) with
+    e = exp(-2|y|).  Both are computed and one selected, so loops stay branch-free."""
     y = x * inv_cap
     e = exp2_nonpos(abs(y) * cast_like(-2.0 * LOG2E, y))
     t = (1 - e) / (1 + e)
     t = t if y >= 0 else -t
+    t = _tanh_small(y) if abs(y) < cast_like(TANH_SMALL, y) else t
     return cap * t if x == x else x
 
 
-_index_loss = njit(**_INLINE)(ew.index_loss)
-_index_grad_coefs = njit(**_INLINE)(ew.index_grad_coefs)
-_prob_weight = njit(**_INLINE)(ew.prob_weight)
-_prob_loss = njit(**_INLINE)(ew.prob_loss)
-_prob_grad_coefs = njit(**_INLINE)(ew.prob_grad_coefs)
-_softcap_grad_factor = njit(**_INLINE)(ew.softcap_grad_factor)
-_z_term = njit(**_INLINE)(ew.z_term)
+# The per-element formulas keep IEEE order ('contract' alone): with 'reassoc', LLVM rewrites
+# (max - s_t) + log(sum) into lse - s_t, reusing the lse it computed beside, and loses every
+# digit of the loss for logits near 1e100 (the very cancellation the formulas avoid).
+_STRICT = dict(fastmath={"contract"}, error_model="numpy")
+_index_loss = njit(**_STRICT)(ew.index_loss)
+_index_grad_coefs = njit(**_STRICT)(ew.index_grad_coefs)
+_prob_weight = njit(**_STRICT)(ew.prob_weight)
+_prob_loss = njit(**_STRICT)(ew.prob_loss)
+_prob_grad_coefs = njit(**_STRICT)(ew.prob_grad_coefs)
+_softcap_grad_factor = njit(**_STRICT)(ew.softcap_grad_factor)
+_z_term = njit(**_STRICT)(ew.z_term)
 
 
 # Row passes: small loops LLVM vectorises.  Each is called with one array per call site (the
@@ -348,10 +414,12 @@ def _row_exp_sum_inplace(buf, ms, log2e):
 
 
 @njit(**_INLINE)
-def _row_dot(w, src):
-    acc = src[0] - src[0]
+def _row_dot_dev(w, src, ms):
+    """sum_c w_c (ms - src_c): label smoothing's weighted sum relative to the row max, so that
+    it neither cancels nor overflows near float64's limit; a -inf logit gives +inf."""
+    acc = cast_like(0.0, src)
     for c in range(src.shape[0]):
-        acc += w[c] * src[c]
+        acc += w[c] * (ms - src[c])
     return acc
 
 
@@ -489,7 +557,7 @@ def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out
                     if row[c] == m:
                         hit = False
                         break
-        sum_ws = 0.0
+        sum_wd = 0.0
         if has_cap:
             srow = np.empty(C, row.dtype)
             for c in range(C):
@@ -499,7 +567,7 @@ def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out
             srow = row[:0]
             ms = m
         if smoothing and valid:
-            sum_ws = np.float64(_row_dot(w, srow)) if has_cap else np.float64(_row_dot(w, row))
+            sum_wd = np.float64(_row_dot_dev(w, srow if has_cap else row, ms))
         if valid:
             s_t = np.float64(srow[ti]) if has_cap else np.float64(row[ti])
         else:
@@ -517,7 +585,8 @@ def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out
                 ssum = _row_exp_sum_store(row, ms, log2e, grad[i])
             else:
                 ssum = _row_exp_sum(row, ms, log2e)
-        lse = np.float64(ms) + math.log(np.float64(ssum))
+        r = math.log(np.float64(ssum))
+        lse = np.float64(ms) + r
         if not valid:
             ce_out[i] = 0.0
             zl_out[i] = 0.0
@@ -526,7 +595,7 @@ def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out
                 grad[i, :] = 0
             continue
         w_t = np.float64(w[ti])
-        ce_out[i] = _index_loss(lse, s_t, w_t, W, sum_ws, keep, smooth_c)
+        ce_out[i] = _index_loss(r, np.float64(ms) - s_t, w_t, W, sum_wd, keep, smooth_c)
         zl_out[i] = _z_term(lse, zl)
         hit_out[i] = 1 if hit else 0
         if want_grad:
@@ -616,14 +685,14 @@ def _seg_first_argmax(xs, m, c, first):
 
 
 @njit(**_INLINE)
-def _seg_index_loss(ms, ssum, st_v, wt_v, valid_v, sws, W, keep, smooth_c, zl, lse_v, ce, zls):
+def _seg_index_loss(ms, ssum, st_v, wt_v, valid_v, swd, W, keep, smooth_c, zl, lse_v, ce, zls):
     """Per position: lse = ms + log(ssum) (the log vectorised: float32 within ~1 ulp), ce =
     index_loss(...) and its z-loss (into zls, unless empty), 0 where not valid."""
     for j in range(ms.shape[0]):
-        lse = np.float64(ms[j]) + np.float64(log_ge1(ssum[j]))
-        lse_v[j] = lse
-        v = _index_loss(lse, np.float64(st_v[j]), np.float64(wt_v[j]), W, np.float64(sws[j]),
-                        keep, smooth_c)
+        r = np.float64(log_ge1(ssum[j]))
+        lse_v[j] = np.float64(ms[j]) + r
+        v = _index_loss(r, np.float64(ms[j]) - np.float64(st_v[j]), np.float64(wt_v[j]), W,
+                        np.float64(swd[j]), keep, smooth_c)
         ce[j] = v if valid_v[j] != 0.0 else 0.0
     if zls.shape[0]:
         for j in range(ms.shape[0]):
@@ -631,9 +700,10 @@ def _seg_index_loss(ms, ssum, st_v, wt_v, valid_v, sws, W, keep, smooth_c, zl, l
 
 
 @njit(**_INLINE)
-def _seg_axpy(wc, xs, acc):
+def _seg_axpy_dev(wc, xs, ms, acc):
+    """acc_j += wc (ms_j - xs_j): _row_dot_dev along a segment."""
     for j in range(xs.shape[0]):
-        acc[j] += wc * xs[j]
+        acc[j] += wc * (ms[j] - xs[j])
 
 
 @njit(**_INLINE)
@@ -691,7 +761,7 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
     # One scratch allocation each for the block's per-position vectors.
     scratch = np.empty((10, L), x.dtype)
     f64 = np.empty((6, L))
-    m, ms, sc, ssum, sws = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
+    m, ms, sc, ssum, swd = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
     valid_v, wt_v, st_v = scratch[7], scratch[8], scratch[9]
     lse_v, ce_v, zl_v = f64[0], f64[1], f64[2]
     # Everything read from the logits by position (target logits, token hits) is read before
@@ -721,7 +791,7 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
         hit_v = f64[4]
         for j in range(L):
             hit_v[j] = 1.0 if valid_v[j] != 0.0 and first[j] == np.float64(ts[j]) else 0.0
-    # Pass 2: sum_c w_c s_c, and the sums of exp(s - max), stored into the gradient if wanted.
+    # Pass 2: sum_c w_c (max - s_c), and the sums of exp(s - max), stored into the gradient if wanted.
     nx_s0 = xs0 + L
     nx_n = xn
     if nx_s0 >= S:
@@ -730,7 +800,7 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
     prefetch_next = prefetch_next and nx_n < x.shape[0]
     flat = x.reshape(-1)
     ssum[:] = 0
-    sws[:] = 0
+    swd[:] = 0
     c_pairs = 0
     if not has_cap and not (want_grad and in_place):
         # two classes per sweep of the running sums
@@ -742,8 +812,8 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
             xa = x[xn, c, xs0:xs0 + L]
             xb = x[xn, c + 1, xs0:xs0 + L]
             if smoothing:
-                _seg_axpy(w[c], xa, sws)
-                _seg_axpy(w[c + 1], xb, sws)
+                _seg_axpy_dev(w[c], xa, ms, swd)
+                _seg_axpy_dev(w[c + 1], xb, ms, swd)
             if want_grad:
                 _seg_exp_acc_store2(xa, xb, ms, log2e, ssum, grad[xn, c, xs0:xs0 + L],
                                     grad[xn, c + 1, xs0:xs0 + L])
@@ -756,14 +826,14 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
         if has_cap:
             _seg_softcap(xs, capf, inv_capf, sc)
             if smoothing:
-                _seg_axpy(w[c], sc, sws)
+                _seg_axpy_dev(w[c], sc, ms, swd)
             if want_grad:
                 _seg_exp_acc_store(sc, ms, log2e, ssum, grad[xn, c, xs0:xs0 + L])
             else:
                 _seg_exp_acc(sc, ms, log2e, ssum)
         else:
             if smoothing:
-                _seg_axpy(w[c], xs, sws)
+                _seg_axpy_dev(w[c], xs, ms, swd)
             if want_grad and in_place:
                 _seg_exp_acc_inplace(grad[xn, c, xs0:xs0 + L], ms, log2e, ssum)
             elif want_grad:
@@ -776,7 +846,7 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
         zl_v = zl_out[on, os0:os0 + L]
     elif zl == 0.0:
         zl_v = zl_v[:0]                 # the z-loss terms are all 0: skip them
-    _seg_index_loss(ms, ssum, st_v, wt_v, valid_v, sws, W, keep, smooth_c, zl, lse_v, ce_v,
+    _seg_index_loss(ms, ssum, st_v, wt_v, valid_v, swd, W, keep, smooth_c, zl, lse_v, ce_v,
                     zl_v)
     if per_position:
         if want_hit:
@@ -879,9 +949,9 @@ def _prob_blocks(x, p, w, prm, want_grad, g, g_stride, grad, ce_out, zl_out):
         ms = np.empty_like(m)
         for j in range(L):
             ms[j] = softcap_fast(m[j], capf, inv_capf) if has_cap else m[j]
-            ssum = np.zeros(L)
+        ssum = np.zeros(L)
         A = np.zeros(L)
-        sqs = np.zeros(L)
+        sqd = np.zeros(L)
         for c in range(C):
             wc = np.float64(w[c])
             for j in range(L):
@@ -890,13 +960,14 @@ def _prob_blocks(x, p, w, prm, want_grad, g, g_stride, grad, ce_out, zl_out):
                 ssum[j] += e
                 q = _prob_weight(np.float64(ps[c, j]), wc, keep, smooth_c)
                 A[j] += q
-                sqs[j] += q * np.float64(s)
+                sqd[j] += q * (np.float64(ms[j]) - np.float64(s))
                 if want_grad:
                     grad[n, c, s0 + j] = e
         for j in range(L):
-            lse = np.float64(ms[j]) + math.log(ssum[j])
+            r = math.log(ssum[j])
+            lse = np.float64(ms[j]) + r
             zl_out[n, s0 + j] = _z_term(lse, zl)
-            ce_out[n, s0 + j] = _prob_loss(lse, A[j], sqs[j])
+            ce_out[n, s0 + j] = _prob_loss(r, A[j], sqd[j])
             if want_grad:
                 alpha, beta = _prob_grad_coefs(g[(n * S + s0 + j) * g_stride], lse, A[j], inv_D, z2)
                 scale = alpha / ssum[j]
@@ -1003,14 +1074,30 @@ _KERNELS = {fn.__name__: _twins(fn) for fn in
 # first parallel launch) and whenever it is workqueue, parallel launches take this lock.
 _launch_lock = threading.Lock()
 _layer_is_safe = None
+# After fork(), a child of a process whose thread pool has started must not use it: GNU OpenMP
+# aborts the child ("fork() called from a process already using GNU OpenMP") and the workqueue
+# pool's threads do not exist there.  Such children run the serial twins.
+_pool_started = False
+_serial_only = False
+
+
+def _after_fork_in_child():
+    global _launch_lock, _serial_only
+    _launch_lock = threading.Lock()     # the parent's may have been held at fork time
+    _serial_only = _serial_only or _pool_started
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def launch(name, work, *args):
     """Run kernel ``name`` on ``args``; ``work`` (element count) picks serial or parallel."""
-    global _layer_is_safe
+    global _layer_is_safe, _pool_started
     serial, parallel = _KERNELS[name]
-    if work < SERIAL_BELOW:
+    if work < SERIAL_BELOW or _serial_only:
         return serial(*args)
+    _pool_started = True
     if _layer_is_safe:
         return parallel(*args)
     with _launch_lock:
@@ -1118,9 +1205,27 @@ def softmax_family(x3, mode):
     return out, lse
 
 
-@functools.lru_cache(maxsize=256)
+# Arrays of ones stand in for absent class weights.  Small ones are cached (read-only, never
+# handed out); the cache holds at most ONES_CACHE_ENTRIES arrays of at most ONES_CACHE_BYTES.
+ONES_CACHE_BYTES = 1 << 18
+ONES_CACHE_ENTRIES = 32
+
+
+@functools.lru_cache(maxsize=ONES_CACHE_ENTRIES)
+def _cached_ones(shape, dtype):
+    a = np.ones(shape, dtype)
+    a.flags.writeable = False
+    return a
+
+
 def _ones(shape, dtype):
-    return np.ones(shape, dtype)
+    if math.prod(shape) * dtype.itemsize > ONES_CACHE_BYTES:
+        return np.ones(shape, dtype)
+    return _cached_ones(shape, dtype)
+
+
+def _data_pointer(a):
+    return a.__array_interface__["data"][0]
 
 
 class CPUBackend:
@@ -1128,9 +1233,35 @@ class CPUBackend:
 
     name = "cpu"
     xp = np
+    array_kind = "a NumPy array"
 
     @staticmethod
     def asarray(a):
+        return np.asarray(a)
+
+    @staticmethod
+    def is_array(a):
+        return isinstance(a, np.ndarray)
+
+    @staticmethod
+    def same_memory(a, b):
+        """a and b (C-contiguous) are the same bytes."""
+        return _data_pointer(a) == _data_pointer(b) and a.nbytes == b.nbytes
+
+    may_share_memory = staticmethod(np.may_share_memory)
+
+    @staticmethod
+    def first_above(t, limit):
+        """Flat position of the first element of t above limit, or -1."""
+        pos = np.flatnonzero(t.reshape(-1) > limit)
+        return int(pos[0]) if pos.size else -1
+
+    @staticmethod
+    def zeros(shape, dtype):
+        return np.zeros(shape, dtype)
+
+    @staticmethod
+    def to_host(a):
         return np.asarray(a)
 
     @staticmethod

@@ -15,7 +15,12 @@ def is_device_array(a) -> bool:
     """True for CuPy arrays, Numba device arrays (real or simulated) and torch CUDA tensors."""
     if isinstance(a, np.ndarray) or a is None:
         return False
-    if hasattr(a, "__cuda_array_interface__"):
+    if hasattr(type(a), "__cuda_array_interface__"):     # a class property: not evaluated
+        return True
+    try:
+        if hasattr(a, "__cuda_array_interface__"):
+            return True
+    except Exception:       # the interface exists but refused (e.g. a tensor requiring grad)
         return True
     # The Numba CUDA simulator's fake device arrays carry no interface attribute.
     return type(a).__name__ == "FakeCUDAArray"

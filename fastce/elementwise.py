@@ -2,18 +2,27 @@
 
 Plain Python functions with no array access: ``fastce.cpu`` compiles them with ``numba.njit``
 and ``fastce.gpu`` with ``numba.cuda.jit(device=True)``, so both backends evaluate the same
-formulas (those of ``fastce.spec``).  Naming, for one element i with logits s (softcapped):
+formulas (those of ``fastce.spec``).  Naming, for one element i with logits s (softcapped) and
+their maximum m:
 
-    lse      log sum_c exp(s_c)
+    r        log sum_c exp(s_c - m)         lse = m + r
+    d_t      m - s_t                        (so lse - s_t = d_t + r, exact near float64's limit)
     keep     1 - label_smoothing            smooth_c  label_smoothing / C
-    W        sum_c w_c                      sum_ws    sum_c w_c s_c
+    W        sum_c w_c                      sum_wd    sum_c w_c (m - s_c)
     inv_D    1 / (mean's denominator) or 1  z2_inv_Dz 2 * z_loss / (z-loss denominator) or 2*z_loss
+
+Terms whose option is off (smooth_c == 0, z_loss == 0) are not evaluated at all: ``0 * inf``
+would poison the result with nan where torch, which skips them too, is finite.
 """
 
 
-def index_loss(lse, s_t, w_t, W, sum_ws, keep, smooth_c):
-    """ce_i = (1-eps) w_t (lse - s_t) + eps/C (W lse - sum_c w_c s_c)."""
-    return keep * w_t * (lse - s_t) + smooth_c * (W * lse - sum_ws)
+def index_loss(r, d_t, w_t, W, sum_wd, keep, smooth_c):
+    """ce_i = (1-eps) w_t (lse - s_t) + eps/C sum_c w_c (lse - s_c)
+            = keep w_t (d_t + r) + smooth_c (W r + sum_wd)."""
+    ce = keep * w_t * (d_t + r)
+    if smooth_c != 0.0:
+        ce += smooth_c * (W * r + sum_wd)
+    return ce
 
 
 def index_grad_coefs(g, lse, w_t, W, keep, smooth_c, inv_D, z2_inv_Dz):
@@ -22,8 +31,10 @@ def index_grad_coefs(g, lse, w_t, W, keep, smooth_c, inv_D, z2_inv_Dz):
     From dL/ds_c = g ((a/D + 2 z lse/Dz) p_c - b_c/D) with b_c = (1-eps) w_t [c==t] + eps w_c/C
     and a = sum_c b_c = (1-eps) w_t + eps W / C.
     """
-    a = keep * w_t + smooth_c * W
-    alpha = g * (a * inv_D + z2_inv_Dz * lse)
+    a = keep * w_t
+    if smooth_c != 0.0:
+        a += smooth_c * W
+    alpha = g * (a * inv_D + (z2_inv_Dz * lse if z2_inv_Dz != 0.0 else 0.0))
     beta = g * keep * w_t * inv_D
     gamma = g * smooth_c * inv_D
     return alpha, beta, gamma
@@ -34,14 +45,14 @@ def prob_weight(p_c, w_c, keep, smooth_c):
     return w_c * (keep * p_c + smooth_c)
 
 
-def prob_loss(lse, A, sum_qs):
-    """ce_i = sum_c q_c (lse - s_c) = A lse - sum_c q_c s_c with A = sum_c q_c."""
-    return A * lse - sum_qs
+def prob_loss(r, A, sum_qd):
+    """ce_i = sum_c q_c (lse - s_c) = A r + sum_c q_c (m - s_c), with A = sum_c q_c."""
+    return A * r + sum_qd
 
 
 def prob_grad_coefs(g, lse, A, inv_D, z2_inv_Dz):
     """dL/ds_c = alpha * softmax_c - beta * q_c."""
-    return g * (A * inv_D + z2_inv_Dz * lse), g * inv_D
+    return g * (A * inv_D + (z2_inv_Dz * lse if z2_inv_Dz != 0.0 else 0.0)), g * inv_D
 
 
 def softcap_grad_factor(s, inv_cap):
@@ -51,5 +62,5 @@ def softcap_grad_factor(s, inv_cap):
 
 
 def z_term(lse, z_loss):
-    """PaLM's z-loss of one element: z_loss * lse^2."""
-    return z_loss * lse * lse
+    """PaLM's z-loss of one element: z_loss * lse^2 (0 when z_loss is 0, whatever lse)."""
+    return z_loss * lse * lse if z_loss != 0.0 else 0.0

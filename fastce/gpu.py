@@ -37,6 +37,7 @@ import numpy as np
 from numba import config, cuda
 
 from . import elementwise as ew
+from .dispatch import is_device_array
 
 __all__ = ["BACKEND", "GPUBackend", "DArray"]
 
@@ -84,6 +85,41 @@ def _finish_lse(m, s, nan):
     return m + math.log(s)
 
 
+@cuda.jit(device=True)
+def _finish_lse_r(m, s, nan):
+    """(lse, r = log s): lse - s_c is computed as (m - s_c) + r, exact near float64's limit."""
+    if nan != 0 or m == math.inf:
+        return math.nan, math.nan
+    r = math.log(s)
+    return m + r, r
+
+
+@cuda.jit(device=True)
+def _dev_step(m_old, m, dev, q_fin, v, q):
+    """Add q (m - v) to dev, the weighted sum of distances to the running max m (m_old before
+    v was seen): when the max rises, every weight seen so far (q_fin, finite logits only)
+    moves by the rise.  A -inf logit adds q * inf (+inf, as torch's -log_softmax)."""
+    if m > m_old and q_fin != 0:
+        dev += q_fin * (m - m_old)
+    if v == -math.inf:
+        dev += q * math.inf
+    else:
+        dev += q * (m - v)
+        q_fin += q
+    return dev, q_fin
+
+
+@cuda.jit(device=True)
+def _dev_merge(m1, dev1, q1, m2, dev2, q2, m):
+    """Merge two (max, dev, q_fin) partials of _dev_step under the merged max m."""
+    dev = dev1 + dev2
+    if q1 != 0 and m > m1:
+        dev += q1 * (m - m1)
+    if q2 != 0 and m > m2:
+        dev += q2 * (m - m2)
+    return dev, q1 + q2
+
+
 # ---------------------------------------------------------------------------------------------
 # Loss kernels, one set per compute dtype F (float32 or float64)
 # ---------------------------------------------------------------------------------------------
@@ -108,7 +144,7 @@ def _kernels(F):
         return v
 
     @cuda.jit(device=True)
-    def index_finish(x, n, s, t, w, prm, ignore_index, want_grad, g, gi, m, ssum, nan, sws,
+    def index_finish(x, n, s, t, w, prm, ignore_index, want_grad, g, gi, m, ssum, nan, wdev,
                      ir, C, ce_out, zl_out, hit_out):
         """Per-element outputs of one element; returns (target, scale, gamma, beta) for the
         gradient (target -1 where ignored).  x is (N, C, S) and the element is (n, s)."""
@@ -116,7 +152,7 @@ def _kernels(F):
         inv_D, z2, zl = prm[4], prm[5], prm[6]
         has_cap = cap > 0.0
         inv_cap = 1.0 / cap if has_cap else 0.0
-        lse = _finish_lse(m, ssum, nan)
+        lse, r = _finish_lse_r(m, ssum, nan)
         ti = _i8(t[n, s])
         if ti == ignore_index or ti < 0 or ti >= C:
             ce_out[n, s] = 0.0
@@ -126,7 +162,7 @@ def _kernels(F):
         w_t = _f8(w[ti])
         xt = x[n, ti, s]
         s_t = _f8(capped(xt, has_cap, F(cap), F(inv_cap)))
-        ce_out[n, s] = _index_loss(lse, s_t, w_t, W, sws, keep, smooth_c)
+        ce_out[n, s] = _index_loss(r, m - s_t, w_t, W, wdev, keep, smooth_c)
         zl_out[n, s] = _z_term(lse, zl)
         hit_out[n, s] = 1 if (nan == 0 and ir == ti) else 0
         scale = 0.0
@@ -160,7 +196,8 @@ def _kernels(F):
         return r
 
     @cuda.jit(device=True)
-    def row_step(v, c, w, m, ssum, sws, mr, ir, nan, C, has_cap, has_smooth, capf, inv_capf):
+    def row_step(v, c, w, m, ssum, wd, wq, mr, ir, nan, C, has_cap, has_smooth, capf,
+                 inv_capf):
         """Add logit v of class c to a thread's running row state."""
         if v != v:
             nan = 1
@@ -169,10 +206,11 @@ def _kernels(F):
                 mr = v
                 ir = c
             sv = capped(v, has_cap, capf, inv_capf)
+            m_old = m
             m, ssum = online(m, ssum, sv)
             if has_smooth:
-                sws += w[c] * sv
-        return m, ssum, sws, mr, ir, nan
+                wd, wq = _dev_step(m_old, m, wd, wq, sv, w[c])
+        return m, ssum, wd, wq, mr, ir, nan
 
     def index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
                    hit_out):
@@ -180,6 +218,7 @@ def _kernels(F):
         sh_m = cuda.shared.array(ROW_MAX, np.float64)
         sh_s = cuda.shared.array(ROW_MAX, np.float64)
         sh_w = cuda.shared.array(ROW_MAX, np.float64)
+        sh_q = cuda.shared.array(ROW_MAX, np.float64)
         sh_r = cuda.shared.array(ROW_MAX, np.float64)
         sh_i = cuda.shared.array(ROW_MAX, np.int64)
         sh_n = cuda.shared.array(ROW_MAX, np.int32)
@@ -198,7 +237,8 @@ def _kernels(F):
         while row < N:
             m = F(-math.inf)
             ssum = F(0.0)
-            sws = F(0.0)
+            wd = F(0.0)
+            wq = F(0.0)
             mr = F(-math.inf)
             ir = _i8(C)
             nan = 0
@@ -209,22 +249,23 @@ def _kernels(F):
                 v1 = x[row, c + bd, 0]
                 v2 = x[row, c + 2 * bd, 0]
                 v3 = x[row, c + 3 * bd, 0]
-                m, ssum, sws, mr, ir, nan = row_step(v0, c, w, m, ssum, sws, mr, ir, nan, C,
+                m, ssum, wd, wq, mr, ir, nan = row_step(v0, c, w, m, ssum, wd, wq, mr, ir, nan, C,
                                                      has_cap, has_smooth, capf, inv_capf)
-                m, ssum, sws, mr, ir, nan = row_step(v1, c + bd, w, m, ssum, sws, mr, ir, nan,
+                m, ssum, wd, wq, mr, ir, nan = row_step(v1, c + bd, w, m, ssum, wd, wq, mr, ir, nan,
                                                      C, has_cap, has_smooth, capf, inv_capf)
-                m, ssum, sws, mr, ir, nan = row_step(v2, c + 2 * bd, w, m, ssum, sws, mr, ir,
+                m, ssum, wd, wq, mr, ir, nan = row_step(v2, c + 2 * bd, w, m, ssum, wd, wq, mr, ir,
                                                      nan, C, has_cap, has_smooth, capf, inv_capf)
-                m, ssum, sws, mr, ir, nan = row_step(v3, c + 3 * bd, w, m, ssum, sws, mr, ir,
+                m, ssum, wd, wq, mr, ir, nan = row_step(v3, c + 3 * bd, w, m, ssum, wd, wq, mr, ir,
                                                      nan, C, has_cap, has_smooth, capf, inv_capf)
                 c += 4 * bd
             while c < C:
-                m, ssum, sws, mr, ir, nan = row_step(x[row, c, 0], c, w, m, ssum, sws, mr, ir,
+                m, ssum, wd, wq, mr, ir, nan = row_step(x[row, c, 0], c, w, m, ssum, wd, wq, mr, ir,
                                                      nan, C, has_cap, has_smooth, capf, inv_capf)
                 c += bd
             sh_m[tid] = m
             sh_s[tid] = ssum
-            sh_w[tid] = sws
+            sh_w[tid] = wd
+            sh_q[tid] = wq
             sh_r[tid] = mr
             sh_i[tid] = ir
             sh_n[tid] = nan
@@ -234,9 +275,12 @@ def _kernels(F):
                 if tid < stride:
                     o = tid + stride
                     mm, ss = _combine(sh_m[tid], sh_s[tid], sh_m[o], sh_s[o])
+                    dd, qq = _dev_merge(sh_m[tid], sh_w[tid], sh_q[tid], sh_m[o], sh_w[o],
+                                        sh_q[o], mm)
                     sh_m[tid] = mm
                     sh_s[tid] = ss
-                    sh_w[tid] = sh_w[tid] + sh_w[o]
+                    sh_w[tid] = dd
+                    sh_q[tid] = qq
                     if sh_r[o] > sh_r[tid] or (sh_r[o] == sh_r[tid] and sh_i[o] < sh_i[tid]):
                         sh_r[tid] = sh_r[o]
                         sh_i[tid] = sh_i[o]
@@ -299,25 +343,18 @@ def _kernels(F):
             s = pos - n * S
             m = F(-math.inf)
             ssum = F(0.0)
-            sws = F(0.0)
+            wd = F(0.0)
+            wq = F(0.0)
             mr = F(-math.inf)
             ir = _i8(C)
             nan = 0
             for c in range(C):
-                v = x[n, c, s]
-                if v != v:
-                    nan = 1
-                else:
-                    if v > mr or ir == C:
-                        mr = v
-                        ir = c
-                    sv = capped(v, has_cap, capf, inv_capf)
-                    m, ssum = online(m, ssum, sv)
-                    if has_smooth:
-                        sws += w[c] * sv
+                m, ssum, wd, wq, mr, ir, nan = row_step(x[n, c, s], c, w, m, ssum, wd, wq, mr,
+                                                        ir, nan, C, has_cap, has_smooth, capf,
+                                                        inv_capf)
             ti, scale, gamma, beta = index_finish(
                 x, n, s, t, w, prm, ignore_index, want_grad, g, pos * g_stride, _f8(m),
-                _f8(ssum), nan, _f8(sws), ir, C, ce_out, zl_out, hit_out)
+                _f8(ssum), nan, _f8(wd), ir, C, ce_out, zl_out, hit_out)
             if want_grad:
                 scale_f = F(scale)
                 gamma_f = F(gamma)
@@ -352,20 +389,22 @@ def _kernels(F):
             ssum = F(0.0)
             nan = 0
             A = 0.0
-            sqs = 0.0
+            qd = 0.0
+            qf = 0.0
             for c in range(C):
                 v = x[n, c, s]
                 sv = capped(v, has_cap, capf, inv_capf)
+                q = _prob_weight(_f8(p[n, c, s]), _f8(w[c]), keep, smooth_c)
+                A += q
                 if v != v:
                     nan = 1
                 else:
+                    m_old = m
                     m, ssum = online(m, ssum, sv)
-                q = _prob_weight(_f8(p[n, c, s]), _f8(w[c]), keep, smooth_c)
-                A += q
-                sqs += q * _f8(sv)
-            lse = _finish_lse(_f8(m), _f8(ssum), nan)
+                    qd, qf = _dev_step(_f8(m_old), _f8(m), qd, qf, _f8(sv), q)
+            lse, r = _finish_lse_r(_f8(m), _f8(ssum), nan)
             zl_out[n, s] = _z_term(lse, zl)
-            ce_out[n, s] = _prob_loss(lse, A, sqs)
+            ce_out[n, s] = _prob_loss(r, A, qd)
             if want_grad:
                 alpha, beta = _prob_grad_coefs(g[pos * g_stride], lse, A, inv_D, z2)
                 scale = alpha / _f8(ssum)
@@ -386,6 +425,7 @@ def _kernels(F):
         sh_s = cuda.shared.array(ROW_MAX, np.float64)
         sh_a = cuda.shared.array(ROW_MAX, np.float64)
         sh_q = cuda.shared.array(ROW_MAX, np.float64)
+        sh_f = cuda.shared.array(ROW_MAX, np.float64)
         sh_n = cuda.shared.array(ROW_MAX, np.int32)
         sh_c = cuda.shared.array(2, np.float64)
         N = x.shape[0]
@@ -403,23 +443,26 @@ def _kernels(F):
             ssum = F(0.0)
             nan = 0
             A = 0.0
-            sqs = 0.0
+            qd = 0.0
+            qf = 0.0
             c = _i8(tid)
             while c < C:
                 v = x[row, c, 0]
                 sv = capped(v, has_cap, capf, inv_capf)
+                q = _prob_weight(_f8(p[row, c, 0]), _f8(w[c]), keep, smooth_c)
+                A += q
                 if v != v:
                     nan = 1
                 else:
+                    m_old = m
                     m, ssum = online(m, ssum, sv)
-                q = _prob_weight(_f8(p[row, c, 0]), _f8(w[c]), keep, smooth_c)
-                A += q
-                sqs += q * _f8(sv)
+                    qd, qf = _dev_step(_f8(m_old), _f8(m), qd, qf, _f8(sv), q)
                 c += bd
             sh_m[tid] = m
             sh_s[tid] = ssum
             sh_a[tid] = A
-            sh_q[tid] = sqs
+            sh_q[tid] = qd
+            sh_f[tid] = qf
             sh_n[tid] = nan
             cuda.syncthreads()
             stride = bd // 2
@@ -427,17 +470,20 @@ def _kernels(F):
                 if tid < stride:
                     o = tid + stride
                     mm, ss = _combine(sh_m[tid], sh_s[tid], sh_m[o], sh_s[o])
+                    dd, ff = _dev_merge(sh_m[tid], sh_q[tid], sh_f[tid], sh_m[o], sh_q[o],
+                                        sh_f[o], mm)
                     sh_m[tid] = mm
                     sh_s[tid] = ss
                     sh_a[tid] = sh_a[tid] + sh_a[o]
-                    sh_q[tid] = sh_q[tid] + sh_q[o]
+                    sh_q[tid] = dd
+                    sh_f[tid] = ff
                     sh_n[tid] = sh_n[tid] | sh_n[o]
                 cuda.syncthreads()
                 stride //= 2
             if tid == 0:
-                lse = _finish_lse(sh_m[0], sh_s[0], sh_n[0])
+                lse, r = _finish_lse_r(sh_m[0], sh_s[0], sh_n[0])
                 zl_out[row, 0] = _z_term(lse, zl)
-                ce_out[row, 0] = _prob_loss(lse, sh_a[0], sh_q[0])
+                ce_out[row, 0] = _prob_loss(r, sh_a[0], sh_q[0])
                 if want_grad:
                     alpha, beta = _prob_grad_coefs(g[row * g_stride], lse, sh_a[0], inv_D, z2)
                     scale = alpha / sh_s[0]
@@ -1220,8 +1266,21 @@ def _device_id():
     return cuda.get_current_device().id
 
 
-@functools.lru_cache(maxsize=64)
+ONES_CACHE_BYTES = 1 << 20      # larger arrays of ones are made per call, not kept
+
+
 def _ones(shape, dtype, device):
+    if math.prod(shape) * np.dtype(dtype).itemsize > ONES_CACHE_BYTES:
+        return _make_ones(shape, dtype)
+    return _cached_ones(shape, dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_ones(shape, dtype, device):
+    return _make_ones(shape, dtype)
+
+
+def _make_ones(shape, dtype):
     out = _alloc(shape, dtype)
     n = out.size
     if n:
@@ -1236,6 +1295,42 @@ class GPUBackend:
 
     name = "gpu"
     xp = _XP()
+    array_kind = "a CUDA device array (CuPy, Numba or __cuda_array_interface__)"
+    fuses_target_stats = False
+
+    @staticmethod
+    def is_array(a):
+        return isinstance(a, DArray) or is_device_array(a)
+
+    @staticmethod
+    def same_memory(a, b):
+        (pa, na), (pb, nb) = _extent(a), _extent(b)
+        return pa == pb and na == nb
+
+    @staticmethod
+    def may_share_memory(a, b):
+        (pa, na), (pb, nb) = _extent(a), _extent(b)
+        return na > 0 and nb > 0 and pa < pb + nb and pb < pa + na
+
+    @staticmethod
+    def first_above(t, limit):
+        """Flat position of the first element of t above limit, or -1 (a host copy: only
+        uint64 targets need this)."""
+        host = GPUBackend.to_host(t).reshape(-1)
+        pos = np.flatnonzero(host > limit)
+        return int(pos[0]) if pos.size else -1
+
+    @staticmethod
+    def zeros(shape, dtype):
+        out = _alloc(shape if isinstance(shape, tuple) else (shape,), dtype)
+        if out.size:
+            blocks, threads = _elem_cfg(out.size)
+            _k_fill[blocks, threads](out.flat(), np.dtype(dtype).type(0))
+        return out
+
+    @staticmethod
+    def to_host(a):
+        return GPUBackend.asarray(a).copy_to_host()
 
     @staticmethod
     def asarray(a):
@@ -1244,7 +1339,10 @@ class GPUBackend:
         owner = None
         if _is_numba_array(a):
             d = a
-        elif hasattr(a, "__cuda_array_interface__"):
+        elif is_device_array(a):
+            if type(a).__module__.startswith("torch") and getattr(a, "requires_grad", False):
+                a = a.detach()      # torch refuses the interface on tensors that require grad
+            _check_typestr(a.__cuda_array_interface__["typestr"])
             d, owner = cuda.as_cuda_array(a, sync=False), a
         else:                      # host scalars / 0-d arrays (e.g. a grad_output of 1.0)
             return _to_dev(np.array(a, order="C"))
@@ -1300,11 +1398,25 @@ class GPUBackend:
                 pass
         return d
 
-    fuses_target_stats = False      # the forward validates its targets in target_stats
     target_stats = staticmethod(target_stats)
     index_loss = staticmethod(index_loss)
     prob_loss = staticmethod(prob_loss)
     softmax_family = staticmethod(softmax_family)
+
+
+def _check_typestr(typestr):
+    """Reject what Numba cannot type, by name: bfloat16 arrives as an opaque 2-byte void."""
+    if np.dtype(typestr).kind == "V":
+        raise TypeError(f"fastce: CUDA arrays of typestr {typestr!r} (e.g. bfloat16) are not "
+                        f"supported yet; cast them to float16 or float32")
+
+
+def _extent(a):
+    """(first byte address, byte length) of a device array's memory."""
+    d = GPUBackend.asarray(a).d
+    if SIM:
+        return d._ary.__array_interface__["data"][0], d._ary.nbytes
+    return d.__cuda_array_interface__["data"][0], d.nbytes
 
 
 def _contiguous_copy(d):

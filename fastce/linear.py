@@ -15,9 +15,9 @@ out=logits)``, so the buffer is the only chunk-sized allocation.
 
 ``reduction="mean"`` divides by GLOBAL denominators (the sum of target weights over all
 non-ignored rows for the cross-entropy part, their count for the z-loss part), computed from the
-targets before the first chunk: each chunk runs with ``reduction="sum"``, a scalar grad_output of
-``g / D`` and ``z_loss * D / Dz``, which gives exactly ``dCE/D + dZ/Dz`` (see
-``fastce.elementwise.index_grad_coefs``).
+targets before the first chunk by the same checks as ``fastce.cross_entropy``; each chunk runs
+the API's own implementation with those denominators in place of its own, so the chunks' losses
+and gradients add up to the whole batch's (negative or zero weight sums included).
 
 Memory beyond the outputs: the (rows, V) buffer (automatic: ~1/12 of N x V, 1 to 64 MiB) and
 the (V/8, H) temporary: under 0.1 x the logits at N=4096, H=256, V=32000 float32, against
@@ -25,13 +25,13 @@ the (V/8, H) temporary: under 0.1 x the logits at N=4096, H=256, V=32000 float32
 """
 from __future__ import annotations
 
-import math
 import operator
 import time
 
 import numpy as np
 
-from .api import _check_options, check_weight_meta, cross_entropy, cross_entropy_with_grad
+from . import api
+from .api import check_index_target, cross_entropy_with_grad
 from .dispatch import is_device_array
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad", "bench_linear"]
@@ -121,42 +121,19 @@ def _prepare(xp, hidden, classifier, target, bias, weight, ignore_index):
         if b.dtype != h.dtype:
             raise TypeError(f"fastce: bias dtype {b.dtype} differs from hidden dtype {h.dtype}")
     t = xp.asarray(target)
-    if t.dtype.kind not in "iu":
-        what = "a bool" if t.dtype.kind == "b" else f"dtype {t.dtype}"
-        raise TypeError(f"fastce: target must hold integer class indices, got {what} array "
-                        f"(probability targets are not supported by linear_cross_entropy)")
+    if t.dtype.kind == "f":
+        raise TypeError("fastce: target must hold integer class indices, got a float array "
+                        "(probability targets are not supported by linear_cross_entropy)")
     if tuple(t.shape) != (N,):
         raise ValueError(f"fastce: target must have shape (N,) = ({N},) for hidden of shape "
                          f"{tuple(h.shape)}, got {tuple(t.shape)}")
-    try:
-        ignore_index = operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(f"fastce: ignore_index must be an int, got {ignore_index!r}") from None
-
     cdt = np.dtype(np.float32) if h.dtype == np.float16 else h.dtype   # float16 -> float32
-    w = None
-    if weight is not None:
-        w = xp.asarray(weight)
-        check_weight_meta(w, V)
-        w = xp.ascontiguousarray(w.astype(cdt))
-
-    # Targets: validation and the global denominators of the mean.
-    t64 = t.astype(np.int64)
-    ignored = t64 == ignore_index
-    bad = ~ignored & ((t64 < 0) | (t64 >= V))
-    if N and bool(bad.any()):
-        pos = int(bad.argmax())
-        raise ValueError(f"fastce: target {int(t64[pos])} at position ({pos},) is out of bounds: "
-                         f"class indices must be in [0, {V}) or equal ignore_index={ignore_index}")
-    keep = ~ignored
-    count = int(keep.sum())
-    if w is None:
-        D = float(count)
-    else:
-        safe = xp.where(ignored, 0, t64)
-        D = float(xp.where(keep, w[safe].astype(np.float64), 0.0).sum())
+    # Targets and weights: the checks of every entry point, and the whole batch's denominators.
+    D, count = check_index_target(t, weight, ignore_index, V, cdt)
+    ignore_index = api._check_ignore_index(ignore_index)
+    w = None if weight is None else xp.ascontiguousarray(xp.asarray(weight).astype(cdt))
     if t.dtype not in (np.dtype(np.int64), np.dtype(np.int32)):
-        t = t64
+        t = t.astype(np.int64)         # safe: check_index_target rejected what would wrap
     if cdt != h.dtype:
         h, c = h.astype(cdt), c.astype(cdt)
         b = None if b is None else b.astype(cdt)
@@ -200,7 +177,7 @@ class _ClassifierGrad:
 # ---------------------------------------------------------------------------------------------
 def _linear_ce(hidden, classifier, target, bias, weight, grad_output, *, ignore_index,
                reduction, label_smoothing, softcap, z_loss, chunk_size, want_grad):
-    eps, cap, zl = _check_options(reduction, label_smoothing, softcap, z_loss)
+    eps, cap, zl = api._check_options(reduction, label_smoothing, softcap, z_loss)
     xp = _array_module(dict(hidden=hidden, classifier=classifier, target=target, bias=bias,
                             weight=weight, grad_output=grad_output if want_grad else None))
     in_dtype = xp.asarray(hidden).dtype
@@ -211,18 +188,18 @@ def _linear_ce(hidden, classifier, target, bias, weight, grad_output, *, ignore_
     V = c.shape[0]
     rows = chunk_rows(N, V, cdt.itemsize, chunk_size)
 
-    # Per-chunk options: sum reduction, scaled so that the chunks add up to the whole.
-    opts = dict(ignore_index=ignore_index, label_smoothing=eps, softcap=softcap)
+    # Per-chunk options: a mean divides by the whole batch's denominators, so the chunks add up.
+    opts = dict(ignore_index=ignore_index, label_smoothing=eps, softcap=softcap, z_loss=zl,
+                class_axis=1, reduction=reduction)
     g_rows = None
+    g = None
     if reduction == "none":
-        opts.update(reduction="none", z_loss=zl)
         if want_grad and grad_output is not None:
             g_rows = xp.asarray(grad_output)
             if tuple(g_rows.shape) != (N,):
                 raise ValueError(f"fastce: with reduction='none', grad_output must have the "
                                  f"loss's shape ({N},), got {tuple(g_rows.shape)}")
     else:
-        g = 1.0
         if want_grad and grad_output is not None:
             if not np.isscalar(grad_output):
                 ga = xp.asarray(grad_output)
@@ -232,12 +209,7 @@ def _linear_ce(hidden, classifier, target, bias, weight, grad_output, *, ignore_
                 grad_output = ga.reshape(())
             g = float(grad_output)
         if reduction == "mean":
-            with np.errstate(divide="ignore", invalid="ignore"):
-                g_chunk = float(np.float64(g) / np.float64(D))
-            z_chunk = zl * D / count if (zl and count and math.isfinite(D)) else 0.0
-        else:
-            g_chunk, z_chunk = g, zl
-        opts.update(reduction="sum", z_loss=z_chunk)
+            opts.update(denominators=(D, float(count)))
 
     buf = xp.empty((rows, V), cdt) if N else None
     per_row = xp.empty(N, cdt) if reduction == "none" else None
@@ -255,13 +227,11 @@ def _linear_ce(hidden, classifier, target, bias, weight, grad_output, *, ignore_
         xp.matmul(hc, ct, out=logits)
         if b is not None:
             logits += b
-        if not want_grad:
-            loss = cross_entropy(logits, t[s:e], w, **opts)
-        else:
-            go = g_rows[s:e] if g_rows is not None else (None if reduction == "none" else g_chunk)
-            # the gradient replaces the spent logits, in place
-            loss, _ = cross_entropy_with_grad(logits, t[s:e], w, grad_output=go, out=logits,
-                                              **opts)
+        go = g_rows[s:e] if g_rows is not None else g
+        # with a gradient, it replaces the spent logits, in place
+        loss, _, _ = api._cross_entropy(logits, t[s:e], w, go if want_grad else None,
+                                        want_loss=True, want_grad=want_grad,
+                                        out=logits if want_grad else None, **opts)
         if per_row is not None:
             per_row[s:e] = loss
         else:
@@ -276,11 +246,7 @@ def _linear_ce(hidden, classifier, target, bias, weight, grad_output, *, ignore_
     if per_row is not None:
         out_loss = per_row.astype(in_dtype, copy=False)
     else:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            value = xp.asarray(total, dtype=np.float64)
-            if reduction == "mean":
-                value = value / np.float64(D)
-        out_loss = value.astype(in_dtype)
+        out_loss = xp.asarray(total, dtype=np.float64).astype(in_dtype)
         if xp is np:
             out_loss = out_loss[()]
     if not want_grad:

@@ -14,9 +14,14 @@ when there is no softcap) and ``lse_i = log sum_c exp(s_ic)``:
 Class-index targets y_i (ignored where ``y_i == ignore_index``), smoothing eps, W = sum_c w_c::
 
     nll_i    = w[y_i] * (lse_i - s_{i,y_i})
-    smooth_i = sum_c w_c * (lse_i - s_ic)                 = W * lse_i - sum_c w_c s_ic
+    smooth_i = sum_c w_c * (lse_i - s_ic)                 (only evaluated when eps > 0)
     ce_i     = (1 - eps) * nll_i + eps / C * smooth_i     (0 where ignored)
     D        = sum_{i not ignored} w[y_i]                 (the weighted mean's denominator)
+
+``lse_i - s_ic`` is evaluated as torch does, ``(m_i - s_ic) + log sum_c exp(s_ic - m_i)`` with
+``m_i = max_c s_ic``: exact for logits near the float64 limit, and ``+inf`` (not nan) for a
+``-inf`` (masked) logit.  With eps = 0 the smoothing term is not evaluated at all, so a nan or
+inf weight of a class that no target uses leaves the loss finite, as in torch.
 
 Probability targets p_ic::
 
@@ -44,7 +49,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
-    "log_softmax", "softmax", "logsumexp", "softcap_logits",
+    "log_softmax", "softmax", "logsumexp", "neg_log_softmax", "softcap_logits",
     "cross_entropy_index", "cross_entropy_prob", "reduce_loss", "grad_logits",
     "cross_entropy", "cross_entropy_with_grad", "token_accuracy",
 ]
@@ -80,6 +85,15 @@ def softcap_logits(x: np.ndarray, softcap: float | None) -> np.ndarray:
     return x if softcap is None else softcap * np.tanh(x / softcap)
 
 
+def neg_log_softmax(s: np.ndarray, axis: int = 1) -> np.ndarray:
+    """``lse - s_c`` as ``(m - s_c) + log sum exp(s - m)`` (torch's order of operations)."""
+    s = np.asarray(s, dtype=np.float64)
+    m = np.max(s, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return (m - s) + np.log(np.sum(np.exp(s - m), axis=axis, keepdims=True))
+
+
 def _target_distribution_index(target, weight, ignore_index, eps, C):
     """b_ic of the module docstring for class-index targets, and the ignore mask (N, S)."""
     N, S = target.shape
@@ -87,10 +101,19 @@ def _target_distribution_index(target, weight, ignore_index, eps, C):
     safe = np.where(ignored, 0, target).astype(np.int64)
     onehot = np.zeros((N, C, S))
     np.put_along_axis(onehot, safe[:, None, :], 1.0, axis=1)
-    w_y = weight[safe]                                     # (N, S)
-    b = (1.0 - eps) * w_y[:, None, :] * onehot + eps / C * weight[None, :, None]
+    w_y = np.where(ignored, 0.0, weight[safe])             # (N, S)
+    b = (1.0 - eps) * w_y[:, None, :] * onehot
+    if eps:
+        b = b + eps / C * weight[None, :, None]
     b = np.where(ignored[:, None, :], 0.0, b)
-    return b, ignored, np.where(ignored, 0.0, w_y)
+    return b, ignored, w_y
+
+
+def _z_terms(lse, z_loss, ignored):
+    if not z_loss:
+        return np.zeros(lse.shape)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.where(ignored, 0.0, z_loss * lse ** 2)
 
 
 def cross_entropy_index(x, target, weight=None, *, ignore_index=-100, label_smoothing=0.0,
@@ -105,17 +128,21 @@ def cross_entropy_index(x, target, weight=None, *, ignore_index=-100, label_smoo
     N, C, S = x.shape
     target = np.asarray(target).astype(np.int64)
     weight = np.ones(C) if weight is None else np.asarray(weight, dtype=np.float64)
+    eps = label_smoothing
     s = softcap_logits(x, softcap)
     lse = logsumexp(s, axis=1)                                          # (N, S)
-    b, ignored, w_y = _target_distribution_index(target, weight, ignore_index, label_smoothing, C)
-    with np.errstate(invalid="ignore"):
-        # sum_c b_ic (lse_i - s_ic): (1-eps) nll_i + eps/C smooth_i in one expression.
-        ce = np.sum(b * (lse[:, None, :] - s), axis=1)
+    nls = neg_log_softmax(s, axis=1)                                    # lse_i - s_ic
+    b, ignored, w_y = _target_distribution_index(target, weight, ignore_index, eps, C)
+    safe = np.where(ignored, 0, target)
+    with np.errstate(invalid="ignore", over="ignore"):
+        nll = w_y * np.take_along_axis(nls, safe[:, None, :], axis=1)[:, 0, :]
+        ce = (1.0 - eps) * nll
+        if eps:
+            ce = ce + eps / C * np.sum(weight[None, :, None] * nls, axis=1)
     ce = np.where(ignored, 0.0, ce)
-    z = np.where(ignored, 0.0, z_loss * lse ** 2)
     D = float(np.sum(w_y))
     Dz = float(np.sum(~ignored))
-    return ce, z, lse, ignored, D, Dz, b
+    return ce, _z_terms(lse, z_loss, ignored), lse, ignored, D, Dz, b
 
 
 def cross_entropy_prob(x, target, weight=None, *, label_smoothing=0.0, softcap=None, z_loss=0.0):
@@ -127,11 +154,10 @@ def cross_entropy_prob(x, target, weight=None, *, label_smoothing=0.0, softcap=N
     s = softcap_logits(x, softcap)
     lse = logsumexp(s, axis=1)
     q = weight[None, :, None] * ((1.0 - label_smoothing) * p + label_smoothing / C)
-    with np.errstate(invalid="ignore"):
-        ce = np.sum(q * (lse[:, None, :] - s), axis=1)
-    z = z_loss * lse ** 2
+    with np.errstate(invalid="ignore", over="ignore"):
+        ce = np.sum(q * neg_log_softmax(s, axis=1), axis=1)
     ignored = np.zeros((N, S), dtype=bool)
-    return ce, z, lse, ignored, float(N * S), float(N * S), q
+    return ce, _z_terms(lse, z_loss, ignored), lse, ignored, float(N * S), float(N * S), q
 
 
 def reduce_loss(ce, z, D, Dz, reduction, z_loss=0.0):
@@ -152,7 +178,7 @@ def grad_logits(x, lse, b, ignored, D, Dz, reduction, grad_output=1.0, *, softca
     x = np.asarray(x, dtype=np.float64)
     s = softcap_logits(x, softcap)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        p = np.exp(s - lse[:, None, :])
+        p = np.exp(-neg_log_softmax(s, axis=1))           # softmax, exact near float64's limit
         a = np.sum(b, axis=1, keepdims=True)
         if reduction == "mean":
             d, dz = np.float64(D), np.float64(Dz)
