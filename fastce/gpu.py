@@ -90,7 +90,7 @@ def _finish_lse_r(m, s, nan):
     """(lse, r = log s): lse - s_c is computed as (m - s_c) + r, exact near float64's limit."""
     if nan != 0 or m == math.inf:
         return math.nan, math.nan
-    r = math.log(s)
+    r = math.log(s) if s > 0.0 else -math.inf      # all -inf: the simulator's log(0) raises
     return m + r, r
 
 
