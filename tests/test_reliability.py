@@ -232,6 +232,27 @@ def test_large_softcap_keeps_precision(backend, dtype, cap):
         assert_close(got_g, xt.grad.numpy(), tol)
 
 
+@pytest.mark.parametrize("cap", [2.0, 30.0])
+def test_softcap_maps_infinite_logits_to_the_cap(backend, cap):
+    """softcap * tanh(+-inf / softcap) = +-softcap: finite, as in torch (no +inf -> nan)."""
+    rng = np.random.default_rng(17)
+    for shape in shapes(backend):
+        for dtype in (np.float32, np.float64):
+            x = rng.standard_normal(shape) * 3
+            x[0, 1] = np.inf
+            x[1, 0] = -np.inf
+            t = np.ones(shape[:1] + shape[2:], np.int64)
+            xt = torch.tensor(x, requires_grad=True)
+            loss = F.cross_entropy(cap * torch.tanh(xt / cap), torch.tensor(t), reduction="sum",
+                                   label_smoothing=0.1)
+            loss.backward()
+            got_l, _, got_g = fastce_both(backend, x.astype(dtype), t, reduction="sum",
+                                          label_smoothing=0.1, softcap=cap)
+            tol = 2e-5 if dtype == np.float32 else 1e-12
+            assert_close(got_l, loss.item(), tol, what=str(shape))
+            assert_close(got_g, xt.grad.numpy(), tol, what=str(shape))
+
+
 def test_softcap_tanh_accuracy():
     """cpu.softcap_fast against float64 tanh over 60 decades: within 4 ulp of the dtype."""
     from numba import njit
