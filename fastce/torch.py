@@ -274,6 +274,8 @@ def _fused_setup(ctx, inputs, output):
     ctx.opts = opts
     ctx.class_axis = 0 if input.dim() <= 1 else opts[-1] % input.dim()
     ctx.reduction = opts[1]
+    # No zeros for the (non-differentiable) gradient output: an input-sized fill per backward.
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
 
@@ -281,6 +283,8 @@ def _fused_setup(ctx, inputs, output):
 def _fused_backward(ctx, grad, _unused):
     (saved,) = ctx.saved_tensors
     gi = None
+    if grad is None:
+        return (None,) * (3 + len(_OPT_NAMES))
     if ctx.needs_input_grad[0]:
         if ctx.reduction == "none":
             g = grad.unsqueeze(ctx.class_axis) if saved.dim() > 1 else grad
@@ -499,6 +503,7 @@ _lin_op.register_autograd(_lin_backward, setup_context=_lin_setup)
 
 def _lin_fused_setup(ctx, inputs, output):
     ctx.has_bias = inputs[3] is not None
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(*output[1:])
     ctx.save_for_backward(*output[1:])
 
@@ -510,6 +515,8 @@ def _scaled(saved, g):
 def _lin_fused_backward(ctx, grad, *_unused):
     gh, gc, gb = ctx.saved_tensors
     n = ctx.needs_input_grad
+    if grad is None:
+        return (None,) * 11
     return (_scaled(gh, grad) if n[0] else None, _scaled(gc, grad) if n[1] else None, None,
             _scaled(gb, grad) if (ctx.has_bias and n[3]) else None, None) + (None,) * 6
 
