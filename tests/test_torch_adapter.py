@@ -371,3 +371,20 @@ def test_torch_compile_fullgraph():
         (ge,) = torch.autograd.grad(le, lin.weight)
         torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_large_gradient_on_huge_pages_matches_torch(fused):
+    """Gradients of 8 MiB and more are allocated on (transparent) huge pages: same values,
+    and the buffer is an ordinary, writable, contiguous tensor."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 4096, generator=g)                 # 8 MiB float32
+    t = torch.randint(0, 4096, (512,), generator=g)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ft.cross_entropy(xa, t, fused=fused).backward()
+    F.cross_entropy(xb, t).backward()
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-9)
+    assert xa.grad.is_contiguous()
+    xa.grad.mul_(2.0)                                       # writable
+    buf = ft._host_empty((1024, 4096), torch.float32)
+    assert buf.shape == (1024, 4096) and buf.dtype == torch.float32
