@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import fastce as _fastce
+from fastce import _alloc
 from fastce.linear import linear_cross_entropy as _np_linear_ce
 from fastce.linear import linear_cross_entropy_with_grad as _np_linear_ce_with_grad
 
@@ -84,7 +85,9 @@ def _ce_loss_callback(opts, dtype):
 
 def _ce_grad_callback(opts, dtype):
     def cb(x, t, w):
-        loss, grad = _fastce.cross_entropy_with_grad(_host(x), _host(t), _host(w),
+        x = _host(x)
+        out = _alloc.empty(x.shape, x.dtype) if x.dtype in (np.float32, np.float64) else None
+        loss, grad = _fastce.cross_entropy_with_grad(x, _host(t), _host(w), out=out,
                                                      **_ce_kwargs(opts))
         return _out(loss, dtype), _out(grad, dtype)
     return cb

@@ -47,7 +47,6 @@ No gradient flows to ``target`` or ``weight`` (requiring one raises); no double 
 from __future__ import annotations
 
 import math
-import mmap
 from typing import Optional
 
 import numpy as np
@@ -55,6 +54,7 @@ import torch
 from torch import Tensor
 
 import fastce as _fastce
+from fastce import _alloc
 from fastce.linear import linear_cross_entropy as _np_linear_ce
 from fastce.linear import linear_cross_entropy_with_grad as _np_linear_ce_with_grad
 
@@ -184,26 +184,14 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, softcap, 
     return input.new_empty(shape)
 
 
-_HUGE_MIN = 8 << 20               # gradients from this size get transparent huge pages
-_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 _NP = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _host_empty(shape, dtype):
-    """An uninitialised CPU tensor; a large one on transparent huge pages where the OS offers
-    them (Linux, MADV_HUGEPAGE): the gradient is written once, so its first-touch page faults
-    (one per 4 KiB page: ~1/3 of a W1 step on a 2-core VM) are most of what allocating costs."""
-    numel = math.prod(shape)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if _MADV_HUGEPAGE is None or nbytes < _HUGE_MIN or dtype not in _NP:
+    """An uninitialised CPU tensor; a large one on transparent huge pages (fastce._alloc)."""
+    if dtype not in _NP:
         return torch.empty(shape, dtype=dtype)
-    try:
-        m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        m.madvise(_MADV_HUGEPAGE)
-    except (OSError, ValueError, AttributeError):
-        return torch.empty(shape, dtype=dtype)
-    # The array (and so the tensor) keeps the mapping alive; it is unmapped with the last user.
-    return torch.from_numpy(np.frombuffer(m, dtype=_NP[dtype], count=numel).reshape(shape))
+    return torch.from_numpy(_alloc.empty(shape, _NP[dtype]))
 
 
 def _grad_buffer(input: Tensor, cdt):
