@@ -171,6 +171,8 @@ def test_errors():
         fj.cross_entropy(jnp.asarray(x), jnp.asarray(t), reduction="avg")
     with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
         fj.cross_entropy(jnp.zeros((4, 3), jnp.int32), jnp.asarray(t))
+    with pytest.raises(Exception, match="out of bounds"):     # raised in the callback
+        jax.block_until_ready(fj.cross_entropy(jnp.zeros((3, 4)), jnp.asarray([0, 1, 7])))
 
 
 def test_import_fastce_does_not_import_jax():
