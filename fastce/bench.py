@@ -241,6 +241,7 @@ def _jax_impls(p):
 
 
 TORCH1 = "torch-1t"
+ADAPTER_WORKLOADS = ("TORCH", "JAX")      # fastce.torch / fastce.jax steps: bench_adapters.py
 _LIBRARIES = {FASTCE: _fastce_impls, NUMPY: _numpy_impls, TORCH: _torch_impls,
               TORCH1: lambda p: _torch_impls(p, threads=1), JAX: _jax_impls}
 
@@ -592,22 +593,33 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command")
     b = sub.add_parser("bench", help="fastce vs NumPy, torch and JAX on W1-W3")
     b.add_argument("--quick", action="store_true", help="small sizes: finishes in seconds")
-    b.add_argument("--workloads", default="W1,W2,W3,LIN",
-                   help="comma-separated subset of " + ",".join(WORKLOADS) + ",LIN (LIN: the "
-                   "fused linear cross-entropy against the unfused path)")
+    b.add_argument("--workloads", default="W1,W2,W3,LIN,TORCH,JAX",
+                   help="comma-separated subset of " + ",".join(WORKLOADS) + ",LIN,TORCH,JAX "
+                   "(LIN: the fused linear cross-entropy against the unfused path; TORCH, JAX: "
+                   "training steps through fastce.torch / fastce.jax, see "
+                   "fastce/bench_adapters.py; skipped when torch / jax is not installed)")
     b.add_argument("--repeats", type=int, default=None, help="samples per measurement")
+    b.add_argument("--no-compile", action="store_true",
+                   help="TORCH: skip the torch.compile rows (inductor compiles take a minute)")
     sub.add_parser("demo", help="the worked examples and a short timing (the default)")
     args = parser.parse_args(argv)
     if args.command == "bench":
         names = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
         linear = "LIN" in names
-        names = [w for w in names if w != "LIN"]
+        adapters = [w for w in names if w in ADAPTER_WORKLOADS]
+        names = [w for w in names if w != "LIN" and w not in ADAPTER_WORKLOADS]
         unknown = [w for w in names if w not in WORKLOADS]
         if unknown:
-            parser.error(f"unknown workload(s) {unknown}; choose from {list(WORKLOADS)}")
+            parser.error(f"unknown workload(s) {unknown}; choose from "
+                         f"{list(WORKLOADS) + ['LIN'] + list(ADAPTER_WORKLOADS)}")
         if args.repeats is not None and args.repeats < 1:
             parser.error("--repeats must be >= 1")
-        run_bench(names, quick=args.quick, repeats=args.repeats, linear=linear)
+        if names or linear:
+            run_bench(names, quick=args.quick, repeats=args.repeats, linear=linear)
+        if adapters:
+            from .bench_adapters import run_adapters
+            run_adapters(adapters, quick=args.quick, repeats=args.repeats, progress=_progress,
+                         compile=not args.no_compile)
     else:
         run_demo()
     return 0

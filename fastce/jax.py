@@ -1,0 +1,249 @@
+"""fastce inside JAX (CPU): differentiable ``cross_entropy`` and ``linear_cross_entropy`` for
+JAX arrays, usable under ``jit``, ``grad``, ``value_and_grad`` and ``vmap``.
+
+``import fastce`` never imports JAX; ``import fastce.jax`` does (JAX is optional).
+
+Each function is a ``jax.custom_vjp`` whose forward and backward rules call fastce's Numba CPU
+kernels through ``jax.pure_callback``: XLA hands the callback host (NumPy) views of its
+buffers, fastce computes, and XLA copies the results back into its own buffers.
+
+- Under differentiation the forward rule computes loss AND gradient in one fused pass
+  (``fastce.cross_entropy_with_grad``) and keeps the gradient as the residual; the backward rule
+  multiplies it by the cotangent (one XLA multiply, no callback).  Without differentiation only
+  the loss is computed.  For ``linear_cross_entropy`` with ``reduction="none"`` the backward
+  recomputes the chunked logits with the per-row cotangent instead (it cannot be applied to
+  finished gradients).
+- ``vmap_method="sequential"``: under ``vmap`` the callback runs once per batch element (a
+  ``lax.map``).  The other methods hand the callback a batched array and ask it to be
+  vectorised over the new leading axis; fastce's reductions ("mean" divides by the batch
+  element's own weight sum) are per call, so a batched callback would have to loop anyway, and
+  each element is already a large, internally parallel fastce call.  Sequential is exact and
+  costs one Python callback per element (microseconds).
+- float16 is computed in float32 (by fastce), bfloat16 too (converted in the callback); losses
+  and gradients come back in the logits' dtype.  Labels get no gradient (None cotangent), nor
+  do class weights.  CPU only: JAX arrays on other devices are copied to the host by XLA.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fastce as _fastce
+from fastce import _alloc
+from fastce.linear import linear_cross_entropy as _np_linear_ce
+from fastce.linear import linear_cross_entropy_with_grad as _np_linear_ce_with_grad
+
+__all__ = ["cross_entropy", "linear_cross_entropy", "VMAP_METHOD"]
+
+VMAP_METHOD = "sequential"
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _host(a):
+    """A callback argument as a NumPy array fastce accepts (bfloat16 -> float32)."""
+    if a is None:
+        return None
+    a = np.asarray(a)
+    if a.dtype.name == "bfloat16":
+        a = a.astype(np.float32)
+    return a
+
+
+def _out(a, dtype):
+    return np.asarray(a).astype(dtype, copy=False)
+
+
+def _loss_shape(shape, axis, reduction):
+    if reduction != "none" or len(shape) <= 1:
+        return ()
+    axis = axis % len(shape)
+    return tuple(shape[:axis]) + tuple(shape[axis + 1:])
+
+
+def _axis(ndim, class_axis):
+    return 0 if ndim <= 1 else class_axis % ndim
+
+
+# ---------------------------------------------------------------------------------------------
+# cross_entropy
+# ---------------------------------------------------------------------------------------------
+def _ce_kwargs(opts):
+    ignore_index, reduction, label_smoothing, softcap, z_loss, class_axis = opts
+    return dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                softcap=softcap, z_loss=z_loss, class_axis=class_axis)
+
+
+def _ce_loss_callback(opts, dtype):
+    def cb(x, t, w):
+        loss = _fastce.cross_entropy(_host(x), _host(t), _host(w), **_ce_kwargs(opts))
+        return _out(loss, dtype)
+    return cb
+
+
+def _ce_grad_callback(opts, dtype):
+    def cb(x, t, w):
+        x = _host(x)
+        out = _alloc.empty(x.shape, x.dtype) if x.dtype in (np.float32, np.float64) else None
+        loss, grad = _fastce.cross_entropy_with_grad(x, _host(t), _host(w), out=out,
+                                                     **_ce_kwargs(opts))
+        return _out(loss, dtype), _out(grad, dtype)
+    return cb
+
+
+def _loss_struct(logits, opts):
+    shape = _loss_shape(logits.shape, opts[5], opts[1])
+    return jax.ShapeDtypeStruct(shape, logits.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _ce(logits, labels, weight, opts):
+    return jax.pure_callback(_ce_loss_callback(opts, logits.dtype), _loss_struct(logits, opts),
+                             logits, labels, weight, vmap_method=VMAP_METHOD)
+
+
+def _ce_fwd(logits, labels, weight, opts):
+    loss, grad = jax.pure_callback(
+        _ce_grad_callback(opts, logits.dtype),
+        (_loss_struct(logits, opts), jax.ShapeDtypeStruct(logits.shape, logits.dtype)),
+        logits, labels, weight, vmap_method=VMAP_METHOD)
+    return loss, grad
+
+
+def _ce_bwd(opts, grad, g):
+    reduction, class_axis = opts[1], opts[5]
+    if reduction == "none" and grad.ndim > 1:
+        g = jnp.expand_dims(g, _axis(grad.ndim, class_axis))
+    return (grad * g.astype(grad.dtype), None, None)
+
+
+_ce.defvjp(_ce_fwd, _ce_bwd)
+
+
+def _check(reduction, logits):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"fastce: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    dt = jnp.dtype(logits.dtype)
+    if dt not in (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64):
+        raise TypeError(f"fastce.jax: logits must be float16, bfloat16, float32 or float64, got "
+                        f"{dt}")
+
+
+def cross_entropy(logits, labels, weight=None, *, ignore_index=-100, reduction="mean",
+                  label_smoothing=0.0, softcap=None, z_loss=0.0, class_axis=-1):
+    """PyTorch-semantics cross-entropy of JAX ``logits``, differentiable in ``logits``.
+
+    logits: (..., C) by default (``class_axis=-1``, optax's layout; ``class_axis=1`` gives
+    torch's (N, C, d1, ...) layout).  labels: integer class indices with the logits' shape
+    minus the class axis (``optax.softmax_cross_entropy_with_integer_labels``), or float
+    probabilities with the logits' shape (``optax.softmax_cross_entropy``).  weight: (C,)
+    class weights; the weighted mean divides by the targets' weight sum (torch's rule).
+    ignore_index, reduction ("mean", "sum", "none"), label_smoothing, softcap, z_loss: as in
+    ``fastce.cross_entropy``.  Note optax returns per-example losses: use reduction="none".
+    """
+    logits = jnp.asarray(logits)
+    labels = jnp.asarray(labels)
+    _check(reduction, logits)
+    w = None if weight is None else jnp.asarray(weight)
+    opts = (int(ignore_index), str(reduction), float(label_smoothing),
+            None if softcap is None else float(softcap), float(z_loss), int(class_axis))
+    return _ce(logits, labels, w, opts)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_cross_entropy
+# ---------------------------------------------------------------------------------------------
+def _lin_kwargs(opts):
+    ignore_index, reduction, label_smoothing, softcap, z_loss, chunk_size = opts
+    return dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                softcap=softcap, z_loss=z_loss, chunk_size=chunk_size)
+
+
+def _lin_structs(hidden, classifier, bias):
+    s = [jax.ShapeDtypeStruct(hidden.shape, hidden.dtype),
+         jax.ShapeDtypeStruct(classifier.shape, hidden.dtype)]
+    if bias is not None:
+        s.append(jax.ShapeDtypeStruct(bias.shape, hidden.dtype))
+    return tuple(s)
+
+
+def _lin_loss_struct(hidden, opts):
+    return jax.ShapeDtypeStruct((hidden.shape[0],) if opts[1] == "none" else (), hidden.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _lin(hidden, classifier, bias, labels, weight, opts):
+    dtype = hidden.dtype
+
+    def cb(h, c, b, t, w):
+        loss = _np_linear_ce(_host(h), _host(c), _host(t), _host(b), weight=_host(w),
+                             **_lin_kwargs(opts))
+        return _out(loss, dtype)
+    return jax.pure_callback(cb, _lin_loss_struct(hidden, opts), hidden, classifier, bias,
+                             labels, weight, vmap_method=VMAP_METHOD)
+
+
+def _lin_grads_call(hidden, classifier, bias, labels, weight, g, opts):
+    dtype = hidden.dtype
+    with_bias = bias is not None
+
+    def cb(h, c, b, t, w, go):
+        loss, gh, gc, gb = _np_linear_ce_with_grad(
+            _host(h), _host(c), _host(t), _host(b), weight=_host(w),
+            grad_output=None if go is None else np.asarray(go, np.float64), **_lin_kwargs(opts))
+        grads = (_out(gh, dtype), _out(gc, dtype)) + ((_out(gb, dtype),) if with_bias else ())
+        return _out(loss, dtype), grads
+    return jax.pure_callback(
+        cb, (_lin_loss_struct(hidden, opts), _lin_structs(hidden, classifier, bias)),
+        hidden, classifier, bias, labels, weight, g, vmap_method=VMAP_METHOD)
+
+
+def _lin_fwd(hidden, classifier, bias, labels, weight, opts):
+    if opts[1] == "none":              # the backward recomputes with the per-row cotangent
+        loss = _lin(hidden, classifier, bias, labels, weight, opts)
+        return loss, (hidden, classifier, bias, labels, weight)
+    loss, grads = _lin_grads_call(hidden, classifier, bias, labels, weight, None, opts)
+    return loss, grads
+
+
+def _lin_bwd(opts, res, g):
+    if opts[1] == "none":
+        hidden, classifier, bias, labels, weight = res
+        _, grads = _lin_grads_call(hidden, classifier, bias, labels, weight, g, opts)
+    else:
+        grads = tuple(a * g.astype(a.dtype) for a in res)
+    gb = grads[2] if len(grads) > 2 else None
+    return (grads[0], grads[1], gb, None, None)
+
+
+_lin.defvjp(_lin_fwd, _lin_bwd)
+
+
+def linear_cross_entropy(hidden, classifier, labels, bias=None, *, weight=None,
+                         ignore_index=-100, reduction="mean", label_smoothing=0.0, softcap=None,
+                         z_loss=0.0, chunk_size=None):
+    """``cross_entropy(hidden @ classifier.T + bias, labels, ...)`` without the (N, V) logits,
+    differentiable in hidden, classifier and bias.
+
+    hidden: (N, H) or (..., H); classifier: (V, H); bias: (V,) or None; labels: hidden's
+    leading shape, integer class indices.  Options as in ``fastce.linear_cross_entropy``.
+    """
+    hidden = jnp.asarray(hidden)
+    classifier = jnp.asarray(classifier)
+    labels = jnp.asarray(labels)
+    _check(reduction, hidden)
+    lead = hidden.shape[:-1]
+    if hidden.ndim != 2:
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        labels = labels.reshape(-1)
+    b = None if bias is None else jnp.asarray(bias)
+    w = None if weight is None else jnp.asarray(weight)
+    opts = (int(ignore_index), str(reduction), float(label_smoothing),
+            None if softcap is None else float(softcap), float(z_loss),
+            None if chunk_size is None else int(chunk_size))
+    loss = _lin(hidden, classifier, b, labels, w, opts)
+    if reduction == "none" and len(lead) != 1:
+        loss = loss.reshape(lead)
+    return loss
