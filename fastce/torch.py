@@ -331,11 +331,13 @@ def _no_grad_to(name, t):
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, *,
                   ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, softcap: Optional[float] = None,
-                  z_loss: float = 0.0, class_axis: int = 1, fused: bool = False) -> Tensor:
+                  z_loss: float = 0.0, class_axis: Optional[int] = None,
+                  fused: bool = False) -> Tensor:
     """``torch.nn.functional.cross_entropy`` on fastce's kernels, differentiable in ``input``.
 
     input: logits (C,), (N, C) or (N, C, d1, ...), or any layout with ``class_axis`` naming
-    the class axis (``class_axis=-1`` for (B, T, V) logits: no transposed copy); float16,
+    the class axis (default None: torch's 1, or 0 for 1-D input; ``class_axis=-1`` for
+    (B, T, V) logits: no transposed copy); float16,
     bfloat16 (both computed in float32), float32 or float64.  target: integer class indices
     (input's shape minus the class axis) or float probabilities (input's shape).  weight: (C,)
     class weights.  ignore_index, reduction, label_smoothing: as in torch.  softcap: Gemma-2
@@ -348,7 +350,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     _no_grad_to("target", target)
     _no_grad_to("weight", weight)
     args = (input, target, weight, int(ignore_index), str(reduction), float(label_smoothing),
-            None if softcap is None else float(softcap), float(z_loss), int(class_axis))
+            None if softcap is None else float(softcap), float(z_loss),
+            (1 if input.dim() > 1 else 0) if class_axis is None else int(class_axis))
     if fused and input.requires_grad and torch.is_grad_enabled():
         loss, _ = _ce_fused_op(*args)
         return loss
@@ -363,7 +366,8 @@ class CrossEntropyLoss(torch.nn.Module):
 
     def __init__(self, weight: Optional[Tensor] = None, *, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0,
-                 softcap: Optional[float] = None, z_loss: float = 0.0, class_axis: int = 1,
+                 softcap: Optional[float] = None, z_loss: float = 0.0,
+                 class_axis: Optional[int] = None,
                  fused: bool = False):
         super().__init__()
         if reduction not in ("none", "mean", "sum"):
