@@ -1035,6 +1035,16 @@ def _seg_weighted_sum(seg, bs, m):
 
 
 @njit(**_INLINE)
+def _seg_poisoned(seg, bs):
+    """1.0 if an entry with b == 0 holds +inf or NaN (scipy then returns NaN where the
+    weighted result is not finite: its fallback sums b * exp(x) unmasked), else 0.0."""
+    p = 0.0
+    for c in range(seg.shape[0]):
+        p = max(p, 1.0 if (bs[c] == 0.0 and not seg[c] < math.inf) else 0.0)
+    return p
+
+
+@njit(**_INLINE)
 def _chunk_weighted(seg, bs):
     m64 = np.float64(_seg_masked_max(seg, bs))
     if m64 - m64 == 0.0:
@@ -1049,8 +1059,9 @@ def _chunk_weighted(seg, bs):
     return m64, m64 - m64 if m64 != m64 else 0.0
 
 
-def _lse_chunks(x, b, has_b, K, pm, ps):
-    """pm, ps (N, K): max and sum of (b *) exp(x - max) of the K chunks of each row of x."""
+def _lse_chunks(x, b, has_b, K, pm, ps, pp):
+    """pm, ps (N, K): max and sum of (b *) exp(x - max) of the K chunks of each row of x; pp:
+    _seg_poisoned of each chunk (with b)."""
     N, C = x.shape
     L = (C + K - 1) // K
     for task in prange(N * K):
@@ -1058,18 +1069,21 @@ def _lse_chunks(x, b, has_b, K, pm, ps):
         k = task - i * K
         c0 = min(C, k * L)
         c1 = min(C, c0 + L)
+        pp[i, k] = 0.0
         if c0 == c1:
             pm[i, k] = -math.inf
             ps[i, k] = 0.0
         elif has_b:
             pm[i, k], ps[i, k] = _chunk_weighted(x[i, c0:c1], b[i, c0:c1])
+            pp[i, k] = _seg_poisoned(x[i, c0:c1], b[i, c0:c1])
         else:
             pm[i, k], ps[i, k] = _chunk_plain(x[i, c0:c1])
 
 
-def _lse_combine(pm, ps, signed, lse, sgn, mx, logs, inv):
+def _lse_combine(pm, ps, pp, signed, lse, sgn, mx, logs, inv):
     """Per row: lse = log|sum| + max and sign(sum) from the chunk partials (scipy's rules:
-    an all -inf or zero sum gives -inf and sign 0, a negative sum NaN unless ``signed``); mx,
+    an all -inf or zero sum gives -inf and sign 0, a negative sum NaN unless ``signed``, a
+    non-finite result NaN if a zero weight sits on +inf or NaN); mx,
     logs, inv: the max, log(sum) and 1/sum that softmax / log_softmax use (0, 0, NaN when the
     max is not finite)."""
     N, K = pm.shape
@@ -1091,7 +1105,7 @@ def _lse_combine(pm, ps, signed, lse, sgn, mx, logs, inv):
         sg = 1.0 if s > 0.0 else (-1.0 if s < 0.0 else (0.0 if s == 0.0 else s))
         a = abs(s)
         if m - m == 0.0:
-            lg = math.log(a) if a > 0.0 else -math.inf
+            lg = math.log(a) if a != 0.0 else -math.inf
             r = m + lg
             logs[i] = lg
             inv[i] = 1.0 / s
@@ -1101,6 +1115,13 @@ def _lse_combine(pm, ps, signed, lse, sgn, mx, logs, inv):
             inv[i] = math.nan
         if sg < 0.0 and not signed:
             r = math.nan
+        if r - r != 0.0:
+            poisoned = 0.0
+            for k in range(K):
+                poisoned = max(poisoned, pp[i, k])
+            if poisoned > 0.0:
+                r = math.nan
+                sg = math.nan
         lse[i] = r
         sgn[i] = sg
         mx[i] = m
@@ -1264,12 +1285,12 @@ def _n_chunks(N, C):
 
 def _chunk_stats(x2, b2, K, signed):
     N = x2.shape[0]
-    pm, ps = np.empty((N, K)), np.empty((N, K))
+    pm, ps, pp = np.empty((N, K)), np.empty((N, K)), np.empty((N, K))
     has_b = b2 is not None
     launch("_lse_chunks", x2.size, x2, b2 if has_b else np.zeros((1, 1)), has_b, np.int64(K),
-           pm, ps)
+           pm, ps, pp)
     lse, sgn, mx, logs, inv = (np.empty(N) for _ in range(5))
-    launch("_lse_combine", pm.size, pm, ps, signed, lse, sgn, mx, logs, inv)
+    launch("_lse_combine", pm.size, pm, ps, pp, signed, lse, sgn, mx, logs, inv)
     return lse, sgn, mx, logs, inv
 
 

@@ -99,10 +99,11 @@ def _softmax_finish(m, s, nan):
 
 
 @cuda.jit(device=True)
-def _signed_finish(m, s, signed):
+def _signed_finish(m, s, signed, poisoned):
     """scipy's logsumexp(b=...) of a group from its max m and sum s of b exp(x - m) (for an
     infinite m, the sum of b * inf over the +inf entries): (log|sum| + m, sign(sum)); a
-    negative sum gives NaN unless ``signed``; a zero sum -inf with sign 0."""
+    negative sum gives NaN unless ``signed``; a zero sum -inf with sign 0; a non-finite result
+    NaN when ``poisoned`` (a zero weight on +inf or NaN: scipy's fallback sums b * exp(x))."""
     sg = 1.0 if s > 0.0 else (-1.0 if s < 0.0 else (0.0 if s == 0.0 else s))
     a = abs(s)
     if m != m:
@@ -110,9 +111,12 @@ def _signed_finish(m, s, signed):
     elif math.isinf(m):
         r = m if m < 0.0 else (math.log(a) if a == a else a)
     else:
-        r = m + (math.log(a) if a > 0.0 else -math.inf)
+        r = m + (math.log(a) if a != 0.0 else -math.inf)
     if sg < 0.0 and not signed:
         r = math.nan
+    if poisoned and (math.isinf(r) or r != r):
+        r = math.nan
+        sg = math.nan
     return r, sg
 
 
@@ -771,13 +775,16 @@ def _k_lse_weighted(x, b, signed, lse_out, sgn_out):
     while i < N:
         m = -math.inf
         nan = False
+        poisoned = False
         for c in range(C):
+            v = _f8(x[i, c])
             if b[i, c] != 0.0:
-                v = _f8(x[i, c])
                 if v != v:
                     nan = True
                 elif v > m:
                     m = v
+            elif not v < math.inf:
+                poisoned = True
         s = 0.0
         if nan:
             m = math.nan
@@ -791,7 +798,7 @@ def _k_lse_weighted(x, b, signed, lse_out, sgn_out):
                 bv = b[i, c]
                 if bv != 0.0:
                     s += bv * math.exp(_f8(x[i, c]) - m)
-        r, sg = _signed_finish(m, s, signed)
+        r, sg = _signed_finish(m, s, signed, poisoned)
         lse_out[i] = r
         sgn_out[i] = sg
         i += step

@@ -77,8 +77,10 @@ def _check_dtype(dtype):
     return dt
 
 
-def _check_input(be, a, name):
+def _check_input(be, a, name, dtype=None):
     x = be.asarray(a)
+    if x.dtype.kind == "c" and dtype is not None and be.name == "cpu":
+        return x                            # torch's dtype=: cast first (the imaginary part goes)
     if x.dtype.kind not in "fiub" or (x.dtype.kind == "f" and x.dtype not in _FLOATS):
         raise TypeError(f"fastce: {name} must be a real array (float16, float32, float64, or "
                         f"integers / bools, computed in float64), got dtype {x.dtype}")
@@ -172,7 +174,7 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, *, dtype=
     sign -1.  float16 is computed in float32.
     """
     be = backend_for(a=a, b=b)
-    x = _check_input(be, a, "a")
+    x = _check_input(be, a, "a", dtype)
     bb, bspec = None, None
     if b is not None:
         if isinstance(b, (bool, int, float)) and not isinstance(b, np.generic):
@@ -237,7 +239,7 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, *, dtype=
 
 def _softmax_call(x_in, axis, dtype, mode):
     be = backend_for(x=x_in)
-    x = _check_input(be, x_in, "x")
+    x = _check_input(be, x_in, "x", dtype)
     rdt = _check_dtype(dtype) if dtype is not None else _float_dtype(x.dtype)
     cdt = _compute_dtype(rdt)
     shape = tuple(x.shape)
