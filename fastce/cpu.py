@@ -1278,7 +1278,7 @@ def prob_loss(x3, p3, w, prm, grad, g, g_stride):
 def _n_chunks(N, C):
     """Chunks per row for the split-row kernels: 1 (the row kernel) unless the rows are too few
     to keep every thread busy and long enough to split."""
-    if N >= 2 * numba.get_num_threads() or C < 2 * CHUNK:
+    if C < 2 * CHUNK or N >= 2 * numba.get_num_threads():
         return 1
     return -(-C // CHUNK)
 

@@ -109,6 +109,9 @@ def _layout(shape, axes):
     """('view', (N, C, S)) when the reduced axes are adjacent once size-1 axes are ignored
     (a reshape of a C-contiguous array), else ('move', perm, (N, C)): the reduced axes moved
     last by one transposed copy."""
+    if len(axes) == 1:                  # one axis: always a view
+        a = axes[0]
+        return "view", (math.prod(shape[:a]), shape[a], math.prod(shape[a + 1:]))
     big = [d for d in range(len(shape)) if shape[d] != 1]
     red = [d for d in big if d in axes]
     if not red:                         # nothing of size > 1 is reduced: groups of one
