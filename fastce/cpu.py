@@ -945,7 +945,12 @@ def _softmax_rows(x, mode, out, lse_out):
         log2e = cast_like(LOG2E, row)
         m64 = np.float64(m)
         finite = m64 - m64 == 0.0
-        ssum = _row_exp_sum(row, m, log2e) if finite else cast_like(1.0, row)
+        one = cast_like(1.0, row)
+        if mode == 2:       # softmax: one exp per entry, stored, then scaled by 1 / sum
+            o = out[i]
+            ssum = _row_exp_sum_store(row, m, log2e, o) if finite else one
+        else:
+            ssum = _row_exp_sum(row, m, log2e) if finite else one
         logs = math.log(np.float64(ssum)) if finite else 0.0
         lse_out[i] = m64 + logs
         if mode == 1:
@@ -953,7 +958,6 @@ def _softmax_rows(x, mode, out, lse_out):
         elif mode == 2:
             o = out[i]
             inv = cast_like(1.0 / np.float64(ssum) if finite else math.nan, row)
-            _row_exp_sum_store(row, m, log2e, o)
             _row_grad(o, inv, inv, o, False)            # o *= inv
 
 
@@ -971,8 +975,12 @@ def _softmax_strided(x, mode, out, lse_out):
             for j in range(L):
                 m[j] = fmaximum(m[j], xs[c, j])
         ssum = np.zeros_like(m)
-        for c in range(C):
-            _seg_exp_acc(x[n, c, s0:s0 + L], m, log2e, ssum)
+        if mode == 2:       # softmax: one exp per entry, stored, then scaled by 1 / sum
+            for c in range(C):
+                _seg_exp_acc_store(x[n, c, s0:s0 + L], m, log2e, ssum, out[n, c, s0:s0 + L])
+        else:
+            for c in range(C):
+                _seg_exp_acc(x[n, c, s0:s0 + L], m, log2e, ssum)
         logs = np.zeros(L, x.dtype)
         inv = np.empty(L, x.dtype)
         for j in range(L):
@@ -990,12 +998,8 @@ def _softmax_strided(x, mode, out, lse_out):
             for c in range(C):
                 _seg_sub2(x[n, c, s0:s0 + L], m, logs, out[n, c, s0:s0 + L])
         elif mode == 2:
-            zero = np.zeros(L, x.dtype)
-            spent = np.zeros(L, x.dtype)
             for c in range(C):
-                oc = out[n, c, s0:s0 + L]
-                _seg_exp_acc_store(x[n, c, s0:s0 + L], m, log2e, spent, oc)
-                _seg_grad(oc, inv, zero, zero[0])     # oc *= inv
+                _seg_scale(out[n, c, s0:s0 + L], inv)      # *= 1 / sum
 
 
 # Few long rows (axis=None, trailing tuple axes): each row is split into K chunks, one task
