@@ -9,8 +9,10 @@ input as (N, C, S) with the reduced axes merged into C, and hands that to the ba
 
 Layout: the reduced axes, once size-1 axes are ignored, are merged into one axis without a
 copy when they are adjacent (axes (1, 2) of a C-contiguous (A, B, C) array is (A, B*C, 1);
-``axis=None`` is (1, size, 1)); otherwise the reduced axes are moved last in one transposed copy
-and the result of softmax / log_softmax is transposed back (another copy).
+``axis=None`` is (1, size, 1)).  Otherwise logsumexp (without ``b``) reduces one run of
+adjacent axes after another, each a view; softmax, log_softmax and weighted logsumexp move the
+reduced axes last in one transposed copy (and softmax / log_softmax transpose their result
+back: another copy).
 """
 from __future__ import annotations
 
@@ -139,6 +141,26 @@ def _grouped(be, x, layout, rows=False):
     return be.transpose_copy(x, perm).reshape(N, C, 1)
 
 
+def _lse_runs(be, x, shape, axes):
+    """float64 logsumexp of x over ``axes`` (keepdims shape).  Axes that are not adjacent are
+    reduced one run of adjacent axes at a time, the last run first: lse over (0, 2) is lse over
+    0 of lse over 2, each a view, with no transposed copy of x (the special values compose:
+    NaN stays NaN, +inf stays +inf, all -inf stays -inf)."""
+    layout = _layout(shape, axes)
+    kept = tuple(1 if d in axes else n for d, n in enumerate(shape))
+    if layout[0] == "view":
+        _, lse = be.softmax_family(be.contiguous(x).reshape(layout[1]), 0)
+        return lse.reshape(kept)
+    big = [d for d in range(len(shape)) if shape[d] != 1]
+    red = [d for d in big if d in axes]
+    run = [red[-1]]
+    while len(run) < len(red) and big.index(red[-len(run) - 1]) == big.index(run[0]) - 1:
+        run.insert(0, red[-len(run) - 1])
+    inner = _lse_runs(be, x, shape, tuple(run))
+    rest = tuple(a for a in axes if a not in run)
+    return _lse_runs(be, inner, tuple(inner.shape), rest)
+
+
 def _broadcast(be, x, shape):
     if tuple(x.shape) == shape:
         return x
@@ -215,7 +237,7 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, *, dtype=
         x = _broadcast(be, x.astype(cdt, copy=False), eff)
         layout = _layout(eff, axes)
         if bb is None:
-            _, lse = be.softmax_family(_grouped(be, x, layout), 0)
+            lse = _lse_runs(be, x, eff, axes)
             sgn = None
             if return_sign:
                 xp = be.xp

@@ -387,8 +387,13 @@ def test_adjacent_axes_make_no_transposed_copy(monkeypatch):
     for axis in (None, (1, 2), (0, 1), (-1, -2), 1):
         for name in FUNCS:
             check(getattr(fastce, name)(x, axis), scipy_ref(name, x, axis), np.float64, name)
+    for axis in ((0, 2), (-1, 0)):       # logsumexp: one run of adjacent axes after another
+        check(fastce.logsumexp(x, axis, keepdims=True),
+              scipy_ref("logsumexp", x, axis, keepdims=True), np.float64, f"lse {axis}")
     with pytest.raises(AssertionError, match="transposed copy"):
         fastce.softmax(x, axis=(0, 2))
+    with pytest.raises(AssertionError, match="transposed copy"):
+        fastce.logsumexp(x, axis=(0, 2), b=np.ones(5))     # weights: moved axes
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
