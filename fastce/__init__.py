@@ -5,8 +5,9 @@ label smoothing, probability targets, gradients) on Numba CPU kernels for NumPy 
 numba.cuda kernels for CUDA arrays; the backend is chosen from the arrays themselves.
 """
 from .api import (CrossEntropyLoss, CrossEntropyOutput, cross_entropy, cross_entropy_backward,
-                  cross_entropy_with_grad, log_softmax, logsumexp, nll_loss, softmax)
+                  cross_entropy_with_grad, nll_loss)
 from .linear import linear_cross_entropy, linear_cross_entropy_with_grad
+from .softmax import log_softmax, logsumexp, softmax
 
 __version__ = "0.1.0"
 

@@ -16,7 +16,7 @@ from .dispatch import backend_for
 
 __all__ = [
     "cross_entropy", "cross_entropy_backward", "cross_entropy_with_grad", "CrossEntropyLoss",
-    "CrossEntropyOutput", "nll_loss", "log_softmax", "softmax", "logsumexp",
+    "CrossEntropyOutput", "nll_loss",
 ]
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -577,32 +577,3 @@ def nll_loss(log_probs, target, weight=None, *, ignore_index=-100, reduction="me
     with np.errstate(divide="ignore", invalid="ignore"):
         value = np.float64(total) / np.float64(D) if reduction == "mean" else np.float64(total)
     return be.wrap(be.scalar(value, x.dtype), log_probs)
-
-
-def _softmax_call(x, axis, mode):
-    be = backend_for(input=x)
-    a = _check_logits(be, x, "x")
-    ax = _class_axis(a, axis if a.ndim > 1 else 0)
-    x3, N, C, S = _canonical(be, a, ax)
-    if C == 0:
-        raise ValueError("fastce: x has no entries along the reduced axis")
-    out, lse = be.softmax_family(x3, mode)
-    rest = tuple(a.shape[:ax]) + tuple(a.shape[ax + 1:])
-    if mode == 0:
-        return be.wrap(lse.reshape(rest).astype(a.dtype), x)
-    return be.wrap(out.reshape(a.shape).astype(a.dtype, copy=False), x)
-
-
-def log_softmax(x, axis=-1):
-    """``x - logsumexp(x, axis)``: one pass, no exp overflow."""
-    return _softmax_call(x, axis, 1)
-
-
-def softmax(x, axis=-1):
-    """``exp(x - logsumexp(x, axis))``."""
-    return _softmax_call(x, axis, 2)
-
-
-def logsumexp(x, axis=-1):
-    """``log(sum(exp(x), axis))`` computed as ``max + log(sum(exp(x - max)))``."""
-    return _softmax_call(x, axis, 0)

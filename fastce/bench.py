@@ -9,6 +9,8 @@ Everything here is importable (the asv suite and the tests use it):
   and simply absent when not importable.
 - ``measure_side_by_side``: medians of several libraries timed round-robin (warm-up excluded).
 - ``run_bench`` / ``run_demo``: the two command-line reports.
+- ``run_softmax_bench`` (workload ``SOFTMAX``): logsumexp / softmax / log_softmax against
+  ``scipy.special``, and fastce's axis=-1, tuple and None forms on the same elements.
 
 Timings are medians of samples; each sample runs a callable ``number`` times, with ``number``
 chosen so that a sample lasts at least ``MIN_SAMPLE_S`` (so microsecond calls are measured
@@ -36,7 +38,7 @@ __all__ = [
     "numpy_cross_entropy", "numpy_cross_entropy_with_grad", "Workload", "WORKLOADS",
     "make_workload", "implementations", "measure", "measure_side_by_side", "exactness",
     "peak_extra_memory", "GOALS", "evaluate_goals", "run_bench", "run_demo", "DEMO_EXAMPLES",
-    "main",
+    "main", "run_softmax_bench", "softmax_forms",
 ]
 
 MIN_SAMPLE_S = 0.05
@@ -453,7 +455,7 @@ def _environment():
 
 
 def run_bench(workloads=("W1", "W2", "W3"), quick=False, repeats=None, out=sys.stdout,
-              libraries=None, progress=_progress, max_time=None, linear=False):
+              libraries=None, progress=_progress, max_time=None, linear=False, softmax=False):
     """Time every library on every workload, check exactness, print the table and the goals.
 
     Returns {"times": {(workload, op, library): seconds}, "exactness": {...}, "goals": [...],
@@ -521,6 +523,9 @@ def run_bench(workloads=("W1", "W2", "W3"), quick=False, repeats=None, out=sys.s
               f"extra memory / logits: {fused[2] * 1e6 / ((1024 if quick else 4096) * 32000 * 4):.3f}"
               f" (goal <= 0.15)", file=out)
 
+    if softmax:
+        run_softmax_bench(quick=quick, repeats=repeats, out=out, progress=progress)
+
     goals = evaluate_goals(times)
     print("\ngoals (fastce time / other time; torch = the faster of torch, torch-1t):", file=out)
     for g, r, ok in goals:
@@ -531,6 +536,77 @@ def run_bench(workloads=("W1", "W2", "W3"), quick=False, repeats=None, out=sys.s
     if quick:
         print("  (--quick sizes: the goals are defined at full size)", file=out)
     return {"times": times, "exactness": exact, "goals": goals, "memory": memory}
+
+
+# ---------------------------------------------------------------------------------------------
+# SOFTMAX: the softmax family against scipy.special, and fastce's axis forms against each other
+# ---------------------------------------------------------------------------------------------
+SOFTMAX_SHAPE, SOFTMAX_QUICK_SHAPE = (4096, 32000), (256, 4000)
+SOFTMAX_FUNCS = ("logsumexp", "softmax", "log_softmax")
+SOFTMAX_GOALS = {"logsumexp": 0.1, "softmax": 0.25, "log_softmax": 0.25}   # fastce / SciPy
+AXIS_FORM_GOAL = 1.5            # tuple / None form / single-axis form, same elements
+
+
+def softmax_forms(x):
+    """{form label: (array, axis)}: the same elements reduced per row along one axis, along a
+    trailing axis pair (a view), and as a whole (axis=None)."""
+    n, c = x.shape
+    k = 8 if c % 8 == 0 else 1
+    return {"axis=-1": (x, -1), "axis=(1, 2)": (x.reshape(n, k, c // k), (1, 2)),
+            "axis=None": (x, None)}
+
+
+def run_softmax_bench(quick=False, repeats=None, out=sys.stdout, progress=_progress,
+                      max_time=None):
+    """fastce vs scipy.special on (4096, 32000) float32 (last axis), then fastce's axis=-1,
+    (1, 2) and None forms on those logits (the tuple and None forms reduce more elements per
+    group, so the comparison is per element).  Returns {"times", "ratios", "goals"}."""
+    import scipy.special as sps
+    if repeats is None:
+        repeats = 3 if quick else 7
+    if max_time is None:
+        max_time = 2.0 if quick else 20.0
+    shape = SOFTMAX_QUICK_SHAPE if quick else SOFTMAX_SHAPE
+    progress(f"SOFTMAX: {shape} float32")
+    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32) * 3
+    times, goals = {}, []
+    print(f"\nsoftmax family, {shape} float32, last axis: fastce vs scipy.special "
+          f"(medians of {repeats}, round-robin)", file=out)
+    print(f"  {'function':<13}{'fastce':>12}{'scipy':>12}{'fastce/scipy':>14}{'goal':>8}",
+          file=out)
+    for name in SOFTMAX_FUNCS:
+        f, g = getattr(fastce, name), getattr(sps, name)
+        res = measure_side_by_side({FASTCE: lambda f=f: f(x, axis=-1),
+                                    "scipy": lambda g=g: g(x, axis=-1)}, repeats,
+                                   max_time=max_time,
+                                   progress=lambda m, n=name: progress(f"SOFTMAX {n}: {m}"))
+        r = res[FASTCE] / res["scipy"]
+        times[(name, "scipy")] = res["scipy"]
+        goals.append((f"{name} <= {SOFTMAX_GOALS[name]}x scipy", r, r <= SOFTMAX_GOALS[name]))
+        print(f"  {name:<13}{res[FASTCE] * 1e3:>9.2f} ms{res['scipy'] * 1e3:>9.2f} ms"
+              f"{r:>13.3f}x{SOFTMAX_GOALS[name]:>7}x", file=out)
+    forms = softmax_forms(x)
+    print(f"\nfastce axis forms on the same {x.size} elements (ratio: form / axis=-1)", file=out)
+    for name in SOFTMAX_FUNCS:
+        f = getattr(fastce, name)
+        res = measure_side_by_side({k: (lambda f=f, a=a, ax=ax: f(a, axis=ax))
+                                    for k, (a, ax) in forms.items()}, repeats, max_time=max_time,
+                                   progress=lambda m, n=name: progress(f"SOFTMAX {n} forms: {m}"))
+        base = res["axis=-1"]
+        cells = []
+        for k, t in res.items():
+            times[(name, k)] = t
+            cells.append(f"{k} {t * 1e3:.2f} ms" + ("" if k == "axis=-1" else f" ({t / base:.2f}x)"))
+            if k != "axis=-1":
+                goals.append((f"{name} {k} <= {AXIS_FORM_GOAL}x axis=-1", t / base,
+                              t / base <= AXIS_FORM_GOAL))
+        print(f"  {name:<13}" + ", ".join(cells), file=out)
+    print("\nsoftmax goals:", file=out)
+    for text, r, ok in goals:
+        print(f"  [{'PASS' if ok else 'FAIL'}] {text}: {r:.3f}x", file=out)
+    if quick:
+        print("  (--quick sizes: the goals are defined at full size)", file=out)
+    return {"times": times, "goals": goals}
 
 
 DEMO_EXAMPLES = (
@@ -593,11 +669,12 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command")
     b = sub.add_parser("bench", help="fastce vs NumPy, torch and JAX on W1-W3")
     b.add_argument("--quick", action="store_true", help="small sizes: finishes in seconds")
-    b.add_argument("--workloads", default="W1,W2,W3,LIN,TORCH,JAX",
-                   help="comma-separated subset of " + ",".join(WORKLOADS) + ",LIN,TORCH,JAX "
-                   "(LIN: the fused linear cross-entropy against the unfused path; TORCH, JAX: "
-                   "training steps through fastce.torch / fastce.jax, see "
-                   "fastce/bench_adapters.py; skipped when torch / jax is not installed)")
+    b.add_argument("--workloads", default="W1,W2,W3,LIN,SOFTMAX,TORCH,JAX",
+                   help="comma-separated subset of " + ",".join(WORKLOADS) + ",LIN,SOFTMAX,"
+                   "TORCH,JAX (LIN: the fused linear cross-entropy against the unfused path; "
+                   "SOFTMAX: logsumexp / softmax / log_softmax against scipy.special, and their "
+                   "axis forms; TORCH, JAX: training steps through fastce.torch / fastce.jax, "
+                   "see fastce/bench_adapters.py; skipped when torch / jax is not installed)")
     b.add_argument("--repeats", type=int, default=None, help="samples per measurement")
     b.add_argument("--no-compile", action="store_true",
                    help="TORCH: skip the torch.compile rows (inductor compiles take a minute)")
@@ -606,16 +683,18 @@ def main(argv=None):
     if args.command == "bench":
         names = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
         linear = "LIN" in names
+        softmax = "SOFTMAX" in names
         adapters = [w for w in names if w in ADAPTER_WORKLOADS]
-        names = [w for w in names if w != "LIN" and w not in ADAPTER_WORKLOADS]
+        names = [w for w in names if w not in ("LIN", "SOFTMAX") and w not in ADAPTER_WORKLOADS]
         unknown = [w for w in names if w not in WORKLOADS]
         if unknown:
             parser.error(f"unknown workload(s) {unknown}; choose from "
-                         f"{list(WORKLOADS) + ['LIN'] + list(ADAPTER_WORKLOADS)}")
+                         f"{list(WORKLOADS) + ['LIN', 'SOFTMAX'] + list(ADAPTER_WORKLOADS)}")
         if args.repeats is not None and args.repeats < 1:
             parser.error("--repeats must be >= 1")
-        if names or linear:
-            run_bench(names, quick=args.quick, repeats=args.repeats, linear=linear)
+        if names or linear or softmax:
+            run_bench(names, quick=args.quick, repeats=args.repeats, linear=linear,
+                      softmax=softmax)
         if adapters:
             from .bench_adapters import run_adapters
             run_adapters(adapters, quick=args.quick, repeats=args.repeats, progress=_progress,

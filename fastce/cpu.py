@@ -986,6 +986,26 @@ def _prob_blocks(x, p, w, prm, want_grad, g, g_stride, grad, ce_out, zl_out):
 # ---------------------------------------------------------------------------------------------
 # log_softmax / softmax / logsumexp (mode 0: lse only, 1: log_softmax, 2: softmax)
 # ---------------------------------------------------------------------------------------------
+# SciPy's rules for a group whose max m is not finite: lse = m (-inf for all -inf, +inf with a
+# +inf, NaN with a NaN); softmax NaN; log_softmax (x - m) - 0 (NaN, or -inf beside a +inf).
+# log_softmax is (x - m) - log(sum), not x - lse: no cancellation when x is close to m.  Its
+# loops are compiled without 'reassoc', which would let LLVM fold them into x - (m + log(sum)).
+_NO_REASSOC = dict(fastmath=FASTMATH - {"reassoc"}, error_model="numpy")
+CHUNK = 16384                  # elements per task when few long rows are split (axis=None)
+
+
+@njit(**_NO_REASSOC)
+def _row_sub2(row, a, b, out):
+    for c in range(row.shape[0]):
+        out[c] = (row[c] - a) - b
+
+
+@njit(**_NO_REASSOC)
+def _seg_sub2(xs, a, b, out):
+    for j in range(xs.shape[0]):
+        out[j] = (xs[j] - a[j]) - b[j]
+
+
 def _softmax_rows(x, mode, out, lse_out):
     N, C = x.shape
     for i in prange(N):
@@ -994,20 +1014,21 @@ def _softmax_rows(x, mode, out, lse_out):
         for c in range(1, C):
             m = fmaximum(m, row[c])
         log2e = cast_like(LOG2E, row)
-        ssum = _row_exp_sum(row, m, log2e)
-        lse = np.float64(m) + math.log(np.float64(ssum))
-        lse_out[i] = lse
-        if mode == 1:
+        m64 = np.float64(m)
+        finite = m64 - m64 == 0.0
+        one = cast_like(1.0, row)
+        if mode == 2:       # softmax: one exp per entry, stored, then scaled by 1 / sum
             o = out[i]
-            lsef = cast_like(lse, row)
-            for c in range(C):
-                o[c] = row[c] - lsef
+            ssum = _row_exp_sum_store(row, m, log2e, o) if finite else one
+        else:
+            ssum = _row_exp_sum(row, m, log2e) if finite else one
+        logs = math.log(np.float64(ssum)) if finite else 0.0
+        lse_out[i] = m64 + logs
+        if mode == 1:
+            _row_sub2(row, m, cast_like(logs, row), out[i])
         elif mode == 2:
             o = out[i]
-            inv = cast_like(1.0 / np.float64(ssum), row)
-            if lse != lse:
-                inv = cast_like(lse, row)
-            _row_exp_sum_store(row, m, log2e, o)
+            inv = cast_like(1.0 / np.float64(ssum) if finite else math.nan, row)
             _row_grad(o, inv, inv, o, False)            # o *= inv
 
 
@@ -1025,28 +1046,181 @@ def _softmax_strided(x, mode, out, lse_out):
             for j in range(L):
                 m[j] = fmaximum(m[j], xs[c, j])
         ssum = np.zeros_like(m)
-        for c in range(C):
-            _seg_exp_acc(x[n, c, s0:s0 + L], m, log2e, ssum)
-        lse = np.empty(L)
+        if mode == 2:       # softmax: one exp per entry, stored, then scaled by 1 / sum
+            for c in range(C):
+                _seg_exp_acc_store(x[n, c, s0:s0 + L], m, log2e, ssum, out[n, c, s0:s0 + L])
+        else:
+            for c in range(C):
+                _seg_exp_acc(x[n, c, s0:s0 + L], m, log2e, ssum)
+        logs = np.zeros(L, x.dtype)
+        inv = np.empty(L, x.dtype)
         for j in range(L):
-            lse[j] = np.float64(m[j]) + math.log(np.float64(ssum[j]))
-            lse_out[n, s0 + j] = lse[j]
+            m64 = np.float64(m[j])
+            lse = m64
+            if m64 - m64 == 0.0:
+                lg = math.log(np.float64(ssum[j]))
+                lse = m64 + lg
+                logs[j] = lg
+                inv[j] = 1.0 / np.float64(ssum[j])
+            else:
+                inv[j] = math.nan
+            lse_out[n, s0 + j] = lse
         if mode == 1:
-            lsef = lse.astype(x.dtype)
             for c in range(C):
-                for j in range(L):
-                    out[n, c, s0 + j] = xs[c, j] - lsef[j]
+                _seg_sub2(x[n, c, s0:s0 + L], m, logs, out[n, c, s0:s0 + L])
         elif mode == 2:
-            inv = (1.0 / ssum).astype(x.dtype)
-            for j in range(L):
-                if lse[j] != lse[j]:
-                    inv[j] = lse[j]
-            zero = np.zeros(L, x.dtype)
-            spent = np.zeros(L, x.dtype)
             for c in range(C):
-                oc = out[n, c, s0:s0 + L]
-                _seg_exp_acc_store(x[n, c, s0:s0 + L], m, log2e, spent, oc)
-                _seg_grad(oc, inv, zero, zero[0])     # oc *= inv
+                _seg_scale(out[n, c, s0:s0 + L], inv)      # *= 1 / sum
+
+
+# Few long rows (axis=None, trailing tuple axes): each row is split into K chunks, one task
+# each; a chunk's (max, sum of b * exp(x - max)) are merged per row in float64, and a second
+# pass writes softmax / log_softmax.  The same partials carry scipy's weights ``b``.
+@njit(**_INLINE)
+def _chunk_plain(seg):
+    """(max, sum exp(seg - max)) of a non-empty segment, as float64."""
+    m = _row_max(seg)
+    m64 = np.float64(m)
+    if m64 - m64 == 0.0:
+        return m64, np.float64(_row_exp_sum(seg, m, cast_like(LOG2E, seg)))
+    if m64 > 0.0:
+        return m64, math.inf             # +inf entries: the sum is +inf
+    return m64, m64 - m64 if m64 != m64 else 0.0     # NaN: NaN; all -inf: 0
+
+
+@njit(**_INLINE)
+def _seg_masked_max(seg, bs):
+    """Max of seg over the entries whose weight is nonzero (scipy: b == 0 is -inf)."""
+    ninf = cast_like(-math.inf, seg)
+    m = ninf
+    for c in range(seg.shape[0]):
+        m = fmaximum(m, seg[c] if bs[c] != 0.0 else ninf)
+    return m
+
+
+@njit(**_INLINE)
+def _seg_weighted_sum(seg, bs, m):
+    """sum_c b_c exp(seg_c - m) in float64 (entries with b_c == 0 add exactly 0)."""
+    acc = 0.0
+    for c in range(seg.shape[0]):
+        bv = bs[c]
+        v = np.float64(seg[c]) if bv != 0.0 else -math.inf
+        acc += bv * exp2_nonpos_exact((v - m) * LOG2E)
+    return acc
+
+
+@njit(**_INLINE)
+def _seg_poisoned(seg, bs):
+    """1.0 if an entry with b == 0 holds +inf or NaN (scipy then returns NaN where the
+    weighted result is not finite: its fallback sums b * exp(x) unmasked), else 0.0."""
+    p = 0.0
+    for c in range(seg.shape[0]):
+        p = max(p, 1.0 if (bs[c] == 0.0 and not seg[c] < math.inf) else 0.0)
+    return p
+
+
+@njit(**_INLINE)
+def _chunk_weighted(seg, bs):
+    m64 = np.float64(_seg_masked_max(seg, bs))
+    if m64 - m64 == 0.0:
+        return m64, _seg_weighted_sum(seg, bs, m64)
+    if m64 > 0.0:
+        # +inf entries dominate: b * inf summed, as scipy's direct sum (mixed signs: NaN)
+        acc = 0.0
+        for c in range(seg.shape[0]):
+            if seg[c] == math.inf and bs[c] != 0.0:
+                acc += bs[c] * math.inf
+        return m64, acc
+    return m64, m64 - m64 if m64 != m64 else 0.0
+
+
+def _lse_chunks(x, b, has_b, K, pm, ps, pp):
+    """pm, ps (N, K): max and sum of (b *) exp(x - max) of the K chunks of each row of x; pp:
+    _seg_poisoned of each chunk (with b)."""
+    N, C = x.shape
+    L = (C + K - 1) // K
+    for task in prange(N * K):
+        i = task // K
+        k = task - i * K
+        c0 = min(C, k * L)
+        c1 = min(C, c0 + L)
+        pp[i, k] = 0.0
+        if c0 == c1:
+            pm[i, k] = -math.inf
+            ps[i, k] = 0.0
+        elif has_b:
+            pm[i, k], ps[i, k] = _chunk_weighted(x[i, c0:c1], b[i, c0:c1])
+            pp[i, k] = _seg_poisoned(x[i, c0:c1], b[i, c0:c1])
+        else:
+            pm[i, k], ps[i, k] = _chunk_plain(x[i, c0:c1])
+
+
+def _lse_combine(pm, ps, pp, signed, lse, sgn, mx, logs, inv):
+    """Per row: lse = log|sum| + max and sign(sum) from the chunk partials (scipy's rules:
+    an all -inf or zero sum gives -inf and sign 0, a negative sum NaN unless ``signed``, a
+    non-finite result NaN if a zero weight sits on +inf or NaN); mx,
+    logs, inv: the max, log(sum) and 1/sum that softmax / log_softmax use (0, 0, NaN when the
+    max is not finite)."""
+    N, K = pm.shape
+    for i in prange(N):
+        m = -math.inf
+        for k in range(K):
+            m = fmaximum(m, pm[i, k])
+        s = 0.0
+        if m - m == 0.0:
+            for k in range(K):
+                if ps[i, k] != 0.0:
+                    s += ps[i, k] * math.exp(pm[i, k] - m)
+        elif m != m:
+            s = m
+        elif m > 0.0:
+            for k in range(K):
+                if pm[i, k] == m:
+                    s += ps[i, k]
+        sg = 1.0 if s > 0.0 else (-1.0 if s < 0.0 else (0.0 if s == 0.0 else s))
+        a = abs(s)
+        if m - m == 0.0:
+            lg = math.log(a) if a != 0.0 else -math.inf
+            r = m + lg
+            logs[i] = lg
+            inv[i] = 1.0 / s
+        else:
+            r = m if m < 0.0 or m != m else (math.log(a) if a == a else a)
+            logs[i] = 0.0
+            inv[i] = math.nan
+        if sg < 0.0 and not signed:
+            r = math.nan
+        if r - r != 0.0:
+            poisoned = 0.0
+            for k in range(K):
+                poisoned = max(poisoned, pp[i, k])
+            if poisoned > 0.0:
+                r = math.nan
+                sg = math.nan
+        lse[i] = r
+        sgn[i] = sg
+        mx[i] = m
+
+
+def _softmax_chunks_out(x, K, mode, mx, logs, inv, out):
+    N, C = x.shape
+    L = (C + K - 1) // K
+    for task in prange(N * K):
+        i = task // K
+        k = task - i * K
+        c0 = min(C, k * L)
+        c1 = min(C, c0 + L)
+        if c0 == c1:
+            continue
+        seg = x[i, c0:c1]
+        o = out[i, c0:c1]
+        m = cast_like(mx[i], seg)
+        if mode == 1:
+            _row_sub2(seg, m, cast_like(logs[i], seg), o)
+        else:
+            f = cast_like(inv[i], seg)
+            _row_exp_sum_store(seg, m, cast_like(LOG2E, seg), o)
+            _row_grad(o, f, f, o, False)                # o *= 1 / sum
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1067,7 +1241,7 @@ def _twins(fn):
 _KERNELS = {fn.__name__: _twins(fn) for fn in
             (_target_stats, _index_rows, _index_rows_small, _index_strided, _prob_blocks,
              _softmax_rows,
-             _softmax_strided)}
+             _softmax_strided, _lse_chunks, _lse_combine, _softmax_chunks_out)}
 
 # Numba's 'workqueue' threading layer aborts the process when two threads launch parallel
 # kernels at once; 'omp' and 'tbb' are safe.  Until the layer is known (it is chosen at the
@@ -1192,17 +1366,62 @@ def prob_loss(x3, p3, w, prm, grad, g, g_stride):
     return ce, lse
 
 
+def _n_chunks(N, C):
+    """Chunks per row for the split-row kernels: 1 (the row kernel) unless the rows are too few
+    to keep every thread busy and long enough to split."""
+    if C < 2 * CHUNK or N >= 2 * numba.get_num_threads():
+        return 1
+    return -(-C // CHUNK)
+
+
+def _chunk_stats(x2, b2, K, signed):
+    N = x2.shape[0]
+    pm, ps, pp = np.empty((N, K)), np.empty((N, K)), np.empty((N, K))
+    has_b = b2 is not None
+    launch("_lse_chunks", x2.size, x2, b2 if has_b else np.zeros((1, 1)), has_b, np.int64(K),
+           pm, ps, pp)
+    lse, sgn, mx, logs, inv = (np.empty(N) for _ in range(5))
+    launch("_lse_combine", pm.size, pm, ps, pp, signed, lse, sgn, mx, logs, inv)
+    return lse, sgn, mx, logs, inv
+
+
 def softmax_family(x3, mode):
     """mode 0: lse (N, S); 1: (log_softmax, lse); 2: (softmax, lse)."""
     N, C, S = x3.shape
-    lse = np.empty((N, S))
     out = np.empty(x3.shape if mode else (1, 1, 1), x3.dtype)
+    if S == 1 and _n_chunks(N, C) > 1:
+        x2 = x3.reshape(N, C)
+        K = _n_chunks(N, C)
+        lse, _, mx, logs, inv = _chunk_stats(x2, None, K, True)
+        if mode:
+            launch("_softmax_chunks_out", x2.size, x2, np.int64(K), np.int64(mode), mx, logs,
+                   inv, out.reshape(N, C))
+        return out, lse.reshape(N, 1)
+    lse = np.empty((N, S))
     if S == 1:
         launch("_softmax_rows", x3.size, x3.reshape(N, C), np.int64(mode),
                out.reshape(out.shape[0], out.shape[1]), lse.reshape(N))
     else:
         launch("_softmax_strided", x3.size, x3, np.int64(mode), out, lse)
     return out, lse
+
+
+def lse_weighted(x2, b2, signed):
+    """scipy's logsumexp(x, b=b) of each row of x2 (N, C), b2 (N, C) float64: (lse, sign),
+    (N,) float64 each; a negative sum gives NaN unless ``signed``."""
+    N, C = x2.shape
+    lse, sgn, _, _, _ = _chunk_stats(x2, b2, _n_chunks(N, C), signed)
+    return lse, sgn
+
+
+def transpose_copy(x, perm):
+    """A C-contiguous copy of x with its axes permuted."""
+    return np.ascontiguousarray(np.transpose(x, perm))
+
+
+def broadcast_copy(x, shape):
+    """A C-contiguous copy of x broadcast to ``shape``."""
+    return np.ascontiguousarray(np.broadcast_to(x, shape))
 
 
 # Arrays of ones stand in for absent class weights.  Small ones are cached (read-only, never
@@ -1302,6 +1521,10 @@ class CPUBackend:
     index_loss = staticmethod(index_loss)
     prob_loss = staticmethod(prob_loss)
     softmax_family = staticmethod(softmax_family)
+    lse_weighted = staticmethod(lse_weighted)
+    transpose_copy = staticmethod(transpose_copy)
+    broadcast_copy = staticmethod(broadcast_copy)
+    full = staticmethod(np.full)
 
 
 BACKEND = CPUBackend()

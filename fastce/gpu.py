@@ -120,6 +120,42 @@ def _dev_merge(m1, dev1, q1, m2, dev2, q2, m):
     return dev, q1 + q2
 
 
+@cuda.jit(device=True)
+def _softmax_finish(m, s, nan):
+    """SciPy's rules for one softmax-family group from its online (max, sum): (lse, shift,
+    log-sum, 1/sum), the outputs being log_softmax = (x - shift) - log-sum and softmax =
+    exp(x - shift) / sum.  A NaN gives NaN; a max of +-inf gives lse = max, log_softmax
+    x - max, softmax NaN."""
+    if nan != 0:
+        return math.nan, math.nan, 0.0, math.nan
+    if math.isinf(m):
+        return m, m, 0.0, math.nan
+    lg = math.log(s)
+    return m + lg, m, lg, 1.0 / s
+
+
+@cuda.jit(device=True)
+def _signed_finish(m, s, signed, poisoned):
+    """scipy's logsumexp(b=...) of a group from its max m and sum s of b exp(x - m) (for an
+    infinite m, the sum of b * inf over the +inf entries): (log|sum| + m, sign(sum)); a
+    negative sum gives NaN unless ``signed``; a zero sum -inf with sign 0; a non-finite result
+    NaN when ``poisoned`` (a zero weight on +inf or NaN: scipy's fallback sums b * exp(x))."""
+    sg = 1.0 if s > 0.0 else (-1.0 if s < 0.0 else (0.0 if s == 0.0 else s))
+    a = abs(s)
+    if m != m:
+        r = m
+    elif math.isinf(m):
+        r = m if m < 0.0 else (math.log(a) if a == a else a)
+    else:
+        r = m + (math.log(a) if a != 0.0 else -math.inf)
+    if sg < 0.0 and not signed:
+        r = math.nan
+    if poisoned and (math.isinf(r) or r != r):
+        r = math.nan
+        sg = math.nan
+    return r, sg
+
+
 # ---------------------------------------------------------------------------------------------
 # Loss kernels, one set per compute dtype F (float32 or float64)
 # ---------------------------------------------------------------------------------------------
@@ -509,12 +545,12 @@ def _kernels(F):
             row += cuda.gridDim.x
 
     @cuda.jit(device=True)
-    def softmax_out(x, n, c, s, mode, m, lse, inv, out):
+    def softmax_out(x, n, c, s, mode, shift, logs, inv, out):
         v = x[n, c, s]
         if mode == 1:
-            out[n, c, s] = v - F(lse)
+            out[n, c, s] = (v - shift) - F(logs)     # not v - lse: no cancellation near max
         else:
-            out[n, c, s] = math.exp(v - m) * F(inv)
+            out[n, c, s] = math.exp(v - shift) * F(inv)
 
     @cuda.jit(device=True)
     def lse_step(v, m, ssum, nan):
@@ -566,19 +602,14 @@ def _kernels(F):
                     sh_n[tid] = sh_n[tid] | sh_n[o]
                 cuda.syncthreads()
                 stride //= 2
-            mt = sh_m[0]
-            st = sh_s[0]
-            lse = _finish_lse(mt, st, sh_n[0])
+            lse, shift, logs, inv = _softmax_finish(sh_m[0], sh_s[0], sh_n[0])
             if tid == 0:
                 lse_out[row, 0] = lse
             if mode != 0:
-                inv = 1.0 / st
-                if lse != lse:
-                    inv = lse
-                mf = F(mt)
+                mf = F(shift)
                 c = _i8(tid)
                 while c < C:
-                    softmax_out(x, row, c, 0, mode, mf, lse, inv, out)
+                    softmax_out(x, row, c, 0, mode, mf, logs, inv, out)
                     c += bd
             cuda.syncthreads()
             row += cuda.gridDim.x
@@ -602,14 +633,12 @@ def _kernels(F):
                     nan = 1
                 else:
                     m, ssum = online(m, ssum, v)
-            lse = _finish_lse(_f8(m), _f8(ssum), nan)
+            lse, shift, logs, inv = _softmax_finish(_f8(m), _f8(ssum), nan)
             lse_out[n, s] = lse
             if mode != 0:
-                inv = 1.0 / _f8(ssum)
-                if lse != lse:
-                    inv = lse
+                mf = F(shift)
                 for c in range(C):
-                    softmax_out(x, n, c, s, mode, m, lse, inv, out)
+                    softmax_out(x, n, c, s, mode, mf, logs, inv, out)
             pos += step
 
     fns = dict(index_rows=index_rows, index_strided=index_strided, prob_elems=prob_elems,
@@ -778,6 +807,66 @@ def _k_fill(out, value):
     step = _i8(cuda.gridDim.x) * cuda.blockDim.x
     while i < out.shape[0]:
         out[i] = value
+        i += step
+
+
+@cuda.jit
+def _k_lse_weighted(x, b, signed, lse_out, sgn_out):
+    """scipy's logsumexp(x, b=b) of each row of x (N, C), b (N, C) float64: one thread per
+    row, in float64; entries with b == 0 are skipped (even inf or NaN ones)."""
+    N = x.shape[0]
+    C = x.shape[1]
+    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+    while i < N:
+        m = -math.inf
+        nan = False
+        poisoned = False
+        for c in range(C):
+            v = _f8(x[i, c])
+            if b[i, c] != 0.0:
+                if v != v:
+                    nan = True
+                elif v > m:
+                    m = v
+            elif not v < math.inf:
+                poisoned = True
+        s = 0.0
+        if nan:
+            m = math.nan
+            s = math.nan
+        elif m == math.inf:
+            for c in range(C):
+                if b[i, c] != 0.0 and x[i, c] == math.inf:
+                    s += b[i, c] * math.inf
+        elif m > -math.inf:
+            for c in range(C):
+                bv = b[i, c]
+                if bv != 0.0:
+                    s += bv * math.exp(_f8(x[i, c]) - m)
+        r, sg = _signed_finish(m, s, signed, poisoned)
+        lse_out[i] = r
+        sgn_out[i] = sg
+        i += step
+
+
+@cuda.jit
+def _k_gather_nd(out, src, dims, strides):
+    """out[i] = src[sum_k idx_k(i) * strides[k]], idx(i) the C-order index of i in ``dims``:
+    transposed (permuted strides) and broadcast (stride 0) copies of a flat array."""
+    n = out.shape[0]
+    nd = dims.shape[0]
+    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+    while i < n:
+        r = i
+        off = _i8(0)
+        for k in range(nd - 1, -1, -1):
+            d = dims[k]
+            q = r // d
+            off += (r - q * d) * strides[k]
+            r = q
+        out[i] = src[off]
         i += step
 
 
@@ -1246,6 +1335,63 @@ def softmax_family(x3, mode):
     return out, lse
 
 
+def lse_weighted(x2, b2, signed):
+    """scipy's logsumexp(x, b=b) of each row of x2 (N, C), b2 (N, C) float64: (lse, sign),
+    (N,) float64 each; a negative sum gives NaN unless ``signed``."""
+    N = x2.shape[0]
+    lse = _alloc((N,), np.float64)
+    sgn = _alloc((N,), np.float64)
+    if N:
+        blocks, threads = _elem_cfg(N)
+        _k_lse_weighted[blocks, threads](x2.d, b2.d, bool(signed), lse.d, sgn.d)
+    return lse, sgn
+
+
+def _gather(x, shape, strides):
+    out = _alloc(shape, x.dtype)
+    n = out.size
+    if n:
+        dims = _to_dev(np.array(shape, np.int64)).d
+        st = _to_dev(np.array(strides, np.int64)).d
+        blocks, threads = _elem_cfg(n)
+        _k_gather_nd[blocks, threads](out.flat(), x.flat(), dims, st)
+    return out
+
+
+def _c_strides(shape):
+    st, acc = [], 1
+    for n in reversed(shape):
+        st.append(acc)
+        acc *= n
+    return st[::-1]
+
+
+def transpose_copy(x, perm):
+    """A C-contiguous copy of x (a DArray) with its axes permuted."""
+    x = BACKEND.asarray(x)
+    st = _c_strides(x.shape)
+    return _gather(x, tuple(x.shape[p] for p in perm), tuple(st[p] for p in perm))
+
+
+def broadcast_copy(x, shape):
+    """A C-contiguous copy of x (a DArray) broadcast to ``shape`` (NumPy's rules)."""
+    x = BACKEND.asarray(x)
+    shape = tuple(int(n) for n in shape)
+    xs = (1,) * (len(shape) - x.ndim) + tuple(x.shape)
+    st = _c_strides(xs)
+    return _gather(x, shape, tuple(0 if xs[d] == 1 else st[d] for d in range(len(shape))))
+
+
+def full(shape, value, dtype):
+    """A new device array of ``shape`` filled with ``value``."""
+    out = _alloc(shape if isinstance(shape, tuple) else (shape,), dtype)
+    n = out.size
+    if n:
+        blocks, threads = _elem_cfg(n)
+        _k_fill[blocks, threads](out.flat(), np.dtype(dtype).type(value))
+    return out
+
+
 @functools.lru_cache(maxsize=None)
 def _scalar_class(base):
     """``base`` (a Numba device array class) plus float()/int()/item() for 0-d losses."""
@@ -1402,6 +1548,10 @@ class GPUBackend:
     index_loss = staticmethod(index_loss)
     prob_loss = staticmethod(prob_loss)
     softmax_family = staticmethod(softmax_family)
+    lse_weighted = staticmethod(lse_weighted)
+    transpose_copy = staticmethod(transpose_copy)
+    broadcast_copy = staticmethod(broadcast_copy)
+    full = staticmethod(full)
 
 
 def _check_typestr(typestr):

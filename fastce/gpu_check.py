@@ -79,6 +79,12 @@ def compile_ptx_all(cc=(8, 0)):
             for k in ("softmax_rows", "softmax_strided"):
                 cuda.compile_ptx(fns[k], (arr(ft, 3), nt.int64, arr(ft, 3), arr(f8, 2)), cc=cc)
                 n += 1
+            cuda.compile_ptx(gpu._k_lse_weighted.py_func, (arr(ft, 2), arr(f8, 2), nt.boolean,
+                                                           arr(f8, 1), arr(f8, 1)), cc=cc)
+            cuda.compile_ptx(gpu._k_gather_nd.py_func, (arr(ft, 1), arr(ft, 1),
+                                                        arr(nt.int64, 1), arr(nt.int64, 1)),
+                             cc=cc)
+            n += 2
         i8 = nt.int64
         cuda.compile_ptx(gpu._k_sum.py_func, (arr(f8, 1), i8, i8, arr(f8, 1)), cc=cc)
         cuda.compile_ptx(gpu._k_stats.py_func, (arr(i8, 1), arr(nt.float32, 1), i8, i8, i8, i8,

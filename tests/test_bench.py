@@ -89,6 +89,21 @@ def test_bench_quick_cli():
     assert "[bench]" in proc.stderr          # progress goes to stderr
 
 
+def test_bench_softmax_quick():
+    import io
+    out = io.StringIO()
+    res = bench.run_softmax_bench(quick=True, repeats=1, out=out, progress=lambda m: None,
+                                  max_time=0.5)
+    text = out.getvalue()
+    for name in bench.SOFTMAX_FUNCS:
+        assert re.search(rf"{name}\s+[\d.]+ ms\s+[\d.]+ ms", text), text
+        assert (name, "axis=None") in res["times"] and (name, "scipy") in res["times"]
+    assert "axis=(1, 2)" in text and "softmax goals" in text
+    x = np.zeros((4, 16), np.float32)
+    forms = bench.softmax_forms(x)
+    assert all(a.size == x.size for a, _ in forms.values())
+
+
 def test_bench_rejects_unknown_workload():
     proc = subprocess.run([sys.executable, "-m", "fastce", "bench", "--workloads", "W9"],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
@@ -120,6 +135,23 @@ def test_asv_suite_direct_call():
     w = mod.Workloads()
     w.setup("W3", "loss+grad")
     w.time_call("W3", "loss+grad")
+
+
+def test_asv_softmax_suite_direct_call():
+    path = ASV_DIR / "benchmarks" / "bench_softmax.py"
+    spec = importlib.util.spec_from_file_location("fastce_asv_bench_softmax", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert set(mod.AxisForms.params[1]) >= {"axis=-1", "axis=(1, 2)", "axis=None"}
+    mod.FORMS = {k: ((8, 4, 100) if len(shape) == 3 else (8, 400), axis)
+                 for k, (shape, axis) in mod.FORMS.items()}     # small shapes for the test
+    for form in mod.FORMS:
+        b = mod.AxisForms()
+        b.setup("softmax", form)
+        b.time_call("softmax", form)
+    w = mod.Weighted()
+    w.setup("axis=None")
+    w.time_logsumexp_b("axis=None")
 
 
 def test_asv_conf_is_valid_json():
