@@ -309,39 +309,23 @@ def _tanh_small(y):
     return y * np.tanh(y)
 
 
+def _odd_horner(c):
+    """y * (c0 + c1 y^2 + c2 y^4 + ...) for the constant tuple c (unrolled by LLVM)."""
+    def impl(y):
+        y2 = y * y
+        p = c[len(c) - 1]
+        for k in range(len(c) - 2, -1, -1):
+            p = p * y2 + c[k]
+        return y * p
+    return impl
+
+
 @overload(_tanh_small, jit_options=dict(fastmath=FASTMATH, error_model="numpy"), inline="always")
 def _tanh_small_impl(y):
     if y == types.float32:
-        c = tuple(np.float32(v) for v in _TANH32)
-
-        def impl32(y):
-            y2 = y * y
-            p = c[5]
-            p = p * y2 + c[4]
-            p = p * y2 + c[3]
-            p = p * y2 + c[2]
-            p = p * y2 + c[1]
-            p = p * y2 + c[0]
-            return y * p
-        return impl32
+        return _odd_horner(tuple(np.float32(v) for v in _TANH32))
     if y == types.float64:
-        c = _TANH64
-
-        def impl64(y):
-            y2 = y * y
-            p = c[10]
-            p = p * y2 + c[9]
-            p = p * y2 + c[8]
-            p = p * y2 + c[7]
-            p = p * y2 + c[6]
-            p = p * y2 + c[5]
-            p = p * y2 + c[4]
-            p = p * y2 + c[3]
-            p = p * y2 + c[2]
-            p = p * y2 + c[1]
-            p = p * y2 + c[0]
-            return y * p
-        return impl64
+        return _odd_horner(_TANH64)
     return None
 
 
