@@ -691,15 +691,25 @@ def _seg_axpy_dev(wc, xs, ms, acc):
 
 
 @njit(**_INLINE)
-def _seg_grad(gs, scale_v, gamma_v, wc):
+def _seg_mul(gs, scale_v):
     for j in range(gs.shape[0]):
-        gs[j] = gs[j] * scale_v[j] - gamma_v[j] * wc
+        gs[j] = gs[j] * scale_v[j]
+
+
+# Pass 3 selects an exact 0 for positions that are not valid (ignored): their stored exps may
+# be nan (a row of nan or +-inf logits), and nan * 0 is nan.
+@njit(**_INLINE)
+def _seg_grad(gs, scale_v, gamma_v, wc, valid_v):
+    for j in range(gs.shape[0]):
+        v = gs[j] * scale_v[j] - gamma_v[j] * wc
+        gs[j] = v if valid_v[j] != 0 else 0
 
 
 @njit(**_INLINE)
-def _seg_scale(gs, scale_v):
+def _seg_scale(gs, scale_v, valid_v):
     for j in range(gs.shape[0]):
-        gs[j] = gs[j] * scale_v[j]
+        v = gs[j] * scale_v[j]
+        gs[j] = v if valid_v[j] != 0 else 0
 
 
 @njit(**_INLINE)
@@ -709,11 +719,12 @@ def _seg_softcap(xs, capf, inv_capf, out):
 
 
 @njit(**_INLINE)
-def _seg_grad_softcap(gs, scale_v, gamma_v, wc, ss, inv_capf):
+def _seg_grad_softcap(gs, scale_v, gamma_v, wc, ss, inv_capf, valid_v):
     one = inv_capf - inv_capf + 1
     for j in range(gs.shape[0]):
         q = ss[j] * inv_capf
-        gs[j] = (gs[j] * scale_v[j] - gamma_v[j] * wc) * (one - q * q)
+        v = (gs[j] * scale_v[j] - gamma_v[j] * wc) * (one - q * q)
+        gs[j] = v if valid_v[j] != 0 else 0
 
 
 @njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
@@ -861,11 +872,11 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
             gs = grad[xn, c, xs0:xs0 + L]
             if has_cap:
                 _seg_softcap(x[xn, c, xs0:xs0 + L], capf, inv_capf, sc)
-                _seg_grad_softcap(gs, scale_v, gamma_v, w[c], sc, inv_capf)
+                _seg_grad_softcap(gs, scale_v, gamma_v, w[c], sc, inv_capf, valid_v)
             elif smoothing:
-                _seg_grad(gs, scale_v, gamma_v, w[c])
+                _seg_grad(gs, scale_v, gamma_v, w[c], valid_v)
             else:
-                _seg_scale(gs, scale_v)
+                _seg_scale(gs, scale_v, valid_v)
         for j in range(L):
             if valid_v[j] != 0.0:
                 grad[xn, np.int64(ts[j]), xs0 + j] -= beta_v[j]
@@ -1054,7 +1065,7 @@ def _softmax_strided(x, mode, out, lse_out):
                 _seg_sub2(x[n, c, s0:s0 + L], m, logs, out[n, c, s0:s0 + L])
         elif mode == 2:
             for c in range(C):
-                _seg_scale(out[n, c, s0:s0 + L], inv)      # *= 1 / sum
+                _seg_mul(out[n, c, s0:s0 + L], inv)        # *= 1 / sum
 
 
 # Few long rows (axis=None, trailing tuple axes): each row is split into K chunks, one task

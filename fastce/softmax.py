@@ -83,6 +83,8 @@ def _check_input(be, a, name, dtype=None):
     x = be.asarray(a)
     if x.dtype.kind == "c" and dtype is not None and be.name == "cpu":
         return x                            # torch's dtype=: cast first (the imaginary part goes)
+    if x.dtype.kind in "fiu" and not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))     # big-endian: one native-order copy
     if x.dtype.kind not in "fiub" or (x.dtype.kind == "f" and x.dtype not in _FLOATS):
         raise TypeError(f"fastce: {name} must be a real array (float16, float32, float64, or "
                         f"integers / bools, computed in float64), got dtype {x.dtype}")

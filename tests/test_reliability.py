@@ -114,6 +114,23 @@ def test_neg_inf_logit_anywhere_with_smoothing(backend, pos, C):
         assert_close(backend.host(grad), want, 1e-5)
 
 
+@pytest.mark.parametrize("fill", [np.nan, np.inf, -np.inf])
+def test_ignored_positions_get_exact_zero_gradient(backend, fill):
+    """The documented difference from torch: an ignored position's gradient is exactly 0 even
+    when its logits are nan or infinite (stored exps are nan there, and nan * 0 is nan)."""
+    rng = np.random.default_rng(18)
+    for shape in shapes(backend):
+        for opts in (dict(), dict(label_smoothing=0.1), dict(softcap=5.0)):
+            x = rng.standard_normal(shape)
+            t = rng.integers(0, shape[1], shape[:1] + shape[2:])
+            x[0] = fill
+            t[0] = -100
+            _, grad = fastce.cross_entropy_with_grad(backend.to(x), backend.to(t), **opts)
+            g = backend.host(grad)
+            assert np.all(g[0] == 0), (shape, opts)
+            assert np.all(np.isfinite(g[1:])), (shape, opts)
+
+
 def test_out_partly_overlapping_input_is_read_through_a_copy(backend):
     """out= that overlaps the logits without being them: the right answer (never the in-place
     path's), on every kernel path, for both dtypes."""
