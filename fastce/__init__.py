@@ -7,6 +7,8 @@ numba.cuda kernels for CUDA arrays; the backend is chosen from the arrays themse
 from .api import (CrossEntropyLoss, CrossEntropyOutput, cross_entropy, cross_entropy_backward,
                   cross_entropy_with_grad, log_softmax, logsumexp, nll_loss, softmax)
 from .linear import linear_cross_entropy, linear_cross_entropy_with_grad
+from .shards import (ShardStats, finalize_stats, merge_stats, shard_grad, shard_stats,
+                     target_denominators)
 
 __version__ = "0.1.0"
 
@@ -14,4 +16,6 @@ __all__ = [
     "cross_entropy", "cross_entropy_backward", "cross_entropy_with_grad", "CrossEntropyLoss",
     "CrossEntropyOutput", "nll_loss", "log_softmax", "softmax", "logsumexp",
     "linear_cross_entropy", "linear_cross_entropy_with_grad",
+    "ShardStats", "shard_stats", "merge_stats", "finalize_stats", "shard_grad",
+    "target_denominators",
 ]
