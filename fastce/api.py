@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .dispatch import backend_for
+from .dispatch import backend_for, is_dask_array
 
 __all__ = [
     "cross_entropy", "cross_entropy_backward", "cross_entropy_with_grad", "CrossEntropyLoss",
@@ -299,7 +299,7 @@ def _div(a: float, b: float) -> float:
 # ---------------------------------------------------------------------------------------------
 def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reduction,
                    label_smoothing, softcap, z_loss, class_axis, want_loss, want_grad,
-                   want_stats=False, out=None, denominators=None, want_lse=False):
+                   want_stats=False, out=None, denominators=None, want_lse=False, raw=False):
     """Every cross-entropy entry point.  ``denominators`` (fastce.linear's chunks): the mean's
     (D, Dz) of the whole batch, used instead of this call's own."""
     be = backend_for(input=input, target=target, weight=weight, grad_output=grad_output)
@@ -393,7 +393,12 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
         hit = None
 
     loss = None
-    if want_loss:
+    if want_loss and raw:
+        # fastce.dask_backend: a chunk's float64 sums (ce, z-loss, token hits), reduced over
+        # the chunks by the caller, which divides by the whole batch's denominators.
+        loss = (be.total(ce), be.total(zls) if zl else 0.0,
+                be.total(hit) if (hit is not None and want_stats) else 0.0)
+    elif want_loss:
         if reduction == "none":
             per = ce + zls if zl else ce
             loss = per.reshape(loss_shape).astype(in_dtype)
@@ -480,6 +485,13 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
     Returns a NumPy scalar (CuPy 0-d array on the GPU) of the input's dtype for mean/sum, an
     array of the target's shape for "none".
     """
+    if is_dask_array(input) or is_dask_array(target):
+        from . import dask_backend
+        return dask_backend.cross_entropy(
+            input, target, weight, None, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss,
+            class_axis=class_axis, want_loss=True, want_grad=False, return_z_loss=return_z_loss,
+            return_token_accuracy=return_token_accuracy, return_lse=return_lse)
     want_stats = return_z_loss or return_token_accuracy
     loss, _, stats = _cross_entropy(
         input, target, weight, None, ignore_index=ignore_index, reduction=reduction,
@@ -497,6 +509,12 @@ def cross_entropy_backward(input, target, grad_output=None, weight=None, *, igno
     a scalar for mean/sum, an array of the loss's shape for "none"; None means ones.
     ``out``: a C-contiguous array of the input's shape and dtype to write the gradient into; it
     may be ``input`` itself (the logits are overwritten by their gradient, saving memory)."""
+    if is_dask_array(input) or is_dask_array(target):
+        from . import dask_backend
+        return dask_backend.cross_entropy(
+            input, target, weight, grad_output, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss,
+            class_axis=class_axis, want_loss=False, want_grad=True, out=out)
     _, grad, _ = _cross_entropy(
         input, target, weight, grad_output, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss, class_axis=class_axis,
@@ -514,6 +532,14 @@ def cross_entropy_with_grad(input, target, weight=None, *, grad_output=None, ign
     With return_z_loss / return_token_accuracy / return_lse the first item is a
     ``CrossEntropyOutput``.
     """
+    if is_dask_array(input) or is_dask_array(target):
+        from . import dask_backend
+        return dask_backend.cross_entropy(
+            input, target, weight, grad_output, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss,
+            class_axis=class_axis, want_loss=True, want_grad=True, out=out,
+            return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+            return_lse=return_lse)
     want_stats = return_z_loss or return_token_accuracy
     loss, grad, stats = _cross_entropy(
         input, target, weight, grad_output, ignore_index=ignore_index, reduction=reduction,
