@@ -593,21 +593,27 @@ def main(argv=None):
     b = sub.add_parser("bench", help="fastce vs NumPy, torch and JAX on W1-W3")
     b.add_argument("--quick", action="store_true", help="small sizes: finishes in seconds")
     b.add_argument("--workloads", default="W1,W2,W3,LIN",
-                   help="comma-separated subset of " + ",".join(WORKLOADS) + ",LIN (LIN: the "
-                   "fused linear cross-entropy against the unfused path)")
+                   help="comma-separated subset of " + ",".join(WORKLOADS) + ",LIN,DASK (LIN: "
+                   "the fused linear cross-entropy against the unfused path; DASK: W1 as a "
+                   "Dask array against the in-memory call)")
     b.add_argument("--repeats", type=int, default=None, help="samples per measurement")
     sub.add_parser("demo", help="the worked examples and a short timing (the default)")
     args = parser.parse_args(argv)
     if args.command == "bench":
         names = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
         linear = "LIN" in names
-        names = [w for w in names if w != "LIN"]
+        with_dask = "DASK" in names
+        names = [w for w in names if w not in ("LIN", "DASK")]
         unknown = [w for w in names if w not in WORKLOADS]
         if unknown:
             parser.error(f"unknown workload(s) {unknown}; choose from {list(WORKLOADS)}")
         if args.repeats is not None and args.repeats < 1:
             parser.error("--repeats must be >= 1")
-        run_bench(names, quick=args.quick, repeats=args.repeats, linear=linear)
+        if names or linear:
+            run_bench(names, quick=args.quick, repeats=args.repeats, linear=linear)
+        if with_dask:
+            from . import bench_dask
+            bench_dask.run(quick=args.quick, repeats=args.repeats, progress=_progress)
     else:
         run_demo()
     return 0
