@@ -130,7 +130,7 @@ def _check_known(a, name):
                          f"first")
 
 
-def _small(value, name):
+def _small(value, _name):
     """weight / classifier / bias: a NumPy or CuPy array, a Dask array, or None."""
     if value is None or is_dask_array(value):
         return value
@@ -547,7 +547,6 @@ def linear_cross_entropy(hidden, classifier, target, bias, weight, grad_output, 
     for i in range(nb):
         gk = (g_none.name, i) if g_none is not None else gkey
         G.dsk[(res, i)] = (fn, (h.name, i, 0), (t.name, i), ckey, bkey, wkey, dn, gk)
-    first = (lambda r: r[0]) if want_grad else (lambda r: r)
     results = {}
     if reduction == "none":
         lname = G.name("loss")
@@ -563,7 +562,6 @@ def linear_cross_entropy(hidden, classifier, target, bias, weight, grad_output, 
         G.dsk[(loss_name,)] = (partial(_linear_final, reduction=reduction, z_loss=zl,
                                        dtype=in_dtype), total, dn)
         loss_chunks, loss_meta = (), _meta(h, 0, in_dtype)
-    del first
     if want_grad:
         ghn = G.name("grad-hidden")
         for i in range(nb):
