@@ -8,6 +8,8 @@ from .api import (CrossEntropyLoss, CrossEntropyOutput, cross_entropy, cross_ent
                   cross_entropy_with_grad, nll_loss)
 from .linear import linear_cross_entropy, linear_cross_entropy_with_grad
 from .softmax import log_softmax, logsumexp, softmax
+from .shards import (ShardStats, finalize_stats, merge_stats, shard_grad, shard_stats,
+                     target_denominators)
 
 __version__ = "0.1.0"
 
@@ -15,4 +17,6 @@ __all__ = [
     "cross_entropy", "cross_entropy_backward", "cross_entropy_with_grad", "CrossEntropyLoss",
     "CrossEntropyOutput", "nll_loss", "log_softmax", "softmax", "logsumexp",
     "linear_cross_entropy", "linear_cross_entropy_with_grad",
+    "ShardStats", "shard_stats", "merge_stats", "finalize_stats", "shard_grad",
+    "target_denominators",
 ]

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .dispatch import backend_for
+from .dispatch import backend_for, is_dask_array
 
 __all__ = [
     "cross_entropy", "cross_entropy_backward", "cross_entropy_with_grad", "CrossEntropyLoss",
@@ -29,11 +29,14 @@ class CrossEntropyOutput(NamedTuple):
     ``loss`` is the usual result (z-loss included).  ``z_loss`` is the z-loss component alone,
     reduced like the loss (mean over non-ignored elements); ``token_accuracy`` is the fraction
     of non-ignored elements whose first argmax equals the target (a Python float, nan when all
-    are ignored).  Fields not asked for are None.
+    are ignored); ``lse`` (``return_lse=True``) is the log-sum-exp of the (softcapped) logits
+    of every position (ignored ones too), the target's shape, in the input's dtype.  Fields
+    not asked for are None.
     """
     loss: object
     z_loss: object = None
     token_accuracy: object = None
+    lse: object = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +299,7 @@ def _div(a: float, b: float) -> float:
 # ---------------------------------------------------------------------------------------------
 def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reduction,
                    label_smoothing, softcap, z_loss, class_axis, want_loss, want_grad,
-                   want_stats=False, out=None, denominators=None):
+                   want_stats=False, out=None, denominators=None, want_lse=False, raw=False):
     """Every cross-entropy entry point.  ``denominators`` (fastce.linear's chunks): the mean's
     (D, Dz) of the whole batch, used instead of this call's own."""
     be = backend_for(input=input, target=target, weight=weight, grad_output=grad_output)
@@ -314,10 +317,20 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
                    if want_grad else (be.ones(1, np.float64), 0))
     o = _check_out(be, out, x) if (want_grad and out is not None) else None
     if x.shape[axis] == 0 or math.prod(loss_shape) == 0:
-        return _empty_problem(be, x, int(x.shape[axis]), t, kind, weight, ignore_index,
-                              reduction, loss_shape, input, want_grad, want_stats, out)
+        loss, grad, stats = _empty_problem(be, x, int(x.shape[axis]), t, kind, weight,
+                                           ignore_index, reduction, loss_shape, input,
+                                           want_grad, want_stats or want_lse, out)
+        if want_lse:        # log of an empty sum (no classes), or no positions
+            stats = stats + (be.wrap(be.xp.full(loss_shape, -math.inf, dtype=x.dtype), input),)
+        return loss, grad, stats
     x3, N, C, S = _canonical(be, x, axis)
     w, W = _check_weight(be, weight, C, x3.dtype)
+    lse = None
+    if want_lse:
+        # One extra pass over the logits (before out=input may overwrite them): the loss
+        # kernels keep their lse in registers (see fastce.shards.lse_canonical).
+        from .shards import lse_canonical
+        lse = lse_canonical(be, x3, cap)
 
     # The forward may validate its targets inside the loss kernel itself (which never reads
     # with a bad one); the gradient needs the mean's denominator first: a pre-pass.
@@ -380,7 +393,12 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
         hit = None
 
     loss = None
-    if want_loss:
+    if want_loss and raw:
+        # fastce.dask_backend: a chunk's float64 sums (ce, z-loss, token hits), reduced over
+        # the chunks by the caller, which divides by the whole batch's denominators.
+        loss = (be.total(ce), be.total(zls) if zl else 0.0,
+                be.total(hit) if (hit is not None and want_stats) else 0.0)
+    elif want_loss:
         if reduction == "none":
             per = ce + zls if zl else ce
             loss = per.reshape(loss_shape).astype(in_dtype)
@@ -399,7 +417,7 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
             if grad.dtype != in_dtype:
                 grad = grad.astype(in_dtype)
     stats = None
-    if want_stats:
+    if want_stats or want_lse:
         if reduction == "none":
             zpart = zls.reshape(loss_shape).astype(in_dtype)
         else:
@@ -407,6 +425,8 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
             zpart = be.scalar(_div(zs, Dz) if mean else zs, in_dtype)
         acc = _div(be.total(hit), count) if (hit is not None and count) else math.nan
         stats = (be.wrap(zpart, input), acc)
+        if want_lse:
+            stats = stats + (be.wrap(lse.reshape(loss_shape).astype(in_dtype), input),)
     return be.wrap(loss, input), be.wrap(grad, input), stats
 
 
@@ -444,7 +464,7 @@ def _empty_problem(be, x, C, t, kind, weight, ignore_index, reduction, loss_shap
 # ---------------------------------------------------------------------------------------------
 def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="mean",
                   label_smoothing=0.0, softcap=None, z_loss=0.0, class_axis=None,
-                  return_z_loss=False, return_token_accuracy=False):
+                  return_z_loss=False, return_token_accuracy=False, return_lse=False):
     """Cross-entropy between logits ``input`` and ``target``, as torch's ``F.cross_entropy``.
 
     input: logits (C,), (N, C) or (N, C, d1, ..., dK); float16/32/64 (float16 computed in
@@ -459,20 +479,27 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
     label_smoothing: eps in [0, 1]; softcap: Gemma-2 logit softcapping; z_loss: PaLM's
         ``z_loss * logsumexp**2`` per non-ignored element (its mean divides by their count).
     return_z_loss / return_token_accuracy: return a ``CrossEntropyOutput`` with those extras,
-        computed in the same pass.
+        computed in the same pass.  return_lse: its ``lse`` field holds the per-position
+        log-sum-exp (one more read of the logits).
 
     Returns a NumPy scalar (CuPy 0-d array on the GPU) of the input's dtype for mean/sum, an
     array of the target's shape for "none".
     """
+    if is_dask_array(input) or is_dask_array(target):
+        from . import dask_backend
+        return dask_backend.cross_entropy(
+            input, target, weight, None, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss,
+            class_axis=class_axis, want_loss=True, want_grad=False, return_z_loss=return_z_loss,
+            return_token_accuracy=return_token_accuracy, return_lse=return_lse)
     want_stats = return_z_loss or return_token_accuracy
     loss, _, stats = _cross_entropy(
         input, target, weight, None, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss, class_axis=class_axis,
-        want_loss=True, want_grad=False, want_stats=want_stats)
-    if not want_stats:
+        want_loss=True, want_grad=False, want_stats=want_stats, want_lse=return_lse)
+    if not (want_stats or return_lse):
         return loss
-    return CrossEntropyOutput(loss, stats[0] if return_z_loss else None,
-                              stats[1] if return_token_accuracy else None)
+    return _output(loss, stats, return_z_loss, return_token_accuracy, return_lse)
 
 
 def cross_entropy_backward(input, target, grad_output=None, weight=None, *, ignore_index=-100,
@@ -482,6 +509,12 @@ def cross_entropy_backward(input, target, grad_output=None, weight=None, *, igno
     a scalar for mean/sum, an array of the loss's shape for "none"; None means ones.
     ``out``: a C-contiguous array of the input's shape and dtype to write the gradient into; it
     may be ``input`` itself (the logits are overwritten by their gradient, saving memory)."""
+    if is_dask_array(input) or is_dask_array(target):
+        from . import dask_backend
+        return dask_backend.cross_entropy(
+            input, target, weight, grad_output, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss,
+            class_axis=class_axis, want_loss=False, want_grad=True, out=out)
     _, grad, _ = _cross_entropy(
         input, target, weight, grad_output, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss, class_axis=class_axis,
@@ -492,21 +525,35 @@ def cross_entropy_backward(input, target, grad_output=None, weight=None, *, igno
 def cross_entropy_with_grad(input, target, weight=None, *, grad_output=None, ignore_index=-100,
                             reduction="mean", label_smoothing=0.0, softcap=None, z_loss=0.0,
                             class_axis=None, return_z_loss=False, return_token_accuracy=False,
-                            out=None):
+                            out=None, return_lse=False):
     """(loss, grad) from one fused pass over the logits; allocates only the gradient (nothing
     with ``out``, which may be ``input`` itself: see cross_entropy_backward).
 
-    With return_z_loss / return_token_accuracy the first item is a ``CrossEntropyOutput``.
+    With return_z_loss / return_token_accuracy / return_lse the first item is a
+    ``CrossEntropyOutput``.
     """
+    if is_dask_array(input) or is_dask_array(target):
+        from . import dask_backend
+        return dask_backend.cross_entropy(
+            input, target, weight, grad_output, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss,
+            class_axis=class_axis, want_loss=True, want_grad=True, out=out,
+            return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+            return_lse=return_lse)
     want_stats = return_z_loss or return_token_accuracy
     loss, grad, stats = _cross_entropy(
         input, target, weight, grad_output, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss, class_axis=class_axis,
-        want_loss=True, want_grad=True, want_stats=want_stats, out=out)
-    if want_stats:
-        loss = CrossEntropyOutput(loss, stats[0] if return_z_loss else None,
-                                  stats[1] if return_token_accuracy else None)
+        want_loss=True, want_grad=True, want_stats=want_stats, out=out, want_lse=return_lse)
+    if want_stats or return_lse:
+        loss = _output(loss, stats, return_z_loss, return_token_accuracy, return_lse)
     return loss, grad
+
+
+def _output(loss, stats, return_z_loss, return_token_accuracy, return_lse):
+    return CrossEntropyOutput(loss, stats[0] if return_z_loss else None,
+                              stats[1] if return_token_accuracy else None,
+                              stats[2] if return_lse else None)
 
 
 class CrossEntropyLoss:

@@ -671,10 +671,11 @@ def main(argv=None):
     b.add_argument("--quick", action="store_true", help="small sizes: finishes in seconds")
     b.add_argument("--workloads", default="W1,W2,W3,LIN,SOFTMAX,TORCH,JAX",
                    help="comma-separated subset of " + ",".join(WORKLOADS) + ",LIN,SOFTMAX,"
-                   "TORCH,JAX (LIN: the fused linear cross-entropy against the unfused path; "
-                   "SOFTMAX: logsumexp / softmax / log_softmax against scipy.special, and their "
-                   "axis forms; TORCH, JAX: training steps through fastce.torch / fastce.jax, "
-                   "see fastce/bench_adapters.py; skipped when torch / jax is not installed)")
+                   "TORCH,JAX,DASK (LIN: the fused linear cross-entropy against the unfused "
+                   "path; SOFTMAX: logsumexp / softmax / log_softmax against scipy.special, and "
+                   "their axis forms; TORCH, JAX: training steps through fastce.torch / "
+                   "fastce.jax, see fastce/bench_adapters.py; skipped when torch / jax is not "
+                   "installed; DASK: W1 as a Dask array against the in-memory call)")
     b.add_argument("--repeats", type=int, default=None, help="samples per measurement")
     b.add_argument("--no-compile", action="store_true",
                    help="TORCH: skip the torch.compile rows (inductor compiles take a minute)")
@@ -684,12 +685,14 @@ def main(argv=None):
         names = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
         linear = "LIN" in names
         softmax = "SOFTMAX" in names
+        with_dask = "DASK" in names
         adapters = [w for w in names if w in ADAPTER_WORKLOADS]
-        names = [w for w in names if w not in ("LIN", "SOFTMAX") and w not in ADAPTER_WORKLOADS]
+        names = [w for w in names
+                 if w not in ("LIN", "SOFTMAX", "DASK") and w not in ADAPTER_WORKLOADS]
         unknown = [w for w in names if w not in WORKLOADS]
         if unknown:
             parser.error(f"unknown workload(s) {unknown}; choose from "
-                         f"{list(WORKLOADS) + ['LIN', 'SOFTMAX'] + list(ADAPTER_WORKLOADS)}")
+                         f"{list(WORKLOADS) + ['LIN', 'SOFTMAX', 'DASK'] + list(ADAPTER_WORKLOADS)}")
         if args.repeats is not None and args.repeats < 1:
             parser.error("--repeats must be >= 1")
         if names or linear or softmax:
@@ -699,6 +702,9 @@ def main(argv=None):
             from .bench_adapters import run_adapters
             run_adapters(adapters, quick=args.quick, repeats=args.repeats, progress=_progress,
                          compile=not args.no_compile)
+        if with_dask:
+            from . import bench_dask
+            bench_dask.run(quick=args.quick, repeats=args.repeats, progress=_progress)
     else:
         run_demo()
     return 0

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["is_device_array", "backend_for"]
+__all__ = ["is_device_array", "is_dask_array", "backend_for"]
+
+
+def is_dask_array(a) -> bool:
+    """True for a ``dask.array.Array`` (recognised by its type: dask is never imported here)."""
+    t = type(a)
+    return t.__name__ == "Array" and t.__module__.partition(".")[0] == "dask"
 
 
 def is_device_array(a) -> bool:
@@ -38,6 +44,12 @@ def backend_for(**named):
     else:
         return _cpu_backend()
     items = [(k, v) for k, v in named.items() if v is not None]
+    for name, value in items:
+        if is_dask_array(value):
+            raise TypeError(f"fastce: {name!r} is a Dask array; this function takes NumPy or "
+                            f"CUDA arrays (Dask arrays are taken by cross_entropy, "
+                            f"cross_entropy_with_grad, cross_entropy_backward and "
+                            f"linear_cross_entropy[_with_grad])")
     first_name, first = items[0]
     on_gpu = is_device_array(first)
     for name, value in items[1:]:

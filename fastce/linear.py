@@ -32,7 +32,7 @@ import numpy as np
 
 from . import api
 from .api import check_index_target, cross_entropy_with_grad
-from .dispatch import is_device_array
+from .dispatch import is_dask_array, is_device_array
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad", "bench_linear"]
 
@@ -176,7 +176,16 @@ class _ClassifierGrad:
 # The implementation behind both public functions
 # ---------------------------------------------------------------------------------------------
 def _linear_ce(hidden, classifier, target, bias, weight, grad_output, *, ignore_index,
-               reduction, label_smoothing, softcap, z_loss, chunk_size, want_grad):
+               reduction, label_smoothing, softcap, z_loss, chunk_size, want_grad,
+               denominators=None, raw=False):
+    """denominators / raw (fastce.dask_backend's row chunks): the whole batch's (D, Dz) for the
+    mean, and the loss of mean/sum as the chunk's float64 sum (no division, no cast)."""
+    if is_dask_array(hidden) or is_dask_array(target):
+        from . import dask_backend
+        return dask_backend.linear_cross_entropy(
+            hidden, classifier, target, bias, weight, grad_output, ignore_index=ignore_index,
+            reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
+            z_loss=z_loss, chunk_size=chunk_size, want_grad=want_grad)
     eps, cap, zl = api._check_options(reduction, label_smoothing, softcap, z_loss)
     xp = _array_module(dict(hidden=hidden, classifier=classifier, target=target, bias=bias,
                             weight=weight, grad_output=grad_output if want_grad else None))
@@ -209,11 +218,13 @@ def _linear_ce(hidden, classifier, target, bias, weight, grad_output, *, ignore_
                 grad_output = ga.reshape(())
             g = float(grad_output)
         if reduction == "mean":
-            opts.update(denominators=(D, float(count)))
+            opts.update(denominators=(D, float(count)) if denominators is None
+                        else tuple(map(float, denominators)))
 
     buf = xp.empty((rows, V), cdt) if N else None
     per_row = xp.empty(N, cdt) if reduction == "none" else None
     total = 0.0
+    raw_sums = [0.0, 0.0]         # raw: the float64 sums of the cross-entropy and z-loss terms
     gh = gc = gb = None
     if want_grad:
         gh = xp.empty((N, H), cdt)
@@ -231,9 +242,13 @@ def _linear_ce(hidden, classifier, target, bias, weight, grad_output, *, ignore_
         # with a gradient, it replaces the spent logits, in place
         loss, _, _ = api._cross_entropy(logits, t[s:e], w, go if want_grad else None,
                                         want_loss=True, want_grad=want_grad,
-                                        out=logits if want_grad else None, **opts)
+                                        out=logits if want_grad else None,
+                                        raw=raw and per_row is None, **opts)
         if per_row is not None:
             per_row[s:e] = loss
+        elif raw:
+            raw_sums[0] += loss[0]
+            raw_sums[1] += loss[1]
         else:
             total = total + xp.asarray(loss, dtype=np.float64)
         if want_grad:                          # logits now holds d loss / d logits
@@ -245,6 +260,8 @@ def _linear_ce(hidden, classifier, target, bias, weight, grad_output, *, ignore_
     # Results in the input's dtype.
     if per_row is not None:
         out_loss = per_row.astype(in_dtype, copy=False)
+    elif raw:
+        out_loss = tuple(raw_sums)
     else:
         out_loss = xp.asarray(total, dtype=np.float64).astype(in_dtype)
         if xp is np:

@@ -1,0 +1,383 @@
+"""Numba CPU kernels of ``fastce.shards``: the mergeable softmax statistics of a class shard and
+the gradient of a shard given the global log-sum-exp (imported on first use).
+
+Logits are canonical (N, C, S) as everywhere in fastce (C: the shard's classes).  Two layouts,
+as in ``fastce.cpu``: rows (S == 1, one task per row, loops along the contiguous classes) and
+strided (S > 1, a task is BLOCK positions of one n, loops along the contiguous positions), so
+that LLVM vectorises every pass.  The exp, softcap and NaN-propagating max are fastce.cpu's;
+the kernels run through ``fastce.cpu.launch`` (its serial/parallel twins and its lock for
+thread-unsafe threading layers), registered under their own names.
+
+Statistics rows of ``out`` (K, N, S), float64:
+    0 m      max of the (softcapped) logits (NaN if any is NaN; -inf when all are -inf)
+    1 sumexp sum_c exp(s_c - m)   (0 for an all -inf shard, NaN for a NaN or +inf max)
+    2 s_t    the softcapped target logit where the target is in the shard (tl >= 0), else 0
+    3 dev    sum_c q_c (m - s_c), a -inf logit adding q_c * inf     (want_dev only)
+    4 qfin   sum of q_c over the finite logits                        (want_dev only)
+    5 qsum   sum of q_c over all classes                              (probability targets)
+    6 amax   max of the raw logits                                    (want_argmax only)
+    7 argmax first local index of amax (-1 if none)                   (want_argmax only)
+q_c is the class weight w_c (label smoothing with class-index targets) or the weighted,
+smoothed target probability w_c ((1 - eps) p_c + eps / C) (probability targets).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from . import cpu
+from .cpu import FASTMATH, LOG2E, cast_like, exp2_nonpos, exp2_nonpos_exact, fmaximum, softcap_fast
+
+K_STATS = 8
+BLOCK = 512
+_INLINE = dict(fastmath=FASTMATH, error_model="numpy")
+_INF = math.inf
+
+
+# ---------------------------------------------------------------------------------------------
+# Small vectorisable helpers (prange bodies call them: Numba's inlining into prange is fragile)
+# ---------------------------------------------------------------------------------------------
+@njit(**_INLINE)
+def _max(row):
+    m = cast_like(-_INF, row)
+    for c in range(row.shape[0]):
+        m = fmaximum(m, row[c])
+    return m
+
+
+@njit(**_INLINE)
+def _exp_sum(row, ms, log2e):
+    acc = ms - ms
+    for c in range(row.shape[0]):
+        acc += exp2_nonpos((row[c] - ms) * log2e)
+    return acc
+
+
+@njit(**_INLINE)
+def _exp_sum_cap(row, ms, log2e, capf, inv_capf):
+    acc = ms - ms
+    for c in range(row.shape[0]):
+        acc += exp2_nonpos((softcap_fast(row[c], capf, inv_capf) - ms) * log2e)
+    return acc
+
+
+@njit(**_INLINE)
+def _capped(v, has_cap, capf, inv_capf):
+    return softcap_fast(v, capf, inv_capf) if has_cap else v
+
+
+@njit(**_INLINE)
+def _sumexp_of(ms, acc):
+    """The shard's sum of exps from the loop's accumulator; its special cases by the max."""
+    if ms != ms or ms == _INF:
+        return math.nan
+    if ms == -_INF:
+        return 0.0                      # every logit is -inf (a NaN would have made m NaN)
+    return np.float64(acc)
+
+
+@njit(**_INLINE)
+def _dev_add(s, ms, q, dev, qfin):
+    if s == -_INF:
+        return dev + q * _INF, qfin
+    return dev + q * (np.float64(ms) - np.float64(s)), qfin + q
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics.  prm = [keep, smooth_c, cap, want_dev, is_prob, want_argmax]
+# ---------------------------------------------------------------------------------------------
+def _stats_rows(x, tl, p, w, prm, out):
+    N, C = x.shape[0], x.shape[1]
+    keep, smooth_c, cap = prm[0], prm[1], prm[2]
+    want_dev, is_prob, want_arg = prm[3] != 0.0, prm[4] != 0.0, prm[5] != 0.0
+    has_cap = cap > 0.0
+    for i in prange(N):
+        row = x[i]
+        capf = cast_like(cap, row)
+        inv_capf = cast_like(1.0 / cap if has_cap else 0.0, row)
+        log2e = cast_like(LOG2E, row)
+        m = _max(row)
+        ms = _capped(m, has_cap, capf, inv_capf)
+        if ms > -_INF and ms < _INF:
+            acc = _exp_sum_cap(row, ms, log2e, capf, inv_capf) if has_cap else _exp_sum(row, ms, log2e)
+        else:
+            acc = ms - ms
+        out[0, i] = np.float64(ms)
+        out[1, i] = _sumexp_of(ms, acc)
+        ti = tl[i]
+        out[2, i] = np.float64(_capped(row[ti], has_cap, capf, inv_capf)) if ti >= 0 else 0.0
+        if want_dev:
+            dev = 0.0
+            qfin = 0.0
+            qsum = 0.0
+            for c in range(C):
+                s = _capped(row[c], has_cap, capf, inv_capf)
+                q = np.float64(w[c])
+                if is_prob:
+                    q = q * (keep * np.float64(p[i, c]) + smooth_c)
+                qsum += q
+                dev, qfin = _dev_add(s, ms, q, dev, qfin)
+            out[3, i] = dev
+            out[4, i] = qfin
+            out[5, i] = qsum
+        if want_arg:
+            out[6, i] = np.float64(m)
+            idx = -1
+            for c in range(C):
+                if row[c] == m:
+                    idx = c
+                    break
+            out[7, i] = idx
+
+
+@njit(**_INLINE)
+def _seg_max(xs, m):
+    for j in range(xs.shape[0]):
+        m[j] = fmaximum(m[j], xs[j])
+
+
+@njit(**_INLINE)
+def _seg_exp_acc(xs, ms, log2e, acc):
+    for j in range(xs.shape[0]):
+        acc[j] += exp2_nonpos((xs[j] - ms[j]) * log2e)
+
+
+@njit(**_INLINE)
+def _seg_softcap(xs, capf, inv_capf, out):
+    for j in range(xs.shape[0]):
+        out[j] = softcap_fast(xs[j], capf, inv_capf)
+
+
+def _stats_strided(x, tl, p, w, prm, out):
+    N, C, S = x.shape
+    keep, smooth_c, cap = prm[0], prm[1], prm[2]
+    want_dev, is_prob, want_arg = prm[3] != 0.0, prm[4] != 0.0, prm[5] != 0.0
+    has_cap = cap > 0.0
+    nblk = (S + BLOCK - 1) // BLOCK
+    for task in prange(N * nblk):
+        n = task // nblk
+        s0 = (task - n * nblk) * BLOCK
+        L = min(BLOCK, S - s0)
+        capf = cast_like(cap, x)
+        inv_capf = cast_like(1.0 / cap if has_cap else 0.0, x)
+        log2e = cast_like(LOG2E, x)
+        scratch = np.empty((4, L), x.dtype)
+        m, ms, acc, sc = scratch[0], scratch[1], scratch[2], scratch[3]
+        m[:] = -_INF
+        for c in range(C):
+            _seg_max(x[n, c, s0:s0 + L], m)
+        if has_cap:
+            _seg_softcap(m, capf, inv_capf, ms)
+        else:
+            ms[:] = m
+        # Positions whose max is not finite take the special cases; shift them by 0 meanwhile.
+        shift = ms.copy()
+        for j in range(L):
+            if not (ms[j] > -_INF and ms[j] < _INF):
+                shift[j] = 0
+        acc[:] = 0
+        for c in range(C):
+            if has_cap:
+                _seg_softcap(x[n, c, s0:s0 + L], capf, inv_capf, sc)
+                _seg_exp_acc(sc, shift, log2e, acc)
+            else:
+                _seg_exp_acc(x[n, c, s0:s0 + L], shift, log2e, acc)
+        for j in range(L):
+            out[0, n, s0 + j] = np.float64(ms[j])
+            out[1, n, s0 + j] = _sumexp_of(ms[j], acc[j])
+            ti = tl[n, s0 + j]
+            out[2, n, s0 + j] = (np.float64(_capped(x[n, ti, s0 + j], has_cap, capf, inv_capf))
+                                 if ti >= 0 else 0.0)
+        if want_dev:
+            f64 = np.zeros((3, L))
+            for c in range(C):
+                wc = np.float64(w[c])
+                for j in range(L):
+                    s = _capped(x[n, c, s0 + j], has_cap, capf, inv_capf)
+                    q = wc * (keep * np.float64(p[n, c, s0 + j]) + smooth_c) if is_prob else wc
+                    f64[2, j] += q
+                    f64[0, j], f64[1, j] = _dev_add(s, ms[j], q, f64[0, j], f64[1, j])
+            for j in range(L):
+                out[3, n, s0 + j] = f64[0, j]
+                out[4, n, s0 + j] = f64[1, j]
+                out[5, n, s0 + j] = f64[2, j]
+        if want_arg:
+            first = np.full(L, -1.0)
+            for c in range(C - 1, -1, -1):
+                for j in range(L):
+                    if x[n, c, s0 + j] == m[j]:
+                        first[j] = c
+            for j in range(L):
+                out[6, n, s0 + j] = np.float64(m[j])
+                out[7, n, s0 + j] = first[j]
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradient of a shard.  coef (6, N, S) float64: lse, alpha, beta, gamma, valid, k; where
+#   dL/ds_c = alpha softmax_c - beta [c == t] - gamma w_c            (class-index targets)
+#   dL/ds_c = alpha softmax_c - beta q_c                             (probability targets)
+# softmax_c = exp(s_c - a) * k with a = lse rounded to the logits' dtype and k = exp(a - lse):
+# s_c - a is exact (both in the logits' dtype), so float32 loses nothing to lse's magnitude.
+# prm = [keep, smooth_c, cap, is_prob, smoothing]
+# ---------------------------------------------------------------------------------------------
+@njit(**_INLINE)
+def _row_grad(row, gr, a, scale, gmw, w, log2e):
+    for c in range(row.shape[0]):
+        gr[c] = exp2_nonpos_exact((row[c] - a) * log2e) * scale - gmw * w[c]
+
+
+@njit(**_INLINE)
+def _row_grad_cap(row, gr, a, scale, gmw, w, log2e, capf, inv_capf):
+    one = capf - capf + 1
+    for c in range(row.shape[0]):
+        s = softcap_fast(row[c], capf, inv_capf)
+        q = s * inv_capf
+        gr[c] = (exp2_nonpos_exact((s - a) * log2e) * scale - gmw * w[c]) * (one - q * q)
+
+
+def _grad_rows(x, tl, p, w, prm, coef, grad):
+    N, C = x.shape[0], x.shape[1]
+    keep, smooth_c, cap = prm[0], prm[1], prm[2]
+    is_prob = prm[3] != 0.0
+    has_cap = cap > 0.0
+    inv_cap = 1.0 / cap if has_cap else 0.0
+    for i in prange(N):
+        row = x[i]
+        gr = grad[i]
+        if coef[4, i] == 0.0:
+            gr[:] = 0
+            continue
+        lse = coef[0, i]
+        if lse != lse:
+            gr[:] = math.nan
+            continue
+        capf = cast_like(cap, row)
+        inv_capf = cast_like(inv_cap, row)
+        log2e = cast_like(LOG2E, row)
+        a = cast_like(coef[5, i], row)
+        scale = cast_like(coef[1, i], row)
+        beta = coef[2, i]
+        if is_prob:
+            for c in range(C):
+                s = np.float64(_capped(row[c], has_cap, capf, inv_capf))
+                e = np.float64(exp2_nonpos_exact((cast_like(s, row) - a) * log2e))
+                q = np.float64(w[c]) * (keep * np.float64(p[i, c]) + smooth_c)
+                v = e * coef[1, i] - beta * q
+                if has_cap:
+                    v *= 1.0 - (s * inv_cap) * (s * inv_cap)
+                gr[c] = v
+            continue
+        gmw = cast_like(coef[3, i], row)
+        if has_cap:
+            _row_grad_cap(row, gr, a, scale, gmw, w, log2e, capf, inv_capf)
+        else:
+            _row_grad(row, gr, a, scale, gmw, w, log2e)
+        ti = tl[i]
+        if ti >= 0:
+            f = 1.0
+            if has_cap:
+                st = np.float64(softcap_fast(row[ti], capf, inv_capf)) * inv_cap
+                f = 1.0 - st * st
+            gr[ti] -= cast_like(beta * f, row)
+
+
+def _grad_strided(x, tl, p, w, prm, coef, grad):
+    N, C, S = x.shape
+    keep, smooth_c, cap = prm[0], prm[1], prm[2]
+    is_prob = prm[3] != 0.0
+    has_cap = cap > 0.0
+    inv_cap = 1.0 / cap if has_cap else 0.0
+    nblk = (S + BLOCK - 1) // BLOCK
+    for task in prange(N * nblk):
+        n = task // nblk
+        s0 = (task - n * nblk) * BLOCK
+        L = min(BLOCK, S - s0)
+        capf = cast_like(cap, x)
+        inv_capf = cast_like(inv_cap, x)
+        log2e = cast_like(LOG2E, x)
+        for c in range(C):
+            wc = np.float64(w[c])
+            for j in range(L):
+                pos = s0 + j
+                if coef[4, n, pos] == 0.0:
+                    grad[n, c, pos] = 0
+                    continue
+                lse = coef[0, n, pos]
+                if lse != lse:
+                    grad[n, c, pos] = math.nan
+                    continue
+                sf = _capped(x[n, c, pos], has_cap, capf, inv_capf)
+                s = np.float64(sf)
+                e = np.float64(exp2_nonpos_exact((sf - cast_like(coef[5, n, pos], x)) * log2e))
+                if is_prob:
+                    q = wc * (keep * np.float64(p[n, c, pos]) + smooth_c)
+                    v = e * coef[1, n, pos] - coef[2, n, pos] * q
+                else:
+                    v = e * coef[1, n, pos] - coef[3, n, pos] * wc
+                    if tl[n, pos] == c:
+                        v -= coef[2, n, pos]
+                if has_cap:
+                    v *= 1.0 - (s * inv_cap) * (s * inv_cap)
+                grad[n, c, pos] = v
+
+
+_NAMES = {"stats_rows": _stats_rows, "stats_strided": _stats_strided,
+          "grad_rows": _grad_rows, "grad_strided": _grad_strided}
+_REGISTERED = {}
+
+
+def _register():
+    if not _REGISTERED:
+        for short, fn in _NAMES.items():
+            name = "_shard_" + short
+            fn.__name__ = name
+            fn.__qualname__ = name
+            cpu._KERNELS.setdefault(name, cpu._twins(fn))
+            _REGISTERED[short] = name
+    return _REGISTERED
+
+
+_EMPTY3 = {}
+
+
+def _dummy(dtype):
+    a = _EMPTY3.get(np.dtype(dtype))
+    if a is None:
+        a = _EMPTY3[np.dtype(dtype)] = np.zeros((1, 1, 1), dtype)
+    return a
+
+
+def stats(x3, tl, p3, w, keep, smooth_c, cap, want_dev, want_argmax):
+    """(K_STATS, N, S) float64 statistics of the shard x3 (N, C, S); see the module doc."""
+    names = _register()
+    N, C, S = x3.shape
+    out = np.zeros((K_STATS, N, S))
+    is_prob = p3 is not None
+    prm = np.array([keep, smooth_c, cap, float(want_dev), float(is_prob), float(want_argmax)])
+    p = p3 if is_prob else _dummy(x3.dtype)
+    if S == 1:
+        p2 = p.reshape(p.shape[0], p.shape[1])
+        cpu.launch(names["stats_rows"], x3.size, x3.reshape(N, C), tl.reshape(N), p2, w, prm,
+                   out.reshape(K_STATS, N))
+    else:
+        cpu.launch(names["stats_strided"], x3.size, x3, tl, p, w, prm, out)
+    return out
+
+
+def grad(x3, tl, p3, w, keep, smooth_c, cap, coef, out=None):
+    """dL/dx of the shard x3 (N, C, S) in its dtype, from the per-position coefficients."""
+    names = _register()
+    N, C, S = x3.shape
+    g = np.empty(x3.shape, x3.dtype) if out is None else out
+    is_prob = p3 is not None
+    prm = np.array([keep, smooth_c, cap, float(is_prob), float(smooth_c != 0.0)])
+    p = p3 if is_prob else _dummy(x3.dtype)
+    if S == 1:
+        p2 = p.reshape(p.shape[0], p.shape[1])
+        cpu.launch(names["grad_rows"], x3.size, x3.reshape(N, C), tl.reshape(N), p2, w, prm,
+                   coef.reshape(coef.shape[0], N), g.reshape(N, C))
+    else:
+        cpu.launch(names["grad_strided"], x3.size, x3, tl, p, w, prm, coef, g)
+    return g

@@ -1,0 +1,233 @@
+"""Dask arrays as a backend: lazy results that agree with the in-memory call (bitwise for
+row chunks, to float rounding with class chunks) and with the spec, for every option; the
+same bits whatever the scheduler; a worker killed mid-computation changes nothing."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import fastce
+from fastce import spec
+from helpers import canonical
+
+da = pytest.importorskip("dask.array")
+dask = pytest.importorskip("dask")
+
+OPTIONS = [
+    dict(),
+    dict(label_smoothing=0.1, z_loss=1e-2),
+    dict(softcap=3.0, ignore_index=2),
+    dict(label_smoothing=0.2, softcap=5.0, z_loss=1e-3),
+]
+
+EXTRAS = dict(return_z_loss=True, return_token_accuracy=True, return_lse=True)
+
+
+def _index_case(rng, shape, axis, dtype=np.float32):
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
+    C = shape[axis]
+    t = rng.integers(0, C, tuple(s for i, s in enumerate(shape) if i != axis))
+    t.reshape(-1)[::5] = -100
+    w = (rng.random(C) + 0.5).astype(dtype)
+    return x, t, w
+
+
+def _compare(got, ref, tol):
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
+    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * scale)
+
+
+def _check(x, t, w, chunks, axis, reduction, opts, tol, exact):
+    dx = da.from_array(x, chunks=chunks)
+    tchunks = tuple(c for i, c in enumerate(dx.chunks) if i != axis) if t.dtype.kind != "f" \
+        else dx.chunks
+    dt = da.from_array(t, chunks=tchunks)
+    extras = dict(EXTRAS) if t.dtype.kind != "f" else dict(return_z_loss=True, return_lse=True)
+    lazy, lgrad = fastce.cross_entropy_with_grad(dx, dt, w, reduction=reduction,
+                                                 class_axis=axis, **extras, **opts)
+    assert isinstance(lgrad, da.Array) and lgrad.chunks == dx.chunks
+    assert isinstance(lazy.loss, da.Array)
+    out, grad = dask.compute(lazy, lgrad)
+    ref, rgrad = fastce.cross_entropy_with_grad(x, t, w, reduction=reduction, class_axis=axis,
+                                                **extras, **opts)
+    fwd = dask.compute(fastce.cross_entropy(dx, dt, w, reduction=reduction, class_axis=axis,
+                                            **opts))[0]
+    bwd = dask.compute(fastce.cross_entropy_backward(dx, dt, None, w, reduction=reduction,
+                                                     class_axis=axis, **opts))[0]
+    if exact:               # one class chunk: the in-memory kernels on each chunk
+        np.testing.assert_array_equal(grad, rgrad)
+        np.testing.assert_array_equal(bwd, rgrad)
+        if reduction == "none":
+            np.testing.assert_array_equal(out.loss, ref.loss)
+    assert np.shape(out.loss) == np.shape(ref.loss) and out.loss.dtype == ref.loss.dtype
+    for got, want in ((out.loss, ref.loss), (fwd, ref.loss), (out.z_loss, ref.z_loss),
+                      (out.lse, ref.lse)):
+        _compare(got, want, tol)
+    if t.dtype.kind != "f":
+        assert float(out.token_accuracy) == pytest.approx(ref.token_accuracy, abs=1e-12)
+    gs = max(float(np.max(np.abs(rgrad))), 1e-30)
+    np.testing.assert_allclose(grad, rgrad, rtol=0, atol=4 * tol * gs)
+    np.testing.assert_allclose(bwd, rgrad, rtol=0, atol=4 * tol * gs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_rows_and_class_chunks_match_in_memory(reduction):
+    rng = np.random.default_rng({"mean": 0, "sum": 1, "none": 2}[reduction])
+    cases = [
+        ((37, 29), 1, [((10, 29), True), ((37, (7, 1, 21)), False), ((12, (1,) * 29), False)]),
+        ((3, 11, 4, 5), 1, [((2, 11, 3, 5), True), ((1, (4, 7), 4, (2, 3)), False)]),
+        ((4, 6, 13), -1, [((3, 2, 13), True), ((2, 6, (6, 1, 6)), False)]),
+    ]
+    for shape, axis, chunkings in cases:
+        x, t, w = _index_case(rng, shape, axis % len(shape))
+        for chunks, exact in chunkings:
+            for i, opts in enumerate(OPTIONS):
+                weight = w if i % 2 else None
+                tt = np.where(t == -100, opts.get("ignore_index", -100), t)
+                _check(x, tt, weight, chunks, axis % len(shape), reduction, opts, 3e-6, exact)
+
+
+def test_probability_targets_and_spec():
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((9, 7, 6))
+    p = rng.random(x.shape) ** 2
+    p /= p.sum(axis=1, keepdims=True)
+    w = rng.random(7) + 0.5
+    opts = dict(label_smoothing=0.1, softcap=4.0, z_loss=1e-2)
+    for chunks in [(4, 7, 6), (3, (2, 1, 4), (5, 1))]:
+        dx, dp = da.from_array(x, chunks=chunks), da.from_array(p, chunks=chunks)
+        loss, grad = dask.compute(*fastce.cross_entropy_with_grad(dx, dp, w, **opts))
+        x3, p3 = canonical(x, p)
+        sl, sg = spec.cross_entropy_with_grad(x3, p3, w, **opts)
+        assert float(loss) == pytest.approx(sl, rel=1e-12)
+        np.testing.assert_allclose(canonical(grad, p)[0], sg, rtol=0, atol=1e-14)
+        _check(x, p, w, chunks, 1, "none", opts, 1e-12, False)
+
+
+def test_float16_and_grad_output():
+    rng = np.random.default_rng(12)
+    x, t, w = _index_case(rng, (20, 9), 1, np.float16)
+    g = rng.random(20)
+    for chunks in [(7, 9), (7, (4, 5))]:
+        dx, dt = da.from_array(x, chunks=chunks), da.from_array(t, chunks=7)
+        gg = fastce.cross_entropy_backward(dx, dt, da.from_array(g, chunks=5), w,
+                                           reduction="none").compute()
+        ref = fastce.cross_entropy_backward(x, t, g, w, reduction="none")
+        assert gg.dtype == np.float16
+        np.testing.assert_allclose(gg.astype(np.float32), ref.astype(np.float32), atol=2e-3)
+        s = fastce.cross_entropy_backward(dx, dt, 2.5, w).compute()
+        np.testing.assert_allclose(s.astype(np.float32),
+                                   fastce.cross_entropy_backward(x, t, 2.5, w).astype(np.float32),
+                                   atol=2e-3)
+
+
+def test_bitwise_identical_across_schedulers():
+    rng = np.random.default_rng(13)
+    x, t, w = _index_case(rng, (64, 50), 1)
+    for chunks in [(9, 50), (9, (13, 1, 36))]:
+        dx, dt = da.from_array(x, chunks=chunks), da.from_array(t, chunks=9)
+        lazy = fastce.cross_entropy_with_grad(dx, dt, w, label_smoothing=0.1, z_loss=1e-3,
+                                              return_token_accuracy=True)
+        runs = [dask.compute(lazy, scheduler="sync")[0]]
+        for n in (1, 2, 4):
+            runs.append(dask.compute(lazy, scheduler="threads", num_workers=n)[0])
+        for (o, g) in runs[1:]:
+            assert np.float32(o.loss).tobytes() == np.float32(runs[0][0].loss).tobytes()
+            assert o.token_accuracy == runs[0][0].token_accuracy
+            np.testing.assert_array_equal(g, runs[0][1])
+
+
+def test_linear_cross_entropy_rows():
+    rng = np.random.default_rng(14)
+    N, H, V = 50, 16, 37
+    h = rng.standard_normal((N, H)).astype(np.float32)
+    c = (rng.standard_normal((V, H)) / 4).astype(np.float32)
+    b = rng.standard_normal(V).astype(np.float32)
+    t = rng.integers(0, V, N)
+    t[::7] = -100
+    w = (rng.random(V) + 0.5).astype(np.float32)
+    dh, dt = da.from_array(h, chunks=(12, 8)), da.from_array(t, chunks=17)
+    for red in ("mean", "sum", "none"):
+        opts = dict(weight=w, reduction=red, label_smoothing=0.1, z_loss=1e-3, chunk_size=5)
+        loss = fastce.linear_cross_entropy(dh, c, dt, b, **opts)
+        lazy = fastce.linear_cross_entropy_with_grad(dh, c, dt, b, **opts)
+        assert lazy[1].chunks == ((12, 12, 12, 12, 2), (16,))
+        got = dask.compute(loss, lazy)
+        ref = fastce.linear_cross_entropy_with_grad(h, c, t, b, **opts)
+        _compare(got[0], ref[0], 3e-6)
+        for a, r in zip(got[1], ref):
+            _compare(a, r, 3e-6)
+    # without bias, the gradient of the bias is None
+    assert fastce.linear_cross_entropy_with_grad(dh, c, dt)[3] is None
+
+
+def test_errors_and_laziness():
+    rng = np.random.default_rng(15)
+    x, t, w = _index_case(rng, (8, 5), 1)
+    dx, dt = da.from_array(x, chunks=4), da.from_array(t, chunks=4)
+    with pytest.raises(TypeError, match="Dask array"):
+        fastce.cross_entropy(dx, t)
+    with pytest.raises(TypeError, match="Dask array"):
+        fastce.nll_loss(dx, dt)
+    with pytest.raises(TypeError, match="out="):
+        fastce.cross_entropy_backward(dx, dt, out=x)
+    bad = da.from_array(np.full(8, 7), chunks=4)
+    lazy = fastce.cross_entropy(dx, bad)           # nothing computed yet
+    with pytest.raises(ValueError, match="out of bounds"):
+        lazy.compute()
+    with pytest.raises(ValueError, match="shape"):
+        fastce.cross_entropy(dx, da.from_array(t[:5], chunks=4))
+
+
+def test_import_fastce_does_not_import_dask():
+    code = "import sys, fastce; assert not any(m.split('.')[0] in ('dask', 'distributed') " \
+           "for m in sys.modules), sorted(m for m in sys.modules if 'dask' in m)"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def _slow(a):
+    time.sleep(0.15)
+    return a
+
+
+def test_local_cluster_processes_and_worker_killed():
+    """Two worker processes give the threaded scheduler's bits; a worker killed while the
+    graph runs is replaced by its nanny, its tasks rerun, and the result is unchanged."""
+    distributed = pytest.importorskip("distributed")
+    import cloudpickle
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    rng = np.random.default_rng(16)
+    x, t, w = _index_case(rng, (96, 40), 1)
+    dx = da.from_array(x, chunks=(12, (15, 1, 24))).map_blocks(_slow, dtype=x.dtype)
+    dt = da.from_array(t, chunks=12)
+    lazy = fastce.cross_entropy_with_grad(dx, dt, w, label_smoothing=0.1, z_loss=1e-3,
+                                          return_token_accuracy=True)
+    want = dask.compute(lazy, scheduler="threads")[0]
+    with distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=1,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        got = client.compute(lazy, sync=True)
+        assert np.float32(got[0].loss).tobytes() == np.float32(want[0].loss).tobytes()
+        np.testing.assert_array_equal(got[1], want[1])
+        pids = client.run(os.getpid)
+        futs = client.compute([lazy[0].loss, lazy[0].token_accuracy, lazy[1]])
+        deadline = time.time() + 20
+        while not any(client.processing().values()) and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)                 # some tasks done, some running
+        os.kill(pids[sorted(pids)[0]], signal.SIGKILL)        # its nanny starts another
+        loss, acc, grad = client.gather(futs)
+        assert np.float32(loss).tobytes() == np.float32(want[0].loss).tobytes()
+        assert acc == want[0].token_accuracy
+        np.testing.assert_array_equal(grad, want[1])
+        assert len(client.scheduler_info()["workers"]) == 2
+    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
