@@ -617,6 +617,12 @@ def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out
 # Strided passes: each works on contiguous segments of BLOCK spatial positions (one class c of
 # one n), element-wise across the segment, so LLVM vectorises them like the row passes.
 @njit(**_INLINE)
+def _seg_copy(src, dst):
+    for j in range(src.shape[0]):
+        dst[j] = src[j]
+
+
+@njit(**_INLINE)
 def _seg_max(xs, m):
     for j in range(xs.shape[0]):
         m[j] = fmaximum(m[j], xs[j])
@@ -771,7 +777,9 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
         _seg_stats(ts, ignore_index, C, valid_v, wt_v, nbad, stats, slot,
                    on * t.shape[1] + os0)
     # Pass 1: per-position max over the classes (raw logits; softcap is monotonic).
-    m[:] = x[xn, 0, xs0:xs0 + L]
+    # Copies as loops: an array-to-array slice assignment compiles a shape check whose error
+    # message formatting alone costs seconds of compile time.
+    _seg_copy(x[xn, 0, xs0:xs0 + L], m)
     for c in range(1, C - 1, 2):
         _seg_max2(x[xn, c, xs0:xs0 + L], x[xn, c + 1, xs0:xs0 + L], m)
     if C % 2 == 0:
@@ -850,7 +858,7 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
                     zl_v)
     if per_position:
         if want_hit:
-            hit_out[on, os0:os0 + L] = f64[4]
+            _seg_copy(f64[4], hit_out[on, os0:os0 + L])
     else:
         ce_out[0, slot] = _seg_sum(ce_v)
         zl_out[0, slot] = _seg_sum(zl_v)
@@ -896,9 +904,10 @@ def _index_strided(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, per
         n = task // nblk
         s0 = (task - n * nblk) * BLOCK
         L = min(BLOCK, S - s0)
+        # (np.int64: a prange index may be typed uint64, which would compile _index_block again)
         _index_block(x, n, s0, L, t, n, s0, w, prm, ignore_index, want_grad, prm[7] != 0.0, g,
-                     n * S + s0, g_stride, grad, per_position, task, ce_out, zl_out, hit_out,
-                     stats, True)
+                     n * S + s0, g_stride, grad, per_position, np.int64(task), ce_out, zl_out,
+                     hit_out, stats, S > 1)
 
 
 def _index_rows_small(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, per_position,
@@ -908,15 +917,20 @@ def _index_rows_small(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, 
     N, C = x.shape[0], x.shape[1]
     nblk = (N + BLOCK - 1) // BLOCK
     for b in prange(nblk):
-        i0 = b * BLOCK
+        bi = np.int64(b)
+        i0 = bi * BLOCK
         L = min(BLOCK, N - i0)
+        zero = bi - bi
+        no = zero != zero
         xb = np.empty((1, C, L), x.dtype)
         for j in range(L):
             for c in range(C):
                 xb[0, c, j] = x[i0 + j, c, 0]
         gb = np.empty((1, C, L) if want_grad else (1, 1, 1), x.dtype)
-        _index_block(xb, 0, 0, L, t, 0, i0, w, prm, ignore_index, want_grad, False, g, i0,
-                     g_stride, gb, per_position, b, ce_out, zl_out, hit_out, stats, False)
+        # The same argument types as _index_strided's call (int64, bool; no literals): one
+        # compilation of _index_block serves both layouts.
+        _index_block(xb, zero, zero, L, t, zero, i0, w, prm, ignore_index, want_grad, no, g, i0,
+                     g_stride, gb, per_position, bi, ce_out, zl_out, hit_out, stats, no)
         if want_grad:
             for j in range(L):
                 for c in range(C):
