@@ -1151,9 +1151,16 @@ def _n_blocks(tv):
     return tv.shape[0] * -(-tv.shape[1] // BLOCK)
 
 
+def _int64_targets(t):
+    """Targets as int64: one kernel specialisation serves every integer target dtype (each
+    would otherwise compile its own copy of every kernel).  A narrow array is widened once; it
+    has 1/C of the logits' elements.  (uint64 above int64's range was rejected by the caller.)"""
+    return t if t.dtype == np.int64 else t.astype(np.int64)
+
+
 def target_stats(t2, w, ignore_index, C):
     """(D, count, bad_flat_position or -1) over the (N, S) integer targets ``t2``."""
-    tv = _stats_view(t2)
+    tv = _stats_view(_int64_targets(t2))
     part = np.empty((3, _n_blocks(tv)))
     launch("_target_stats", tv.size, tv, w, np.int64(ignore_index), np.int64(C), part)
     return _sum_stats(part)
@@ -1170,6 +1177,7 @@ def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride, per_position=Tru
     itself (forward only: the gradient needs the mean's denominator first); when it finds a bad
     target the other outputs are meaningless (but no out-of-range read happened).  Else None."""
     N, C, S = x3.shape
+    t2 = _int64_targets(t2)
     want = grad is not None
     gbuf = grad if want else np.empty((1, 1, 1), x3.dtype)
     work = x3.size
