@@ -522,17 +522,18 @@ def _target_stats(t, w, ignore_index, C, part):
 # ---------------------------------------------------------------------------------------------
 # Class-index targets
 # ---------------------------------------------------------------------------------------------
-def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out, hit_out):
+def _index_rows(x, t, w, prm, ignore_index, g, g_stride, grad, ce_out, zl_out, hit_out):
     """Rows layout.  prm = [keep, smooth_c, W, cap, inv_D, z2_inv_Dz, z_loss, in_place, want_hit]
     (float64; in_place: grad is x itself, and there is no softcap; want_hit: token accuracy
     asked for, else hit_out is left 0).
 
     Writes ce_out (the cross-entropy of each row), zl_out (its z-loss) and hit_out (argmax ==
-    target); with want_grad, the gradient into grad.
+    target); in the WANT_GRAD variants, the gradient into grad.
     """
     N, C = x.shape
     keep, smooth_c, W, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5], prm[6]
-    has_cap = cap > 0.0
+    want_grad = WANT_GRAD               # compile-time constants of the variant (see _variants)
+    has_cap = HAS_CAP
     inv_cap = 1.0 / cap if has_cap else 0.0
     smoothing = smooth_c != 0.0
     in_place = prm[7] != 0.0
@@ -565,7 +566,7 @@ def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out
             ms = softcap_fast(m, capf, inv_capf)
         else:
             srow = row[:0]
-            ms = m
+            ms = np.float64(m)      # the type of softcap_fast's result: one code for both
         if smoothing and valid:
             sum_wd = np.float64(_row_dot_dev(w, srow if has_cap else row, ms))
         if valid:
@@ -738,8 +739,7 @@ def _seg_grad_softcap(gs, scale_v, gamma_v, wc, ss, inv_capf):
         gs[j] = (gs[j] * scale_v[j] - gamma_v[j] * wc) * (one - q * q)
 
 
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
-def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_place, g, g_off,
+def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, in_place, g, g_off,
                  g_stride, grad, per_position, slot, ce_out, zl_out, hit_out, stats,
                  prefetch_next):
     """Class-index loss of the L positions whose logits are x[xn, :, xs0:xs0+L] (C-contiguous
@@ -749,14 +749,15 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
     per_position: ce/zl/hit_out[on, os0 + j] per position; else their sums over the block in
     ce/zl/hit_out[0, slot] (a fixed partition: the same numbers whatever the thread count).
     stats (3, tasks), unless empty: the block's target statistics into stats[:, slot] (the
-    forward validates its targets here, instead of in a pre-pass).  want_grad: the gradient into
+    forward validates its targets here, instead of in a pre-pass).  WANT_GRAD: the gradient into
     grad[xn, :, xs0:xs0+L] (in_place: grad is x); g[(g_off + j) * g_stride] is the upstream
     gradient.  prefetch_next: hint the next block of x (the next task of this thread) into L2
     while this one computes its exps."""
     C = x.shape[1]
     S = x.shape[2]
     keep, smooth_c, W, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5], prm[6]
-    has_cap = cap > 0.0
+    want_grad = WANT_GRAD
+    has_cap = HAS_CAP
     inv_cap = 1.0 / cap if has_cap else 0.0
     smoothing = smooth_c != 0.0
     want_hit = prm[8] != 0.0
@@ -895,7 +896,7 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
                 grad[xn, np.int64(ts[j]), xs0 + j] -= beta_v[j]
 
 
-def _index_strided(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, per_position,
+def _index_strided(x, t, w, prm, ignore_index, g, g_stride, grad, per_position,
                    ce_out, zl_out, hit_out, stats):
     """Strided layout (N, C, S): task = BLOCK positions of one n."""
     N, C, S = x.shape
@@ -905,12 +906,12 @@ def _index_strided(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, per
         s0 = (task - n * nblk) * BLOCK
         L = min(BLOCK, S - s0)
         # (np.int64: a prange index may be typed uint64, which would compile _index_block again)
-        _index_block(x, n, s0, L, t, n, s0, w, prm, ignore_index, want_grad, prm[7] != 0.0, g,
+        _index_block(x, n, s0, L, t, n, s0, w, prm, ignore_index, prm[7] != 0.0, g,
                      n * S + s0, g_stride, grad, per_position, np.int64(task), ce_out, zl_out,
                      hit_out, stats, S > 1)
 
 
-def _index_rows_small(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, per_position,
+def _index_rows_small(x, t, w, prm, ignore_index, g, g_stride, grad, per_position,
                       ce_out, zl_out, hit_out, stats):
     """Rows of few classes (C <= SMALL_C), x (N, C, 1), targets t (1, N): a task transposes
     BLOCK rows into a (1, C, BLOCK) scratch, so that the block code vectorises across rows."""
@@ -926,12 +927,12 @@ def _index_rows_small(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, 
         for j in range(L):
             for c in range(C):
                 xb[0, c, j] = x[i0 + j, c, 0]
-        gb = np.empty((1, C, L) if want_grad else (1, 1, 1), x.dtype)
+        gb = np.empty((1, C, L) if WANT_GRAD else (1, 1, 1), x.dtype)
         # The same argument types as _index_strided's call (int64, bool; no literals): one
         # compilation of _index_block serves both layouts.
-        _index_block(xb, zero, zero, L, t, zero, i0, w, prm, ignore_index, want_grad, no, g, i0,
+        _index_block(xb, zero, zero, L, t, zero, i0, w, prm, ignore_index, no, g, i0,
                      g_stride, gb, per_position, bi, ce_out, zl_out, hit_out, stats, no)
-        if want_grad:
+        if WANT_GRAD:
             for j in range(L):
                 for c in range(C):
                     grad[i0 + j, c, 0] = gb[0, c, j]
@@ -940,11 +941,12 @@ def _index_rows_small(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, 
 # ---------------------------------------------------------------------------------------------
 # Probability targets (one kernel for both layouts: blocks of the spatial axis, L = 1 for rows)
 # ---------------------------------------------------------------------------------------------
-def _prob_blocks(x, p, w, prm, want_grad, g, g_stride, grad, ce_out, zl_out):
+def _prob_blocks(x, p, w, prm, g, g_stride, grad, ce_out, zl_out):
     """prm = [keep, smooth_c, cap, inv_D, z2_inv_Dz, z_loss]."""
     N, C, S = x.shape
     keep, smooth_c, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5]
-    has_cap = cap > 0.0
+    want_grad = WANT_GRAD
+    has_cap = HAS_CAP
     inv_cap = 1.0 / cap if has_cap else 0.0
     nblk = (S + BLOCK - 1) // BLOCK
     for task in prange(N * nblk):
@@ -969,7 +971,7 @@ def _prob_blocks(x, p, w, prm, want_grad, g, g_stride, grad, ce_out, zl_out):
         for c in range(C):
             wc = np.float64(w[c])
             for j in range(L):
-                s = softcap_fast(xs[c, j], capf, inv_capf) if has_cap else xs[c, j]
+                s = softcap_fast(xs[c, j], capf, inv_capf) if has_cap else np.float64(xs[c, j])
                 e = exp2_exact_call((s - ms[j]) * log2e)
                 ssum[j] += e
                 q = _prob_weight(np.float64(ps[c, j]), wc, keep, smooth_c)
@@ -1066,22 +1068,60 @@ def _softmax_strided(x, mode, out, lse_out):
 # ---------------------------------------------------------------------------------------------
 # Compilation (lazy, cached) and launching
 # ---------------------------------------------------------------------------------------------
-def _twins(fn):
-    """(serial, parallel) compilations of one kernel body.
+def _renamed(fn, suffix, consts=None):
+    """A copy of the Python function ``fn`` named ``fn.__name__ + suffix``, whose globals
+    ``consts`` (a dict) override.
 
     Numba's on-disk cache keys a function by its qualified name and signature, not by its
-    compile flags: the serial twin is a copy under another name, so that the two never load
-    each other's machine code."""
-    serial = type(fn)(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__,
-                      fn.__closure__)
-    serial.__qualname__ = fn.__qualname__ + "_serial"
-    return njit(parallel=False, **_JIT)(serial), njit(parallel=True, **_JIT)(fn)
+    compile flags nor its globals: every copy compiled differently needs a name of its own, so
+    that no two ever load each other's machine code."""
+    glb = fn.__globals__
+    if consts:
+        glb = dict(glb)
+        glb.update(consts)
+    out = type(fn)(fn.__code__, glb, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
+    out.__qualname__ = fn.__qualname__ + suffix
+    out.__doc__ = fn.__doc__
+    return out
 
 
-_KERNELS = {fn.__name__: _twins(fn) for fn in
-            (_target_stats, _index_rows, _index_rows_small, _index_strided, _prob_blocks,
-             _softmax_rows,
-             _softmax_strided)}
+def _twins(fn):
+    """(serial, parallel) compilations of one kernel body; the serial twin is a renamed copy
+    (see _renamed).  Each is compiled on its first call only."""
+    return (njit(parallel=False, **_JIT)(_renamed(fn, "_serial")),
+            njit(parallel=True, **_JIT)(fn))
+
+
+# Variants: what a call never needs is not compiled.  WANT_GRAD and HAS_CAP are compile-time
+# constants of each variant (Numba prunes the branches on them before typing), so that a
+# forward call compiles no gradient code and a call without softcap no softcap code.  Each
+# kernel compiled at once would be ~2.5x the code of the forward without softcap.
+WANT_GRAD = True
+HAS_CAP = True
+VARIANTS = {(grad, cap): ("_grad" if grad else "_fwd") + ("_cap" if cap else "")
+            for grad in (False, True) for cap in (False, True)}
+
+
+def _variants(fn, callees=None):
+    """{(want_grad, has_cap): fn's variant}; ``callees`` {name: {key: dispatcher}} are the
+    variants of helpers compiled in place of their name."""
+    out = {}
+    for key, suffix in VARIANTS.items():
+        consts = {"WANT_GRAD": key[0], "HAS_CAP": key[1]}
+        for name, by_key in (callees or {}).items():
+            consts[name] = by_key[key]
+        out[key] = _renamed(fn, suffix, consts)
+    return out
+
+
+# The block code (cached itself: the strided and small-rows kernels share its compilations).
+_BLOCK = {"_index_block": {key: njit(**_JIT)(f) for key, f in _variants(_index_block).items()}}
+_KERNELS = {fn.__name__: _twins(fn) for fn in (_target_stats, _softmax_rows, _softmax_strided)}
+for _fn, _callees in ((_index_rows, None), (_index_rows_small, _BLOCK),
+                      (_index_strided, _BLOCK), (_prob_blocks, None)):
+    for _key, _variant in _variants(_fn, _callees).items():
+        _KERNELS[(_fn.__name__,) + _key] = _twins(_variant)
+
 
 # Numba's 'workqueue' threading layer aborts the process when two threads launch parallel
 # kernels at once; 'omp' and 'tbb' are safe.  Until the layer is known (it is chosen at the
@@ -1106,7 +1146,8 @@ if hasattr(os, "register_at_fork"):
 
 
 def launch(name, work, *args):
-    """Run kernel ``name`` on ``args``; ``work`` (element count) picks serial or parallel."""
+    """Run kernel ``name`` (a name, or (name, want_grad, has_cap) for the loss kernels' variants)
+    on ``args``; ``work`` (element count) picks serial or parallel."""
     global _layer_is_safe, _pool_started
     serial, parallel = _KERNELS[name]
     if work < SERIAL_BELOW or _serial_only:
@@ -1181,14 +1222,15 @@ def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride, per_position=Tru
     want = grad is not None
     gbuf = grad if want else np.empty((1, 1, 1), x3.dtype)
     work = x3.size
-    args = (w, prm, np.int64(ignore_index), want, g, np.int64(g_stride))
+    args = (w, prm, np.int64(ignore_index), g, np.int64(g_stride))
+    variant = (want, bool(prm[3] > 0.0))        # (gradient, softcap)
     if S == 1 and C > SMALL_C:
         # Rows: per-row outputs are small; the target statistics come from the pre-pass.
         stats = target_stats(t2, w, ignore_index, C) if fuse_stats else None
         if stats is not None and stats[2] >= 0:
             return None, None, None, stats
         ce, zl, hit = np.empty(N), np.empty(N), np.empty(N)
-        launch("_index_rows", work, x3.reshape(N, C), t2.reshape(N), *args,
+        launch(("_index_rows",) + variant, work, x3.reshape(N, C), t2.reshape(N), *args,
                gbuf.reshape(gbuf.shape[0], gbuf.shape[1]), ce, zl, hit)
         return ce, zl, hit, stats
     tv = _stats_view(t2)
@@ -1199,8 +1241,8 @@ def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride, per_position=Tru
     else:                               # one allocation: block sums and target statistics
         buf = np.zeros((6 if fuse_stats else 3, nblk))
         ce, zl, hit, part = buf[0:1], buf[1:2], buf[2:3], (buf[3:] if fuse_stats else _NO_STATS)
-    launch("_index_rows_small" if S == 1 else "_index_strided", work, x3, tv, *args, gbuf,
-           per_position, ce, zl, hit, part)
+    launch(("_index_rows_small" if S == 1 else "_index_strided",) + variant, work, x3, tv,
+           *args, gbuf, per_position, ce, zl, hit, part)
     return ce, zl, hit, (_sum_stats(part) if fuse_stats else None)
 
 
@@ -1210,7 +1252,8 @@ def prob_loss(x3, p3, w, prm, grad, g, g_stride):
     lse = np.empty((N, S))
     want = grad is not None
     gbuf = grad if want else np.empty((1, 1, 1), x3.dtype)
-    launch("_prob_blocks", x3.size, x3, p3, w, prm, want, g, np.int64(g_stride), gbuf, ce, lse)
+    launch(("_prob_blocks", want, bool(prm[2] > 0.0)), x3.size, x3, p3, w, prm, g,
+           np.int64(g_stride), gbuf, ce, lse)
     return ce, lse
 
 
