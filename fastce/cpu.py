@@ -453,6 +453,25 @@ def _row_grad_softcap(gr, scale, gamma, w, srow, inv_cap):
 # rows viewed as (1, N)), so that the forward, which computes these statistics inside its own
 # blocks, and the pre-pass of loss+grad add the same numbers in the same order.
 @njit(**_INLINE)
+def _seg_widen(tb, tk, out):
+    """out[j] <- target j of the segment whose bytes are ``tb``, ``tk`` bytes each (1: uint8,
+    4: int32, 8: int64).  Targets reach the kernels as bytes, so that one compilation serves
+    every target dtype, widened per block into a small int64 scratch (cheaper than widening
+    the whole array on the host: W2's uint8 targets would cost ~10% more memory traffic)."""
+    if tk == 1:
+        for j in range(out.shape[0]):
+            out[j] = tb[j]
+    elif tk == 4:
+        v4 = tb.view(np.int32)
+        for j in range(out.shape[0]):
+            out[j] = v4[j]
+    else:
+        v8 = tb.view(np.int64)
+        for j in range(out.shape[0]):
+            out[j] = v8[j]
+
+
+@njit(**_INLINE)
 def _seg_targets(ts, w, ignore_index, C, valid_v, wt_v):
     """Per target of a segment: valid_v (1 unless ignored or out of range) and wt_v (w[t], 0
     where not valid); returns the number of bad targets (neither ignore_index nor in [0, C)).
@@ -508,15 +527,18 @@ def _seg_stats(ts, ignore_index, C, valid_v, wt_v, nbad, stats, slot, flat0):
     stats[2, slot] = first
 
 
-def _target_stats(t, w, ignore_index, C, part):
-    """part[:, task] = (sum of w[t], count, first bad flat position or -1) per block of t (M, S)."""
-    M, S = t.shape
+def _target_stats(t, tk, w, ignore_index, C, part):
+    """part[:, task] = (sum of w[t], count, first bad flat position or -1) per block of the
+    targets (M, S), whose bytes are t (M, S * tk) (see _seg_widen)."""
+    M = t.shape[0]
+    S = t.shape[1] // tk
     nblk = (S + BLOCK - 1) // BLOCK
     for task in prange(M * nblk):
         n = task // nblk
         s0 = (task - n * nblk) * BLOCK
         L = min(BLOCK, S - s0)
-        ts = t[n, s0:s0 + L]
+        ts = np.empty(L, np.int64)
+        _seg_widen(t[n, s0 * tk:(s0 + L) * tk], tk, ts)
         v = np.empty((2, L), w.dtype)
         nbad = _seg_targets(ts, w, ignore_index, C, v[0], v[1])
         _seg_stats(ts, ignore_index, C, v[0], v[1], nbad, part, task, n * S + s0)
@@ -742,11 +764,12 @@ def _seg_grad_softcap(gs, scale_v, gamma_v, wc, ss, inv_capf):
         gs[j] = (gs[j] * scale_v[j] - gamma_v[j] * wc) * (one - q * q)
 
 
-def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, in_place, g, g_off,
+def _index_block(x, xn, xs0, L, t, tk, on, os0, w, prm, ignore_index, in_place, g, g_off,
                  g_stride, grad, per_position, slot, ce_out, zl_out, hit_out, stats,
                  prefetch_next):
     """Class-index loss of the L positions whose logits are x[xn, :, xs0:xs0+L] (C-contiguous
-    3-D, positions contiguous) and targets t[on, os0:os0+L]; every pass runs along contiguous
+    3-D, positions contiguous) and targets t[on, os0:os0+L] (t: their bytes, tk per target, see
+    _seg_widen); every pass runs along contiguous
     segments of the L positions, which LLVM vectorises.
 
     per_position: ce/zl/hit_out[on, os0 + j] per position; else their sums over the block in
@@ -767,7 +790,8 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, in_place, g, g
     capf = cast_like(cap, x)
     inv_capf = cast_like(inv_cap, x)
     log2e = cast_like(LOG2E, x)
-    ts = t[on, os0:os0 + L]
+    ts = np.empty(L, np.int64)
+    _seg_widen(t[on, os0 * tk:(os0 + L) * tk], tk, ts)
     # One scratch allocation each for the block's per-position vectors.
     scratch = np.empty((10, L), x.dtype)
     f64 = np.empty((6, L))
@@ -779,7 +803,7 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, in_place, g, g
     nbad = _seg_targets_logits(ts, w, ignore_index, C, x[xn], xs0, valid_v, wt_v, st_v)
     if stats.shape[1]:
         _seg_stats(ts, ignore_index, C, valid_v, wt_v, nbad, stats, slot,
-                   on * t.shape[1] + os0)
+                   on * (t.shape[1] // tk) + os0)
     # Pass 1: per-position max over the classes (raw logits; softcap is monotonic).
     # Copies as loops: an array-to-array slice assignment compiles a shape check whose error
     # message formatting alone costs seconds of compile time.
@@ -899,7 +923,7 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, in_place, g, g
                 grad[xn, np.int64(ts[j]), xs0 + j] -= beta_v[j]
 
 
-def _index_strided(x, t, w, prm, ignore_index, g, g_stride, grad, per_position,
+def _index_strided(x, t, tk, w, prm, ignore_index, g, g_stride, grad, per_position,
                    ce_out, zl_out, hit_out, stats):
     """Strided layout (N, C, S): task = BLOCK positions of one n."""
     N, C, S = x.shape
@@ -908,33 +932,32 @@ def _index_strided(x, t, w, prm, ignore_index, g, g_stride, grad, per_position,
         n = task // nblk
         s0 = (task - n * nblk) * BLOCK
         L = min(BLOCK, S - s0)
-        # (np.int64: a prange index may be typed uint64, which would compile _index_block again)
-        _index_block(x, n, s0, L, t, n, s0, w, prm, ignore_index, prm[7] != 0.0, g,
+        # (np.int64: a prange index may be typed uint64 in the parallel loop's body but not
+        # where the call is first typed, which would compile _index_block twice)
+        _index_block(x, n, s0, L, t, tk, n, s0, w, prm, ignore_index, prm[7] != 0.0, g,
                      n * S + s0, g_stride, grad, per_position, np.int64(task), ce_out, zl_out,
-                     hit_out, stats, S > 1)
+                     hit_out, stats, True)
 
 
-def _index_rows_small(x, t, w, prm, ignore_index, g, g_stride, grad, per_position,
+def _index_rows_small(x, t, tk, w, prm, ignore_index, g, g_stride, grad, per_position,
                       ce_out, zl_out, hit_out, stats):
     """Rows of few classes (C <= SMALL_C), x (N, C, 1), targets t (1, N): a task transposes
     BLOCK rows into a (1, C, BLOCK) scratch, so that the block code vectorises across rows."""
     N, C = x.shape[0], x.shape[1]
     nblk = (N + BLOCK - 1) // BLOCK
     for b in prange(nblk):
-        bi = np.int64(b)
+        bi = np.int64(b)        # (a prange index may be typed uint64: see _index_strided)
         i0 = bi * BLOCK
         L = min(BLOCK, N - i0)
-        zero = bi - bi
-        no = zero != zero
         xb = np.empty((1, C, L), x.dtype)
         for j in range(L):
             for c in range(C):
                 xb[0, c, j] = x[i0 + j, c, 0]
         gb = np.empty((1, C, L) if WANT_GRAD else (1, 1, 1), x.dtype)
-        # The same argument types as _index_strided's call (int64, bool; no literals): one
-        # compilation of _index_block serves both layouts.
-        _index_block(xb, zero, zero, L, t, zero, i0, w, prm, ignore_index, no, g, i0,
-                     g_stride, gb, per_position, bi, ce_out, zl_out, hit_out, stats, no)
+        # Literal arguments (0, False): _index_block is compiled for them (constant offsets, no
+        # prefetch, never in place), faster on these small blocks than the strided kernel's.
+        _index_block(xb, 0, 0, L, t, tk, 0, i0, w, prm, ignore_index, False, g, i0,
+                     g_stride, gb, per_position, bi, ce_out, zl_out, hit_out, stats, False)
         if WANT_GRAD:
             for j in range(L):
                 for c in range(C):
@@ -1195,18 +1218,31 @@ def _n_blocks(tv):
     return tv.shape[0] * -(-tv.shape[1] // BLOCK)
 
 
+_BYTE_TARGETS = (np.dtype(np.int64), np.dtype(np.int32), np.dtype(np.uint8))
+
+
 def _int64_targets(t):
-    """Targets as int64: one kernel specialisation serves every integer target dtype (each
-    would otherwise compile its own copy of every kernel).  A narrow array is widened once; it
-    has 1/C of the logits' elements.  (uint64 above int64's range was rejected by the caller.)"""
+    """Targets as int64 (the rows kernel's: N targets for N * C logits, C > SMALL_C)."""
     return t if t.dtype == np.int64 else t.astype(np.int64)
+
+
+def _target_bytes(tv):
+    """(the bytes of the (M, S) targets as (M, S * tk) uint8, tk): the block kernels read
+    int64, int32 and uint8 targets through one compilation (see _seg_widen); other integer
+    dtypes are widened to int64 first.  (uint64 above int64's range was rejected before.)"""
+    if tv.dtype not in _BYTE_TARGETS:
+        tv = tv.astype(np.int64)
+    tv = np.ascontiguousarray(tv)
+    return tv.view(np.uint8).reshape(tv.shape[0], tv.shape[1] * tv.itemsize), tv.itemsize
 
 
 def target_stats(t2, w, ignore_index, C):
     """(D, count, bad_flat_position or -1) over the (N, S) integer targets ``t2``."""
-    tv = _stats_view(_int64_targets(t2))
+    tv = _stats_view(t2)
     part = np.empty((3, _n_blocks(tv)))
-    launch("_target_stats", tv.size, tv, w, np.int64(ignore_index), np.int64(C), part)
+    tb, tk = _target_bytes(tv)
+    launch("_target_stats", tv.size, tb, np.int64(tk), w, np.int64(ignore_index), np.int64(C),
+           part)
     return _sum_stats(part)
 
 
@@ -1221,7 +1257,6 @@ def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride, per_position=Tru
     itself (forward only: the gradient needs the mean's denominator first); when it finds a bad
     target the other outputs are meaningless (but no out-of-range read happened).  Else None."""
     N, C, S = x3.shape
-    t2 = _int64_targets(t2)
     want = grad is not None
     gbuf = grad if want else np.empty((1, 1, 1), x3.dtype)
     work = x3.size
@@ -1233,7 +1268,8 @@ def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride, per_position=Tru
         if stats is not None and stats[2] >= 0:
             return None, None, None, stats
         ce, zl, hit = np.empty(N), np.empty(N), np.empty(N)
-        launch(("_index_rows",) + variant, work, x3.reshape(N, C), t2.reshape(N), *args,
+        launch(("_index_rows",) + variant, work, x3.reshape(N, C),
+               _int64_targets(t2.reshape(N)), *args,
                gbuf.reshape(gbuf.shape[0], gbuf.shape[1]), ce, zl, hit)
         return ce, zl, hit, stats
     tv = _stats_view(t2)
@@ -1244,8 +1280,9 @@ def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride, per_position=Tru
     else:                               # one allocation: block sums and target statistics
         buf = np.zeros((6 if fuse_stats else 3, nblk))
         ce, zl, hit, part = buf[0:1], buf[1:2], buf[2:3], (buf[3:] if fuse_stats else _NO_STATS)
-    launch(("_index_rows_small" if S == 1 else "_index_strided",) + variant, work, x3, tv,
-           *args, gbuf, per_position, ce, zl, hit, part)
+    tb, tk = _target_bytes(tv)
+    launch(("_index_rows_small" if S == 1 else "_index_strided",) + variant, work, x3, tb,
+           np.int64(tk), *args, gbuf, per_position, ce, zl, hit, part)
     return ce, zl, hit, (_sum_stats(part) if fuse_stats else None)
 
 
