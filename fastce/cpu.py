@@ -790,11 +790,12 @@ def _index_block(x, xn, xs0, L, t, tk, on, os0, w, prm, ignore_index, in_place, 
     capf = cast_like(cap, x)
     inv_capf = cast_like(inv_cap, x)
     log2e = cast_like(LOG2E, x)
-    ts = np.empty(L, np.int64)
-    _seg_widen(t[on, os0 * tk:(os0 + L) * tk], tk, ts)
-    # One scratch allocation each for the block's per-position vectors.
+    # One scratch allocation each for the block's per-position vectors (the widened targets
+    # in the last float64 row).
     scratch = np.empty((10, L), x.dtype)
-    f64 = np.empty((6, L))
+    f64 = np.empty((7, L))
+    ts = f64[6].view(np.int64)
+    _seg_widen(t[on, os0 * tk:(os0 + L) * tk], tk, ts)
     m, ms, sc, ssum, swd = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
     valid_v, wt_v, st_v = scratch[7], scratch[8], scratch[9]
     lse_v, ce_v, zl_v = f64[0], f64[1], f64[2]
@@ -1245,7 +1246,7 @@ def target_stats(t2, w, ignore_index, C):
     tv = _stats_view(t2)
     part = np.empty((3, _n_blocks(tv)))
     tb, tk = _target_bytes(tv)
-    launch("_target_stats", tv.size, tb, np.int64(tk), w, np.int64(ignore_index), np.int64(C),
+    launch("_target_stats", tv.size, tb, tk, w, np.int64(ignore_index), np.int64(C),
            part)
     return _sum_stats(part)
 
@@ -1286,7 +1287,7 @@ def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride, per_position=Tru
         ce, zl, hit, part = buf[0:1], buf[1:2], buf[2:3], (buf[3:] if fuse_stats else _NO_STATS)
     tb, tk = _target_bytes(tv)
     launch(("_index_rows_small" if S == 1 else "_index_strided",) + variant, work, x3, tb,
-           np.int64(tk), *args, gbuf, per_position, ce, zl, hit, part)
+           tk, *args, gbuf, per_position, ce, zl, hit, part)
     return ce, zl, hit, (_sum_stats(part) if fuse_stats else None)
 
 
