@@ -658,7 +658,8 @@ def run_demo(out=sys.stdout, repeats=5, shape=DEMO_SHAPE):
     for op, r in res.items():
         print(f"  {op:<11}{r[FASTCE] * 1e3:>8.2f} ms{r[NUMPY] * 1e3:>8.2f} ms"
               f"{r[NUMPY] / r[FASTCE]:>9.1f}x{x.nbytes / r[FASTCE] / 1e9:>13.2f}", file=out)
-    print("\nMore: python -m fastce bench [--quick] [--workloads W1,W2,W3] [--repeats K]",
+    print("\nMore: python -m fastce bench [--quick] [--workloads W1,W2,W3,LIN,COLD] [--repeats K];"
+          "\n      python -m fastce warmup [--dtypes float32,float64] [--layouts rows,strided]",
           file=out)
     return res
 
@@ -671,30 +672,54 @@ def main(argv=None):
     b.add_argument("--quick", action="store_true", help="small sizes: finishes in seconds")
     b.add_argument("--workloads", default="W1,W2,W3,LIN,SOFTMAX,TORCH,JAX",
                    help="comma-separated subset of " + ",".join(WORKLOADS) + ",LIN,SOFTMAX,"
-                   "TORCH,JAX,DASK (LIN: the fused linear cross-entropy against the unfused "
+                   "TORCH,JAX,DASK,COLD (LIN: the fused linear cross-entropy against the unfused "
                    "path; SOFTMAX: logsumexp / softmax / log_softmax against scipy.special, and "
                    "their axis forms; TORCH, JAX: training steps through fastce.torch / "
                    "fastce.jax, see fastce/bench_adapters.py; skipped when torch / jax is not "
-                   "installed; DASK: W1 as a Dask array against the in-memory call)")
+                   "installed; DASK: W1 as a Dask array against the in-memory call; COLD: first "
+                   "calls with an empty Numba cache, see fastce.coldstart)")
     b.add_argument("--repeats", type=int, default=None, help="samples per measurement")
     b.add_argument("--no-compile", action="store_true",
                    help="TORCH: skip the torch.compile rows (inductor compiles take a minute)")
+    b.add_argument("--fresh", action="store_true", help="COLD: each row in its own fresh "
+                   "process (default: the rows in order in one fresh process)")
     sub.add_parser("demo", help="the worked examples and a short timing (the default)")
+    wu = sub.add_parser("warmup", help="compile the common kernels into Numba's on-disk cache "
+                        "(for container images and CI)")
+    wu.add_argument("--dtypes", default="float32,float64", help="logits dtypes")
+    wu.add_argument("--layouts", default="rows,strided,small,prob",
+                    help="rows ((N, C), C > 32), strided ((N, C, d1, ...)), small ((N, C), "
+                    "C <= 32), prob (probability targets)")
+    wu.add_argument("--jobs", type=int, default=None, help="processes (default: cores)")
     args = parser.parse_args(argv)
-    if args.command == "bench":
+    if args.command == "warmup":
+        from . import coldstart
+        dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+        layouts = [l.strip() for l in args.layouts.split(",") if l.strip()]
+        bad = ([d for d in dtypes if d not in coldstart.DTYPES] +
+               [l for l in layouts if l not in coldstart.LAYOUTS])
+        if bad or not dtypes or not layouts:
+            parser.error(f"unknown or missing dtypes/layouts {bad}; choose from "
+                         f"{list(coldstart.DTYPES)} and {list(coldstart.LAYOUTS)}")
+        coldstart.warmup(dtypes, layouts, jobs=args.jobs)
+    elif args.command == "bench":
         names = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
         linear = "LIN" in names
         softmax = "SOFTMAX" in names
         with_dask = "DASK" in names
+        cold = "COLD" in names
         adapters = [w for w in names if w in ADAPTER_WORKLOADS]
         names = [w for w in names
-                 if w not in ("LIN", "SOFTMAX", "DASK") and w not in ADAPTER_WORKLOADS]
+                 if w not in ("LIN", "SOFTMAX", "DASK", "COLD") and w not in ADAPTER_WORKLOADS]
         unknown = [w for w in names if w not in WORKLOADS]
         if unknown:
             parser.error(f"unknown workload(s) {unknown}; choose from "
-                         f"{list(WORKLOADS) + ['LIN', 'SOFTMAX', 'DASK'] + list(ADAPTER_WORKLOADS)}")
+                         f"{list(WORKLOADS) + ['LIN', 'SOFTMAX', 'DASK', 'COLD'] + list(ADAPTER_WORKLOADS)}")
         if args.repeats is not None and args.repeats < 1:
             parser.error("--repeats must be >= 1")
+        if cold:
+            from .coldstart import run_cold
+            run_cold(quick=args.quick, fresh=args.fresh, progress=_progress)
         if names or linear or softmax:
             run_bench(names, quick=args.quick, repeats=args.repeats, linear=linear,
                       softmax=softmax)

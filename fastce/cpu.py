@@ -43,7 +43,10 @@ __all__ = ["index_loss", "prob_loss", "target_stats", "softmax_family", "launch"
 # vectorise the sum reductions.
 FASTMATH = {"reassoc", "nsz", "contract", "arcp", "afn"}
 _JIT = dict(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
-_INLINE = dict(fastmath=FASTMATH, error_model="numpy")    # LLVM inlines these small functions
+# Helpers that LLVM inlines into the kernels; only kernels call them, so they need no wrappers
+# callable from Python or C (~10% of a kernel's compile time).
+_INLINE = dict(fastmath=FASTMATH, error_model="numpy", no_cpython_wrapper=True,
+               no_cfunc_wrapper=True)
 
 LOG2E = 1.4426950408889634
 BLOCK = 512                    # positions per task of the block kernels (C of them fit L1-L2)
@@ -434,6 +437,25 @@ def _row_grad_softcap(gr, scale, gamma, w, srow, inv_cap):
 # rows viewed as (1, N)), so that the forward, which computes these statistics inside its own
 # blocks, and the pre-pass of loss+grad add the same numbers in the same order.
 @njit(**_INLINE)
+def _seg_widen(tb, tk, out):
+    """out[j] <- target j of the segment whose bytes are ``tb``, ``tk`` bytes each (1: uint8,
+    4: int32, 8: int64).  Targets reach the kernels as bytes, so that one compilation serves
+    every target dtype, widened per block into a small int64 scratch (cheaper than widening
+    the whole array on the host: W2's uint8 targets would cost ~10% more memory traffic)."""
+    if tk == 1:
+        for j in range(out.shape[0]):
+            out[j] = tb[j]
+    elif tk == 4:
+        v4 = tb.view(np.int32)
+        for j in range(out.shape[0]):
+            out[j] = v4[j]
+    else:
+        v8 = tb.view(np.int64)
+        for j in range(out.shape[0]):
+            out[j] = v8[j]
+
+
+@njit(**_INLINE)
 def _seg_targets(ts, w, ignore_index, C, valid_v, wt_v):
     """Per target of a segment: valid_v (1 unless ignored or out of range) and wt_v (w[t], 0
     where not valid); returns the number of bad targets (neither ignore_index nor in [0, C)).
@@ -489,15 +511,18 @@ def _seg_stats(ts, ignore_index, C, valid_v, wt_v, nbad, stats, slot, flat0):
     stats[2, slot] = first
 
 
-def _target_stats(t, w, ignore_index, C, part):
-    """part[:, task] = (sum of w[t], count, first bad flat position or -1) per block of t (M, S)."""
-    M, S = t.shape
+def _target_stats(t, tk, w, ignore_index, C, part):
+    """part[:, task] = (sum of w[t], count, first bad flat position or -1) per block of the
+    targets (M, S), whose bytes are t (M, S * tk) (see _seg_widen)."""
+    M = t.shape[0]
+    S = t.shape[1] // tk
     nblk = (S + BLOCK - 1) // BLOCK
     for task in prange(M * nblk):
         n = task // nblk
         s0 = (task - n * nblk) * BLOCK
         L = min(BLOCK, S - s0)
-        ts = t[n, s0:s0 + L]
+        ts = np.empty(L, np.int64)
+        _seg_widen(t[n, s0 * tk:(s0 + L) * tk], tk, ts)
         v = np.empty((2, L), w.dtype)
         nbad = _seg_targets(ts, w, ignore_index, C, v[0], v[1])
         _seg_stats(ts, ignore_index, C, v[0], v[1], nbad, part, task, n * S + s0)
@@ -506,17 +531,18 @@ def _target_stats(t, w, ignore_index, C, part):
 # ---------------------------------------------------------------------------------------------
 # Class-index targets
 # ---------------------------------------------------------------------------------------------
-def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out, hit_out):
+def _index_rows(x, t, w, prm, ignore_index, g, g_stride, grad, ce_out, zl_out, hit_out):
     """Rows layout.  prm = [keep, smooth_c, W, cap, inv_D, z2_inv_Dz, z_loss, in_place, want_hit]
     (float64; in_place: grad is x itself, and there is no softcap; want_hit: token accuracy
     asked for, else hit_out is left 0).
 
     Writes ce_out (the cross-entropy of each row), zl_out (its z-loss) and hit_out (argmax ==
-    target); with want_grad, the gradient into grad.
+    target); in the WANT_GRAD variants, the gradient into grad.
     """
     N, C = x.shape
     keep, smooth_c, W, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5], prm[6]
-    has_cap = cap > 0.0
+    want_grad = WANT_GRAD               # compile-time constants of the variant (see _variants)
+    has_cap = HAS_CAP
     inv_cap = 1.0 / cap if has_cap else 0.0
     smoothing = smooth_c != 0.0
     in_place = prm[7] != 0.0
@@ -549,7 +575,7 @@ def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out
             ms = softcap_fast(m, capf, inv_capf)
         else:
             srow = row[:0]
-            ms = m
+            ms = np.float64(m)      # the type of softcap_fast's result: one code for both
         if smoothing and valid:
             sum_wd = np.float64(_row_dot_dev(w, srow if has_cap else row, ms))
         if valid:
@@ -600,6 +626,12 @@ def _index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out
 
 # Strided passes: each works on contiguous segments of BLOCK spatial positions (one class c of
 # one n), element-wise across the segment, so LLVM vectorises them like the row passes.
+@njit(**_INLINE)
+def _seg_copy(src, dst):
+    for j in range(src.shape[0]):
+        dst[j] = src[j]
+
+
 @njit(**_INLINE)
 def _seg_max(xs, m):
     for j in range(xs.shape[0]):
@@ -727,35 +759,38 @@ def _seg_grad_softcap(gs, scale_v, gamma_v, wc, ss, inv_capf, valid_v):
         gs[j] = v if valid_v[j] != 0 else 0
 
 
-@njit(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
-def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_place, g, g_off,
+def _index_block(x, xn, xs0, L, t, tk, on, os0, w, prm, ignore_index, in_place, g, g_off,
                  g_stride, grad, per_position, slot, ce_out, zl_out, hit_out, stats,
                  prefetch_next):
     """Class-index loss of the L positions whose logits are x[xn, :, xs0:xs0+L] (C-contiguous
-    3-D, positions contiguous) and targets t[on, os0:os0+L]; every pass runs along contiguous
+    3-D, positions contiguous) and targets t[on, os0:os0+L] (t: their bytes, tk per target, see
+    _seg_widen); every pass runs along contiguous
     segments of the L positions, which LLVM vectorises.
 
     per_position: ce/zl/hit_out[on, os0 + j] per position; else their sums over the block in
     ce/zl/hit_out[0, slot] (a fixed partition: the same numbers whatever the thread count).
     stats (3, tasks), unless empty: the block's target statistics into stats[:, slot] (the
-    forward validates its targets here, instead of in a pre-pass).  want_grad: the gradient into
+    forward validates its targets here, instead of in a pre-pass).  WANT_GRAD: the gradient into
     grad[xn, :, xs0:xs0+L] (in_place: grad is x); g[(g_off + j) * g_stride] is the upstream
     gradient.  prefetch_next: hint the next block of x (the next task of this thread) into L2
     while this one computes its exps."""
     C = x.shape[1]
     S = x.shape[2]
     keep, smooth_c, W, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5], prm[6]
-    has_cap = cap > 0.0
+    want_grad = WANT_GRAD
+    has_cap = HAS_CAP
     inv_cap = 1.0 / cap if has_cap else 0.0
     smoothing = smooth_c != 0.0
     want_hit = prm[8] != 0.0
     capf = cast_like(cap, x)
     inv_capf = cast_like(inv_cap, x)
     log2e = cast_like(LOG2E, x)
-    ts = t[on, os0:os0 + L]
-    # One scratch allocation each for the block's per-position vectors.
+    # One scratch allocation each for the block's per-position vectors (the widened targets
+    # in the last float64 row).
     scratch = np.empty((10, L), x.dtype)
-    f64 = np.empty((6, L))
+    f64 = np.empty((7, L))
+    ts = f64[6].view(np.int64)
+    _seg_widen(t[on, os0 * tk:(os0 + L) * tk], tk, ts)
     m, ms, sc, ssum, swd = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
     valid_v, wt_v, st_v = scratch[7], scratch[8], scratch[9]
     lse_v, ce_v, zl_v = f64[0], f64[1], f64[2]
@@ -764,9 +799,11 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
     nbad = _seg_targets_logits(ts, w, ignore_index, C, x[xn], xs0, valid_v, wt_v, st_v)
     if stats.shape[1]:
         _seg_stats(ts, ignore_index, C, valid_v, wt_v, nbad, stats, slot,
-                   on * t.shape[1] + os0)
+                   on * (t.shape[1] // tk) + os0)
     # Pass 1: per-position max over the classes (raw logits; softcap is monotonic).
-    m[:] = x[xn, 0, xs0:xs0 + L]
+    # Copies as loops: an array-to-array slice assignment compiles a shape check whose error
+    # message formatting alone costs seconds of compile time.
+    _seg_copy(x[xn, 0, xs0:xs0 + L], m)
     for c in range(1, C - 1, 2):
         _seg_max2(x[xn, c, xs0:xs0 + L], x[xn, c + 1, xs0:xs0 + L], m)
     if C % 2 == 0:
@@ -845,7 +882,7 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
                     zl_v)
     if per_position:
         if want_hit:
-            hit_out[on, os0:os0 + L] = f64[4]
+            _seg_copy(f64[4], hit_out[on, os0:os0 + L])
     else:
         ce_out[0, slot] = _seg_sum(ce_v)
         zl_out[0, slot] = _seg_sum(zl_v)
@@ -882,7 +919,7 @@ def _index_block(x, xn, xs0, L, t, on, os0, w, prm, ignore_index, want_grad, in_
                 grad[xn, np.int64(ts[j]), xs0 + j] -= beta_v[j]
 
 
-def _index_strided(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, per_position,
+def _index_strided(x, t, tk, w, prm, ignore_index, g, g_stride, grad, per_position,
                    ce_out, zl_out, hit_out, stats):
     """Strided layout (N, C, S): task = BLOCK positions of one n."""
     N, C, S = x.shape
@@ -891,28 +928,36 @@ def _index_strided(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, per
         n = task // nblk
         s0 = (task - n * nblk) * BLOCK
         L = min(BLOCK, S - s0)
-        _index_block(x, n, s0, L, t, n, s0, w, prm, ignore_index, want_grad, prm[7] != 0.0, g,
-                     n * S + s0, g_stride, grad, per_position, task, ce_out, zl_out, hit_out,
-                     stats, True)
+        # (np.int64: a prange index may be typed uint64 in the parallel loop's body but not
+        # where the call is first typed, which would compile _index_block twice)
+        _index_block(x, n, s0, L, t, tk, n, s0, w, prm, ignore_index, prm[7] != 0.0, g,
+                     n * S + s0, g_stride, grad, per_position, np.int64(task), ce_out, zl_out,
+                     hit_out, stats, True)
 
 
-def _index_rows_small(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, per_position,
+def _index_rows_small(x, t, tk, w, prm, ignore_index, g, g_stride, grad, per_position,
                       ce_out, zl_out, hit_out, stats):
     """Rows of few classes (C <= SMALL_C), x (N, C, 1), targets t (1, N): a task transposes
     BLOCK rows into a (1, C, BLOCK) scratch, so that the block code vectorises across rows."""
     N, C = x.shape[0], x.shape[1]
     nblk = (N + BLOCK - 1) // BLOCK
     for b in prange(nblk):
-        i0 = b * BLOCK
+        bi = np.int64(b)        # (a prange index may be typed uint64: see _index_strided)
+        i0 = bi * BLOCK
         L = min(BLOCK, N - i0)
         xb = np.empty((1, C, L), x.dtype)
         for j in range(L):
             for c in range(C):
                 xb[0, c, j] = x[i0 + j, c, 0]
-        gb = np.empty((1, C, L) if want_grad else (1, 1, 1), x.dtype)
-        _index_block(xb, 0, 0, L, t, 0, i0, w, prm, ignore_index, want_grad, False, g, i0,
-                     g_stride, gb, per_position, b, ce_out, zl_out, hit_out, stats, False)
-        if want_grad:
+        # (A run-time test, true in the gradient variants: with the compile-time constant
+        # alone, this kernel ran ~15% slower at W3, 256 x 10, A/B in one process.)
+        wg = WANT_GRAD and grad.shape[0] == N
+        gb = np.empty((1, C, L) if wg else (1, 1, 1), x.dtype)
+        # Literal arguments (0, False): _index_block is compiled for them (constant offsets, no
+        # prefetch, never in place), faster on these small blocks than the strided kernel's.
+        _index_block(xb, 0, 0, L, t, tk, 0, i0, w, prm, ignore_index, False, g, i0,
+                     g_stride, gb, per_position, bi, ce_out, zl_out, hit_out, stats, False)
+        if wg:
             for j in range(L):
                 for c in range(C):
                     grad[i0 + j, c, 0] = gb[0, c, j]
@@ -921,11 +966,12 @@ def _index_rows_small(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, 
 # ---------------------------------------------------------------------------------------------
 # Probability targets (one kernel for both layouts: blocks of the spatial axis, L = 1 for rows)
 # ---------------------------------------------------------------------------------------------
-def _prob_blocks(x, p, w, prm, want_grad, g, g_stride, grad, ce_out, zl_out):
+def _prob_blocks(x, p, w, prm, g, g_stride, grad, ce_out, zl_out):
     """prm = [keep, smooth_c, cap, inv_D, z2_inv_Dz, z_loss]."""
     N, C, S = x.shape
     keep, smooth_c, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5]
-    has_cap = cap > 0.0
+    want_grad = WANT_GRAD
+    has_cap = HAS_CAP
     inv_cap = 1.0 / cap if has_cap else 0.0
     nblk = (S + BLOCK - 1) // BLOCK
     for task in prange(N * nblk):
@@ -950,7 +996,7 @@ def _prob_blocks(x, p, w, prm, want_grad, g, g_stride, grad, ce_out, zl_out):
         for c in range(C):
             wc = np.float64(w[c])
             for j in range(L):
-                s = softcap_fast(xs[c, j], capf, inv_capf) if has_cap else xs[c, j]
+                s = softcap_fast(xs[c, j], capf, inv_capf) if has_cap else np.float64(xs[c, j])
                 e = exp2_exact_call((s - ms[j]) * log2e)
                 ssum[j] += e
                 q = _prob_weight(np.float64(ps[c, j]), wc, keep, smooth_c)
@@ -1221,22 +1267,62 @@ def _softmax_chunks_out(x, K, mode, mx, logs, inv, out):
 # ---------------------------------------------------------------------------------------------
 # Compilation (lazy, cached) and launching
 # ---------------------------------------------------------------------------------------------
-def _twins(fn):
-    """(serial, parallel) compilations of one kernel body.
+def _renamed(fn, suffix, consts=None):
+    """A copy of the Python function ``fn`` named ``fn.__name__ + suffix``, whose globals
+    ``consts`` (a dict) override.
 
     Numba's on-disk cache keys a function by its qualified name and signature, not by its
-    compile flags: the serial twin is a copy under another name, so that the two never load
-    each other's machine code."""
-    serial = type(fn)(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__,
-                      fn.__closure__)
-    serial.__qualname__ = fn.__qualname__ + "_serial"
-    return njit(parallel=False, **_JIT)(serial), njit(parallel=True, **_JIT)(fn)
+    compile flags nor its globals: every copy compiled differently needs a name of its own, so
+    that no two ever load each other's machine code."""
+    glb = fn.__globals__
+    if consts:
+        glb = dict(glb)
+        glb.update(consts)
+    out = type(fn)(fn.__code__, glb, fn.__name__ + suffix, fn.__defaults__, fn.__closure__)
+    out.__qualname__ = fn.__qualname__ + suffix
+    out.__doc__ = fn.__doc__
+    return out
 
 
-_KERNELS = {fn.__name__: _twins(fn) for fn in
-            (_target_stats, _index_rows, _index_rows_small, _index_strided, _prob_blocks,
-             _softmax_rows,
-             _softmax_strided, _lse_chunks, _lse_combine, _softmax_chunks_out)}
+def _twins(fn):
+    """(serial, parallel) compilations of one kernel body; the serial twin is a renamed copy
+    (see _renamed).  Each is compiled on its first call only."""
+    return (njit(parallel=False, **_JIT)(_renamed(fn, "_serial")),
+            njit(parallel=True, **_JIT)(fn))
+
+
+# Variants: what a call never needs is not compiled.  WANT_GRAD and HAS_CAP are compile-time
+# constants of each variant (Numba prunes the branches on them before typing), so that a
+# forward call compiles no gradient code and a call without softcap no softcap code.  Each
+# kernel compiled at once would be ~2.5x the code of the forward without softcap.
+WANT_GRAD = True
+HAS_CAP = True
+VARIANTS = {(grad, cap): ("_grad" if grad else "_fwd") + ("_cap" if cap else "")
+            for grad in (False, True) for cap in (False, True)}
+
+
+def _variants(fn, callees=None):
+    """{(want_grad, has_cap): fn's variant}; ``callees`` {name: {key: dispatcher}} are the
+    variants of helpers compiled in place of their name."""
+    out = {}
+    for key, suffix in VARIANTS.items():
+        consts = {"WANT_GRAD": key[0], "HAS_CAP": key[1]}
+        for name, by_key in (callees or {}).items():
+            consts[name] = by_key[key]
+        out[key] = _renamed(fn, suffix, consts)
+    return out
+
+
+# The block code (cached itself: the strided and small-rows kernels share its compilations).
+_BLOCK = {"_index_block": {key: njit(**_JIT)(f) for key, f in _variants(_index_block).items()}}
+_KERNELS = {fn.__name__: _twins(fn) for fn in (_target_stats, _softmax_rows, _softmax_strided,
+                                                _lse_chunks, _lse_combine,
+                                                _softmax_chunks_out)}
+for _fn, _callees in ((_index_rows, None), (_index_rows_small, _BLOCK),
+                      (_index_strided, _BLOCK), (_prob_blocks, None)):
+    for _key, _variant in _variants(_fn, _callees).items():
+        _KERNELS[(_fn.__name__,) + _key] = _twins(_variant)
+
 
 # Numba's 'workqueue' threading layer aborts the process when two threads launch parallel
 # kernels at once; 'omp' and 'tbb' are safe.  Until the layer is known (it is chosen at the
@@ -1261,7 +1347,8 @@ if hasattr(os, "register_at_fork"):
 
 
 def launch(name, work, *args):
-    """Run kernel ``name`` on ``args``; ``work`` (element count) picks serial or parallel."""
+    """Run kernel ``name`` (a name, or (name, want_grad, has_cap) for the loss kernels' variants)
+    on ``args``; ``work`` (element count) picks serial or parallel."""
     global _layer_is_safe, _pool_started
     serial, parallel = _KERNELS[name]
     if work < SERIAL_BELOW or _serial_only:
@@ -1306,11 +1393,32 @@ def _n_blocks(tv):
     return tv.shape[0] * -(-tv.shape[1] // BLOCK)
 
 
+_BYTE_TARGETS = (np.dtype(np.int64), np.dtype(np.int32), np.dtype(np.uint8))
+
+
+def _int64_targets(t):
+    """Targets as int64 (the rows kernel's: N targets for N * C logits, C > SMALL_C)."""
+    return t if t.dtype == np.int64 else t.astype(np.int64)
+
+
+def _target_bytes(tv):
+    """(the bytes of the (M, S) targets as (M, S * tk) uint8, tk): the block kernels read
+    int64, int32 and uint8 targets through one compilation (see _seg_widen); other integer
+    dtypes are widened to int64 first.  (uint64 above int64's range was rejected before.)"""
+    if tv.dtype not in _BYTE_TARGETS:
+        tv = tv.astype(np.int64)
+    elif not tv.flags.c_contiguous:
+        tv = np.ascontiguousarray(tv)
+    return tv.view(np.uint8), tv.itemsize      # (M, S * itemsize): the last axis's bytes
+
+
 def target_stats(t2, w, ignore_index, C):
     """(D, count, bad_flat_position or -1) over the (N, S) integer targets ``t2``."""
     tv = _stats_view(t2)
     part = np.empty((3, _n_blocks(tv)))
-    launch("_target_stats", tv.size, tv, w, np.int64(ignore_index), np.int64(C), part)
+    tb, tk = _target_bytes(tv)
+    launch("_target_stats", tv.size, tb, tk, w, np.int64(ignore_index), np.int64(C),
+           part)
     return _sum_stats(part)
 
 
@@ -1328,14 +1436,16 @@ def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride, per_position=Tru
     want = grad is not None
     gbuf = grad if want else np.empty((1, 1, 1), x3.dtype)
     work = x3.size
-    args = (w, prm, np.int64(ignore_index), want, g, np.int64(g_stride))
+    args = (w, prm, np.int64(ignore_index), g, np.int64(g_stride))
+    variant = (want, bool(prm[3] > 0.0))        # (gradient, softcap)
     if S == 1 and C > SMALL_C:
         # Rows: per-row outputs are small; the target statistics come from the pre-pass.
         stats = target_stats(t2, w, ignore_index, C) if fuse_stats else None
         if stats is not None and stats[2] >= 0:
             return None, None, None, stats
         ce, zl, hit = np.empty(N), np.empty(N), np.empty(N)
-        launch("_index_rows", work, x3.reshape(N, C), t2.reshape(N), *args,
+        launch(("_index_rows",) + variant, work, x3.reshape(N, C),
+               _int64_targets(t2.reshape(N)), *args,
                gbuf.reshape(gbuf.shape[0], gbuf.shape[1]), ce, zl, hit)
         return ce, zl, hit, stats
     tv = _stats_view(t2)
@@ -1346,8 +1456,9 @@ def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride, per_position=Tru
     else:                               # one allocation: block sums and target statistics
         buf = np.zeros((6 if fuse_stats else 3, nblk))
         ce, zl, hit, part = buf[0:1], buf[1:2], buf[2:3], (buf[3:] if fuse_stats else _NO_STATS)
-    launch("_index_rows_small" if S == 1 else "_index_strided", work, x3, tv, *args, gbuf,
-           per_position, ce, zl, hit, part)
+    tb, tk = _target_bytes(tv)
+    launch(("_index_rows_small" if S == 1 else "_index_strided",) + variant, work, x3, tb,
+           tk, *args, gbuf, per_position, ce, zl, hit, part)
     return ce, zl, hit, (_sum_stats(part) if fuse_stats else None)
 
 
@@ -1357,7 +1468,8 @@ def prob_loss(x3, p3, w, prm, grad, g, g_stride):
     lse = np.empty((N, S))
     want = grad is not None
     gbuf = grad if want else np.empty((1, 1, 1), x3.dtype)
-    launch("_prob_blocks", x3.size, x3, p3, w, prm, want, g, np.int64(g_stride), gbuf, ce, lse)
+    launch(("_prob_blocks", want, bool(prm[2] > 0.0)), x3.size, x3, p3, w, prm, g,
+           np.int64(g_stride), gbuf, ce, lse)
     return ce, lse
 
 

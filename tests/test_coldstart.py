@@ -1,0 +1,114 @@
+"""Cold start: the on-disk cache (also for a read-only install), ``python -m fastce warmup`` and
+``python -m fastce bench --workloads COLD --quick``.  Each test compiles into an empty cache in
+subprocesses (the small-rows kernel only: the cheapest), so each takes seconds to a minute."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Run in a subprocess: one small-rows forward call, then the kernels' cache statistics.
+_PROBE = """
+import json, numpy as np, fastce
+from fastce import cpu
+x = np.random.default_rng(0).standard_normal((64, 10)).astype(np.float32)
+t = np.arange(64) % 10
+fastce.cross_entropy(x, t)
+hits = misses = 0
+for twins in cpu._KERNELS.values():
+    for d in twins:
+        hits += sum(d.stats.cache_hits.values())
+        misses += sum(d.stats.cache_misses.values())
+print("PROBE " + json.dumps({"file": fastce.__file__, "hits": hits, "misses": misses}))
+"""
+
+
+def _env(pythonpath=ROOT, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CACHE_DIR")}
+    env["PYTHONPATH"] = str(pythonpath)
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def _python(args, env, cwd, timeout=600):
+    proc = subprocess.run([sys.executable, *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def _probe(env, cwd):
+    out = _python(["-c", _PROBE], env, cwd)
+    return json.loads(re.search(r"^PROBE (.*)$", out, re.M).group(1))
+
+
+def _cache_files(path):
+    return [p for p in Path(path).rglob("*") if p.suffix in (".nbi", ".nbc")]
+
+
+def test_cache_of_a_read_only_install_falls_back_to_the_user_cache(tmp_path):
+    # The package copied as an installed one would be, into a directory this process cannot
+    # write: chmod, or (for root, whom permissions do not stop) a file where Numba would make
+    # its __pycache__ directory.
+    site = tmp_path / "site-packages"
+    shutil.copytree(ROOT / "fastce", site / "fastce",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if os.geteuid() == 0:
+        (site / "fastce" / "__pycache__").write_text("not a directory")
+    for p in [site, *site.rglob("*")]:
+        mode = p.stat().st_mode
+        p.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        user_cache = tmp_path / "xdg-cache"
+        env = _env(site, XDG_CACHE_HOME=user_cache, HOME=tmp_path / "home",
+                   PYTHONDONTWRITEBYTECODE=1)
+        first = _probe(env, tmp_path)
+        assert first["file"].startswith(str(site))
+        assert first["misses"] > 0 and first["hits"] == 0
+        assert _cache_files(user_cache / "numba"), "nothing cached in the user cache"
+        assert not _cache_files(site)
+        second = _probe(env, tmp_path)              # a new process: loads, compiles nothing
+        assert second["hits"] > 0 and second["misses"] == 0, second
+    finally:
+        for p in [site, *site.rglob("*")]:
+            p.chmod(p.stat().st_mode | stat.S_IWUSR)
+
+
+def test_warmup_cli_fills_the_cache(tmp_path):
+    cache = tmp_path / "numba-cache"
+    env = _env(NUMBA_CACHE_DIR=cache)
+    out = _python(["-m", "fastce", "warmup", "--dtypes", "float32", "--layouts", "small"],
+                  env, ROOT)
+    assert "fastce warmup: float32 x small" in out, out
+    assert re.search(r"compiled small/float32\s+\d+\.\d s", out), out
+    assert "compiled again" not in out, out
+    assert _cache_files(cache)
+    probe = _probe(env, ROOT)                   # a new process finds the kernel cached
+    assert probe["hits"] > 0 and probe["misses"] == 0, probe
+
+
+def test_warmup_cli_rejects_unknown_layout():
+    proc = subprocess.run([sys.executable, "-m", "fastce", "warmup", "--layouts", "cols"],
+                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "cols" in proc.stderr
+
+
+def test_bench_cold_quick():
+    out = _python(["-m", "fastce", "bench", "--workloads", "COLD", "--quick"], _env(), ROOT)
+    assert re.search(r"\(4096, 10\) float32 \(small-C rows\)\s+\d+\.\d\d\s+\d+\.\d\d", out), out
+    assert re.search(r"same, int32 targets\s+\d+\.\d\d", out), out
+    assert "reference kernel" in out and "cached process: import fastce" in out, out
+    assert re.search(r"then first result \d\.\d\d\d s", out), out
+    assert "all together <=" in out
+    # int32 targets reuse the int64 kernel: far cheaper than the first call
+    first = {m.group(1): float(m.group(2)) for m in
+             re.finditer(r"^  (\S.*?)\s+(\d+\.\d\d)\s+\d+\.\d\d$", out, re.M)}
+    small = first["(4096, 10) float32 (small-C rows)"]
+    assert first["same, int32 targets"] < 0.5 * small, out
