@@ -170,7 +170,8 @@ def run_cold(quick=False, fresh=False, out=sys.stdout, progress=None):
             rows = [(key, r["first"][key], r["reference"]) for key in keys]
         if progress:
             progress("COLD: a second process on the warm cache")
-        cached = _run_child(list(keys), cache, reference=False)
+        cached = _run_child(list(keys), cache)          # after the reference: LLVM started
+        bare = _run_child(keys[:1], cache, reference=False)     # a user's bare process
     mode = ("each row in its own fresh process and empty cache" if fresh else
             "rows in order in one fresh process, empty Numba cache (cumulative)")
     print(f"cold start ({mode}); ref = compile time of a small reference Numba kernel in the "
@@ -183,9 +184,11 @@ def run_cold(quick=False, fresh=False, out=sys.stdout, progress=None):
     print(f"  {'all of the above':<58}{total:9.2f}{total / ref_total:8.2f}", file=out)
     print(f"  {'reference kernel' + (' (mean)' if fresh else ''):<58}{ref_total:9.2f}", file=out)
     first_cached = cached["first"][keys[0]]
-    print(f"  cached process: import fastce {cached['import']:.3f} s, import numba "
-          f"{cached['import_numba']:.3f} s, then first result {first_cached:.3f} s (slowest "
-          f"first call {max(cached['first'].values()):.3f} s)", file=out)
+    print(f"  cached process, after the reference kernel: first result {first_cached:.3f} s "
+          f"(slowest first call {max(cached['first'].values()):.3f} s)", file=out)
+    print(f"  cached bare process: import fastce {bare['import']:.3f} s, import numba "
+          f"{bare['import_numba']:.3f} s, then first result {bare['first'][keys[0]]:.3f} s "
+          f"(LLVM's start-up included)", file=out)
     goals = [(f"every first call <= {GOAL_EACH:g}x ref", max(t / ref for _, t, ref in rows),
               max(t / ref for _, t, ref in rows) <= GOAL_EACH),
              (f"all together <= {GOAL_TOTAL:g}x ref", total / ref_total,
@@ -195,7 +198,7 @@ def run_cold(quick=False, fresh=False, out=sys.stdout, progress=None):
     for text, value, ok in goals:
         print(f"  [{'PASS' if ok else 'FAIL'}] {text}: {value:.2f}", file=out)
     return {"rows": rows, "total": total, "reference": ref_total, "cached": cached["first"],
-            "goals": goals}
+            "bare": bare, "goals": goals}
 
 
 # ---------------------------------------------------------------------------------------------
