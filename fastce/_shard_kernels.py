@@ -29,6 +29,7 @@ from numba import njit, prange
 
 from . import cpu
 from .cpu import FASTMATH, LOG2E, cast_like, exp2_nonpos, exp2_nonpos_exact, fmaximum, softcap_fast
+from .cpu import _seg_exp_acc, _seg_max, _seg_softcap   # the block kernels' segment passes
 
 K_STATS = 8
 BLOCK = 512
@@ -130,24 +131,6 @@ def _stats_rows(x, tl, p, w, prm, out):
                     idx = c
                     break
             out[7, i] = idx
-
-
-@njit(**_INLINE)
-def _seg_max(xs, m):
-    for j in range(xs.shape[0]):
-        m[j] = fmaximum(m[j], xs[j])
-
-
-@njit(**_INLINE)
-def _seg_exp_acc(xs, ms, log2e, acc):
-    for j in range(xs.shape[0]):
-        acc[j] += exp2_nonpos((xs[j] - ms[j]) * log2e)
-
-
-@njit(**_INLINE)
-def _seg_softcap(xs, capf, inv_capf, out):
-    for j in range(xs.shape[0]):
-        out[j] = softcap_fast(xs[j], capf, inv_capf)
 
 
 def _stats_strided(x, tl, p, w, prm, out):
