@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .dispatch import backend_for, is_dask_array
+from .options import LossOptions
 
 __all__ = [
     "cross_entropy", "cross_entropy_backward", "cross_entropy_with_grad", "CrossEntropyLoss",
@@ -374,10 +375,11 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
         grad = be.contiguous(o).reshape(N, C, S)
     elif want_grad:
         grad = be.empty((N, C, S), x3.dtype)
+    opts = LossOptions.make(label_smoothing=eps, C=C, weight_sum=W, softcap=cap,
+                            grad_scale=inv_D, z_grad=z2, z_loss=zl, in_place=in_place,
+                            want_hits=want_stats)
     if kind == "index":
-        prm = be.xp.asarray(np.array([1.0 - eps, eps / C, W, cap, inv_D, z2, zl,
-                                      float(in_place), float(want_stats)]))
-        ce, zls, hit, stats = be.index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride,
+        ce, zls, hit, stats = be.index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride,
                                             per_position=reduction == "none",
                                             fuse_stats=fuse_stats)
         if fuse_stats:
@@ -388,8 +390,7 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
             if denominators is not None:
                 D, Dz = denominators
     else:
-        prm = be.xp.asarray(np.array([1.0 - eps, eps / C, cap, inv_D, z2, zl]))
-        ce, zls = be.prob_loss(x3, t2, w, prm, grad, g, g_stride)
+        ce, zls = be.prob_loss(x3, t2, w, opts, grad, g, g_stride)
         hit = None
 
     loss = None

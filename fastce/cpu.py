@@ -36,6 +36,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from . import elementwise as ew
+from .options import legacy_index_vector, legacy_prob_vector
 
 __all__ = ["index_loss", "prob_loss", "target_stats", "softmax_family", "launch"]
 
@@ -1425,13 +1426,14 @@ def target_stats(t2, w, ignore_index, C):
 _NO_STATS = np.empty((3, 0))
 
 
-def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride, per_position=True,
+def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=True,
                fuse_stats=False):
     """(ce, z-loss, hit, stats).  per_position: ce/z-loss/hit per position (N, S); else arrays
     whose sums are theirs (per-block partial sums, in a fixed partition).  Fills ``grad``
     (N, C, S) when given.  fuse_stats: stats = target_stats(...) computed by the loss kernel
     itself (forward only: the gradient needs the mean's denominator first); when it finds a bad
     target the other outputs are meaningless (but no out-of-range read happened).  Else None."""
+    prm = legacy_index_vector(opts)
     N, C, S = x3.shape
     want = grad is not None
     gbuf = grad if want else np.empty((1, 1, 1), x3.dtype)
@@ -1462,7 +1464,8 @@ def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride, per_position=Tru
     return ce, zl, hit, (_sum_stats(part) if fuse_stats else None)
 
 
-def prob_loss(x3, p3, w, prm, grad, g, g_stride):
+def prob_loss(x3, p3, w, opts, grad, g, g_stride):
+    prm = legacy_prob_vector(opts)
     N, C, S = x3.shape
     ce = np.empty((N, S))
     lse = np.empty((N, S))

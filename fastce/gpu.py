@@ -37,6 +37,7 @@ import numpy as np
 from numba import config, cuda
 
 from . import elementwise as ew
+from .options import legacy_index_vector, legacy_prob_vector
 from .dispatch import is_device_array
 
 __all__ = ["BACKEND", "GPUBackend", "DArray"]
@@ -1274,13 +1275,14 @@ def total(a) -> float:
     return float(part.copy_to_host()[0])
 
 
-def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride, per_position=True,
+def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=True,
                fuse_stats=False):
     """(ce, z-loss, hit, None): per-element arrays (N, S) (whatever ``per_position``); fills
     ``grad`` (N, C, S) when given.  The targets are validated by ``target_stats`` beforehand
     (``fuse_stats`` is not supported here: fuses_target_stats is False)."""
     if fuse_stats:
         raise NotImplementedError("fastce.gpu: the target statistics come from target_stats")
+    prm = _XP.asarray(legacy_index_vector(opts))
     N, C, S = x3.shape
     ce = _alloc((N, S), np.float64)
     zl = _alloc((N, S), np.float64)
@@ -1301,7 +1303,8 @@ def index_loss(x3, t2, w, prm, ignore_index, grad, g, g_stride, per_position=Tru
     return ce, zl, hit, None
 
 
-def prob_loss(x3, p3, w, prm, grad, g, g_stride):
+def prob_loss(x3, p3, w, opts, grad, g, g_stride):
+    prm = _XP.asarray(legacy_prob_vector(opts))
     N, C, S = x3.shape
     ce = _alloc((N, S), np.float64)
     zl = _alloc((N, S), np.float64)

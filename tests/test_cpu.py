@@ -12,6 +12,7 @@ from numba import njit
 
 import fastce
 from fastce import cpu
+from fastce.options import LossOptions
 from helpers import assert_close, random_case, spec_loss_and_grad
 
 B = cpu.BLOCK
@@ -102,8 +103,8 @@ def test_forward_and_loss_grad_share_the_denominator_bitwise(shape):
     S = int(np.prod(shape[2:], dtype=np.int64))
     t2 = np.ascontiguousarray(t).reshape(N, S)
     pre = cpu.target_stats(t2, w, -100, C)
-    prm = np.array([1.0, 0.0, float(w.sum()), 0.0, 1.0, 0.0, 0.0, 0.0, 0.0])
-    *_, fused = cpu.index_loss(x.reshape(N, C, S), t2, w, prm, -100, None, np.ones(1), 0,
+    opts = LossOptions(weight_sum=float(w.sum()))
+    *_, fused = cpu.index_loss(x.reshape(N, C, S), t2, w, opts, -100, None, np.ones(1), 0,
                                per_position=False, fuse_stats=True)
     assert fused == pre
     valid = t2 != -100

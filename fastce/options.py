@@ -1,0 +1,49 @@
+"""The options of one cross-entropy call, by name: what api.py hands a backend's loss kernels.
+
+``LossOptions`` is the one place the per-call options are defined.  Every field is a value,
+not a code path (the kernels branch on them at run time, and Numba types the tuple once), so a
+new option set compiles nothing new; the two code-path choices that are worth compiled
+variants (gradient or not, softcap or not) are read from it by the backend's launcher.
+
+Notation (see ``fastce.spec``): eps = label_smoothing, C classes, w the class weights,
+D the mean's denominator (sum of the non-ignored targets' weights), Dz the number of
+non-ignored targets (the z-loss mean's denominator).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+__all__ = ["LossOptions"]
+
+
+class LossOptions(NamedTuple):
+    keep: float = 1.0            # 1 - eps: the target's share of the smoothed distribution
+    smooth_c: float = 0.0        # eps / C: every class's share
+    weight_sum: float = 0.0      # W = sum_c w_c, the smoothing term's normaliser
+    softcap: float = 0.0         # cap of cap * tanh(x / cap); 0 = off
+    grad_scale: float = 1.0      # d loss / d loss_i: 1/D for reduction="mean", else 1
+    z_grad: float = 0.0          # d z-loss / d lse^2: 2 * z_loss / Dz (mean) or 2 * z_loss
+    z_loss: float = 0.0          # PaLM's z-loss coefficient
+    in_place: bool = False       # the gradient buffer is the logits themselves
+    want_hits: bool = False      # count argmax == target (token accuracy)
+
+    @classmethod
+    def make(cls, *, label_smoothing, C, weight_sum, softcap, grad_scale=1.0, z_grad=0.0,
+             z_loss=0.0, in_place=False, want_hits=False):
+        """From the user's options (already checked by api._check_options)."""
+        eps = float(label_smoothing)
+        return cls(1.0 - eps, eps / C if C else 0.0, float(weight_sum), float(softcap),
+                   float(grad_scale), float(z_grad), float(z_loss), bool(in_place),
+                   bool(want_hits))
+
+
+# TRANSITIONAL (removed once the kernels take the named fields): the old positional vectors.
+def legacy_index_vector(o):
+    import numpy as np
+    return np.array([o.keep, o.smooth_c, o.weight_sum, o.softcap, o.grad_scale, o.z_grad,
+                     o.z_loss, float(o.in_place), float(o.want_hits)])
+
+
+def legacy_prob_vector(o):
+    import numpy as np
+    return np.array([o.keep, o.smooth_c, o.softcap, o.grad_scale, o.z_grad, o.z_loss])
