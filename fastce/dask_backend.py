@@ -64,6 +64,16 @@ class _Graph:
         self.dsk[key] = value
         return key
 
+    def grad_output(self, g_scalar, g_none):
+        """Register the upstream gradient's dependencies; the key (or literal) of a scalar one
+        (None otherwise: a per-position one is addressed by block)."""
+        if g_none is not None:
+            self.deps.append(g_none)
+        if is_dask_array(g_scalar):
+            self.deps.append(g_scalar)
+            return (g_scalar.name,)
+        return g_scalar
+
     def tree(self, keys, combine, what):
         """Reduce ``keys`` (in order) with ``combine(list)`` in a fixed tree; the root key."""
         level = list(keys)
@@ -321,14 +331,7 @@ def cross_entropy(input, target, weight, grad_output, *, ignore_index, reduction
                 g_scalar.name if is_dask_array(g_scalar) else g_scalar))
     G.deps += [x, t]
     wkey = G.data(weight, "weight")
-    gkey = None
-    if is_dask_array(g_scalar):
-        G.deps.append(g_scalar)
-        gkey = (g_scalar.name,)
-    elif g_scalar is not None:
-        gkey = g_scalar
-    if g_none is not None:
-        G.deps.append(g_none)
+    gkey = G.grad_output(g_scalar, g_none)
 
     # 1. denominators of the whole batch
     tgrid = _grid(t.numblocks)
@@ -526,14 +529,7 @@ def linear_cross_entropy(hidden, classifier, target, bias, weight, grad_output, 
     ckey = G.data(classifier, "classifier")
     bkey = G.data(bias, "bias")
     wkey = G.data(weight, "weight")
-    gkey = None
-    if is_dask_array(g_scalar):
-        G.deps.append(g_scalar)
-        gkey = (g_scalar.name,)
-    elif g_scalar is not None:
-        gkey = g_scalar
-    if g_none is not None:
-        G.deps.append(g_none)
+    gkey = G.grad_output(g_scalar, g_none)
     nb = h.numblocks[0]
     fn = partial(_block_denoms, C=V, ignore_index=ignore_index, dtype=cdt)
     name = G.name("denoms")
