@@ -374,24 +374,21 @@ class CrossEntropyLoss(torch.nn.Module):
             raise ValueError(f"fastce: reduction must be one of ('none', 'mean', 'sum'), got "
                              f"{reduction!r}")
         self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.softcap = softcap
-        self.z_loss = z_loss
-        self.class_axis = class_axis
-        self.fused = fused
+        values = (ignore_index, reduction, label_smoothing, softcap, z_loss, class_axis, fused)
+        for name, value in zip(self._OPTIONS, values):
+            setattr(self, name, value)
+
+    _OPTIONS = ("ignore_index", "reduction", "label_smoothing", "softcap", "z_loss",
+                "class_axis", "fused")
+
+    def _options(self):
+        return {name: getattr(self, name) for name in self._OPTIONS}
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index,
-                             reduction=self.reduction, label_smoothing=self.label_smoothing,
-                             softcap=self.softcap, z_loss=self.z_loss,
-                             class_axis=self.class_axis, fused=self.fused)
+        return cross_entropy(input, target, self.weight, **self._options())
 
     def extra_repr(self):
-        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, softcap={self.softcap}, "
-                f"z_loss={self.z_loss}, class_axis={self.class_axis}, fused={self.fused}")
+        return ", ".join(f"{k}={v!r}" for k, v in self._options().items())
 
 
 # ---------------------------------------------------------------------------------------------
