@@ -11,9 +11,10 @@ nor a GPU.
 
 Layouts (see ``fastce.spec``): logits are viewed as (N, C, S).
 - ``S == 1`` and C > SMALL_C ("rows", index or probability targets): one thread block per
-  row.  Each thread runs a single-pass online softmax (running max, rescaled sum) over its strided share of the row; the block
-  combines the partial (max, sum) pairs with a fixed-order shared-memory tree.  The logits are
-  read once for the loss and twice for loss+grad (the second pass writes the gradient).
+  row.  Each thread runs a single-pass online softmax (running max, rescaled sum) over its
+  strided share of the row; the block combines the partial (max, sum) pairs with a
+  fixed-order shared-memory tree (``_block_tree``).  The logits are read once for the loss
+  and twice for loss+grad (the second pass writes the gradient).
 - otherwise ("strided", e.g. (N, C, H, W), or rows with few classes): one thread per (n, s)
   position, consecutive threads on consecutive s (coalesced along S).
 
@@ -37,19 +38,25 @@ import numpy as np
 from numba import config, cuda
 
 from . import elementwise as ew
-from .options import legacy_index_vector, legacy_prob_vector
+from .options import LossOptions
 from .dispatch import is_device_array
 
 __all__ = ["BACKEND", "GPUBackend", "DArray"]
 
 SIM = bool(config.ENABLE_CUDASIM)
+# Block sizes are powers of 2: the shared-memory tree halves the active threads each step.
 # The simulator runs every thread as a Python thread: keep blocks small there.
-ROW_MAX = 32 if SIM else 512          # max threads per block of the row kernels (power of 2)
-RED_T = 32 if SIM else 256            # threads per block of the reductions (power of 2)
-RED_BLOCKS = 4 if SIM else 1024       # max blocks of the first reduction stage
-ELEM_T = 32 if SIM else 256           # threads per block of the element-wise kernels
+ROW_MAX = 32 if SIM else 512          # max threads per block of the row kernels: their shared
+#                                       state (<= 52 B a thread: 26 KiB) stays under the 48 KiB a
+#                                       block may declare statically; _row_cfg gives each 8+ classes
+RED_T = 32 if SIM else 256            # threads per block of the reductions (8 warps)
+RED_BLOCKS = 4 if SIM else 1024       # max blocks of the first reduction stage: its <= 1024
+#                                       partials take one second-stage block or one small copy
+ELEM_T = 32 if SIM else 256           # threads per block of the one-thread-per-item kernels
 SMALL_C = 4 if SIM else 64            # rows with at most this many classes: one thread per row
-MAX_GRID = 1 << 30
+#                                       (a block per row would leave most threads 0-2 classes)
+MAX_GRID = 1 << 30                    # most blocks per launch (CUDA allows 2**31 - 1 in x): the
+#                                       kernels' grid-stride loops cover larger N
 
 _f8 = np.float64
 _i8 = np.int64
@@ -79,16 +86,9 @@ def _combine(m1, s1, m2, s2):
 
 
 @cuda.jit(device=True)
-def _finish_lse(m, s, nan):
-    """lse of a row from its (max, sum); NaN for a NaN logit or a +inf (softcapped) max."""
-    if nan != 0 or m == math.inf:
-        return math.nan
-    return m + math.log(s)
-
-
-@cuda.jit(device=True)
 def _finish_lse_r(m, s, nan):
-    """(lse, r = log s): lse - s_c is computed as (m - s_c) + r, exact near float64's limit."""
+    """(lse, r = log s) of a row from its (max, sum); NaN for a NaN logit or a +inf
+    (softcapped) max.  lse - s_c is computed as (m - s_c) + r, exact near float64's limit."""
     if nan != 0 or m == math.inf:
         return math.nan, math.nan
     r = math.log(s) if s > 0.0 else -math.inf      # all -inf: the simulator's log(0) raises
@@ -158,11 +158,146 @@ def _signed_finish(m, s, signed, poisoned):
 
 
 # ---------------------------------------------------------------------------------------------
+# Grid loops and block reductions, shared by every kernel
+# ---------------------------------------------------------------------------------------------
+@cuda.jit(device=True)
+def _thread_range():
+    """(first item, step) of a grid-stride loop with one thread per item (64-bit)."""
+    return (_i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x,
+            _i8(cuda.gridDim.x) * cuda.blockDim.x)
+
+
+@cuda.jit(device=True)
+def _block_range():
+    """(first item, step) of a grid-stride loop with one block per item (a row)."""
+    return _i8(cuda.blockIdx.x), _i8(cuda.gridDim.x)
+
+
+def _block_tree(merge):
+    """A device function ``reduce(sh, tid, bd)`` folding the block's bd shared-memory slots
+    (``sh``, a tuple of shared arrays, one slot per thread) into slot 0 by a fixed-order tree
+    (deterministic, no warp shuffles: the simulator has none); ``merge(sh, i, o)`` folds slot o
+    into slot i.  It synchronises before (the threads' writes) and after each step."""
+
+    @cuda.jit(device=True)
+    def reduce(sh, tid, bd):
+        cuda.syncthreads()
+        stride = bd // 2
+        while stride > 0:
+            if tid < stride:
+                merge(sh, tid, tid + stride)
+            cuda.syncthreads()
+            stride //= 2
+    return reduce
+
+
+@cuda.jit(device=True)
+def _fold_online(sh_m, sh_s, sh_n, i, o):
+    """Slot i absorbs slot o's online softmax (max, sum of exp(v - max), NaN flag); returns
+    both maxima before the merge and the merged one (what _dev_merge needs)."""
+    m1 = sh_m[i]
+    m2 = sh_m[o]
+    m, s = _combine(m1, sh_s[i], m2, sh_s[o])
+    sh_m[i] = m
+    sh_s[i] = s
+    sh_n[i] = sh_n[i] | sh_n[o]
+    return m1, m2, m
+
+
+@cuda.jit(device=True)
+def _merge_lse(sh, i, o):
+    """sh = (max, sum, NaN flag)."""
+    _fold_online(sh[0], sh[1], sh[2], i, o)
+
+
+@cuda.jit(device=True)
+def _merge_index(sh, i, o):
+    """sh = (max, sum, NaN flag, dev, q_fin of _dev_step, argmax value, argmax class)."""
+    sh_m, sh_s, sh_n, sh_d, sh_q, sh_r, sh_i = sh
+    m1, m2, m = _fold_online(sh_m, sh_s, sh_n, i, o)
+    sh_d[i], sh_q[i] = _dev_merge(m1, sh_d[i], sh_q[i], m2, sh_d[o], sh_q[o], m)
+    if sh_r[o] > sh_r[i] or (sh_r[o] == sh_r[i] and sh_i[o] < sh_i[i]):   # first maximum
+        sh_r[i] = sh_r[o]
+        sh_i[i] = sh_i[o]
+
+
+@cuda.jit(device=True)
+def _merge_prob(sh, i, o):
+    """sh = (max, sum, NaN flag, dev, q_fin of _dev_step, sum of the weights q)."""
+    sh_m, sh_s, sh_n, sh_d, sh_q, sh_a = sh
+    m1, m2, m = _fold_online(sh_m, sh_s, sh_n, i, o)
+    sh_d[i], sh_q[i] = _dev_merge(m1, sh_d[i], sh_q[i], m2, sh_d[o], sh_q[o], m)
+    sh_a[i] = sh_a[i] + sh_a[o]
+
+
+@cuda.jit(device=True)
+def _merge_sum(sh, i, o):
+    sh[0][i] = sh[0][i] + sh[0][o]
+
+
+@cuda.jit(device=True)
+def _merge_stats(sh, i, o):
+    """sh = (sum of w[t], count, first bad position)."""
+    sh_d, sh_c, sh_b = sh
+    sh_d[i] = sh_d[i] + sh_d[o]
+    sh_c[i] = sh_c[i] + sh_c[o]
+    if sh_b[o] < sh_b[i]:
+        sh_b[i] = sh_b[o]
+
+
+_tree_lse = _block_tree(_merge_lse)
+_tree_index = _block_tree(_merge_index)
+_tree_prob = _block_tree(_merge_prob)
+_tree_sum = _block_tree(_merge_sum)
+_tree_stats = _block_tree(_merge_stats)
+
+
+# ---------------------------------------------------------------------------------------------
 # Loss kernels, one set per compute dtype F (float32 or float64)
 # ---------------------------------------------------------------------------------------------
+# The options arrive as typed scalars named as LossOptions' fields (scalar kernel arguments are
+# the portable kind); the kernels rebuild a LossOptions, the fields a kernel does not take at
+# their defaults, so the device functions read every option by name.
+@cuda.jit(device=True)
+def _index_options(keep, smooth_c, weight_sum, softcap, grad_scale, z_grad, z_loss, want_hits):
+    return LossOptions(keep, smooth_c, weight_sum, softcap, grad_scale, z_grad, z_loss, False,
+                       want_hits)
+
+
+@cuda.jit(device=True)
+def _prob_options(keep, smooth_c, softcap, grad_scale, z_grad, z_loss):
+    return LossOptions(keep, smooth_c, 0.0, softcap, grad_scale, z_grad, z_loss, False, False)
+
+
+@cuda.jit(device=True)
+def _prob_finish(m, ssum, nan, A, qd, o, want_grad, g, gi, n, s, ce_out, zl_out):
+    """Writes element (n, s)'s loss terms from its float64 row state; returns the gradient's
+    (scale, beta): dL/dx_c = (exp(x_c - m) scale - beta q_c) (times the softcap factor)."""
+    lse, r = _finish_lse_r(m, ssum, nan)
+    zl_out[n, s] = _z_term(lse, o.z_loss)
+    ce_out[n, s] = _prob_loss(r, A, qd)
+    scale = 0.0
+    beta = 0.0
+    if want_grad:
+        alpha, beta = _prob_grad_coefs(g[gi], lse, A, o.grad_scale, o.z_grad)
+        scale = alpha / ssum
+        if lse != lse:          # NaN element: poison its gradient, as on the CPU
+            scale = lse
+    return scale, beta
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels(F):
-    """Compile (lazily, once per dtype signature) the loss kernels computing in dtype F."""
+    """Compile (lazily, once per dtype signature) the loss and softmax kernels computing in
+    dtype F: ({name: kernel}, {name: Python function})."""
+    fns = {**_index_kernels(F), **_prob_kernels(F), **_softmax_kernels(F)}
+    return {k: cuda.jit(f) for k, f in fns.items()}, fns
+
+
+@functools.lru_cache(maxsize=None)
+def _steps(F):
+    """(online, capped, cap_consts): the per-logit steps in dtype F (F's constants keep float32
+    arithmetic in float32)."""
 
     @cuda.jit(device=True)
     def online(m, s, v):
@@ -181,56 +316,25 @@ def _kernels(F):
         return v
 
     @cuda.jit(device=True)
-    def index_finish(x, n, s, t, w, prm, ignore_index, want_grad, g, gi, m, ssum, nan, wdev,
-                     ir, C, ce_out, zl_out, hit_out):
-        """Per-element outputs of one element; returns (target, scale, gamma, beta) for the
-        gradient (target -1 where ignored).  x is (N, C, S) and the element is (n, s)."""
-        keep, smooth_c, W, cap = prm[0], prm[1], prm[2], prm[3]
-        inv_D, z2, zl = prm[4], prm[5], prm[6]
+    def cap_consts(cap):
+        """(has_cap, 1/cap in float64, cap and 1/cap in F); 1/cap is 0 without a cap."""
         has_cap = cap > 0.0
         inv_cap = 1.0 / cap if has_cap else 0.0
-        lse, r = _finish_lse_r(m, ssum, nan)
-        ti = _i8(t[n, s])
-        if ti == ignore_index or ti < 0 or ti >= C:
-            ce_out[n, s] = 0.0
-            zl_out[n, s] = 0.0
-            hit_out[n, s] = 0
-            return _i8(-1), 0.0, 0.0, 0.0
-        w_t = _f8(w[ti])
-        xt = x[n, ti, s]
-        s_t = _f8(capped(xt, has_cap, F(cap), F(inv_cap)))
-        ce_out[n, s] = _index_loss(r, m - s_t, w_t, W, wdev, keep, smooth_c)
-        zl_out[n, s] = _z_term(lse, zl)
-        hit_out[n, s] = 1 if (nan == 0 and ir == ti) else 0
-        scale = 0.0
-        gamma = 0.0
-        beta = 0.0
-        if want_grad:
-            alpha, beta, gamma = _index_grad_coefs(g[gi], lse, w_t, W, keep, smooth_c, inv_D, z2)
-            scale = alpha / ssum
-            if lse != lse:          # NaN element: poison its gradient, as on the CPU
-                scale = lse
-            if has_cap:
-                beta = beta * _softcap_grad_factor(s_t, inv_cap)
-        return ti, scale, gamma, beta
+        return has_cap, inv_cap, F(cap), F(inv_cap)
+
+    return online, capped, cap_consts
+
+
+@functools.lru_cache(maxsize=None)
+def _index_steps(F):
+    """(row_start, row_step, index_finish, grad_value): index-target math of one element in
+    dtype F."""
+    online, capped, cap_consts = _steps(F)
 
     @cuda.jit(device=True)
-    def grad_value(v, c, ti, ms, scale_f, gamma_f, beta_f, w, wi, has_cap, has_smooth, capf,
-                   inv_capf):
-        """dL/dx of class c (w[wi] its weight, read only when smoothing needs it)."""
-        sv = capped(v, has_cap, capf, inv_capf)
-        e = math.exp(sv - ms)
-        if has_cap:
-            q = sv * inv_capf
-            gw = gamma_f * w[wi] if has_smooth else F(0.0)
-            r = (e * scale_f - gw) * (F(1.0) - q * q)
-        elif has_smooth:
-            r = e * scale_f - gamma_f * w[wi]
-        else:
-            r = e * scale_f
-        if c == ti:
-            r -= beta_f
-        return r
+    def row_start(C):
+        """The empty row state: (max, sum, dev, q_fin, argmax value, argmax class, NaN seen)."""
+        return F(-math.inf), F(0.0), F(0.0), F(0.0), F(-math.inf), _i8(C), 0
 
     @cuda.jit(device=True)
     def row_step(v, c, w, m, ssum, wd, wq, mr, ir, nan, C, has_cap, has_smooth, capf,
@@ -249,301 +353,295 @@ def _kernels(F):
                 wd, wq = _dev_step(m_old, m, wd, wq, sv, w[c])
         return m, ssum, wd, wq, mr, ir, nan
 
-    def index_rows(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
+    @cuda.jit(device=True)
+    def index_finish(x, n, s, t, w, o, ignore_index, want_grad, g, gi, m, ssum, nan, wdev,
+                     ir, C, ce_out, zl_out, hit_out):
+        """Per-element outputs of one element; returns (target, scale, gamma, beta) for the
+        gradient (target -1 where ignored).  x is (N, C, S) and the element is (n, s)."""
+        has_cap, inv_cap, capf, inv_capf = cap_consts(o.softcap)
+        lse, r = _finish_lse_r(m, ssum, nan)
+        ti = _i8(t[n, s])
+        if ti == ignore_index or ti < 0 or ti >= C:
+            ce_out[n, s] = 0.0
+            zl_out[n, s] = 0.0
+            hit_out[n, s] = 0
+            return _i8(-1), 0.0, 0.0, 0.0
+        w_t = _f8(w[ti])
+        s_t = _f8(capped(x[n, ti, s], has_cap, capf, inv_capf))
+        ce_out[n, s] = _index_loss(r, m - s_t, w_t, o.weight_sum, wdev, o.keep, o.smooth_c)
+        zl_out[n, s] = _z_term(lse, o.z_loss)
+        hit_out[n, s] = 1 if (nan == 0 and ir == ti) else 0
+        scale = 0.0
+        gamma = 0.0
+        beta = 0.0
+        if want_grad:
+            alpha, beta, gamma = _index_grad_coefs(g[gi], lse, w_t, o.weight_sum, o.keep,
+                                                   o.smooth_c, o.grad_scale, o.z_grad)
+            scale = alpha / ssum
+            if lse != lse:          # NaN element: poison its gradient, as on the CPU
+                scale = lse
+            if has_cap:
+                beta = beta * _softcap_grad_factor(s_t, inv_cap)
+        return ti, scale, gamma, beta
+
+    @cuda.jit(device=True)
+    def grad_value(v, c, ti, ms, scale_f, gamma_f, beta_f, w, has_cap, has_smooth, capf,
+                   inv_capf):
+        """dL/dx of class c (w[c] its weight, read only when smoothing needs it)."""
+        sv = capped(v, has_cap, capf, inv_capf)
+        e = math.exp(sv - ms)
+        if has_cap:
+            q = sv * inv_capf
+            gw = gamma_f * w[c] if has_smooth else F(0.0)
+            r = (e * scale_f - gw) * (F(1.0) - q * q)
+        elif has_smooth:
+            r = e * scale_f - gamma_f * w[c]
+        else:
+            r = e * scale_f
+        if c == ti:
+            r -= beta_f
+        return r
+
+    return row_start, row_step, index_finish, grad_value
+
+
+@functools.lru_cache(maxsize=None)
+def _index_row_passes(F):
+    """(row_share, row_grad): a thread's two passes over its share of a row in index_rows."""
+    row_start, row_step, _, grad_value = _index_steps(F)
+
+    @cuda.jit(device=True)
+    def row_share(x, row, w, C, tid, bd, has_cap, has_smooth, capf, inv_capf):
+        """A thread's running state over its strided share c = tid, tid + bd, ... of a row."""
+        m, ssum, wd, wq, mr, ir, nan = row_start(C)
+        c = _i8(tid)
+        # Four independent loads in flight per thread, then the updates in class order.
+        while c + 3 * bd < C:
+            v0 = x[row, c, 0]
+            v1 = x[row, c + bd, 0]
+            v2 = x[row, c + 2 * bd, 0]
+            v3 = x[row, c + 3 * bd, 0]
+            m, ssum, wd, wq, mr, ir, nan = row_step(v0, c, w, m, ssum, wd, wq, mr, ir, nan, C,
+                                                    has_cap, has_smooth, capf, inv_capf)
+            m, ssum, wd, wq, mr, ir, nan = row_step(v1, c + bd, w, m, ssum, wd, wq, mr, ir, nan,
+                                                    C, has_cap, has_smooth, capf, inv_capf)
+            m, ssum, wd, wq, mr, ir, nan = row_step(v2, c + 2 * bd, w, m, ssum, wd, wq, mr, ir,
+                                                    nan, C, has_cap, has_smooth, capf, inv_capf)
+            m, ssum, wd, wq, mr, ir, nan = row_step(v3, c + 3 * bd, w, m, ssum, wd, wq, mr, ir,
+                                                    nan, C, has_cap, has_smooth, capf, inv_capf)
+            c += 4 * bd
+        while c < C:
+            m, ssum, wd, wq, mr, ir, nan = row_step(x[row, c, 0], c, w, m, ssum, wd, wq, mr, ir,
+                                                    nan, C, has_cap, has_smooth, capf, inv_capf)
+            c += bd
+        return m, ssum, wd, wq, mr, ir, nan
+
+    @cuda.jit(device=True)
+    def row_grad(x, w, row, ti, ms, scale_f, gamma_f, beta_f, grad, C, tid, bd, has_cap,
+                 has_smooth, capf, inv_capf):
+        """Write a row's gradient over the thread's share (zeros for an ignored target)."""
+        c = _i8(tid)
+        if ti < 0:
+            while c < C:
+                grad[row, c, 0] = F(0.0)
+                c += bd
+        while c + bd < C:           # two loads in flight per thread
+            v0 = x[row, c, 0]
+            v1 = x[row, c + bd, 0]
+            grad[row, c, 0] = grad_value(v0, c, ti, ms, scale_f, gamma_f, beta_f, w, has_cap,
+                                         has_smooth, capf, inv_capf)
+            grad[row, c + bd, 0] = grad_value(v1, c + bd, ti, ms, scale_f, gamma_f, beta_f, w,
+                                              has_cap, has_smooth, capf, inv_capf)
+            c += 2 * bd
+        while c < C:
+            grad[row, c, 0] = grad_value(x[row, c, 0], c, ti, ms, scale_f, gamma_f, beta_f, w,
+                                         has_cap, has_smooth, capf, inv_capf)
+            c += bd
+
+    return row_share, row_grad
+
+
+def _index_kernels(F):
+    """index_rows (S == 1, C > SMALL_C: one block per row) and index_strided (one thread per
+    (n, s)).  Arguments: x (N, C, S), targets t (N, S), class weights w, the LossOptions
+    fields, ignore_index, want_grad, g (dL/dloss_i at g[i * g_stride]), grad (N, C, S) and the
+    per-element outputs ce, z-loss, hit (N, S)."""
+    row_start, row_step, index_finish, grad_value = _index_steps(F)
+    _, _, cap_consts = _steps(F)
+    row_share, row_grad = _index_row_passes(F)
+
+    def index_rows(x, t, w, keep, smooth_c, weight_sum, softcap, grad_scale, z_grad, z_loss,
+                   want_hits, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
                    hit_out):
-        """x (N, C, 1): one block per row, online softmax over the row's strided share."""
+        o = _index_options(keep, smooth_c, weight_sum, softcap, grad_scale, z_grad, z_loss,
+                           want_hits)
         sh_m = cuda.shared.array(ROW_MAX, np.float64)
         sh_s = cuda.shared.array(ROW_MAX, np.float64)
-        sh_w = cuda.shared.array(ROW_MAX, np.float64)
+        sh_n = cuda.shared.array(ROW_MAX, np.int32)
+        sh_d = cuda.shared.array(ROW_MAX, np.float64)
         sh_q = cuda.shared.array(ROW_MAX, np.float64)
         sh_r = cuda.shared.array(ROW_MAX, np.float64)
         sh_i = cuda.shared.array(ROW_MAX, np.int64)
-        sh_n = cuda.shared.array(ROW_MAX, np.int32)
-        sh_c = cuda.shared.array(4, np.float64)
-        sh_t = cuda.shared.array(1, np.int64)
-        N = x.shape[0]
+        sh_c = cuda.shared.array(3, np.float64)       # the row's (scale, gamma, beta)
+        sh_t = cuda.shared.array(1, np.int64)         # and target (-1: ignored)
         C = x.shape[1]
         tid = cuda.threadIdx.x
         bd = cuda.blockDim.x
-        smooth_c, cap = prm[1], prm[3]
-        has_cap = cap > 0.0
+        has_cap, _, capf, inv_capf = cap_consts(softcap)
         has_smooth = smooth_c != 0.0
-        capf = F(cap)
-        inv_capf = F(1.0 / cap) if has_cap else F(0.0)
-        row = _i8(cuda.blockIdx.x)
-        while row < N:
-            m = F(-math.inf)
-            ssum = F(0.0)
-            wd = F(0.0)
-            wq = F(0.0)
-            mr = F(-math.inf)
-            ir = _i8(C)
-            nan = 0
-            c = _i8(tid)
-            # Four independent loads in flight per thread, then the updates in class order.
-            while c + 3 * bd < C:
-                v0 = x[row, c, 0]
-                v1 = x[row, c + bd, 0]
-                v2 = x[row, c + 2 * bd, 0]
-                v3 = x[row, c + 3 * bd, 0]
-                m, ssum, wd, wq, mr, ir, nan = row_step(v0, c, w, m, ssum, wd, wq, mr, ir, nan, C,
-                                                     has_cap, has_smooth, capf, inv_capf)
-                m, ssum, wd, wq, mr, ir, nan = row_step(v1, c + bd, w, m, ssum, wd, wq, mr, ir, nan,
-                                                     C, has_cap, has_smooth, capf, inv_capf)
-                m, ssum, wd, wq, mr, ir, nan = row_step(v2, c + 2 * bd, w, m, ssum, wd, wq, mr, ir,
-                                                     nan, C, has_cap, has_smooth, capf, inv_capf)
-                m, ssum, wd, wq, mr, ir, nan = row_step(v3, c + 3 * bd, w, m, ssum, wd, wq, mr, ir,
-                                                     nan, C, has_cap, has_smooth, capf, inv_capf)
-                c += 4 * bd
-            while c < C:
-                m, ssum, wd, wq, mr, ir, nan = row_step(x[row, c, 0], c, w, m, ssum, wd, wq, mr, ir,
-                                                     nan, C, has_cap, has_smooth, capf, inv_capf)
-                c += bd
-            sh_m[tid] = m
-            sh_s[tid] = ssum
-            sh_w[tid] = wd
-            sh_q[tid] = wq
-            sh_r[tid] = mr
-            sh_i[tid] = ir
-            sh_n[tid] = nan
-            cuda.syncthreads()
-            stride = bd // 2
-            while stride > 0:
-                if tid < stride:
-                    o = tid + stride
-                    mm, ss = _combine(sh_m[tid], sh_s[tid], sh_m[o], sh_s[o])
-                    dd, qq = _dev_merge(sh_m[tid], sh_w[tid], sh_q[tid], sh_m[o], sh_w[o],
-                                        sh_q[o], mm)
-                    sh_m[tid] = mm
-                    sh_s[tid] = ss
-                    sh_w[tid] = dd
-                    sh_q[tid] = qq
-                    if sh_r[o] > sh_r[tid] or (sh_r[o] == sh_r[tid] and sh_i[o] < sh_i[tid]):
-                        sh_r[tid] = sh_r[o]
-                        sh_i[tid] = sh_i[o]
-                    sh_n[tid] = sh_n[tid] | sh_n[o]
-                cuda.syncthreads()
-                stride //= 2
+        row, step = _block_range()
+        while row < x.shape[0]:
+            (sh_m[tid], sh_s[tid], sh_d[tid], sh_q[tid], sh_r[tid], sh_i[tid],
+             sh_n[tid]) = row_share(x, row, w, C, tid, bd, has_cap, has_smooth, capf, inv_capf)
+            _tree_index((sh_m, sh_s, sh_n, sh_d, sh_q, sh_r, sh_i), tid, bd)
             if tid == 0:
-                ti, scale, gamma, beta = index_finish(
-                    x, row, 0, t, w, prm, ignore_index, want_grad, g, row * g_stride,
-                    sh_m[0], sh_s[0], sh_n[0], sh_w[0], sh_i[0], C, ce_out, zl_out, hit_out)
-                sh_t[0] = ti
-                sh_c[0] = scale
-                sh_c[1] = gamma
-                sh_c[2] = beta
+                sh_t[0], sh_c[0], sh_c[1], sh_c[2] = index_finish(
+                    x, row, 0, t, w, o, ignore_index, want_grad, g, row * g_stride, sh_m[0],
+                    sh_s[0], sh_n[0], sh_d[0], sh_i[0], C, ce_out, zl_out, hit_out)
             cuda.syncthreads()
             if want_grad:
-                ti = sh_t[0]
-                ms = F(sh_m[0])
-                scale_f = F(sh_c[0])
-                gamma_f = F(sh_c[1])
-                beta_f = F(sh_c[2])
-                c = _i8(tid)
-                if ti < 0:
-                    while c < C:
-                        grad[row, c, 0] = F(0.0)
-                        c += bd
-                while c + bd < C:           # two loads in flight per thread
-                    v0 = x[row, c, 0]
-                    v1 = x[row, c + bd, 0]
-                    grad[row, c, 0] = grad_value(v0, c, ti, ms, scale_f, gamma_f, beta_f, w, c,
-                                                 has_cap, has_smooth, capf, inv_capf)
-                    grad[row, c + bd, 0] = grad_value(v1, c + bd, ti, ms, scale_f, gamma_f,
-                                                      beta_f, w, c + bd, has_cap, has_smooth,
-                                                      capf, inv_capf)
-                    c += 2 * bd
-                while c < C:
-                    grad[row, c, 0] = grad_value(x[row, c, 0], c, ti, ms, scale_f, gamma_f,
-                                                 beta_f, w, c, has_cap, has_smooth, capf,
-                                                 inv_capf)
-                    c += bd
+                row_grad(x, w, row, sh_t[0], F(sh_m[0]), F(sh_c[0]), F(sh_c[1]), F(sh_c[2]),
+                         grad, C, tid, bd, has_cap, has_smooth, capf, inv_capf)
             cuda.syncthreads()          # shared memory is reused by the next row
-            row += cuda.gridDim.x
+            row += step
 
-    def index_strided(x, t, w, prm, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
+    def index_strided(x, t, w, keep, smooth_c, weight_sum, softcap, grad_scale, z_grad, z_loss,
+                      want_hits, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
                       hit_out):
-        """x (N, C, S): one thread per (n, s), consecutive threads on consecutive s."""
-        N = x.shape[0]
+        o = _index_options(keep, smooth_c, weight_sum, softcap, grad_scale, z_grad, z_loss,
+                           want_hits)
         C = x.shape[1]
         S = x.shape[2]
-        smooth_c, cap = prm[1], prm[3]
-        has_cap = cap > 0.0
+        has_cap, _, capf, inv_capf = cap_consts(softcap)
         has_smooth = smooth_c != 0.0
-        capf = F(cap)
-        inv_capf = F(1.0 / cap) if has_cap else F(0.0)
-        total = _i8(N) * S
-        pos = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-        step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+        total = _i8(x.shape[0]) * S
+        pos, step = _thread_range()
         while pos < total:
             n = pos // S
             s = pos - n * S
-            m = F(-math.inf)
-            ssum = F(0.0)
-            wd = F(0.0)
-            wq = F(0.0)
-            mr = F(-math.inf)
-            ir = _i8(C)
-            nan = 0
+            m, ssum, wd, wq, mr, ir, nan = row_start(C)
             for c in range(C):
                 m, ssum, wd, wq, mr, ir, nan = row_step(x[n, c, s], c, w, m, ssum, wd, wq, mr,
                                                         ir, nan, C, has_cap, has_smooth, capf,
                                                         inv_capf)
             ti, scale, gamma, beta = index_finish(
-                x, n, s, t, w, prm, ignore_index, want_grad, g, pos * g_stride, _f8(m),
+                x, n, s, t, w, o, ignore_index, want_grad, g, pos * g_stride, _f8(m),
                 _f8(ssum), nan, _f8(wd), ir, C, ce_out, zl_out, hit_out)
             if want_grad:
-                scale_f = F(scale)
-                gamma_f = F(gamma)
-                beta_f = F(beta)
                 for c in range(C):
                     if ti < 0:
                         grad[n, c, s] = F(0.0)
                     else:
-                        grad[n, c, s] = grad_value(x[n, c, s], c, ti, m, scale_f, gamma_f,
-                                                   beta_f, w, c, has_cap, has_smooth, capf,
+                        grad[n, c, s] = grad_value(x[n, c, s], c, ti, m, F(scale), F(gamma),
+                                                   F(beta), w, has_cap, has_smooth, capf,
                                                    inv_capf)
             pos += step
 
-    def prob_elems(x, p, w, prm, want_grad, g, g_stride, grad, ce_out, zl_out):
-        """Probability targets, one thread per (n, s).  prm = [keep, smooth_c, cap, inv_D,
-        z2_inv_Dz, z_loss]."""
-        N = x.shape[0]
+    return dict(index_rows=index_rows, index_strided=index_strided)
+
+
+def _prob_kernels(F):
+    """prob_rows (S == 1, C > SMALL_C: one block per row) and prob_elems (one thread per
+    (n, s)) for probability targets p (N, C, S); arguments as the index kernels'."""
+    online, capped, cap_consts = _steps(F)
+
+    @cuda.jit(device=True)
+    def prob_step(v, pv, wc, o, m, ssum, A, qd, qf, nan, has_cap, capf, inv_capf):
+        """Add logit v (target probability pv, class weight wc) to the running state: the
+        online softmax, A = sum of the weights q and _dev_step's (dev, q_fin)."""
+        sv = capped(v, has_cap, capf, inv_capf)
+        q = _prob_weight(_f8(pv), _f8(wc), o.keep, o.smooth_c)
+        A += q
+        if v != v:
+            nan = 1
+        else:
+            m_old = m
+            m, ssum = online(m, ssum, sv)
+            qd, qf = _dev_step(_f8(m_old), _f8(m), qd, qf, _f8(sv), q)
+        return m, ssum, A, qd, qf, nan
+
+    @cuda.jit(device=True)
+    def prob_grad(v, pv, wc, o, mf, scale, beta, has_cap, inv_cap, capf, inv_capf):
+        """dL/dx of one class from the element's (scale, beta) of _prob_finish."""
+        sv = capped(v, has_cap, capf, inv_capf)
+        q = _prob_weight(_f8(pv), _f8(wc), o.keep, o.smooth_c)
+        val = _f8(math.exp(sv - mf)) * scale - beta * q
+        if has_cap:
+            val *= _softcap_grad_factor(_f8(sv), inv_cap)
+        return val
+
+    def prob_elems(x, p, w, keep, smooth_c, softcap, grad_scale, z_grad, z_loss, want_grad, g,
+                   g_stride, grad, ce_out, zl_out):
+        o = _prob_options(keep, smooth_c, softcap, grad_scale, z_grad, z_loss)
         C = x.shape[1]
         S = x.shape[2]
-        keep, smooth_c, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5]
-        has_cap = cap > 0.0
-        inv_cap = 1.0 / cap if has_cap else 0.0
-        capf = F(cap)
-        inv_capf = F(inv_cap)
-        total = _i8(N) * S
-        pos = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-        step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+        has_cap, inv_cap, capf, inv_capf = cap_consts(softcap)
+        total = _i8(x.shape[0]) * S
+        pos, step = _thread_range()
         while pos < total:
             n = pos // S
             s = pos - n * S
-            m = F(-math.inf)
-            ssum = F(0.0)
-            nan = 0
-            A = 0.0
-            qd = 0.0
-            qf = 0.0
+            m, ssum, A, qd, qf, nan = F(-math.inf), F(0.0), 0.0, 0.0, 0.0, 0
             for c in range(C):
-                v = x[n, c, s]
-                sv = capped(v, has_cap, capf, inv_capf)
-                q = _prob_weight(_f8(p[n, c, s]), _f8(w[c]), keep, smooth_c)
-                A += q
-                if v != v:
-                    nan = 1
-                else:
-                    m_old = m
-                    m, ssum = online(m, ssum, sv)
-                    qd, qf = _dev_step(_f8(m_old), _f8(m), qd, qf, _f8(sv), q)
-            lse, r = _finish_lse_r(_f8(m), _f8(ssum), nan)
-            zl_out[n, s] = _z_term(lse, zl)
-            ce_out[n, s] = _prob_loss(r, A, qd)
+                m, ssum, A, qd, qf, nan = prob_step(x[n, c, s], p[n, c, s], w[c], o, m, ssum, A,
+                                                    qd, qf, nan, has_cap, capf, inv_capf)
+            scale, beta = _prob_finish(_f8(m), _f8(ssum), nan, A, qd, o, want_grad, g,
+                                       pos * g_stride, n, s, ce_out, zl_out)
             if want_grad:
-                alpha, beta = _prob_grad_coefs(g[pos * g_stride], lse, A, inv_D, z2)
-                scale = alpha / _f8(ssum)
-                if lse != lse:
-                    scale = lse
                 for c in range(C):
-                    sv = capped(x[n, c, s], has_cap, capf, inv_capf)
-                    q = _prob_weight(_f8(p[n, c, s]), _f8(w[c]), keep, smooth_c)
-                    val = _f8(math.exp(sv - m)) * scale - beta * q
-                    if has_cap:
-                        val *= _softcap_grad_factor(_f8(sv), inv_cap)
-                    grad[n, c, s] = val
+                    grad[n, c, s] = prob_grad(x[n, c, s], p[n, c, s], w[c], o, m, scale, beta,
+                                              has_cap, inv_cap, capf, inv_capf)
             pos += step
 
-    def prob_rows(x, p, w, prm, want_grad, g, g_stride, grad, ce_out, zl_out):
-        """Probability targets, x (N, C, 1): one block per row (as index_rows)."""
+    def prob_rows(x, p, w, keep, smooth_c, softcap, grad_scale, z_grad, z_loss, want_grad, g,
+                  g_stride, grad, ce_out, zl_out):
+        o = _prob_options(keep, smooth_c, softcap, grad_scale, z_grad, z_loss)
         sh_m = cuda.shared.array(ROW_MAX, np.float64)
         sh_s = cuda.shared.array(ROW_MAX, np.float64)
-        sh_a = cuda.shared.array(ROW_MAX, np.float64)
-        sh_q = cuda.shared.array(ROW_MAX, np.float64)
-        sh_f = cuda.shared.array(ROW_MAX, np.float64)
         sh_n = cuda.shared.array(ROW_MAX, np.int32)
-        sh_c = cuda.shared.array(2, np.float64)
-        N = x.shape[0]
+        sh_d = cuda.shared.array(ROW_MAX, np.float64)
+        sh_q = cuda.shared.array(ROW_MAX, np.float64)
+        sh_a = cuda.shared.array(ROW_MAX, np.float64)
+        sh_c = cuda.shared.array(2, np.float64)       # the row's (scale, beta)
         C = x.shape[1]
         tid = cuda.threadIdx.x
         bd = cuda.blockDim.x
-        keep, smooth_c, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5]
-        has_cap = cap > 0.0
-        inv_cap = 1.0 / cap if has_cap else 0.0
-        capf = F(cap)
-        inv_capf = F(inv_cap)
-        row = _i8(cuda.blockIdx.x)
-        while row < N:
-            m = F(-math.inf)
-            ssum = F(0.0)
-            nan = 0
-            A = 0.0
-            qd = 0.0
-            qf = 0.0
+        has_cap, inv_cap, capf, inv_capf = cap_consts(softcap)
+        row, step = _block_range()
+        while row < x.shape[0]:
+            m, ssum, A, qd, qf, nan = F(-math.inf), F(0.0), 0.0, 0.0, 0.0, 0
             c = _i8(tid)
             while c < C:
-                v = x[row, c, 0]
-                sv = capped(v, has_cap, capf, inv_capf)
-                q = _prob_weight(_f8(p[row, c, 0]), _f8(w[c]), keep, smooth_c)
-                A += q
-                if v != v:
-                    nan = 1
-                else:
-                    m_old = m
-                    m, ssum = online(m, ssum, sv)
-                    qd, qf = _dev_step(_f8(m_old), _f8(m), qd, qf, _f8(sv), q)
+                m, ssum, A, qd, qf, nan = prob_step(x[row, c, 0], p[row, c, 0], w[c], o, m, ssum,
+                                                    A, qd, qf, nan, has_cap, capf, inv_capf)
                 c += bd
-            sh_m[tid] = m
-            sh_s[tid] = ssum
-            sh_a[tid] = A
-            sh_q[tid] = qd
-            sh_f[tid] = qf
-            sh_n[tid] = nan
-            cuda.syncthreads()
-            stride = bd // 2
-            while stride > 0:
-                if tid < stride:
-                    o = tid + stride
-                    mm, ss = _combine(sh_m[tid], sh_s[tid], sh_m[o], sh_s[o])
-                    dd, ff = _dev_merge(sh_m[tid], sh_q[tid], sh_f[tid], sh_m[o], sh_q[o],
-                                        sh_f[o], mm)
-                    sh_m[tid] = mm
-                    sh_s[tid] = ss
-                    sh_a[tid] = sh_a[tid] + sh_a[o]
-                    sh_q[tid] = dd
-                    sh_f[tid] = ff
-                    sh_n[tid] = sh_n[tid] | sh_n[o]
-                cuda.syncthreads()
-                stride //= 2
+            sh_m[tid], sh_s[tid], sh_a[tid], sh_d[tid], sh_q[tid], sh_n[tid] = (m, ssum, A, qd,
+                                                                                qf, nan)
+            _tree_prob((sh_m, sh_s, sh_n, sh_d, sh_q, sh_a), tid, bd)
             if tid == 0:
-                lse, r = _finish_lse_r(sh_m[0], sh_s[0], sh_n[0])
-                zl_out[row, 0] = _z_term(lse, zl)
-                ce_out[row, 0] = _prob_loss(r, sh_a[0], sh_q[0])
-                if want_grad:
-                    alpha, beta = _prob_grad_coefs(g[row * g_stride], lse, sh_a[0], inv_D, z2)
-                    scale = alpha / sh_s[0]
-                    if lse != lse:
-                        scale = lse
-                    sh_c[0] = scale
-                    sh_c[1] = beta
+                sh_c[0], sh_c[1] = _prob_finish(sh_m[0], sh_s[0], sh_n[0], sh_a[0], sh_d[0], o,
+                                                want_grad, g, row * g_stride, row, 0, ce_out,
+                                                zl_out)
             cuda.syncthreads()
             if want_grad:
                 mf = F(sh_m[0])
-                scale = sh_c[0]
-                beta = sh_c[1]
                 c = _i8(tid)
                 while c < C:
-                    sv = capped(x[row, c, 0], has_cap, capf, inv_capf)
-                    q = _prob_weight(_f8(p[row, c, 0]), _f8(w[c]), keep, smooth_c)
-                    val = _f8(math.exp(sv - mf)) * scale - beta * q
-                    if has_cap:
-                        val *= _softcap_grad_factor(_f8(sv), inv_cap)
-                    grad[row, c, 0] = val
+                    grad[row, c, 0] = prob_grad(x[row, c, 0], p[row, c, 0], w[c], o, mf,
+                                                sh_c[0], sh_c[1], has_cap, inv_cap, capf,
+                                                inv_capf)
                     c += bd
-            cuda.syncthreads()
-            row += cuda.gridDim.x
+            cuda.syncthreads()          # shared memory is reused by the next row
+            row += step
+
+    return dict(prob_elems=prob_elems, prob_rows=prob_rows)
+
+
+def _softmax_kernels(F):
+    """softmax_rows (S == 1, C > SMALL_C: one block per row) and softmax_strided (one thread
+    per (n, s)): x (N, C, S), mode 0 lse only, 1 log_softmax, 2 softmax into out (N, C, S), the
+    lse into lse_out (N, S)."""
+    online, _, _ = _steps(F)
 
     @cuda.jit(device=True)
     def softmax_out(x, n, c, s, mode, shift, logs, inv, out):
@@ -562,19 +660,15 @@ def _kernels(F):
         return m, ssum, nan
 
     def softmax_rows(x, mode, out, lse_out):
-        """x (N, C, 1): one block per row; mode 0 lse, 1 log_softmax, 2 softmax."""
         sh_m = cuda.shared.array(ROW_MAX, np.float64)
         sh_s = cuda.shared.array(ROW_MAX, np.float64)
         sh_n = cuda.shared.array(ROW_MAX, np.int32)
-        N = x.shape[0]
         C = x.shape[1]
         tid = cuda.threadIdx.x
         bd = cuda.blockDim.x
-        row = _i8(cuda.blockIdx.x)
-        while row < N:
-            m = F(-math.inf)
-            ssum = F(0.0)
-            nan = 0
+        row, step = _block_range()
+        while row < x.shape[0]:
+            m, ssum, nan = F(-math.inf), F(0.0), 0
             c = _i8(tid)
             while c + 3 * bd < C:       # four loads in flight, updates in class order
                 v0 = x[row, c, 0]
@@ -589,63 +683,38 @@ def _kernels(F):
             while c < C:
                 m, ssum, nan = lse_step(x[row, c, 0], m, ssum, nan)
                 c += bd
-            sh_m[tid] = m
-            sh_s[tid] = ssum
-            sh_n[tid] = nan
-            cuda.syncthreads()
-            stride = bd // 2
-            while stride > 0:
-                if tid < stride:
-                    o = tid + stride
-                    mm, ss = _combine(sh_m[tid], sh_s[tid], sh_m[o], sh_s[o])
-                    sh_m[tid] = mm
-                    sh_s[tid] = ss
-                    sh_n[tid] = sh_n[tid] | sh_n[o]
-                cuda.syncthreads()
-                stride //= 2
+            sh_m[tid], sh_s[tid], sh_n[tid] = m, ssum, nan
+            _tree_lse((sh_m, sh_s, sh_n), tid, bd)
             lse, shift, logs, inv = _softmax_finish(sh_m[0], sh_s[0], sh_n[0])
             if tid == 0:
                 lse_out[row, 0] = lse
             if mode != 0:
-                mf = F(shift)
                 c = _i8(tid)
                 while c < C:
-                    softmax_out(x, row, c, 0, mode, mf, logs, inv, out)
+                    softmax_out(x, row, c, 0, mode, F(shift), logs, inv, out)
                     c += bd
-            cuda.syncthreads()
-            row += cuda.gridDim.x
+            cuda.syncthreads()          # shared memory is reused by the next row
+            row += step
 
     def softmax_strided(x, mode, out, lse_out):
-        N = x.shape[0]
         C = x.shape[1]
         S = x.shape[2]
-        total = _i8(N) * S
-        pos = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-        step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+        total = _i8(x.shape[0]) * S
+        pos, step = _thread_range()
         while pos < total:
             n = pos // S
             s = pos - n * S
-            m = F(-math.inf)
-            ssum = F(0.0)
-            nan = 0
+            m, ssum, nan = F(-math.inf), F(0.0), 0
             for c in range(C):
-                v = x[n, c, s]
-                if v != v:
-                    nan = 1
-                else:
-                    m, ssum = online(m, ssum, v)
+                m, ssum, nan = lse_step(x[n, c, s], m, ssum, nan)
             lse, shift, logs, inv = _softmax_finish(_f8(m), _f8(ssum), nan)
             lse_out[n, s] = lse
             if mode != 0:
-                mf = F(shift)
                 for c in range(C):
-                    softmax_out(x, n, c, s, mode, mf, logs, inv, out)
+                    softmax_out(x, n, c, s, mode, F(shift), logs, inv, out)
             pos += step
 
-    fns = dict(index_rows=index_rows, index_strided=index_strided, prob_elems=prob_elems,
-               prob_rows=prob_rows,
-               softmax_rows=softmax_rows, softmax_strided=softmax_strided)
-    return {k: cuda.jit(f) for k, f in fns.items()}, fns
+    return dict(softmax_rows=softmax_rows, softmax_strided=softmax_strided)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,13 +734,7 @@ def _k_sum(a, n, chunk, out):
         acc += _f8(a[i])
         i += bd
     sh[tid] = acc
-    cuda.syncthreads()
-    stride = bd // 2
-    while stride > 0:
-        if tid < stride:
-            sh[tid] = sh[tid] + sh[tid + stride]
-        cuda.syncthreads()
-        stride //= 2
+    _tree_sum((sh,), tid, bd)
     if tid == 0:
         out[cuda.blockIdx.x] = sh[0]
 
@@ -703,21 +766,14 @@ def _k_stats(t, w, ignore_index, C, n, chunk, part_D, part_n, part_bad):
     sh_d[tid] = d
     sh_c[tid] = cnt
     sh_b[tid] = bad
-    cuda.syncthreads()
-    stride = bd // 2
-    while stride > 0:
-        if tid < stride:
-            sh_d[tid] = sh_d[tid] + sh_d[tid + stride]
-            sh_c[tid] = sh_c[tid] + sh_c[tid + stride]
-            if sh_b[tid + stride] < sh_b[tid]:
-                sh_b[tid] = sh_b[tid + stride]
-        cuda.syncthreads()
-        stride //= 2
+    _tree_stats((sh_d, sh_c, sh_b), tid, bd)
     if tid == 0:
         b = cuda.blockIdx.x
         part_D[b] = sh_d[0]
         part_n[b] = sh_c[0]
         part_bad[b] = sh_b[0]
+
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -817,8 +873,7 @@ def _k_lse_weighted(x, b, signed, lse_out, sgn_out):
     row, in float64; entries with b == 0 are skipped (even inf or NaN ones)."""
     N = x.shape[0]
     C = x.shape[1]
-    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+    i, step = _thread_range()
     while i < N:
         m = -math.inf
         nan = False
@@ -1275,6 +1330,19 @@ def total(a) -> float:
     return float(part.copy_to_host()[0])
 
 
+def _index_scalars(o):
+    """The LossOptions fields the index kernels take, in their parameter order (typed: a
+    kernel is compiled once per argument types)."""
+    return (float(o.keep), float(o.smooth_c), float(o.weight_sum), float(o.softcap),
+            float(o.grad_scale), float(o.z_grad), float(o.z_loss), bool(o.want_hits))
+
+
+def _prob_scalars(o):
+    """The LossOptions fields the probability kernels take, in their parameter order."""
+    return (float(o.keep), float(o.smooth_c), float(o.softcap), float(o.grad_scale),
+            float(o.z_grad), float(o.z_loss))
+
+
 def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=True,
                fuse_stats=False):
     """(ce, z-loss, hit, None): per-element arrays (N, S) (whatever ``per_position``); fills
@@ -1282,7 +1350,6 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
     (``fuse_stats`` is not supported here: fuses_target_stats is False)."""
     if fuse_stats:
         raise NotImplementedError("fastce.gpu: the target statistics come from target_stats")
-    prm = _XP.asarray(legacy_index_vector(opts))
     N, C, S = x3.shape
     ce = _alloc((N, S), np.float64)
     zl = _alloc((N, S), np.float64)
@@ -1292,8 +1359,8 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
     want = grad is not None
     gbuf = grad.d if want else _alloc((1, 1, 1), x3.dtype).d
     ks = _compute_kernels(x3.dtype)
-    args = (x3.d, t2.d, w.d, prm.d, _i8(ignore_index), want, g.d, _i8(g_stride), gbuf, ce.d,
-            zl.d, hit.d)
+    args = (x3.d, t2.d, w.d, *_index_scalars(opts), _i8(ignore_index), want, g.d,
+            _i8(g_stride), gbuf, ce.d, zl.d, hit.d)
     if S == 1 and C > SMALL_C:
         blocks, threads = _row_cfg(N, C)
         ks["index_rows"][blocks, threads](*args)
@@ -1304,7 +1371,6 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
 
 
 def prob_loss(x3, p3, w, opts, grad, g, g_stride):
-    prm = _XP.asarray(legacy_prob_vector(opts))
     N, C, S = x3.shape
     ce = _alloc((N, S), np.float64)
     zl = _alloc((N, S), np.float64)
@@ -1317,7 +1383,7 @@ def prob_loss(x3, p3, w, opts, grad, g, g_stride):
     else:
         name, (blocks, threads) = "prob_elems", _elem_cfg(N * S)
     _compute_kernels(x3.dtype)[name][blocks, threads](
-        x3.d, p3.d, w.d, prm.d, want, g.d, _i8(g_stride), gbuf, ce.d, zl.d)
+        x3.d, p3.d, w.d, *_prob_scalars(opts), want, g.d, _i8(g_stride), gbuf, ce.d, zl.d)
     return ce, zl
 
 
