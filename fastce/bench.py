@@ -317,6 +317,8 @@ def cpu_target():
     probe(np.zeros(64, np.float32))
     asm = probe.inspect_asm(probe.signatures[0])
     reg = next((r for r in ("zmm", "ymm", "xmm") if r in asm), "none")
+    if width is None:               # NUMBA_CPU_FEATURES="": the named CPU's own features
+        width = {"zmm": 512, "ymm": 256, "xmm": 128}.get(reg)
     return name, width, reg
 
 
