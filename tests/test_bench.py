@@ -188,6 +188,7 @@ def test_asv_suite_direct_call():
     w = mod.Workloads()
     w.setup("W3", "loss+grad")
     w.time_call("W3", "loss+grad")
+    assert mod.ROOFLINE_ROWS == [bench.READ, bench.ROOF]
     r = mod.Roofline()
     r.shape = (64, 4000)
     ratios = r.setup_cache()
