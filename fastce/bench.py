@@ -30,21 +30,27 @@ import tracemalloc
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit, prange
 
 import fastce
-from fastce import spec
+from fastce import cpu, spec
 
 __all__ = [
     "numpy_cross_entropy", "numpy_cross_entropy_with_grad", "Workload", "WORKLOADS",
     "make_workload", "implementations", "measure", "measure_side_by_side", "exactness",
     "peak_extra_memory", "GOALS", "evaluate_goals", "run_bench", "run_demo", "DEMO_EXAMPLES",
-    "main", "run_softmax_bench", "softmax_forms",
+    "main", "run_softmax_bench", "softmax_forms", "roofline_impls", "roofline_ratios",
+    "cpu_target",
 ]
 
 MIN_SAMPLE_S = 0.05
 SETTLE_S = 0.05
 FASTCE, NUMPY, TORCH, JAX = "fastce", "numpy", "torch", "jax"
 FWD, FWDBWD = "forward", "loss+grad"
+# Roofline rows, timed round-robin with the libraries on the rows-layout workloads: what reading
+# the logits once costs (READ), and the row max + sum of exps with fastce's own exp (ROOF).
+READ, ROOF = "read", "exp roof"
+ROOFLINE_WORKLOADS = ("W1",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +249,79 @@ def _jax_impls(p):
 
 
 TORCH1 = "torch-1t"
+# ---------------------------------------------------------------------------------------------
+# The roofline: the same logits read once, and their max + exp-sum alone
+# ---------------------------------------------------------------------------------------------
+@njit(parallel=True, fastmath=cpu.FASTMATH, error_model="numpy", cache=True)
+def _read_rows(x, out):
+    """out[i] = sum of row i: one parallel read of the logits (the memory limit)."""
+    for i in prange(x.shape[0]):
+        row = x[i]
+        acc = row[0] - row[0]
+        for c in range(row.shape[0]):
+            acc += row[c]
+        out[i] = acc
+
+
+@njit(parallel=True, fastmath=cpu.FASTMATH, error_model="numpy", cache=True)
+def _exp_roof_rows(x, out):
+    """out[i] = sum_c exp(x_ic - max_i) with cpu.py's own row passes and exp: the least work
+    a forward must do beyond reading (its compute limit)."""
+    for i in prange(x.shape[0]):
+        row = x[i]
+        m = cpu._row_max(row)
+        out[i] = cpu._row_exp_sum(row, m, cpu.cast_like(cpu.LOG2E, row))
+
+
+def roofline_impls(p):
+    """{READ: fn, ROOF: fn} over the problem's logits viewed as rows (N, C)."""
+    x = p.x.reshape(p.x.shape[0], -1)
+    out = np.empty(x.shape[0], x.dtype)
+    return {READ: lambda: _read_rows(x, out), ROOF: lambda: _exp_roof_rows(x, out)}
+
+
+def roofline_ratios(times, workload="W1"):
+    """{(op, row): fastce time / roofline row time} for op in (FWD, FWDBWD), row in (READ, ROOF),
+    from run_bench's times; absent where not measured."""
+    out = {}
+    for op in (FWD, FWDBWD):
+        a = times.get((workload, op, FASTCE))
+        for row in (READ, ROOF):
+            b = times.get((workload, FWD, row))
+            if a is not None and b:
+                out[(op, row)] = a / b
+    return out
+
+
+def _sum_probe(v):
+    acc = v[0] - v[0]
+    for c in range(v.shape[0]):
+        acc += v[c]
+    return acc
+
+
+def cpu_target():
+    """(LLVM CPU name, ISA vector width in bits, widest register in compiled code) of the code
+    Numba generates here: NUMBA_CPU_NAME / NUMBA_CPU_FEATURES honoured.  The register is read
+    from a compiled sum loop, since LLVM may prefer 256-bit vectors on AVX-512 CPUs."""
+    import llvmlite.binding as ll
+    import numba
+    name = numba.config.CPU_NAME or ll.get_host_cpu_name()
+    feats = numba.config.CPU_FEATURES
+    if feats is None:
+        feats = ll.get_host_cpu_features().flatten()
+    on = {f[1:] for f in feats.split(",") if f.startswith("+")}
+    width = 512 if "avx512f" in on else 256 if "avx" in on else 128 if on else None
+    # Compiled uncached: Numba cannot show the assembly of code loaded from its cache.
+    probe = njit(fastmath=cpu.FASTMATH, error_model="numpy")(_sum_probe)
+    probe(np.zeros(64, np.float32))
+    asm = probe.inspect_asm(probe.signatures[0])
+    reg = next((r for r in ("zmm", "ymm", "xmm") if r in asm), "none")
+    if width is None:               # NUMBA_CPU_FEATURES="": the named CPU's own features
+        width = {"zmm": 512, "ymm": 256, "xmm": 128}.get(reg)
+    return name, width, reg
+
+
 ADAPTER_WORKLOADS = ("TORCH", "JAX")      # fastce.torch / fastce.jax steps: bench_adapters.py
 _LIBRARIES = {FASTCE: _fastce_impls, NUMPY: _numpy_impls, TORCH: _torch_impls,
               TORCH1: lambda p: _torch_impls(p, threads=1), JAX: _jax_impls}
@@ -454,6 +533,19 @@ def _environment():
     return ", ".join(parts)
 
 
+def _print_roofline(times, out):
+    for name in ROOFLINE_WORKLOADS:
+        ratios = roofline_ratios(times, name)
+        if not ratios:
+            continue
+        print(f"\nroofline, {name} (fastce time / row time; {READ}: a parallel sum over the "
+              f"logits, {ROOF}: parallel row max + exp-sum with fastce's exp):", file=out)
+        for op in (FWD, FWDBWD):
+            print(f"  fastce {op:<10}" + "".join(
+                f"{ratios[(op, row)]:8.2f}x {row}" for row in (READ, ROOF)
+                if (op, row) in ratios), file=out)
+
+
 def run_bench(workloads=("W1", "W2", "W3"), quick=False, repeats=None, out=sys.stdout,
               libraries=None, progress=_progress, max_time=None, linear=False, softmax=False):
     """Time every library on every workload, check exactness, print the table and the goals.
@@ -471,6 +563,9 @@ def run_bench(workloads=("W1", "W2", "W3"), quick=False, repeats=None, out=sys.s
           f"{_environment()}", file=out)
     print(f"medians of {repeats} samples per library (round-robin, warm-up excluded); "
           f"ratio = fastce time / that library's time (< 1: fastce faster)", file=out)
+    name_, width, reg = cpu_target()
+    print(f"LLVM CPU {name_}, vector width {width} bits, widest register in compiled loops "
+          f"{reg} (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES choose them)", file=out)
     rows = []
     for name in workloads:
         wl = WORKLOADS[name]
@@ -480,6 +575,8 @@ def run_bench(workloads=("W1", "W2", "W3"), quick=False, repeats=None, out=sys.s
             p, [lib for lib in libs if lib != TORCH1 or wl.torch_one_thread])
         for op in (FWD, FWDBWD):
             fns = {lib: ops[op] for lib, ops in impls.items()}
+            if op == FWD and name in ROOFLINE_WORKLOADS:
+                fns.update(roofline_impls(p))
             progress(f"{name} {op}: timing {', '.join(fns)}")
             res = measure_side_by_side(
                 fns, repeats, max_time=max_time,
@@ -506,6 +603,7 @@ def run_bench(workloads=("W1", "W2", "W3"), quick=False, repeats=None, out=sys.s
     for name, e in exact.items():
         print(f"  {name}: {e['elements']} logits, loss max rel err {e['loss_rel']:.2e}, "
               f"grad max err / max|grad| {e['grad_rel']:.2e}", file=out)
+    _print_roofline(times, out)
     if memory is not None:
         print(f"\npeak extra memory, fastce W1 forward: {memory[0] / 2**20:.2f} MiB = "
               f"{memory[1]:.4f} x the logits (tracemalloc)", file=out)

@@ -583,19 +583,23 @@ def _index_rows(x, t, w, prm, ignore_index, g, g_stride, grad, ce_out, zl_out, h
             s_t = np.float64(srow[ti]) if has_cap else np.float64(row[ti])
         else:
             s_t = 0.0
-        # Pass 2: sum of exp(s - max), stored into the gradient row when one is wanted.
+        # Pass 2: sum of exp(s - max), stored into the gradient row when one is wanted.  The
+        # exps run in the row's dtype: with ms in float64, a float32 row's exps would be float64
+        # ones (half the lanes, twice the polynomial).  ms is a float32 value already (the max
+        # of the row, or of its float32 softcapped copy), so the cast is exact.
+        msr = cast_like(ms, row)
         if has_cap:
             if want_grad:
-                ssum = _row_exp_sum_store(srow, ms, log2e, grad[i])
+                ssum = _row_exp_sum_store(srow, msr, log2e, grad[i])
             else:
-                ssum = _row_exp_sum(srow, ms, log2e)
+                ssum = _row_exp_sum(srow, msr, log2e)
         else:
             if want_grad and in_place:
-                ssum = _row_exp_sum_inplace(grad[i], ms, log2e)
+                ssum = _row_exp_sum_inplace(grad[i], msr, log2e)
             elif want_grad:
-                ssum = _row_exp_sum_store(row, ms, log2e, grad[i])
+                ssum = _row_exp_sum_store(row, msr, log2e, grad[i])
             else:
-                ssum = _row_exp_sum(row, ms, log2e)
+                ssum = _row_exp_sum(row, msr, log2e)
         r = math.log(np.float64(ssum))
         lse = np.float64(ms) + r
         if not valid:

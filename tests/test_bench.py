@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +92,56 @@ def test_bench_quick_cli():
     assert "[bench]" in proc.stderr          # progress goes to stderr
 
 
+def test_bench_roofline_rows_and_ratios():
+    """The read and exp roof rows are timed with fastce in one round-robin run, and the printed
+    ratios are fastce's times divided by theirs."""
+    out = io.StringIO()
+    res = bench.run_bench(["W1"], quick=True, repeats=2, out=out, libraries=["fastce"],
+                          progress=lambda m: None)
+    times, text = res["times"], out.getvalue()
+    for row in (bench.READ, bench.ROOF):
+        assert 0 < times[("W1", "forward", row)] < 10, times
+        assert re.search(rf"W1\s+forward\s+{row}\b", text), text
+    ratios = bench.roofline_ratios(times)
+    assert set(ratios) == {(op, row) for op in ("forward", "loss+grad")
+                           for row in (bench.READ, bench.ROOF)}
+    for (op, row), r in ratios.items():
+        assert math.isfinite(r) and r > 0
+        assert r == times[("W1", op, "fastce")] / times[("W1", "forward", row)]
+    m = re.search(r"fastce forward\s+([0-9.]+)x read\s+([0-9.]+)x exp roof", text)
+    assert m, text
+    assert float(m.group(2)) == pytest.approx(ratios[("forward", bench.ROOF)], abs=0.006)
+    # The exp roof does strictly more than the read: the max and an exp per logit.
+    assert times[("W1", "forward", bench.ROOF)] > 0.5 * times[("W1", "forward", bench.READ)]
+
+
+def test_roofline_kernels_compute_row_sums():
+    x = np.random.default_rng(1).standard_normal((5, 300)).astype(np.float32)
+    p = bench.Problem(bench.WORKLOADS["W1"], x, np.zeros(5, np.int64), None, -100)
+    fns = bench.roofline_impls(p)
+    assert set(fns) == {bench.READ, bench.ROOF}
+    out = np.empty(5, np.float32)
+    bench._read_rows(x, out)
+    np.testing.assert_allclose(out, x.sum(axis=1), rtol=1e-5, atol=1e-4)
+    bench._exp_roof_rows(x, out)
+    ref = np.exp(x.astype(np.float64) - x.max(axis=1, keepdims=True)).sum(axis=1)
+    np.testing.assert_allclose(out, ref, rtol=1e-6)
+
+
+def test_cpu_target_honours_numba_cpu_name():
+    code = ("from fastce import bench; n, w, r = bench.cpu_target(); print(n, w, r)")
+    env = _env()
+    env.update(NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES="+avx,+avx2,+fma",
+               NUMBA_CACHE_DIR=str(Path(tempfile.mkdtemp())))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    name, width, reg = proc.stdout.split()
+    assert (name, width) == ("haswell", "256") and reg in ("ymm", "xmm"), proc.stdout
+    name, width, reg = bench.cpu_target()
+    assert name and reg in ("zmm", "ymm", "xmm")
+
+
 def test_bench_softmax_quick():
     import io
     out = io.StringIO()
@@ -135,6 +188,15 @@ def test_asv_suite_direct_call():
     w = mod.Workloads()
     w.setup("W3", "loss+grad")
     w.time_call("W3", "loss+grad")
+    assert mod.ROOFLINE_ROWS == [bench.READ, bench.ROOF]
+    r = mod.Roofline()
+    r.shape = (64, 4000)
+    ratios = r.setup_cache()
+    for op in mod.OPS:
+        for row in mod.Roofline.params[1]:
+            v = r.track_ratio(ratios, op, row)
+            assert math.isfinite(v) and v > 0
+    assert len(ratios) == 4
 
 
 def test_asv_softmax_suite_direct_call():

@@ -6,6 +6,9 @@
   second even on a slow machine).
 - ``Workloads``: time_ of the realistic problems W1-W3 of ``python -m fastce bench`` (ignored
   targets, uint8 targets and class weights for W2).
+- ``Roofline``: track_ of W1's forward and loss+grad times as multiples of the ``read`` row (a
+  parallel sum over the same logits) and the ``exp roof`` row (row max + exp-sum with fastce's
+  exp), timed round-robin with them as in ``python -m fastce bench``.
 
 Every setup builds the arrays and calls fastce once (Numba compiles, or loads its cache) so
 that no timed region includes compilation.
@@ -16,6 +19,7 @@ import numpy as np
 
 import fastce  # the suite measures the installed fastce (pip install -e ".[bench]")
 
+from fastce import bench
 from fastce.bench import make_workload
 
 FORWARD, LOSS_GRAD = "forward", "loss+grad"
@@ -117,3 +121,34 @@ class Workloads:
 
     def time_call(self, workload, op):
         self.fn()
+
+
+# bench.READ, bench.ROOF, spelled out: asv discovers the suite against the installed fastce,
+# which may predate them.
+ROOFLINE_ROWS = ["read", "exp roof"]
+
+
+class Roofline:
+    """W1 forward and loss+grad as multiples of the roofline rows (fastce time / row time)."""
+    params = [OPS, ROOFLINE_ROWS]
+    param_names = ["op", "row"]
+    timeout = 600
+    warmup_time = 0
+    shape = None            # W1's full size (the tests set a small one)
+
+    def setup_cache(self):
+        # One round-robin measurement serves all four ratios (W1 takes seconds per sample).
+        if not hasattr(bench, "roofline_impls"):
+            raise NotImplementedError("the installed fastce has no roofline rows")
+        p = make_workload("W1", shape=self.shape)
+        fns = {op: _op(op, p.x, p.target, p.weight, p.ignore_index) for op in OPS}
+        fns.update(bench.roofline_impls(p))
+        res = bench.measure_side_by_side(fns, repeats=TRACK_CALLS, max_time=60.0)
+        times = {("W1", op, bench.FASTCE): res[op] for op in OPS}
+        times.update({("W1", bench.FWD, row): res[row] for row in ROOFLINE_ROWS})
+        return bench.roofline_ratios(times)
+
+    def track_ratio(self, ratios, op, row):
+        return ratios[(op, row)]
+
+    track_ratio.unit = "x"

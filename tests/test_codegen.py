@@ -1,0 +1,138 @@
+"""Codegen regression: the exp loops of the rows forward kernel compile to packed vector code on
+AVX2 (``haswell``) and AVX-512 (``skylake-avx512``) alike.
+
+Whether LLVM vectorises a loop depends on the kernel's structure and on its cost model, and a
+loop that falls back to scalar code still gives the right answers, only 4-8x slower.  So each
+CPU name compiles the kernel in its own subprocess (Numba reads NUMBA_CPU_NAME once, at import)
+with a fresh NUMBA_CACHE_DIR (code loaded from the cache cannot be inspected, and would have
+been compiled for another CPU), and the assembly is checked for the exp's instructions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# NUMBA_CPU_FEATURES="" makes LLVM use the named CPU's own features; unset, Numba would give
+# the named CPU this host's features (AVX-512 code under the name haswell).
+TARGETS = {"haswell": ("ymm",), "skylake-avx512": ("ymm", "zmm")}
+
+# Compiles the rows forward kernel through the public API (whatever its argument list) and
+# prints {dtype: assembly} of the parallel forward variant.
+_SCRIPT = r"""
+import json, sys
+import numpy as np
+import fastce
+from fastce import cpu
+out = {}
+for dt in ("float32", "float64"):
+    x = np.random.default_rng(0).standard_normal((64, 2048)).astype(dt)  # parallel twin
+    fastce.cross_entropy(x, np.arange(64) % 2048)
+    disp = cpu._KERNELS[("_index_rows", False, False)][1]
+    sig = [s for s in disp.signatures if str(s[0].dtype) == dt]
+    assert len(sig) == 1, disp.signatures
+    out[dt] = disp.inspect_asm(sig[0])
+json.dump(out, sys.stdout)
+"""
+
+
+def _asm(cpu_name, tmp_path):
+    env = dict(os.environ)
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
+               NUMBA_CPU_NAME=cpu_name, NUMBA_CPU_FEATURES="",
+               NUMBA_CACHE_DIR=str(tmp_path / "numba_cache"))
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+_INSN = re.compile(r"^\s+(v[a-z0-9]+)\s+([^\n#]*)", re.M)
+
+
+def vector_profile(asm):
+    """Counter of (mnemonic class, precision suffix, widest register) over the exp's
+    instructions: 'round' (vround*, vrndscale*: the exp's n = rint(u)) and 'fma' (vfmadd* /
+    vfnmadd*: its polynomial); suffix 'ps'/'pd' packed, 'ss'/'sd' scalar."""
+    prof = Counter()
+    for op, args in _INSN.findall(asm):
+        m = re.match(r"v(?:round|rndscale)(ps|pd|ss|sd)$", op)
+        kind = "round"
+        if not m:
+            m = re.match(r"vf(?:n)?m(?:add|sub)\d{3}(ps|pd|ss|sd)$", op)
+            kind = "fma"
+        if not m:
+            continue
+        reg = next((r for r in ("zmm", "ymm", "xmm") if r in args), "")
+        prof[(kind, m.group(1), reg)] += 1
+    return prof
+
+
+def exp_loops_vectorised(asm, dtype, regs):
+    """'' when the exp loops are packed code on one of ``regs``, else why not.
+
+    Packed: at least one packed rint and a packed polynomial (>= 5 FMAs, the float32 exp's
+    degree) in the dtype's own precision on a vector register, and no more scalar rints than
+    packed ones (a vectorised loop keeps at most a scalar remainder beside each vector body).
+    A float32 kernel whose exps run in float64 fails: the precision must be the data's."""
+    prof = vector_profile(asm)
+    p, s = ("ps", "ss") if dtype == "float32" else ("pd", "sd")
+    packed_round = sum(prof[("round", p, r)] for r in regs)
+    packed_fma = sum(prof[("fma", p, r)] for r in regs)
+    scalar_round = sum(n for (k, suf, _), n in prof.items() if k == "round" and suf == s)
+    if packed_round == 0:
+        return f"no packed {p} rint on {regs}: {dict(prof)}"
+    if packed_fma < 5:
+        return f"{packed_fma} packed {p} FMAs on {regs} (< 5): {dict(prof)}"
+    if scalar_round > packed_round:
+        return f"{scalar_round} scalar rints vs {packed_round} packed: {dict(prof)}"
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The checker itself, on hand-written assembly
+# ---------------------------------------------------------------------------------------------
+_PACKED = """
+    vsubps  %ymm1, %ymm0, %ymm2
+    vroundps    $4, %ymm2, %ymm3
+    vfmadd213ps %ymm4, %ymm3, %ymm5
+    vfmadd213ps %ymm4, %ymm3, %ymm5
+    vfmadd213ps %ymm4, %ymm3, %ymm5
+    vfmadd213ps %ymm4, %ymm3, %ymm5
+    vfmadd213ps %ymm4, %ymm3, %ymm5
+    vroundss    $4, %xmm2, %xmm2, %xmm3
+"""
+_SCALAR = _PACKED.replace("ps ", "ss ").replace("ymm", "xmm")
+
+
+def test_checker_accepts_packed_and_rejects_scalar_code():
+    assert exp_loops_vectorised(_PACKED, "float32", ("ymm",)) == ""
+    assert "no packed ps rint" in exp_loops_vectorised(_SCALAR, "float32", ("ymm",))
+    # float64 exps in a float32 kernel, or AVX2 code where AVX-512 registers are asked for
+    assert exp_loops_vectorised(_PACKED.replace("ps ", "pd "), "float32", ("ymm",)) != ""
+    assert exp_loops_vectorised(_PACKED, "float32", ("zmm",)) != ""
+    # a packed rint beside a scalar polynomial is no vectorised exp
+    few = _PACKED.replace("vfmadd213ps %ymm4, %ymm3, %ymm5", "vfmadd213ss %xmm4, %xmm3, %xmm5")
+    assert "packed ps FMAs" in exp_loops_vectorised(few, "float32", ("ymm",))
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernels
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cpu_name", list(TARGETS))
+def test_rows_forward_exp_loops_are_packed(cpu_name, tmp_path):
+    asm = _asm(cpu_name, tmp_path)
+    regs = TARGETS[cpu_name]
+    if cpu_name == "haswell":       # AVX2 code: no AVX-512 register anywhere
+        assert not any("zmm" in a for a in asm.values())
+    for dtype, text in asm.items():
+        why = exp_loops_vectorised(text, dtype, regs)
+        assert why == "", f"{cpu_name} {dtype}: {why}"
