@@ -43,7 +43,9 @@ class CrossEntropyOutput(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 # Argument checking
 # ---------------------------------------------------------------------------------------------
-def _check_options(reduction, label_smoothing, softcap, z_loss):
+def check_options(reduction, label_smoothing, softcap, z_loss):
+    """(label_smoothing, softcap (0.0 for None), z_loss) as floats, after checking them and
+    ``reduction``: the option checks of every entry point."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"fastce: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     try:
@@ -72,7 +74,8 @@ def _check_options(reduction, label_smoothing, softcap, z_loss):
 _INT64 = np.iinfo(np.int64)
 
 
-def _check_ignore_index(ignore_index):
+def check_ignore_index(ignore_index):
+    """``ignore_index`` as a Python int (any int64 value)."""
     if isinstance(ignore_index, (bool, np.bool_)):
         raise TypeError(f"fastce: ignore_index must be an int, got {ignore_index!r}")
     try:
@@ -246,7 +249,7 @@ def check_index_target(target, weight, ignore_index, C, dtype):
     the compute dtype); return (D, count): the sum of the non-ignored targets' weights and
     their number.  The one target check behind every entry point (fastce.linear's too)."""
     be = backend_for(target=target, weight=weight)
-    ignore_index = _check_ignore_index(ignore_index)
+    ignore_index = check_ignore_index(ignore_index)
     t = be.asarray(target)
     if t.dtype.kind not in "iu":
         what = "a bool" if t.dtype.kind == "b" else f"dtype {t.dtype}"
@@ -266,6 +269,15 @@ def check_index_target(target, weight, ignore_index, C, dtype):
     return D, count
 
 
+def index_denominators(target, weight, ignore_index, C, dtype):
+    """(D, Dz): the denominators of the mean over class-index targets, after
+    ``check_index_target``'s checks: the sum of the non-ignored targets' weights (the
+    cross-entropy's) and their count (the z-loss's).  For entry points that split a batch
+    (fastce.linear's chunks, fastce.shards) and divide by the whole batch's."""
+    D, count = check_index_target(target, weight, ignore_index, C, dtype)
+    return D, float(count)
+
+
 def _div(a: float, b: float) -> float:
     """IEEE a / b for Python floats (x/0 -> +-inf, 0/0 -> nan), as torch's mean of nothing."""
     if b == 0.0:
@@ -282,9 +294,9 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
     """Every cross-entropy entry point.  ``denominators`` (fastce.linear's chunks): the mean's
     (D, Dz) of the whole batch, used instead of this call's own."""
     be = backend_for(input=input, target=target, weight=weight, grad_output=grad_output)
-    eps, cap, zl = _check_options(reduction, label_smoothing, softcap, z_loss)
+    eps, cap, zl = check_options(reduction, label_smoothing, softcap, z_loss)
     x = _check_logits(be, input)
-    ignore_index = _check_ignore_index(ignore_index)
+    ignore_index = check_ignore_index(ignore_index)
     axis = _class_axis(x, class_axis)
     kind, t = _check_target(be, target, x, axis)
     if kind == "prob" and ignore_index >= 0:
@@ -537,7 +549,7 @@ class CrossEntropyLoss:
 
     def __init__(self, weight=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                  softcap=None, z_loss=0.0, class_axis=None):
-        _check_options(reduction, label_smoothing, softcap, z_loss)
+        check_options(reduction, label_smoothing, softcap, z_loss)
         self.weight = weight
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -571,9 +583,9 @@ def nll_loss(log_probs, target, weight=None, *, ignore_index=-100, reduction="me
     """Negative log-likelihood of ``target`` under ``log_probs`` (torch's ``F.nll_loss``):
     ``l_i = -w[y_i] * log_probs[i, y_i]``, the mean dividing by the sum of the targets' weights."""
     be = backend_for(input=log_probs, target=target, weight=weight)
-    _check_options(reduction, 0.0, None, 0.0)
+    check_options(reduction, 0.0, None, 0.0)
     x = _check_logits(be, log_probs, "log_probs")
-    ignore_index = _check_ignore_index(ignore_index)
+    ignore_index = check_ignore_index(ignore_index)
     axis = _class_axis(x, class_axis)
     kind, t = _check_target(be, target, x, axis)
     if kind != "index":

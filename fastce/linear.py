@@ -31,13 +31,12 @@ import time
 import numpy as np
 
 from . import api
-from .api import check_index_target, cross_entropy_with_grad
-from .dispatch import is_dask_array, is_device_array
+from .api import cross_entropy_with_grad
+from .dispatch import backend_for, cpu_backend, is_dask_array
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad", "bench_linear"]
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-_NAMES = ("hidden", "classifier", "target", "bias", "weight", "grad_output")
 
 _MIB = 1 << 20
 AUTO_FRACTION = 12          # the chunk buffer is ~1/12 of N x V ...
@@ -50,16 +49,9 @@ V_BLOCKS = 8                # V-blocks of the grad_classifier update (temporary:
 # Array module (NumPy on the host, CuPy for CUDA arrays) and argument checking
 # ---------------------------------------------------------------------------------------------
 def _array_module(named):
-    items = [(k, v) for k, v in named.items() if v is not None and not np.isscalar(v)]
-    on_gpu = is_device_array(items[0][1])
-    for name, value in items[1:]:
-        if name == "grad_output" and isinstance(value, np.ndarray) and value.ndim == 0:
-            continue
-        if is_device_array(value) != on_gpu:
-            where = "a CUDA device" if on_gpu else "the host"
-            raise TypeError(f"fastce: 'hidden' is on {where} but {name!r} is not; move {name!r} "
-                            f"to the same device (fastce makes no implicit host/device copies)")
-    if not on_gpu:
+    """NumPy, or CuPy (cuBLAS for the matmuls) for CUDA arrays; the arguments must all be on
+    one device (fastce.dispatch's check, as every entry point)."""
+    if backend_for(**named) is cpu_backend():
         return np
     try:
         import cupy
@@ -128,16 +120,16 @@ def _prepare(xp, hidden, classifier, target, bias, weight, ignore_index):
         raise ValueError(f"fastce: target must have shape (N,) = ({N},) for hidden of shape "
                          f"{tuple(h.shape)}, got {tuple(t.shape)}")
     cdt = np.dtype(np.float32) if h.dtype == np.float16 else h.dtype   # float16 -> float32
-    # Targets and weights: the checks of every entry point, and the whole batch's denominators.
-    D, count = check_index_target(t, weight, ignore_index, V, cdt)
-    ignore_index = api._check_ignore_index(ignore_index)
+    # Targets and weights: the checks of every entry point, and the whole batch's denominators
+    # (each chunk's own checks then find nothing new).
+    D, Dz = api.index_denominators(t, weight, ignore_index, V, cdt)
+    ignore_index = api.check_ignore_index(ignore_index)
+    # The weights cast once, not per chunk (check_index_target rejected overflowing ones).
     w = None if weight is None else xp.ascontiguousarray(xp.asarray(weight).astype(cdt))
-    if t.dtype not in (np.dtype(np.int64), np.dtype(np.int32)):
-        t = t.astype(np.int64)         # safe: check_index_target rejected what would wrap
     if cdt != h.dtype:
         h, c = h.astype(cdt), c.astype(cdt)
         b = None if b is None else b.astype(cdt)
-    return h, c, b, t, w, ignore_index, D, count
+    return h, c, b, t, w, ignore_index, D, Dz
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,11 +178,11 @@ def _linear_ce(hidden, classifier, target, bias, weight, grad_output, *, ignore_
             hidden, classifier, target, bias, weight, grad_output, ignore_index=ignore_index,
             reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
             z_loss=z_loss, chunk_size=chunk_size, want_grad=want_grad)
-    eps, cap, zl = api._check_options(reduction, label_smoothing, softcap, z_loss)
+    eps, cap, zl = api.check_options(reduction, label_smoothing, softcap, z_loss)
     xp = _array_module(dict(hidden=hidden, classifier=classifier, target=target, bias=bias,
                             weight=weight, grad_output=grad_output if want_grad else None))
     in_dtype = xp.asarray(hidden).dtype
-    h, c, b, t, w, ignore_index, D, count = _prepare(xp, hidden, classifier, target, bias,
+    h, c, b, t, w, ignore_index, D, Dz = _prepare(xp, hidden, classifier, target, bias,
                                                      weight, ignore_index)
     cdt = h.dtype
     N, H = h.shape
@@ -218,7 +210,7 @@ def _linear_ce(hidden, classifier, target, bias, weight, grad_output, *, ignore_
                 grad_output = ga.reshape(())
             g = float(grad_output)
         if reduction == "mean":
-            opts.update(denominators=(D, float(count)) if denominators is None
+            opts.update(denominators=(D, Dz) if denominators is None
                         else tuple(map(float, denominators)))
 
     buf = xp.empty((rows, V), cdt) if N else None

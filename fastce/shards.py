@@ -46,7 +46,7 @@ import numpy as np
 
 from . import api
 from . import elementwise as ew
-from .dispatch import backend_for, is_device_array
+from .dispatch import backend_for, cpu_backend
 
 __all__ = ["ShardStats", "shard_stats", "merge_stats", "finalize_stats", "shard_grad",
            "target_denominators"]
@@ -115,7 +115,7 @@ def _backend(**named):
     """(backend, array module): fastce's CPU backend and NumPy for NumPy arrays; for CUDA
     arrays, CuPy (required) for both."""
     be = backend_for(**named)
-    if not any(is_device_array(v) for v in named.values()):
+    if be is cpu_backend():
         return be, np
     if not _CUPY:
         try:
@@ -159,14 +159,14 @@ class _Shard:
                  softcap, class_axis, z_loss=0.0, reduction="none"):
         be, self.xp = _backend(input=input, target=target, weight=weight)
         self.be = be
-        self.eps, self.cap, self.zl = api._check_options(reduction, label_smoothing, softcap,
+        self.eps, self.cap, self.zl = api.check_options(reduction, label_smoothing, softcap,
                                                          z_loss)
         self.softcap = softcap if softcap is None else float(softcap)
         x = api._check_logits(be, input)
         self.in_dtype = x.dtype
         axis = api._class_axis(x, class_axis)
         C = self.C = _check_num_classes(num_classes)
-        self.ignore_index = api._check_ignore_index(ignore_index)
+        self.ignore_index = api.check_ignore_index(ignore_index)
         Cs = int(x.shape[axis])
         self.c0 = _check_shard(c0, Cs, C)
         kind, t = api._check_target(be, target, x, axis)
@@ -180,8 +180,7 @@ class _Shard:
         self.ws = be.contiguous(w[self.c0:self.c0 + Cs])
         xp = self.xp
         if kind == "index":
-            D, count = api.check_index_target(t, weight, self.ignore_index, C, cdt)
-            self.D, self.Dz = D, float(count)
+            self.D, self.Dz = api.index_denominators(t, weight, self.ignore_index, C, cdt)
             t2 = be.contiguous(t).reshape(N, S).astype(np.int64)
             self.t2 = t2
             local = t2 - self.c0
@@ -376,7 +375,7 @@ def finalize_parts(st, target, weight=None, *, ignore_index=-100, z_loss=0.0,
     _check_complete(st)
     xp = _module_of(st.max)
     be, _ = _backend(target=target, weight=weight)
-    ignore_index = api._check_ignore_index(ignore_index)
+    ignore_index = api.check_ignore_index(ignore_index)
     zl = float(z_loss)
     C = st.num_classes
     keep, smooth_c = 1.0 - st.label_smoothing, st.label_smoothing / C
@@ -436,7 +435,7 @@ def finalize_stats(stats, target, weight=None, *, ignore_index=-100, reduction="
     st = stats
     if not isinstance(st, ShardStats):
         raise TypeError(f"fastce: finalize_stats takes ShardStats, got {type(st).__name__}")
-    eps, _, zl = api._check_options(reduction, st.label_smoothing, st.softcap, z_loss)
+    eps, _, zl = api.check_options(reduction, st.label_smoothing, st.softcap, z_loss)
     xp = _module_of(st.max)
     parts = finalize_parts(st, target, weight, ignore_index=ignore_index, z_loss=zl,
                            want_hit=return_token_accuracy and st.kind == "index")
@@ -598,5 +597,4 @@ def target_denominators(target, weight=None, *, num_classes, ignore_index=-100,
     by positions and pass the sums as ``denominators=`` for the whole batch's mean."""
     C = _check_num_classes(num_classes)
     dtype = np.dtype(np.float32) if np.dtype(dtype) == np.float16 else np.dtype(dtype)
-    D, count = api.check_index_target(target, weight, ignore_index, C, dtype)
-    return D, float(count)
+    return api.index_denominators(target, weight, ignore_index, C, dtype)
