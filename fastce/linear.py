@@ -329,43 +329,23 @@ def unfused_with_grad(hidden, classifier, target, bias=None, **kw):
     return loss, gh, gc, gb
 
 
-def fused_with_grad(hidden, classifier, target, bias=None, **kw):
-    return linear_cross_entropy_with_grad(hidden, classifier, target, bias, **kw)
-
-
-def peak_extra_bytes(fn, *args, **kw):
-    """Peak traced (tracemalloc: NumPy's allocations) bytes of ``fn(*args)`` beyond its outputs."""
-    import gc
-    import tracemalloc
-    gc.collect()
-    started = not tracemalloc.is_tracing()
-    if started:
-        tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
-        out = fn(*args, **kw)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        if started:
-            tracemalloc.stop()
-    outs = sum(getattr(a, "nbytes", 0) for a in out if a is not None)
-    return peak - base - outs
-
-
 def bench_linear(quick=False, N=None, H=256, V=32000, repeat=None):
     """Fused vs unfused linear cross-entropy with gradients (float32, CPU).
 
     Returns rows ``(name, median_ms, peak_extra_MB)``: the median wall time of ``repeat`` runs
-    (after a warm-up) and tracemalloc's peak of NumPy allocations beyond the outputs.  quick:
+    (after a warm-up) and tracemalloc's peak of NumPy allocations beyond the outputs (those
+    of the warm-up call: the same for both paths).  quick:
     N=1024 and 3 runs instead of N=4096 and 7.
     """
     N = N if N is not None else (1024 if quick else 4096)
     repeat = repeat if repeat is not None else (3 if quick else 7)
     hidden, classifier, target = make_problem(N, H, V)
-    fns = [("linear_ce fused", fused_with_grad), ("linear_ce unfused", unfused_with_grad)]
+    from .bench import peak_extra_memory
+    fns = [("linear_ce fused", linear_cross_entropy_with_grad),
+           ("linear_ce unfused", unfused_with_grad)]
     for _, fn in fns:                       # warm-up: JIT compilation, BLAS threads
-        fn(hidden, classifier, target)
+        out = fn(hidden, classifier, target)
+    out_bytes = sum(getattr(a, "nbytes", 0) for a in out if a is not None)
     times = {name: [] for name, _ in fns}
     for _ in range(repeat):                 # interleaved, so noise hits both alike
         for name, fn in fns:
@@ -374,6 +354,6 @@ def bench_linear(quick=False, N=None, H=256, V=32000, repeat=None):
             times[name].append(time.perf_counter() - t0)
     rows = []
     for name, fn in fns:
-        mem = peak_extra_bytes(fn, hidden, classifier, target)
-        rows.append((name, float(np.median(times[name])) * 1e3, mem / 1e6))
+        peak, _ = peak_extra_memory(lambda: fn(hidden, classifier, target), 1)
+        rows.append((name, float(np.median(times[name])) * 1e3, (peak - out_bytes) / 1e6))
     return rows
