@@ -81,29 +81,24 @@ def compile_ptx_all(cc=(8, 0)):
                 n += 1
             cuda.compile_ptx(gpu._k_lse_weighted.py_func, (arr(ft, 2), arr(f8, 2), nt.boolean,
                                                            arr(f8, 1), arr(f8, 1)), cc=cc)
-            cuda.compile_ptx(gpu._k_gather_nd.py_func, (arr(ft, 1), arr(ft, 1),
-                                                        arr(nt.int64, 1), arr(nt.int64, 1)),
-                             cc=cc)
+            cuda.compile_ptx(gpu._k_nll.py_func, (arr(f8, 2), arr(ft, 3), arr(nt.int64, 2),
+                                                  arr(f8, 1), nt.int64), cc=cc)
             n += 2
         i8 = nt.int64
         cuda.compile_ptx(gpu._k_sum.py_func, (arr(f8, 1), i8, i8, arr(f8, 1)), cc=cc)
         cuda.compile_ptx(gpu._k_stats.py_func, (arr(i8, 1), arr(nt.float32, 1), i8, i8, i8, i8,
                                                 arr(f8, 1), arr(f8, 1), arr(f8, 1)), cc=cc)
         n += 2
-        for name, (o, a, b) in {"cast": (nt.float16, nt.float32, nt.float32),
-                                "cast_up": (nt.float32, nt.float16, nt.float16),
-                                "add": (f8, f8, f8), "mul": (f8, f8, f8),
-                                "eq": (nt.boolean, i8, i8), "neg": (f8, f8, f8),
-                                "gather": (f8, f8, i8)}.items():
-            kernel = gpu._K[name.split("_")[0]]
-            cuda.compile_ptx(kernel.py_func, (arr(o, 1), arr(a, 1), i8, arr(b, 1), i8),
-                             cc=cc)
-            n += 1
-        cuda.compile_ptx(gpu._k_where.py_func, (arr(f8, 1), arr(nt.boolean, 1), i8, arr(f8, 1),
-                                                i8, arr(f8, 1), i8), cc=cc)
-        cuda.compile_ptx(gpu._k_take1.py_func, (arr(f8, 3), arr(f8, 3), arr(i8, 3)), cc=cc)
-        cuda.compile_ptx(gpu._k_copy4.py_func, (arr(f8, 1), nt.Array(f8, 4, "A")), cc=cc)
-        n += 3
+        # The protocol's small kernels; _k_gather_nd casts on its store (float16 included).
+        for o, a in ((nt.float16, nt.float32), (nt.float32, nt.float16), (f8, i8),
+                     (f8, nt.boolean), (i8, nt.int32)):
+            cuda.compile_ptx(gpu._k_gather_nd.py_func, (arr(o, 1), arr(a, 1), i8, arr(i8, 1),
+                                                        arr(i8, 1)), cc=cc)
+            cuda.compile_ptx(gpu._k_fill.py_func, (arr(o, 1), o), cc=cc)
+            n += 2
+        cuda.compile_ptx(gpu._k_add.py_func, (arr(nt.float16, 1), arr(f8, 1), arr(f8, 1)), cc=cc)
+        cuda.compile_ptx(gpu._k_lse_sign.py_func, (arr(f8, 1), arr(f8, 1)), cc=cc)
+        n += 2
         return n
     finally:
         disp.get_current_device = saved
