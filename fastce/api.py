@@ -383,26 +383,11 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
         hit = None
 
     loss = None
-    if want_loss and raw:
-        # fastce.dask_backend: a chunk's float64 sums (ce, z-loss, token hits), reduced over
-        # the chunks by the caller, which divides by the whole batch's denominators.
-        loss = (be.total(ce), be.total(zls) if zl else 0.0,
-                be.total(hit) if (hit is not None and want_stats) else 0.0)
-    elif want_loss:
-        if reduction == "none":
-            loss = be.finish_per_position(ce, zls if zl else None, loss_shape, in_dtype)
-        else:
-            total = be.total(ce)
-            value = _div(total, D) if mean else total
-            if zl:
-                zsum = be.total(zls)
-                value = value + (_div(zsum, Dz) if mean else zsum)
-            loss = be.scalar(value, in_dtype)
+    if want_loss:
+        loss = _loss(be, ce, zls if zl else None, hit if want_stats else None, reduction,
+                     D, Dz, loss_shape, in_dtype, raw)
     if grad is not None:
-        if out is not None:
-            grad = out
-        else:
-            grad = be.cast(grad.reshape(x.shape), in_dtype)
+        grad = out if out is not None else be.cast(grad.reshape(x.shape), in_dtype)
     stats = None
     if want_stats or want_lse:
         if reduction == "none":
@@ -415,6 +400,25 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
         if want_lse:
             stats = stats + (be.wrap(be.cast(lse.reshape(loss_shape), in_dtype), input),)
     return be.wrap(loss, input), be.wrap(grad, input), stats
+
+
+def _loss(be, ce, zls, hit, reduction, D, Dz, loss_shape, dtype, raw):
+    """The loss from the kernels' per-element (or partial) sums; ``zls`` None without z-loss,
+    ``hit`` None unless token hits were asked for."""
+    if raw:
+        # fastce.dask_backend: a chunk's float64 sums (ce, z-loss, token hits), reduced over
+        # the chunks by the caller, which divides by the whole batch's denominators.
+        return (be.total(ce), 0.0 if zls is None else be.total(zls),
+                0.0 if hit is None else be.total(hit))
+    if reduction == "none":
+        return be.finish_per_position(ce, zls, loss_shape, dtype)
+    mean = reduction == "mean"
+    total = be.total(ce)
+    value = _div(total, D) if mean else total
+    if zls is not None:
+        zsum = be.total(zls)
+        value = value + (_div(zsum, Dz) if mean else zsum)
+    return be.scalar(value, dtype)
 
 
 def _empty_problem(be, x, C, t, kind, weight, ignore_index, reduction, loss_shape, input,

@@ -975,8 +975,9 @@ def _gather(d, shape, strides_of, dtype):
     n = math.prod(shape)
     if n:
         flat, base, st = _source(d)
-        strides = tuple(strides_of(st))
-        dims, stv = _geometry(tuple(shape), strides, _device_id())
+        # A 0-d copy as one element of stride 0 (no zero-length geometry arrays).
+        strides = tuple(strides_of(st)) or (0,)
+        dims, stv = _geometry(tuple(shape) or (1,), strides, _device_id())
         _launch(_k_gather_nd, n, _flat(out), flat, _i8(base), dims, stv)
     return out
 
