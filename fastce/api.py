@@ -43,7 +43,9 @@ class CrossEntropyOutput(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 # Argument checking
 # ---------------------------------------------------------------------------------------------
-def _check_options(reduction, label_smoothing, softcap, z_loss):
+def check_options(reduction, label_smoothing, softcap, z_loss):
+    """(label_smoothing, softcap (0.0 for None), z_loss) as floats, after checking them and
+    ``reduction``: the option checks of every entry point."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"fastce: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     try:
@@ -72,7 +74,8 @@ def _check_options(reduction, label_smoothing, softcap, z_loss):
 _INT64 = np.iinfo(np.int64)
 
 
-def _check_ignore_index(ignore_index):
+def check_ignore_index(ignore_index):
+    """``ignore_index`` as a Python int (any int64 value)."""
     if isinstance(ignore_index, (bool, np.bool_)):
         raise TypeError(f"fastce: ignore_index must be an int, got {ignore_index!r}")
     try:
@@ -95,35 +98,15 @@ def _check_out(be, out, x):
                          f"{x.dtype}, got {tuple(o.shape)} {o.dtype}")
     if x.dtype == np.float16:
         raise ValueError("fastce: out= is not supported for float16 input (computed in float32)")
-    if not _is_writeable_c_contiguous(out if be.name != "cpu" else o):
+    if not be.is_writeable_c_contiguous(out):
         raise ValueError("fastce: out must be a writeable C-contiguous array")
     return o
-
-
-def _is_writeable_c_contiguous(a):
-    flags = getattr(a, "flags", None)
-    if flags is not None and hasattr(flags, "c_contiguous"):       # NumPy, CuPy
-        return bool(flags.c_contiguous) and bool(getattr(flags, "writeable", True))
-    if hasattr(a, "is_c_contiguous"):                               # Numba device arrays
-        return bool(a.is_c_contiguous())
-    cai = getattr(a, "__cuda_array_interface__", None)
-    if cai is not None:
-        strides, shape = cai.get("strides"), cai["shape"]
-        if strides is None:
-            return True
-        itemsize = np.dtype(cai["typestr"]).itemsize
-        expected = []
-        for n in reversed(shape):
-            expected.append(itemsize)
-            itemsize *= n
-        return tuple(strides) == tuple(reversed(expected)) or math.prod(shape) <= 1
-    return False
 
 
 def _check_logits(be, input, name="input"):
     x = be.asarray(input)
     if x.dtype.kind == "f" and not x.dtype.isnative:
-        x = x.astype(x.dtype.newbyteorder("="))     # big-endian logits: one native-order copy
+        x = be.cast(x, x.dtype.newbyteorder("="))   # big-endian logits: one native-order copy
     if x.dtype not in _FLOATS:
         raise TypeError(f"fastce: {name} must be float16, float32 or float64 logits, got dtype "
                         f"{x.dtype}")
@@ -155,9 +138,8 @@ def _canonical(be, x, axis):
     N = math.prod(shape[:axis])
     C = shape[axis]
     S = math.prod(shape[axis + 1:])
-    if x.dtype == np.float16:
-        x = x.astype(np.float32)       # float16 is computed in float32
-    x = be.contiguous(x)
+    # float16 is computed in float32
+    x = be.cast(x, np.float32) if x.dtype == np.float16 else be.contiguous(x)
     return x.reshape(N, C, S), N, C, S
 
 
@@ -178,7 +160,7 @@ def _check_weight(be, weight, C, dtype):
     w = be.asarray(weight)
     check_weight_meta(w, C)
     with np.errstate(over="ignore"):
-        wc = be.contiguous(w.astype(dtype))
+        wc = be.cast(w, dtype)
     W = be.total(wc)
     if not math.isfinite(W) and w.dtype != dtype and math.isfinite(be.total(w)):
         host = np.asarray(be.to_host(w), dtype=np.float64)
@@ -216,7 +198,7 @@ def _check_target(be, target, x, axis):
         if pos >= 0:
             raise _bad_target_error(be, t, pos, int(x.shape[axis]), None)
     if t.dtype.itemsize > 8 or t.dtype not in _NATIVE_TARGETS:
-        t = t.astype(np.int64)
+        t = be.cast(t, np.int64)
     return "index", t
 
 
@@ -233,7 +215,7 @@ def _check_real(be, a, name):
     return arr
 
 
-def _check_grad_output(be, grad_output, reduction, loss_shape, dtype):
+def _check_grad_output(be, grad_output, reduction, loss_shape):
     """The upstream gradient as a flat float64 array and its stride (0 = one scalar)."""
     if grad_output is None:
         return be.ones(1, np.float64), 0
@@ -242,20 +224,19 @@ def _check_grad_output(be, grad_output, reduction, loss_shape, dtype):
         if tuple(g.shape) != tuple(loss_shape):
             raise ValueError(f"fastce: with reduction='none', grad_output must have the loss's "
                              f"shape {tuple(loss_shape)}, got {tuple(g.shape)}")
-        return be.contiguous(g.astype(np.float64)).reshape(-1), 1
+        return be.cast(g, np.float64).reshape(-1), 1
     if np.isscalar(grad_output):
         _check_real(np, grad_output, "grad_output")
-        return be.ones(1, np.float64) * float(grad_output), 0
+        return be.full((1,), float(grad_output), np.float64), 0
     g = _check_real(be, grad_output, "grad_output")
     if g.size != 1 or g.ndim > 1:
         raise ValueError(f"fastce: with reduction={reduction!r}, grad_output must be a scalar, "
                          f"got shape {tuple(g.shape)}")
-    return be.contiguous(g.astype(np.float64)).reshape(1), 0
+    return be.cast(g, np.float64).reshape(1), 0
 
 
 def _bad_target_error(be, t, pos, C, ignore_index):
-    flat = t.reshape(-1)
-    value = be.to_host_scalar(flat[pos])
+    value = be.element(t, pos)
     where = np.unravel_index(pos, tuple(t.shape)) if t.ndim else ()
     allowed = f"[0, {C})" + ("" if ignore_index is None else
                              f" or equal ignore_index={ignore_index}")
@@ -268,7 +249,7 @@ def check_index_target(target, weight, ignore_index, C, dtype):
     the compute dtype); return (D, count): the sum of the non-ignored targets' weights and
     their number.  The one target check behind every entry point (fastce.linear's too)."""
     be = backend_for(target=target, weight=weight)
-    ignore_index = _check_ignore_index(ignore_index)
+    ignore_index = check_ignore_index(ignore_index)
     t = be.asarray(target)
     if t.dtype.kind not in "iu":
         what = "a bool" if t.dtype.kind == "b" else f"dtype {t.dtype}"
@@ -278,7 +259,7 @@ def check_index_target(target, weight, ignore_index, C, dtype):
         if pos >= 0:
             raise _bad_target_error(be, t, pos, C, None)
     if t.dtype not in _NATIVE_TARGETS:
-        t = t.astype(np.int64)
+        t = be.cast(t, np.int64)
     w, _ = _check_weight(be, weight, C, np.dtype(dtype))
     if t.size == 0:
         return 0.0, 0
@@ -286,6 +267,15 @@ def check_index_target(target, weight, ignore_index, C, dtype):
     if bad >= 0:
         raise _bad_target_error(be, t, bad, C, ignore_index)
     return D, count
+
+
+def index_denominators(target, weight, ignore_index, C, dtype):
+    """(D, Dz): the denominators of the mean over class-index targets, after
+    ``check_index_target``'s checks: the sum of the non-ignored targets' weights (the
+    cross-entropy's) and their count (the z-loss's).  For entry points that split a batch
+    (fastce.linear's chunks, fastce.shards) and divide by the whole batch's."""
+    D, count = check_index_target(target, weight, ignore_index, C, dtype)
+    return D, float(count)
 
 
 def _div(a: float, b: float) -> float:
@@ -304,9 +294,9 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
     """Every cross-entropy entry point.  ``denominators`` (fastce.linear's chunks): the mean's
     (D, Dz) of the whole batch, used instead of this call's own."""
     be = backend_for(input=input, target=target, weight=weight, grad_output=grad_output)
-    eps, cap, zl = _check_options(reduction, label_smoothing, softcap, z_loss)
+    eps, cap, zl = check_options(reduction, label_smoothing, softcap, z_loss)
     x = _check_logits(be, input)
-    ignore_index = _check_ignore_index(ignore_index)
+    ignore_index = check_ignore_index(ignore_index)
     axis = _class_axis(x, class_axis)
     kind, t = _check_target(be, target, x, axis)
     if kind == "prob" and ignore_index >= 0:
@@ -314,7 +304,7 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
                          "in torch, which accepts only a negative one)")
     in_dtype = x.dtype
     loss_shape = tuple(x.shape[:axis]) + tuple(x.shape[axis + 1:])
-    g, g_stride = (_check_grad_output(be, grad_output, reduction, loss_shape, in_dtype)
+    g, g_stride = (_check_grad_output(be, grad_output, reduction, loss_shape)
                    if want_grad else (be.ones(1, np.float64), 0))
     o = _check_out(be, out, x) if (want_grad and out is not None) else None
     if x.shape[axis] == 0 or math.prod(loss_shape) == 0:
@@ -322,16 +312,15 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
                                            ignore_index, reduction, loss_shape, input,
                                            want_grad, want_stats or want_lse, out)
         if want_lse:        # log of an empty sum (no classes), or no positions
-            stats = stats + (be.wrap(be.xp.full(loss_shape, -math.inf, dtype=x.dtype), input),)
+            stats = stats + (be.wrap(be.full(loss_shape, -math.inf, x.dtype), input),)
         return loss, grad, stats
     x3, N, C, S = _canonical(be, x, axis)
     w, W = _check_weight(be, weight, C, x3.dtype)
     lse = None
     if want_lse:
         # One extra pass over the logits (before out=input may overwrite them): the loss
-        # kernels keep their lse in registers (see fastce.shards.lse_canonical).
-        from .shards import lse_canonical
-        lse = lse_canonical(be, x3, cap)
+        # kernels keep their lse in registers.
+        lse = be.lse(x3, cap)
 
     # The forward may validate its targets inside the loss kernel itself (which never reads
     # with a bad one); the gradient needs the mean's denominator first: a pre-pass.
@@ -345,7 +334,7 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
                 raise _bad_target_error(be, t, bad, C, ignore_index)
         Dz = float(count)
     else:
-        t2 = be.contiguous(t.astype(x3.dtype)).reshape(N, C, S)
+        t2 = be.cast(t, x3.dtype).reshape(N, C, S)
         D = Dz = float(N * S)
         count = N * S
     if denominators is not None:
@@ -363,15 +352,15 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
         in_place = be.same_memory(o, x3)
         if in_place and cap:
             in_place = False        # softcap's third pass re-reads the logits: keep a copy
-            x3 = x3.copy()
+            x3 = be.copy(x3)
         elif not in_place and be.may_share_memory(o, x3):
-            x3 = x3.copy()
+            x3 = be.copy(x3)
         if be.may_share_memory(o, t2):
-            t2 = t2.copy()
+            t2 = be.copy(t2)
         if be.may_share_memory(o, w):
-            w = w.copy()
+            w = be.copy(w)
         if be.may_share_memory(o, g):
-            g = g.copy()
+            g = be.copy(g)
         grad = be.contiguous(o).reshape(N, C, S)
     elif want_grad:
         grad = be.empty((N, C, S), x3.dtype)
@@ -394,41 +383,42 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
         hit = None
 
     loss = None
-    if want_loss and raw:
-        # fastce.dask_backend: a chunk's float64 sums (ce, z-loss, token hits), reduced over
-        # the chunks by the caller, which divides by the whole batch's denominators.
-        loss = (be.total(ce), be.total(zls) if zl else 0.0,
-                be.total(hit) if (hit is not None and want_stats) else 0.0)
-    elif want_loss:
-        if reduction == "none":
-            per = ce + zls if zl else ce
-            loss = per.reshape(loss_shape).astype(in_dtype)
-        else:
-            total = be.total(ce)
-            value = _div(total, D) if mean else total
-            if zl:
-                zsum = be.total(zls)
-                value = value + (_div(zsum, Dz) if mean else zsum)
-            loss = be.scalar(value, in_dtype)
+    if want_loss:
+        loss = _loss(be, ce, zls if zl else None, hit if want_stats else None, reduction,
+                     D, Dz, loss_shape, in_dtype, raw)
     if grad is not None:
-        if out is not None:
-            grad = out
-        else:
-            grad = grad.reshape(x.shape)
-            if grad.dtype != in_dtype:
-                grad = grad.astype(in_dtype)
+        grad = out if out is not None else be.cast(grad.reshape(x.shape), in_dtype)
     stats = None
     if want_stats or want_lse:
         if reduction == "none":
-            zpart = zls.reshape(loss_shape).astype(in_dtype)
+            zpart = be.cast(zls.reshape(loss_shape), in_dtype)
         else:
             zs = be.total(zls)
             zpart = be.scalar(_div(zs, Dz) if mean else zs, in_dtype)
         acc = _div(be.total(hit), count) if (hit is not None and count) else math.nan
         stats = (be.wrap(zpart, input), acc)
         if want_lse:
-            stats = stats + (be.wrap(lse.reshape(loss_shape).astype(in_dtype), input),)
+            stats = stats + (be.wrap(be.cast(lse.reshape(loss_shape), in_dtype), input),)
     return be.wrap(loss, input), be.wrap(grad, input), stats
+
+
+def _loss(be, ce, zls, hit, reduction, D, Dz, loss_shape, dtype, raw):
+    """The loss from the kernels' per-element (or partial) sums; ``zls`` None without z-loss,
+    ``hit`` None unless token hits were asked for."""
+    if raw:
+        # fastce.dask_backend: a chunk's float64 sums (ce, z-loss, token hits), reduced over
+        # the chunks by the caller, which divides by the whole batch's denominators.
+        return (be.total(ce), 0.0 if zls is None else be.total(zls),
+                0.0 if hit is None else be.total(hit))
+    if reduction == "none":
+        return be.finish_per_position(ce, zls, loss_shape, dtype)
+    mean = reduction == "mean"
+    total = be.total(ce)
+    value = _div(total, D) if mean else total
+    if zls is not None:
+        zsum = be.total(zls)
+        value = value + (_div(zsum, Dz) if mean else zsum)
+    return be.scalar(value, dtype)
 
 
 def _empty_problem(be, x, C, t, kind, weight, ignore_index, reduction, loss_shape, input,
@@ -563,7 +553,7 @@ class CrossEntropyLoss:
 
     def __init__(self, weight=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                  softcap=None, z_loss=0.0, class_axis=None):
-        _check_options(reduction, label_smoothing, softcap, z_loss)
+        check_options(reduction, label_smoothing, softcap, z_loss)
         self.weight = weight
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -597,9 +587,9 @@ def nll_loss(log_probs, target, weight=None, *, ignore_index=-100, reduction="me
     """Negative log-likelihood of ``target`` under ``log_probs`` (torch's ``F.nll_loss``):
     ``l_i = -w[y_i] * log_probs[i, y_i]``, the mean dividing by the sum of the targets' weights."""
     be = backend_for(input=log_probs, target=target, weight=weight)
-    _check_options(reduction, 0.0, None, 0.0)
+    check_options(reduction, 0.0, None, 0.0)
     x = _check_logits(be, log_probs, "log_probs")
-    ignore_index = _check_ignore_index(ignore_index)
+    ignore_index = check_ignore_index(ignore_index)
     axis = _class_axis(x, class_axis)
     kind, t = _check_target(be, target, x, axis)
     if kind != "index":
@@ -610,17 +600,13 @@ def nll_loss(log_probs, target, weight=None, *, ignore_index=-100, reduction="me
     D, _, bad = be.target_stats(t2, w, ignore_index, C)
     if bad >= 0:
         raise _bad_target_error(be, t, bad, C, ignore_index)
-    xp = be.xp
     if C == 0 or N * S == 0:        # every target ignored (checked above): torch's nan mean
         per = be.zeros((N, S), np.float64)
     else:
-        ignored = t2 == ignore_index
-        safe = xp.where(ignored, 0, t2).astype(np.int64)
-        picked = xp.take_along_axis(x3, safe[:, None, :], axis=1)[:, 0, :].astype(np.float64)
-        per = xp.where(ignored, 0.0, -w[safe] * picked)
+        per = be.nll_loss(x3, t2, w, ignore_index)
     loss_shape = tuple(x.shape[:axis]) + tuple(x.shape[axis + 1:])
     if reduction == "none":
-        return be.wrap(per.reshape(loss_shape).astype(x.dtype), log_probs)
+        return be.wrap(be.finish_per_position(per, None, loss_shape, x.dtype), log_probs)
     total = be.total(per)
     with np.errstate(divide="ignore", invalid="ignore"):
         value = np.float64(total) / np.float64(D) if reduction == "mean" else np.float64(total)

@@ -1562,11 +1562,11 @@ def _data_pointer(a):
 
 
 class CPUBackend:
-    """What fastce.api needs from a backend, for NumPy arrays."""
+    """The ``fastce.backend.Backend`` protocol for NumPy arrays."""
 
-    name = "cpu"
-    xp = np
     array_kind = "a NumPy array"
+    fuses_target_stats = True       # index_loss(..., fuse_stats=True) is supported
+    casts_complex = True
 
     @staticmethod
     def asarray(a):
@@ -1575,6 +1575,11 @@ class CPUBackend:
     @staticmethod
     def is_array(a):
         return isinstance(a, np.ndarray)
+
+    @staticmethod
+    def is_writeable_c_contiguous(a):
+        a = np.asarray(a)
+        return bool(a.flags.c_contiguous and a.flags.writeable)
 
     @staticmethod
     def same_memory(a, b):
@@ -1602,6 +1607,19 @@ class CPUBackend:
         return np.ascontiguousarray(a)
 
     @staticmethod
+    def cast(a, dtype):
+        # (not ascontiguousarray: it makes 0-d arrays 1-d)
+        return a.astype(dtype, order="C", copy=False)
+
+    @staticmethod
+    def copy(a):
+        return a.copy()
+
+    @staticmethod
+    def element(a, pos):
+        return a.reshape(-1)[pos].item()
+
+    @staticmethod
     def empty(shape, dtype):
         return np.empty(shape, dtype)
 
@@ -1609,6 +1627,8 @@ class CPUBackend:
     def ones(shape, dtype):
         """Ones, cached per shape and dtype (fastce.api only reads them, never hands them out)."""
         return _ones(shape if isinstance(shape, tuple) else (shape,), np.dtype(dtype))
+
+    full = staticmethod(np.full)
 
     @staticmethod
     def total(a) -> float:
@@ -1623,14 +1643,37 @@ class CPUBackend:
         return np.dtype(dtype).type(value)
 
     @staticmethod
-    def to_host_scalar(a):
-        return np.asarray(a).item()
+    def finish_per_position(ce, zl, shape, dtype):
+        per = ce if zl is None else ce + zl
+        return per.reshape(shape).astype(dtype, copy=False)
 
     @staticmethod
-    def wrap(a, like):
+    def nll_loss(x3, t2, w, ignore_index):
+        ignored = t2 == ignore_index
+        safe = np.where(ignored, 0, t2).astype(np.int64)
+        picked = np.take_along_axis(x3, safe[:, None, :], axis=1)[:, 0, :].astype(np.float64)
+        return np.where(ignored, 0.0, -w[safe] * picked)
+
+    @staticmethod
+    def lse(x3, cap):
+        from . import _shard_kernels
+        N, C, S = x3.shape
+        tl = np.full((N, S), -1, dtype=np.int64)
+        out = _shard_kernels.stats(x3, tl, None, CPUBackend.ones(C, x3.dtype), 1.0, 0.0, cap,
+                                   False, False)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return out[0] + np.log(out[1])
+
+    @staticmethod
+    def lse_sign(lse):
+        return np.where(lse == -math.inf, 0.0, np.where(lse != lse, math.nan, 1.0))
+
+    @staticmethod
+    def wrap(a, like, unwrap_0d=False):
+        if unwrap_0d and getattr(a, "ndim", None) == 0:
+            return a[()]                # a NumPy scalar, as SciPy
         return a
 
-    fuses_target_stats = True       # index_loss(..., fuse_stats=True) is supported
     target_stats = staticmethod(target_stats)
     index_loss = staticmethod(index_loss)
     prob_loss = staticmethod(prob_loss)
@@ -1638,7 +1681,6 @@ class CPUBackend:
     lse_weighted = staticmethod(lse_weighted)
     transpose_copy = staticmethod(transpose_copy)
     broadcast_copy = staticmethod(broadcast_copy)
-    full = staticmethod(np.full)
 
 
 BACKEND = CPUBackend()

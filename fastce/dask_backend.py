@@ -276,8 +276,8 @@ def cross_entropy(input, target, weight, grad_output, *, ignore_index, reduction
     _check_mixed(dict(target=t, **({"grad_output": grad_output}
                                    if (want_grad and reduction == "none"
                                        and grad_output is not None) else {})))
-    eps, cap, zl = api._check_options(reduction, label_smoothing, softcap, z_loss)
-    ignore_index = api._check_ignore_index(ignore_index)
+    eps, cap, zl = api.check_options(reduction, label_smoothing, softcap, z_loss)
+    ignore_index = api.check_ignore_index(ignore_index)
     _check_float(x, "input")
     if x.ndim == 0:
         raise ValueError("fastce: input must have at least one dimension (the classes), got a "
@@ -491,8 +491,8 @@ def linear_cross_entropy(hidden, classifier, target, bias, weight, grad_output, 
     _check_mixed(dict(target=target, **({"grad_output": grad_output}
                                         if (want_grad and reduction == "none"
                                             and grad_output is not None) else {})))
-    eps, cap, zl = api._check_options(reduction, label_smoothing, softcap, z_loss)
-    ignore_index = api._check_ignore_index(ignore_index)
+    eps, cap, zl = api.check_options(reduction, label_smoothing, softcap, z_loss)
+    ignore_index = api.check_ignore_index(ignore_index)
     _check_float(hidden, "hidden")
     if hidden.ndim != 2:
         raise ValueError(f"fastce: hidden must be 2-D (N, H), got shape {tuple(hidden.shape)}")

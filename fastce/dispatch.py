@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["is_device_array", "is_dask_array", "backend_for"]
+__all__ = ["is_device_array", "is_dask_array", "backend_for", "cpu_backend"]
 
 
 def is_dask_array(a) -> bool:
@@ -33,7 +33,7 @@ def is_device_array(a) -> bool:
 
 
 def backend_for(**named):
-    """The backend module for a call, given its array arguments by name.
+    """The backend (a ``fastce.backend.Backend``) for a call, given its array arguments by name.
 
     Raises TypeError naming the first argument whose device differs from ``input``'s: fastce
     never copies between host and device behind the caller's back.
@@ -42,7 +42,7 @@ def backend_for(**named):
         if type(v) is not np.ndarray and v is not None:
             break
     else:
-        return _cpu_backend()
+        return cpu_backend()
     items = [(k, v) for k, v in named.items() if v is not None]
     for name, value in items:
         if is_dask_array(value):
@@ -63,13 +63,14 @@ def backend_for(**named):
     if on_gpu:
         from . import gpu
         return gpu.BACKEND
-    return _cpu_backend()
+    return cpu_backend()
 
 
 _CPU = []
 
 
-def _cpu_backend():
+def cpu_backend():
+    """The CPU backend (NumPy arrays)."""
     if not _CPU:                            # imported on first use (it compiles nothing yet)
         from . import cpu
         _CPU.append(cpu.BACKEND)

@@ -1,10 +1,10 @@
 """numba.cuda GPU backend: the kernels behind fastce's public functions for CUDA arrays.
 
 Inputs may be CuPy arrays, Numba device arrays (real, or the CUDA simulator's fake ones) or any
-object with ``__cuda_array_interface__``.  Internally every array is a ``DArray``: a thin wrapper
-of a C-contiguous Numba device array (zero-copy views of CuPy memory; new buffers come from
-CuPy's memory pool when CuPy is installed) that offers the few NumPy-like methods fastce.api
-uses (astype, reshape, +, *, ==, where, take_along_axis...), each a small kernel.  Results are
+object with ``__cuda_array_interface__``.  Internally every array is a C-contiguous Numba device
+array (zero-copy views of CuPy memory; new buffers come from CuPy's memory pool when CuPy is
+installed); the few array operations of the backend protocol (``fastce.backend``: casts and
+copies, fill, ...) are small kernels here.  Results are
 handed back as CuPy arrays for CuPy (and foreign CUDA) inputs when CuPy is installed, and as
 Numba device arrays otherwise.  CuPy is imported lazily: ``import fastce`` needs neither CuPy
 nor a GPU.
@@ -41,7 +41,7 @@ from . import elementwise as ew
 from .options import LossOptions
 from .dispatch import is_device_array
 
-__all__ = ["BACKEND", "GPUBackend", "DArray"]
+__all__ = ["BACKEND", "GPUBackend"]
 
 SIM = bool(config.ENABLE_CUDASIM)
 # Block sizes are powers of 2: the shared-memory tree halves the active threads each step.
@@ -777,84 +777,27 @@ def _k_stats(t, w, ignore_index, C, n, chunk, part_D, part_n, part_bad):
 
 
 # ---------------------------------------------------------------------------------------------
-# Small element-wise kernels behind DArray's NumPy-like methods (flat, contiguous arrays)
+# Small element-wise kernels: copies and casts (any ndim, any strides), fill, finishing
 # ---------------------------------------------------------------------------------------------
-def _flat_kernel(body):
-    """A grid-stride kernel over i in [0, out.size) calling body(i, *args)."""
-    dev = cuda.jit(device=True)(body)
-
-    def k(out, a, sa, b, sb):
-        i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-        step = _i8(cuda.gridDim.x) * cuda.blockDim.x
-        n = out.shape[0]
-        while i < n:
-            dev(out, i, a, sa, b, sb)
-            i += step
-    return cuda.jit(k)
-
-
-def _b_cast(out, i, a, sa, b, sb):
-    out[i] = a[i * sa]
-
-
-def _b_add(out, i, a, sa, b, sb):
-    out[i] = a[i * sa] + b[i * sb]
-
-
-def _b_sub(out, i, a, sa, b, sb):
-    out[i] = a[i * sa] - b[i * sb]
-
-
-def _b_mul(out, i, a, sa, b, sb):
-    out[i] = a[i * sa] * b[i * sb]
-
-
-def _b_div(out, i, a, sa, b, sb):
-    out[i] = a[i * sa] / b[i * sb]
-
-
-def _b_eq(out, i, a, sa, b, sb):
-    out[i] = a[i * sa] == b[i * sb]
-
-
-def _b_ne(out, i, a, sa, b, sb):
-    out[i] = a[i * sa] != b[i * sb]
-
-
-def _b_neg(out, i, a, sa, b, sb):
-    out[i] = -a[i * sa]
-
-
-def _b_gather(out, i, a, sa, b, sb):
-    """out = a[b] (a 1-D table, b integer indices)."""
-    out[i] = a[_i8(b[i])]
-
-
-_K = {name: _flat_kernel(fn) for name, fn in
-      (("cast", _b_cast), ("add", _b_add), ("sub", _b_sub), ("mul", _b_mul), ("div", _b_div),
-       ("eq", _b_eq), ("ne", _b_ne), ("neg", _b_neg), ("gather", _b_gather))}
-
-
 @cuda.jit
-def _k_where(out, cond, sc, a, sa, b, sb):
+def _k_gather_nd(out, src, base, dims, strides):
+    """out[i] = src[base + sum_k idx_k(i) * strides[k]], idx(i) the C-order index of i in
+    ``dims``, cast to out's dtype on the store: casts, contiguous copies of strided arrays
+    (negative strides included), transposed (permuted strides) and broadcast (stride 0)
+    copies, of any number of dimensions."""
+    n = out.shape[0]
+    nd = dims.shape[0]
     i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
     step = _i8(cuda.gridDim.x) * cuda.blockDim.x
-    while i < out.shape[0]:
-        out[i] = a[i * sa] if cond[i * sc] else b[i * sb]
-        i += step
-
-
-@cuda.jit
-def _k_take1(out, x, idx):
-    """out[n, 0, s] = x[n, idx[n, 0, s], s] (take_along_axis on axis 1)."""
-    N = x.shape[0]
-    S = x.shape[2]
-    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
-    while i < _i8(N) * S:
-        n = i // S
-        s = i - n * S
-        out[n, 0, s] = x[n, _i8(idx[n, 0, s]), s]
+    while i < n:
+        r = i
+        off = base
+        for k in range(nd - 1, -1, -1):
+            d = dims[k]
+            q = r // d
+            off += (r - q * d) * strides[k]
+            r = q
+        out[i] = src[off]
         i += step
 
 
@@ -864,6 +807,42 @@ def _k_fill(out, value):
     step = _i8(cuda.gridDim.x) * cuda.blockDim.x
     while i < out.shape[0]:
         out[i] = value
+        i += step
+
+
+@cuda.jit
+def _k_add(out, a, b):
+    """out = a + b (float64), cast to out's dtype: the unreduced loss ce + z-loss."""
+    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+    while i < out.shape[0]:
+        out[i] = a[i] + b[i]
+        i += step
+
+
+@cuda.jit
+def _k_nll(out, x, t, w, ignore_index):
+    """out[n, s] = -w[t] * x[n, t, s] in float64 (0 where t == ignore_index): nll_loss."""
+    N = x.shape[0]
+    S = x.shape[2]
+    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+    while i < _i8(N) * S:
+        n = i // S
+        s = i - n * S
+        c = _i8(t[n, s])
+        out[n, s] = 0.0 if c == ignore_index else -_f8(w[c]) * _f8(x[n, c, s])
+        i += step
+
+
+@cuda.jit
+def _k_lse_sign(out, lse):
+    """SciPy's sign of an unweighted logsumexp: 0 for -inf, NaN for NaN, else 1."""
+    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
+    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+    while i < out.shape[0]:
+        v = lse[i]
+        out[i] = 0.0 if v == -math.inf else (math.nan if v != v else 1.0)
         i += step
 
 
@@ -906,75 +885,6 @@ def _k_lse_weighted(x, b, signed, lse_out, sgn_out):
         i += step
 
 
-@cuda.jit
-def _k_gather_nd(out, src, dims, strides):
-    """out[i] = src[sum_k idx_k(i) * strides[k]], idx(i) the C-order index of i in ``dims``:
-    transposed (permuted strides) and broadcast (stride 0) copies of a flat array."""
-    n = out.shape[0]
-    nd = dims.shape[0]
-    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
-    while i < n:
-        r = i
-        off = _i8(0)
-        for k in range(nd - 1, -1, -1):
-            d = dims[k]
-            q = r // d
-            off += (r - q * d) * strides[k]
-            r = q
-        out[i] = src[off]
-        i += step
-
-
-@cuda.jit
-def _k_copy1(out, src):
-    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
-    while i < out.shape[0]:
-        out[i] = src[i]
-        i += step
-
-
-@cuda.jit
-def _k_copy2(out, src):
-    d1 = src.shape[1]
-    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
-    while i < out.shape[0]:
-        out[i] = src[i // d1, i % d1]
-        i += step
-
-
-@cuda.jit
-def _k_copy3(out, src):
-    d1 = src.shape[1]
-    d2 = src.shape[2]
-    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
-    while i < out.shape[0]:
-        r = i // d2
-        out[i] = src[r // d1, r % d1, i % d2]
-        i += step
-
-
-@cuda.jit
-def _k_copy4(out, src):
-    """out (flat, C order) = src (any strides)."""
-    d1 = src.shape[1]
-    d2 = src.shape[2]
-    d3 = src.shape[3]
-    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
-    while i < out.shape[0]:
-        r = i // d3
-        r2 = r // d2
-        out[i] = src[r2 // d1, r2 % d1, r % d2, i % d3]
-        i += step
-
-
-_COPY = {1: _k_copy1, 2: _k_copy2, 3: _k_copy3, 4: _k_copy4}
-
-
 # ---------------------------------------------------------------------------------------------
 # Launch configurations (cached per shape class) and allocation
 # ---------------------------------------------------------------------------------------------
@@ -992,6 +902,13 @@ def _max_blocks():
 def _elem_cfg(n):
     """(blocks, threads) of a grid-stride launch over n items."""
     return max(1, min(-(-n // ELEM_T), _max_blocks())), ELEM_T
+
+
+def _launch(kernel, n, *args):
+    """A grid-stride launch of ``kernel`` over n items (none when n is 0)."""
+    if n:
+        blocks, threads = _elem_cfg(n)
+        kernel[blocks, threads](*args)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1023,15 +940,19 @@ def _cupy():
         return None
 
 
+def _shape(shape):
+    return tuple(int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,)))
+
+
 def _alloc(shape, dtype):
-    """A C-contiguous device array (from CuPy's pool when CuPy is available)."""
-    shape = tuple(int(s) for s in shape)
+    """A C-contiguous Numba device array (memory from CuPy's pool when CuPy is available;
+    the Numba array keeps the CuPy one alive)."""
+    shape = _shape(shape)
     dtype = np.dtype(dtype)
     cp = _cupy()
     if cp is not None and math.prod(shape) > 0:
-        c = cp.empty(shape, dtype)
-        return DArray(cuda.as_cuda_array(c, sync=False), c)
-    return DArray(cuda.device_array(shape, dtype))
+        return cuda.as_cuda_array(cp.empty(shape, dtype), sync=False)
+    return cuda.device_array(shape, dtype)
 
 
 def _to_dev(host):
@@ -1039,252 +960,86 @@ def _to_dev(host):
     host = np.asarray(host)
     cp = _cupy()
     if cp is not None and host.size > 0:
-        c = cp.asarray(host)
-        return DArray(cuda.as_cuda_array(c, sync=False), c)
-    return DArray(cuda.to_device(host))
+        return cuda.as_cuda_array(cp.asarray(host), sync=False)
+    return cuda.to_device(host)
 
 
 def _is_numba_array(a):
     return bool(getattr(a, "__cuda_ndarray__", False))
 
 
-def _scalar_operand(value, dtype):
-    """A one-element device array holding a Python/NumPy scalar, in ``dtype``."""
-    return _to_dev(np.array([value], dtype=dtype)).d
+def _flat(d):
+    """The 1-D view of a C-contiguous device array (for the flat kernels)."""
+    return d.reshape(d.size)
 
 
-# ---------------------------------------------------------------------------------------------
-# DArray: the NumPy-like subset of a device array that fastce.api uses
-# ---------------------------------------------------------------------------------------------
-class DArray:
-    """A C-contiguous Numba device array plus the NumPy-like methods fastce.api needs."""
-
-    __slots__ = ("d", "owner", "known_sum")
-
-    def __init__(self, d, owner=None, known_sum=None):
-        self.d = d
-        self.owner = owner          # keeps foreign (CuPy) memory alive
-        self.known_sum = known_sum  # set on the cached (read-only) ones arrays
-
-    # metadata
-    @property
-    def shape(self):
-        return tuple(int(s) for s in self.d.shape)
-
-    @property
-    def ndim(self):
-        return len(self.d.shape)
-
-    @property
-    def size(self):
-        return math.prod(self.shape)
-
-    @property
-    def dtype(self):
-        return np.dtype(self.d.dtype)
-
-    def __len__(self):
-        return self.shape[0]
-
-    def __repr__(self):
-        return f"DArray(shape={self.shape}, dtype={self.dtype})"
-
-    def flat(self):
-        """The 1-D device array view (for the flat kernels)."""
-        return self.d.reshape(self.size)
-
-    def copy_to_host(self):
-        return self.d.copy_to_host()
-
-    def __float__(self):
-        return float(self.copy_to_host().reshape(-1)[0])
-
-    # shape and dtype changes
-    def reshape(self, *shape, **kw):
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-            shape = tuple(shape[0])
-        shape = tuple(int(s) for s in shape)
-        if -1 in shape:
-            known = math.prod(s for s in shape if s != -1)
-            shape = tuple((self.size // known if known else 0) if s == -1 else s for s in shape)
-        if math.prod(shape) != self.size:
-            raise ValueError(f"cannot reshape array of size {self.size} into shape {shape}")
-        if shape == self.shape:
-            return self
-        return DArray(self.d.reshape(shape), self.owner)
-
-    def astype(self, dtype, copy=True):
-        dtype = np.dtype(dtype)
-        if dtype == self.dtype and not copy:
-            return self
-        out = _alloc(self.shape, dtype)
-        _launch_flat("cast", out, self, None)
-        return out
-
-    def copy(self):
-        return self.astype(self.dtype)
-
-    # indexing
-    def __getitem__(self, key):
-        if isinstance(key, DArray):
-            if self.ndim != 1:
-                raise NotImplementedError("fastce.gpu: array indexing of a non-1-D table")
-            out = _alloc(key.shape, self.dtype)
-            _launch_flat("gather", out, self, key)
-            return out
-        if isinstance(key, (int, np.integer)):
-            k = int(key)
-            if self.ndim == 1:
-                k = k % self.shape[0] if self.shape[0] else k
-                return DArray(self.d.reshape(self.size)[k:k + 1], self.owner)
-            key = (k,)
-        if not isinstance(key, tuple):
-            key = (key,)
-        # Only what reshapes can express: full slices, None (new axes), 0 on size-1 axes.
-        shape = []
-        dims = list(self.shape)
-        j = 0
-        for k in key:
-            if k is None:
-                shape.append(1)
-            elif isinstance(k, slice) and k == slice(None):
-                shape.append(dims[j])
-                j += 1
-            elif isinstance(k, (int, np.integer)) and dims[j] == 1 and int(k) in (0, -1):
-                j += 1
-            else:
-                raise NotImplementedError(f"fastce.gpu: unsupported index {key!r}")
-        shape.extend(dims[j:])
-        return DArray(self.d.reshape(tuple(shape)), self.owner)
-
-    # arithmetic
-    def _binary(self, other, op, reverse=False, compare=False):
-        if isinstance(other, DArray):
-            a, b = (other, self) if reverse else (self, other)
-            if a.shape == b.shape:
-                shape = a.shape
-            elif b.size == 1:
-                shape = a.shape
-            elif a.size == 1:
-                shape = b.shape
-            else:
-                raise NotImplementedError("fastce.gpu: broadcasting beyond scalars")
-            dtype = np.bool_ if compare else np.result_type(a.dtype, b.dtype)
-            out = _alloc(shape, dtype)
-            _launch_flat(op, out, a, b)
-            return out
-        if not np.isscalar(other) and not (isinstance(other, np.ndarray) and other.ndim == 0):
-            return NotImplemented
-        other = other.item() if isinstance(other, (np.ndarray, np.generic)) else other
-        if compare:
-            odt = np.int64 if (self.dtype.kind in "iub" and isinstance(other, (int, bool))) \
-                else np.float64
-            dtype = np.bool_
-        else:
-            dtype = odt = np.result_type(self.dtype, other)
-        o = DArray(_scalar_operand(other, odt))
-        out = _alloc(self.shape, dtype)
-        if reverse:
-            _launch_flat(op, out, o, self)
-        else:
-            _launch_flat(op, out, self, o)
-        return out
-
-    def __add__(self, other):
-        return self._binary(other, "add")
-
-    def __radd__(self, other):
-        return self._binary(other, "add", reverse=True)
-
-    def __sub__(self, other):
-        return self._binary(other, "sub")
-
-    def __rsub__(self, other):
-        return self._binary(other, "sub", reverse=True)
-
-    def __mul__(self, other):
-        return self._binary(other, "mul")
-
-    def __rmul__(self, other):
-        return self._binary(other, "mul", reverse=True)
-
-    def __truediv__(self, other):
-        return self._binary(other, "div")
-
-    def __eq__(self, other):
-        return self._binary(other, "eq", compare=True)
-
-    def __ne__(self, other):
-        return self._binary(other, "ne", compare=True)
-
-    __hash__ = None
-
-    def __neg__(self):
-        out = _alloc(self.shape, self.dtype)
-        _launch_flat("neg", out, self, None)
-        return out
+def _c_strides(shape):
+    st, acc = [], 1
+    for n in reversed(shape):
+        st.append(acc)
+        acc *= n
+    return st[::-1]
 
 
-def _launch_flat(name, out, a, b):
-    n = out.size
-    if n == 0:
-        return
-    sa = 1 if a.size == n else 0
-    bd = a.flat() if b is None else b.flat()
-    sb = 1 if (b is not None and b.size == n) else 0
-    if name == "gather":
-        sa = 0
-    blocks, threads = _elem_cfg(n)
-    _K[name][blocks, threads](out.flat(), a.flat(), _i8(sa), bd, _i8(sb))
+@functools.lru_cache(maxsize=1024)
+def _geometry(dims, strides, device):
+    """_k_gather_nd's (dims, strides) on the device, uploaded once per shape."""
+    return _to_dev(np.array(dims, np.int64)), _to_dev(np.array(strides, np.int64))
 
 
-class _XP:
-    """The array-namespace subset fastce.api uses on the GPU (``be.xp``)."""
+class _Span:
+    """The memory under a strided device array, as a flat array (for ``_k_gather_nd``)."""
 
-    float64 = np.float64
+    def __init__(self, owner, ptr, n, typestr):
+        self.owner = owner          # keeps the memory alive
+        self.__cuda_array_interface__ = {"shape": (n,), "strides": None, "typestr": typestr,
+                                         "data": (ptr, False), "version": 3}
 
-    @staticmethod
-    def asarray(a, dtype=None):
-        out = BACKEND.asarray(a)
-        return out if dtype is None else out.astype(dtype, copy=False)
 
-    @staticmethod
-    def _operand(v, dtype):
-        if isinstance(v, DArray):
-            return v
-        return DArray(_scalar_operand(v, dtype))
+def _source(d):
+    """(flat, base, strides): ``d`` (size > 0, any strides) as a flat device array, the flat
+    index of d's first element in it and d's strides in elements, for ``_k_gather_nd``."""
+    shape = tuple(int(s) for s in d.shape)
+    if d.is_c_contiguous():
+        return _flat(d), 0, tuple(_c_strides(shape))
+    itemsize = np.dtype(d.dtype).itemsize
+    if SIM:
+        byte_strides = d._ary.strides
+    else:
+        cai = d.__cuda_array_interface__
+        byte_strides = cai["strides"]
+    if any(s % itemsize for s in byte_strides):
+        raise ValueError("fastce: CUDA arrays with strides that are not a multiple of the item "
+                         "size are not supported; pass a contiguous array")
+    st = tuple(s // itemsize for s in byte_strides)
+    base = sum((n - 1) * -s for n, s in zip(shape, st) if s < 0)     # lowest address: 0
+    span = 1 + sum((n - 1) * abs(s) for n, s in zip(shape, st))
+    if SIM:
+        low = d._ary[tuple(slice(None, None, -1) if s < 0 else slice(None) for s in st)]
+        flat = type(d)(np.lib.stride_tricks.as_strided(low, (span,), (itemsize,)))
+    else:
+        ptr = cai["data"][0] - base * itemsize
+        flat = cuda.as_cuda_array(_Span(d, ptr, span, cai["typestr"]), sync=False)
+    return flat, base, st
 
-    @staticmethod
-    def where(cond, a, b):
-        cond = BACKEND.asarray(cond)
 
-        def spec(v):
-            return v.dtype if isinstance(v, DArray) else v
-        dtype = np.result_type(spec(a), spec(b))
-        shape = cond.shape
-        for v in (a, b):
-            if isinstance(v, DArray) and v.size != 1:
-                shape = v.shape
-        A, B = _XP._operand(a, dtype), _XP._operand(b, dtype)
-        out = _alloc(shape, dtype)
-        n = out.size
-        if n:
-            blocks, threads = _elem_cfg(n)
-            _k_where[blocks, threads](out.flat(), cond.flat(), _i8(cond.size == n), A.flat(),
-                                      _i8(A.size == n), B.flat(), _i8(B.size == n))
-        return out
+def _gather(d, shape, strides_of, dtype):
+    """A new C-contiguous array of ``shape`` and ``dtype`` read from ``d`` through
+    ``strides_of(d's strides in elements)`` (see _k_gather_nd)."""
+    out = _alloc(shape, dtype)
+    n = math.prod(shape)
+    if n:
+        flat, base, st = _source(d)
+        # A 0-d copy as one element of stride 0 (no zero-length geometry arrays).
+        strides = tuple(strides_of(st)) or (0,)
+        dims, stv = _geometry(tuple(shape) or (1,), strides, _device_id())
+        _launch(_k_gather_nd, n, _flat(out), flat, _i8(base), dims, stv)
+    return out
 
-    @staticmethod
-    def take_along_axis(arr, idx, axis):
-        if arr.ndim != 3 or axis != 1 or idx.ndim != 3 or idx.shape[1] != 1:
-            raise NotImplementedError("fastce.gpu: take_along_axis on (N, C, S) axis 1 only")
-        N, _, S = arr.shape
-        out = _alloc((N, 1, S), arr.dtype)
-        n = N * S
-        if n:
-            blocks, threads = _elem_cfg(n)
-            _k_take1[blocks, threads](out.d, arr.d, idx.d)
-        return out
+
+def _copy_as(d, dtype):
+    """A C-contiguous copy of the device array ``d`` (any strides) in ``dtype``."""
+    return _gather(d, tuple(int(s) for s in d.shape), lambda st: st, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1304,9 +1059,9 @@ def target_stats(t2, w, ignore_index, C):
     if n == 0:
         return 0.0, 0, -1
     nblocks, chunk = _red_cfg(n)
-    part = _alloc((3, nblocks), np.float64).d
-    _k_stats[nblocks, RED_T](t2.flat(), w.flat(), _i8(ignore_index), _i8(C), _i8(n), _i8(chunk),
-                             part[0], part[1], part[2])
+    part = _alloc((3, nblocks), np.float64)
+    _k_stats[nblocks, RED_T](_flat(t2), _flat(w), _i8(ignore_index), _i8(C), _i8(n),
+                             _i8(chunk), part[0], part[1], part[2])
     host = part.copy_to_host()
     bad = int(host[2].min())
     return float(host[0].sum()), int(host[1].sum()), (bad if bad < n else -1)
@@ -1315,16 +1070,14 @@ def target_stats(t2, w, ignore_index, C):
 def total(a) -> float:
     """Deterministic float64 sum: fixed-order two-stage reduction."""
     a = BACKEND.asarray(a)
-    if a.known_sum is not None:
-        return a.known_sum
     n = a.size
     if n == 0:
         return 0.0
     nblocks, chunk = _red_cfg(n)
-    part = _alloc((nblocks,), np.float64).d
-    _k_sum[nblocks, RED_T](a.flat(), _i8(n), _i8(chunk), part)
+    part = _alloc((nblocks,), np.float64)
+    _k_sum[nblocks, RED_T](_flat(a), _i8(n), _i8(chunk), part)
     if nblocks > 1:
-        one = _alloc((1,), np.float64).d
+        one = _alloc((1,), np.float64)
         _k_sum[1, RED_T](part, _i8(nblocks), _i8(nblocks), one)
         part = one
     return float(part.copy_to_host()[0])
@@ -1357,10 +1110,10 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
     if N * S == 0:
         return ce, zl, hit, None
     want = grad is not None
-    gbuf = grad.d if want else _alloc((1, 1, 1), x3.dtype).d
+    gbuf = grad if want else _alloc((1, 1, 1), x3.dtype)
     ks = _compute_kernels(x3.dtype)
-    args = (x3.d, t2.d, w.d, *_index_scalars(opts), _i8(ignore_index), want, g.d,
-            _i8(g_stride), gbuf, ce.d, zl.d, hit.d)
+    args = (x3, t2, w, *_index_scalars(opts), _i8(ignore_index), want, g, _i8(g_stride), gbuf,
+            ce, zl, hit)
     if S == 1 and C > SMALL_C:
         blocks, threads = _row_cfg(N, C)
         ks["index_rows"][blocks, threads](*args)
@@ -1377,13 +1130,13 @@ def prob_loss(x3, p3, w, opts, grad, g, g_stride):
     if N * S == 0:
         return ce, zl
     want = grad is not None
-    gbuf = grad.d if want else _alloc((1, 1, 1), x3.dtype).d
+    gbuf = grad if want else _alloc((1, 1, 1), x3.dtype)
     if S == 1 and C > SMALL_C:
         name, (blocks, threads) = "prob_rows", _row_cfg(N, C)
     else:
         name, (blocks, threads) = "prob_elems", _elem_cfg(N * S)
     _compute_kernels(x3.dtype)[name][blocks, threads](
-        x3.d, p3.d, w.d, *_prob_scalars(opts), want, g.d, _i8(g_stride), gbuf, ce.d, zl.d)
+        x3, p3, w, *_prob_scalars(opts), want, g, _i8(g_stride), gbuf, ce, zl)
     return ce, zl
 
 
@@ -1397,10 +1150,10 @@ def softmax_family(x3, mode):
     ks = _compute_kernels(x3.dtype)
     if S == 1 and C > SMALL_C:
         blocks, threads = _row_cfg(N, C)
-        ks["softmax_rows"][blocks, threads](x3.d, _i8(mode), out.d, lse.d)
+        ks["softmax_rows"][blocks, threads](x3, _i8(mode), out, lse)
     else:
         blocks, threads = _elem_cfg(N * S)
-        ks["softmax_strided"][blocks, threads](x3.d, _i8(mode), out.d, lse.d)
+        ks["softmax_strided"][blocks, threads](x3, _i8(mode), out, lse)
     return out, lse
 
 
@@ -1410,54 +1163,39 @@ def lse_weighted(x2, b2, signed):
     N = x2.shape[0]
     lse = _alloc((N,), np.float64)
     sgn = _alloc((N,), np.float64)
-    if N:
-        blocks, threads = _elem_cfg(N)
-        _k_lse_weighted[blocks, threads](x2.d, b2.d, bool(signed), lse.d, sgn.d)
+    _launch(_k_lse_weighted, N, x2, b2, bool(signed), lse, sgn)
     return lse, sgn
 
 
-def _gather(x, shape, strides):
-    out = _alloc(shape, x.dtype)
-    n = out.size
-    if n:
-        dims = _to_dev(np.array(shape, np.int64)).d
-        st = _to_dev(np.array(strides, np.int64)).d
-        blocks, threads = _elem_cfg(n)
-        _k_gather_nd[blocks, threads](out.flat(), x.flat(), dims, st)
+def nll_loss(x3, t2, w, ignore_index):
+    """Per-element -w[t] * x3[n, t, s] (0 where ignored), float64 (N, S)."""
+    N, _, S = x3.shape
+    out = _alloc((N, S), np.float64)
+    _launch(_k_nll, N * S, out, x3, t2, w, _i8(ignore_index))
     return out
 
 
-def _c_strides(shape):
-    st, acc = [], 1
-    for n in reversed(shape):
-        st.append(acc)
-        acc *= n
-    return st[::-1]
-
-
 def transpose_copy(x, perm):
-    """A C-contiguous copy of x (a DArray) with its axes permuted."""
+    """A C-contiguous copy of x with its axes permuted."""
     x = BACKEND.asarray(x)
-    st = _c_strides(x.shape)
-    return _gather(x, tuple(x.shape[p] for p in perm), tuple(st[p] for p in perm))
+    shape = tuple(int(x.shape[p]) for p in perm)
+    return _gather(x, shape, lambda st: (st[p] for p in perm), x.dtype)
 
 
 def broadcast_copy(x, shape):
-    """A C-contiguous copy of x (a DArray) broadcast to ``shape`` (NumPy's rules)."""
+    """A C-contiguous copy of x broadcast to ``shape`` (NumPy's rules)."""
     x = BACKEND.asarray(x)
-    shape = tuple(int(n) for n in shape)
-    xs = (1,) * (len(shape) - x.ndim) + tuple(x.shape)
-    st = _c_strides(xs)
-    return _gather(x, shape, tuple(0 if xs[d] == 1 else st[d] for d in range(len(shape))))
+    shape = _shape(shape)
+    pad = len(shape) - x.ndim
+    xs = (1,) * pad + tuple(int(n) for n in x.shape)
+    return _gather(x, shape, lambda st: (0 if xs[d] == 1 else ((0,) * pad + tuple(st))[d]
+                                         for d in range(len(shape))), x.dtype)
 
 
 def full(shape, value, dtype):
     """A new device array of ``shape`` filled with ``value``."""
-    out = _alloc(shape if isinstance(shape, tuple) else (shape,), dtype)
-    n = out.size
-    if n:
-        blocks, threads = _elem_cfg(n)
-        _k_fill[blocks, threads](out.flat(), np.dtype(dtype).type(value))
+    out = _alloc(shape, dtype)
+    _launch(_k_fill, out.size, _flat(out), np.dtype(dtype).type(value))
     return out
 
 
@@ -1472,7 +1210,7 @@ def _scalar_class(base):
 
 
 def _device_id():
-    """The current CUDA device (the cache of ones is per device)."""
+    """The current CUDA device (the caches of ones and geometries are per device)."""
     cp = _cupy()
     if cp is not None:
         return cp.cuda.runtime.getDevice()
@@ -1486,36 +1224,49 @@ ONES_CACHE_BYTES = 1 << 20      # larger arrays of ones are made per call, not k
 
 def _ones(shape, dtype, device):
     if math.prod(shape) * np.dtype(dtype).itemsize > ONES_CACHE_BYTES:
-        return _make_ones(shape, dtype)
+        return full(shape, 1, dtype)
     return _cached_ones(shape, dtype, device)
 
 
 @functools.lru_cache(maxsize=64)
 def _cached_ones(shape, dtype, device):
-    return _make_ones(shape, dtype)
+    return full(shape, 1, dtype)
 
 
-def _make_ones(shape, dtype):
-    out = _alloc(shape, dtype)
-    n = out.size
-    if n:
-        blocks, threads = _elem_cfg(n)
-        _k_fill[blocks, threads](out.flat(), np.dtype(dtype).type(1))
-    out.known_sum = float(n)
-    return out
+def _is_writeable_c_contiguous(a):
+    """Probe a caller's CUDA array of any type (CuPy, Numba, __cuda_array_interface__)."""
+    flags = getattr(a, "flags", None)
+    if flags is not None and hasattr(flags, "c_contiguous"):       # CuPy
+        return bool(flags.c_contiguous) and bool(getattr(flags, "writeable", True))
+    if hasattr(a, "is_c_contiguous"):                               # Numba device arrays
+        return bool(a.is_c_contiguous())
+    cai = getattr(a, "__cuda_array_interface__", None)
+    if cai is not None:
+        strides, shape = cai.get("strides"), cai["shape"]
+        if strides is None:
+            return True
+        itemsize = np.dtype(cai["typestr"]).itemsize
+        expected = []
+        for n in reversed(shape):
+            expected.append(itemsize)
+            itemsize *= n
+        return tuple(strides) == tuple(reversed(expected)) or math.prod(shape) <= 1
+    return False
 
 
 class GPUBackend:
-    """What fastce.api needs from a backend, for CUDA arrays."""
+    """The ``fastce.backend.Backend`` protocol for CUDA arrays: its arrays are Numba device
+    arrays (zero-copy views of CuPy and other ``__cuda_array_interface__`` arrays)."""
 
-    name = "gpu"
-    xp = _XP()
     array_kind = "a CUDA device array (CuPy, Numba or __cuda_array_interface__)"
     fuses_target_stats = False
+    casts_complex = False
 
     @staticmethod
     def is_array(a):
-        return isinstance(a, DArray) or is_device_array(a)
+        return is_device_array(a)
+
+    is_writeable_c_contiguous = staticmethod(_is_writeable_c_contiguous)
 
     @staticmethod
     def same_memory(a, b):
@@ -1537,11 +1288,7 @@ class GPUBackend:
 
     @staticmethod
     def zeros(shape, dtype):
-        out = _alloc(shape if isinstance(shape, tuple) else (shape,), dtype)
-        if out.size:
-            blocks, threads = _elem_cfg(out.size)
-            _k_fill[blocks, threads](out.flat(), np.dtype(dtype).type(0))
-        return out
+        return full(shape, 0, dtype)
 
     @staticmethod
     def to_host(a):
@@ -1549,38 +1296,49 @@ class GPUBackend:
 
     @staticmethod
     def asarray(a):
-        if isinstance(a, DArray):
-            return a
-        owner = None
+        """A C-contiguous Numba device array (a view of the caller's memory unless that is
+        strided; host scalars and 0-d arrays, e.g. a grad_output of 1.0, are copied over)."""
         if _is_numba_array(a):
             d = a
         elif is_device_array(a):
             if type(a).__module__.startswith("torch") and getattr(a, "requires_grad", False):
                 a = a.detach()      # torch refuses the interface on tensors that require grad
             _check_typestr(a.__cuda_array_interface__["typestr"])
-            d, owner = cuda.as_cuda_array(a, sync=False), a
-        else:                      # host scalars / 0-d arrays (e.g. a grad_output of 1.0)
+            d = cuda.as_cuda_array(a, sync=False)
+        else:
             return _to_dev(np.array(a, order="C"))
         if not d.is_c_contiguous():
-            d = _contiguous_copy(d)
-            owner = None
-        return DArray(d, owner)
+            d = _copy_as(d, d.dtype)
+        return d
+
+    contiguous = asarray
 
     @staticmethod
-    def contiguous(a):
-        return GPUBackend.asarray(a)
+    def cast(a, dtype):
+        d = GPUBackend.asarray(a)
+        return d if d.dtype == np.dtype(dtype) else _copy_as(d, dtype)
+
+    @staticmethod
+    def copy(a):
+        d = GPUBackend.asarray(a)
+        return _copy_as(d, d.dtype)
+
+    @staticmethod
+    def element(a, pos):
+        d = _flat(GPUBackend.asarray(a))
+        return d[pos:pos + 1].copy_to_host()[0].item()
 
     @staticmethod
     def empty(shape, dtype):
-        return _alloc(shape if isinstance(shape, tuple) else (shape,), dtype)
+        return _alloc(shape, dtype)
 
     @staticmethod
     def ones(shape, dtype):
         """Ones (cached per shape and dtype: fastce.api only reads them)."""
-        shape = tuple(int(v) for v in (shape if isinstance(shape, tuple) else (shape,)))
-        return _ones(shape, np.dtype(dtype).str, _device_id())
+        return _ones(_shape(shape), np.dtype(dtype).str, _device_id())
 
     total = staticmethod(total)
+    full = staticmethod(full)
 
     @staticmethod
     def scalar(value, dtype):
@@ -1588,39 +1346,52 @@ class GPUBackend:
         return _to_dev(np.array(value, dtype=dtype))
 
     @staticmethod
-    def to_host_scalar(a):
-        a = GPUBackend.asarray(a)
-        return a.copy_to_host().reshape(-1)[0].item()
+    def finish_per_position(ce, zl, shape, dtype):
+        if zl is None:
+            return GPUBackend.cast(ce.reshape(shape), dtype)
+        out = _alloc(shape, dtype)
+        _launch(_k_add, ce.size, _flat(out), _flat(ce), _flat(zl))
+        return out
 
     @staticmethod
-    def wrap(a, like):
+    def lse(x3, cap):
+        if cap:
+            raise NotImplementedError("fastce: return_lse with softcap is not implemented for "
+                                      "CUDA arrays yet")
+        return softmax_family(x3, 0)[1]
+
+    @staticmethod
+    def lse_sign(lse):
+        out = _alloc(lse.shape, np.float64)
+        _launch(_k_lse_sign, lse.size, _flat(out), _flat(lse))
+        return out
+
+    @staticmethod
+    def wrap(a, like, unwrap_0d=False):
         """A result in the caller's array type: CuPy for CuPy/foreign inputs (when CuPy is
-        installed), a Numba device array for Numba device array inputs."""
-        if not isinstance(a, DArray):
+        installed), a Numba device array (0-d ones with float()) for Numba inputs.  A
+        caller's own array (``out=``) is returned as it is."""
+        if not _is_numba_array(a):
             return a
         if not _is_numba_array(like) and hasattr(like, "__cuda_array_interface__"):
             cp = _cupy()
             if cp is not None:
-                if a.owner is not None and type(a.owner).__module__.startswith("cupy") \
-                        and tuple(a.owner.shape) == a.shape:
-                    return a.owner
-                return cp.asarray(a.d)
-        d = a.d
-        if d.ndim == 0:
+                return cp.asarray(a)
+        if a.ndim == 0:
             try:
-                d.__class__ = _scalar_class(type(d))
+                a.__class__ = _scalar_class(type(a))
             except TypeError:
                 pass
-        return d
+        return a
 
     target_stats = staticmethod(target_stats)
     index_loss = staticmethod(index_loss)
     prob_loss = staticmethod(prob_loss)
+    nll_loss = staticmethod(nll_loss)
     softmax_family = staticmethod(softmax_family)
     lse_weighted = staticmethod(lse_weighted)
     transpose_copy = staticmethod(transpose_copy)
     broadcast_copy = staticmethod(broadcast_copy)
-    full = staticmethod(full)
 
 
 def _check_typestr(typestr):
@@ -1632,24 +1403,10 @@ def _check_typestr(typestr):
 
 def _extent(a):
     """(first byte address, byte length) of a device array's memory."""
-    d = GPUBackend.asarray(a).d
+    d = GPUBackend.asarray(a)
     if SIM:
         return d._ary.__array_interface__["data"][0], d._ary.nbytes
     return d.__cuda_array_interface__["data"][0], d.nbytes
-
-
-def _contiguous_copy(d):
-    """A C-contiguous copy of a strided Numba device array (up to 4-D)."""
-    shape = tuple(int(s) for s in d.shape)
-    if len(shape) not in _COPY:
-        raise ValueError("fastce: non-contiguous CUDA arrays of more than 4 dimensions are not "
-                         "supported; pass a contiguous array")
-    out = _alloc(shape, d.dtype)
-    n = out.size
-    if n:
-        blocks, threads = _elem_cfg(n)
-        _COPY[len(shape)][blocks, threads](out.flat(), d)
-    return out.d
 
 
 BACKEND = GPUBackend()

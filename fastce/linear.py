@@ -31,13 +31,12 @@ import time
 import numpy as np
 
 from . import api
-from .api import check_index_target, cross_entropy_with_grad
-from .dispatch import is_dask_array, is_device_array
+from .api import cross_entropy_with_grad
+from .dispatch import backend_for, cpu_backend, is_dask_array
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_with_grad", "bench_linear"]
 
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-_NAMES = ("hidden", "classifier", "target", "bias", "weight", "grad_output")
 
 _MIB = 1 << 20
 AUTO_FRACTION = 12          # the chunk buffer is ~1/12 of N x V ...
@@ -50,16 +49,9 @@ V_BLOCKS = 8                # V-blocks of the grad_classifier update (temporary:
 # Array module (NumPy on the host, CuPy for CUDA arrays) and argument checking
 # ---------------------------------------------------------------------------------------------
 def _array_module(named):
-    items = [(k, v) for k, v in named.items() if v is not None and not np.isscalar(v)]
-    on_gpu = is_device_array(items[0][1])
-    for name, value in items[1:]:
-        if name == "grad_output" and isinstance(value, np.ndarray) and value.ndim == 0:
-            continue
-        if is_device_array(value) != on_gpu:
-            where = "a CUDA device" if on_gpu else "the host"
-            raise TypeError(f"fastce: 'hidden' is on {where} but {name!r} is not; move {name!r} "
-                            f"to the same device (fastce makes no implicit host/device copies)")
-    if not on_gpu:
+    """NumPy, or CuPy (cuBLAS for the matmuls) for CUDA arrays; the arguments must all be on
+    one device (fastce.dispatch's check, as every entry point)."""
+    if backend_for(**named) is cpu_backend():
         return np
     try:
         import cupy
@@ -128,16 +120,16 @@ def _prepare(xp, hidden, classifier, target, bias, weight, ignore_index):
         raise ValueError(f"fastce: target must have shape (N,) = ({N},) for hidden of shape "
                          f"{tuple(h.shape)}, got {tuple(t.shape)}")
     cdt = np.dtype(np.float32) if h.dtype == np.float16 else h.dtype   # float16 -> float32
-    # Targets and weights: the checks of every entry point, and the whole batch's denominators.
-    D, count = check_index_target(t, weight, ignore_index, V, cdt)
-    ignore_index = api._check_ignore_index(ignore_index)
+    # Targets and weights: the checks of every entry point, and the whole batch's denominators
+    # (each chunk's own checks then find nothing new).
+    D, Dz = api.index_denominators(t, weight, ignore_index, V, cdt)
+    ignore_index = api.check_ignore_index(ignore_index)
+    # The weights cast once, not per chunk (check_index_target rejected overflowing ones).
     w = None if weight is None else xp.ascontiguousarray(xp.asarray(weight).astype(cdt))
-    if t.dtype not in (np.dtype(np.int64), np.dtype(np.int32)):
-        t = t.astype(np.int64)         # safe: check_index_target rejected what would wrap
     if cdt != h.dtype:
         h, c = h.astype(cdt), c.astype(cdt)
         b = None if b is None else b.astype(cdt)
-    return h, c, b, t, w, ignore_index, D, count
+    return h, c, b, t, w, ignore_index, D, Dz
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,11 +178,11 @@ def _linear_ce(hidden, classifier, target, bias, weight, grad_output, *, ignore_
             hidden, classifier, target, bias, weight, grad_output, ignore_index=ignore_index,
             reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
             z_loss=z_loss, chunk_size=chunk_size, want_grad=want_grad)
-    eps, cap, zl = api._check_options(reduction, label_smoothing, softcap, z_loss)
+    eps, cap, zl = api.check_options(reduction, label_smoothing, softcap, z_loss)
     xp = _array_module(dict(hidden=hidden, classifier=classifier, target=target, bias=bias,
                             weight=weight, grad_output=grad_output if want_grad else None))
     in_dtype = xp.asarray(hidden).dtype
-    h, c, b, t, w, ignore_index, D, count = _prepare(xp, hidden, classifier, target, bias,
+    h, c, b, t, w, ignore_index, D, Dz = _prepare(xp, hidden, classifier, target, bias,
                                                      weight, ignore_index)
     cdt = h.dtype
     N, H = h.shape
@@ -218,7 +210,7 @@ def _linear_ce(hidden, classifier, target, bias, weight, grad_output, *, ignore_
                 grad_output = ga.reshape(())
             g = float(grad_output)
         if reduction == "mean":
-            opts.update(denominators=(D, float(count)) if denominators is None
+            opts.update(denominators=(D, Dz) if denominators is None
                         else tuple(map(float, denominators)))
 
     buf = xp.empty((rows, V), cdt) if N else None
@@ -337,43 +329,23 @@ def unfused_with_grad(hidden, classifier, target, bias=None, **kw):
     return loss, gh, gc, gb
 
 
-def fused_with_grad(hidden, classifier, target, bias=None, **kw):
-    return linear_cross_entropy_with_grad(hidden, classifier, target, bias, **kw)
-
-
-def peak_extra_bytes(fn, *args, **kw):
-    """Peak traced (tracemalloc: NumPy's allocations) bytes of ``fn(*args)`` beyond its outputs."""
-    import gc
-    import tracemalloc
-    gc.collect()
-    started = not tracemalloc.is_tracing()
-    if started:
-        tracemalloc.start()
-    try:
-        tracemalloc.reset_peak()
-        base = tracemalloc.get_traced_memory()[0]
-        out = fn(*args, **kw)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        if started:
-            tracemalloc.stop()
-    outs = sum(getattr(a, "nbytes", 0) for a in out if a is not None)
-    return peak - base - outs
-
-
 def bench_linear(quick=False, N=None, H=256, V=32000, repeat=None):
     """Fused vs unfused linear cross-entropy with gradients (float32, CPU).
 
     Returns rows ``(name, median_ms, peak_extra_MB)``: the median wall time of ``repeat`` runs
-    (after a warm-up) and tracemalloc's peak of NumPy allocations beyond the outputs.  quick:
+    (after a warm-up) and tracemalloc's peak of NumPy allocations beyond the outputs (those
+    of the warm-up call: the same for both paths).  quick:
     N=1024 and 3 runs instead of N=4096 and 7.
     """
     N = N if N is not None else (1024 if quick else 4096)
     repeat = repeat if repeat is not None else (3 if quick else 7)
     hidden, classifier, target = make_problem(N, H, V)
-    fns = [("linear_ce fused", fused_with_grad), ("linear_ce unfused", unfused_with_grad)]
+    from .bench import peak_extra_memory
+    fns = [("linear_ce fused", linear_cross_entropy_with_grad),
+           ("linear_ce unfused", unfused_with_grad)]
     for _, fn in fns:                       # warm-up: JIT compilation, BLAS threads
-        fn(hidden, classifier, target)
+        out = fn(hidden, classifier, target)
+    out_bytes = sum(getattr(a, "nbytes", 0) for a in out if a is not None)
     times = {name: [] for name, _ in fns}
     for _ in range(repeat):                 # interleaved, so noise hits both alike
         for name, fn in fns:
@@ -382,6 +354,6 @@ def bench_linear(quick=False, N=None, H=256, V=32000, repeat=None):
             times[name].append(time.perf_counter() - t0)
     rows = []
     for name, fn in fns:
-        mem = peak_extra_bytes(fn, hidden, classifier, target)
-        rows.append((name, float(np.median(times[name])) * 1e3, mem / 1e6))
+        peak, _ = peak_extra_memory(lambda: fn(hidden, classifier, target), 1)
+        rows.append((name, float(np.median(times[name])) * 1e3, (peak - out_bytes) / 1e6))
     return rows

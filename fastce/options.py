@@ -30,7 +30,7 @@ class LossOptions(NamedTuple):
     @classmethod
     def make(cls, *, label_smoothing, C, weight_sum, softcap, grad_scale=1.0, z_grad=0.0,
              z_loss=0.0, in_place=False, want_hits=False):
-        """From the user's options (already checked by api._check_options)."""
+        """From the user's options (already checked by api.check_options)."""
         eps = float(label_smoothing)
         return cls(1.0 - eps, eps / C if C else 0.0, float(weight_sum), float(softcap),
                    float(grad_scale), float(z_grad), float(z_loss), bool(in_place),

@@ -46,7 +46,7 @@ import numpy as np
 
 from . import api
 from . import elementwise as ew
-from .dispatch import backend_for
+from .dispatch import backend_for, cpu_backend
 
 __all__ = ["ShardStats", "shard_stats", "merge_stats", "finalize_stats", "shard_grad",
            "target_denominators"]
@@ -93,6 +93,16 @@ class _CupyBackend:
     def ones(self, shape, dtype):
         return self.xp.ones(shape, dtype)
 
+    def cast(self, a, dtype):
+        return a.astype(dtype, order="C", copy=False)
+
+    def element(self, a, pos):
+        return a.reshape(-1)[pos].item()
+
+    def first_above(self, t, limit):
+        pos = self.xp.flatnonzero(t.reshape(-1) > limit)
+        return int(pos[0]) if pos.size else -1
+
     @staticmethod
     def total(a):
         return float(a.sum(dtype=np.float64))
@@ -102,10 +112,11 @@ _CUPY = []
 
 
 def _backend(**named):
-    """fastce's CPU backend for NumPy arrays; for CUDA arrays, CuPy (required)."""
+    """(backend, array module): fastce's CPU backend and NumPy for NumPy arrays; for CUDA
+    arrays, CuPy (required) for both."""
     be = backend_for(**named)
-    if be.name == "cpu":
-        return be
+    if be is cpu_backend():
+        return be, np
     if not _CUPY:
         try:
             import cupy
@@ -113,7 +124,7 @@ def _backend(**named):
             raise TypeError("fastce: the shard functions on the GPU need CuPy arrays (pip "
                             "install cupy-cuda12x)") from None
         _CUPY.append(_CupyBackend(cupy))
-    return _CUPY[0]
+    return _CUPY[0], _CUPY[0].xp
 
 
 def _check_num_classes(num_classes):
@@ -146,16 +157,16 @@ class _Shard:
 
     def __init__(self, input, target, c0, num_classes, weight, ignore_index, label_smoothing,
                  softcap, class_axis, z_loss=0.0, reduction="none"):
-        be = _backend(input=input, target=target, weight=weight)
+        be, self.xp = _backend(input=input, target=target, weight=weight)
         self.be = be
-        self.eps, self.cap, self.zl = api._check_options(reduction, label_smoothing, softcap,
+        self.eps, self.cap, self.zl = api.check_options(reduction, label_smoothing, softcap,
                                                          z_loss)
         self.softcap = softcap if softcap is None else float(softcap)
         x = api._check_logits(be, input)
         self.in_dtype = x.dtype
         axis = api._class_axis(x, class_axis)
         C = self.C = _check_num_classes(num_classes)
-        self.ignore_index = api._check_ignore_index(ignore_index)
+        self.ignore_index = api.check_ignore_index(ignore_index)
         Cs = int(x.shape[axis])
         self.c0 = _check_shard(c0, Cs, C)
         kind, t = api._check_target(be, target, x, axis)
@@ -167,10 +178,9 @@ class _Shard:
         w, W = api._check_weight(be, weight, C, cdt)
         self.w, self.W = w, W
         self.ws = be.contiguous(w[self.c0:self.c0 + Cs])
-        xp = be.xp
+        xp = self.xp
         if kind == "index":
-            D, count = api.check_index_target(t, weight, self.ignore_index, C, cdt)
-            self.D, self.Dz = D, float(count)
+            self.D, self.Dz = api.index_denominators(t, weight, self.ignore_index, C, cdt)
             t2 = be.contiguous(t).reshape(N, S).astype(np.int64)
             self.t2 = t2
             local = t2 - self.c0
@@ -230,16 +240,16 @@ def _stats_xp(xp, x3, tl, p3, ws, keep, smooth_c, cap, want_dev, want_argmax):
 def _shard_stats(sh, want_argmax):
     """(8, N, S) float64 statistics of the validated shard ``sh``."""
     want_dev = sh.kind == "prob" or sh.eps != 0.0
-    if sh.be.name == "cpu" and sh.Cs > 0:
+    if sh.xp is np and sh.Cs > 0:
         from . import _shard_kernels
         return _shard_kernels.stats(sh.x3, sh.tl, sh.p3, sh.ws, sh.keep, sh.smooth_c, sh.cap,
                                     want_dev, want_argmax)
-    return _stats_xp(sh.be.xp, sh.x3, sh.tl, sh.p3, sh.ws, sh.keep, sh.smooth_c, sh.cap,
+    return _stats_xp(sh.xp, sh.x3, sh.tl, sh.p3, sh.ws, sh.keep, sh.smooth_c, sh.cap,
                      want_dev, want_argmax)
 
 
 def _to_stats(sh, out, want_argmax):
-    xp = sh.be.xp
+    xp = sh.xp
     shp = sh.loss_shape
     want_dev = sh.kind == "prob" or sh.eps != 0.0
     return ShardStats(
@@ -364,8 +374,8 @@ def finalize_parts(st, target, weight=None, *, ignore_index=-100, z_loss=0.0,
     """Per-position loss pieces of complete statistics (fastce.dask_backend's building block)."""
     _check_complete(st)
     xp = _module_of(st.max)
-    be = _backend(target=target, weight=weight)
-    ignore_index = api._check_ignore_index(ignore_index)
+    be, _ = _backend(target=target, weight=weight)
+    ignore_index = api.check_ignore_index(ignore_index)
     zl = float(z_loss)
     C = st.num_classes
     keep, smooth_c = 1.0 - st.label_smoothing, st.label_smoothing / C
@@ -425,7 +435,7 @@ def finalize_stats(stats, target, weight=None, *, ignore_index=-100, reduction="
     st = stats
     if not isinstance(st, ShardStats):
         raise TypeError(f"fastce: finalize_stats takes ShardStats, got {type(st).__name__}")
-    eps, _, zl = api._check_options(reduction, st.label_smoothing, st.softcap, z_loss)
+    eps, _, zl = api.check_options(reduction, st.label_smoothing, st.softcap, z_loss)
     xp = _module_of(st.max)
     parts = finalize_parts(st, target, weight, ignore_index=ignore_index, z_loss=zl,
                            want_hit=return_token_accuracy and st.kind == "index")
@@ -475,7 +485,7 @@ def _grad_output(xp, grad_output, reduction, shape):
 
 def shard_coefficients(sh, lse, A, g, D, Dz, mean):
     """(6, N, S) float64 per-position coefficients of ``_shard_kernels.grad``."""
-    xp = sh.be.xp
+    xp = sh.xp
     N, S = sh.N, sh.S
     lse = xp.asarray(lse, dtype=np.float64).reshape(N, S)
     inv_D = api._div(1.0, D) if mean else 1.0
@@ -507,7 +517,7 @@ def shard_coefficients(sh, lse, A, g, D, Dz, mean):
 
 def _grad_xp(sh, coef):
     """The shard's gradient as array expressions (CuPy shards)."""
-    xp = sh.be.xp
+    xp = sh.xp
     xf = sh.x3.astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
         s = sh.cap * xp.tanh(xf / sh.cap) if sh.cap else xf
@@ -542,7 +552,7 @@ def shard_grad(input, target, c0, num_classes, lse, weight=None, *, grad_output=
     """
     sh = _Shard(input, target, c0, num_classes, weight, ignore_index, label_smoothing, softcap,
                 class_axis, z_loss, reduction)
-    xp = sh.be.xp
+    xp = sh.xp
     if isinstance(lse, ShardStats):
         st = lse
         _check_complete(st)
@@ -565,7 +575,7 @@ def shard_grad(input, target, c0, num_classes, lse, weight=None, *, grad_output=
     if sh.N * sh.S == 0 or sh.Cs == 0:
         return xp.zeros(out_shape, sh.in_dtype)
     coef = shard_coefficients(sh, lse, target_mass, g, D, Dz, reduction == "mean")
-    if sh.be.name == "cpu":
+    if sh.xp is np:
         from . import _shard_kernels
         grad = _shard_kernels.grad(sh.x3, sh.tl, sh.p3, sh.ws, sh.keep, sh.smooth_c, sh.cap,
                                    coef)
@@ -587,21 +597,4 @@ def target_denominators(target, weight=None, *, num_classes, ignore_index=-100,
     by positions and pass the sums as ``denominators=`` for the whole batch's mean."""
     C = _check_num_classes(num_classes)
     dtype = np.dtype(np.float32) if np.dtype(dtype) == np.float16 else np.dtype(dtype)
-    D, count = api.check_index_target(target, weight, ignore_index, C, dtype)
-    return D, float(count)
-
-
-def lse_canonical(be, x3, cap):
-    """Per-position log-sum-exp (N, S) float64 of canonical logits (softcapped when cap):
-    ``fastce.cross_entropy(..., return_lse=True)``."""
-    N, C, S = x3.shape
-    if be.name != "cpu":        # fastce.gpu: its logsumexp kernel (no softcap there yet)
-        if cap:
-            raise NotImplementedError("fastce: return_lse with softcap is not implemented for "
-                                      "CUDA arrays yet")
-        return be.softmax_family(x3, 0)[1]
-    from . import _shard_kernels
-    tl = np.full((N, S), -1, dtype=np.int64)
-    out = _shard_kernels.stats(x3, tl, None, be.ones(C, x3.dtype), 1.0, 0.0, cap, False, False)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return out[0] + np.log(out[1])
+    return api.index_denominators(target, weight, ignore_index, C, dtype)

@@ -81,10 +81,10 @@ def _check_dtype(dtype):
 
 def _check_input(be, a, name, dtype=None):
     x = be.asarray(a)
-    if x.dtype.kind == "c" and dtype is not None and be.name == "cpu":
+    if x.dtype.kind == "c" and dtype is not None and be.casts_complex:
         return x                            # torch's dtype=: cast first (the imaginary part goes)
     if x.dtype.kind in "fiu" and not x.dtype.isnative:
-        x = x.astype(x.dtype.newbyteorder("="))     # big-endian: one native-order copy
+        x = be.cast(x, x.dtype.newbyteorder("="))   # big-endian: one native-order copy
     if x.dtype.kind not in "fiub" or (x.dtype.kind == "f" and x.dtype not in _FLOATS):
         raise TypeError(f"fastce: {name} must be a real array (float16, float32, float64, or "
                         f"integers / bools, computed in float64), got dtype {x.dtype}")
@@ -172,10 +172,7 @@ def _broadcast(be, x, shape):
 
 
 def _host_result(be, r, like):
-    r = be.wrap(r, like)
-    if be.name == "cpu" and r.ndim == 0:
-        return r[()]                    # a NumPy scalar, as SciPy
-    return r
+    return be.wrap(r, like, unwrap_0d=True)     # NumPy: a scalar, as SciPy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,19 +232,18 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, *, dtype=
         sgn = be.full(out_shape, -1.0, rdt) if return_sign else None
     else:
         if dtype is not None and rdt != x.dtype:
-            x = x.astype(rdt)               # torch: cast first (float16 rounds the input)
-        x = _broadcast(be, x.astype(cdt, copy=False), eff)
+            x = be.cast(x, rdt)             # torch: cast first (float16 rounds the input)
+        x = _broadcast(be, be.cast(x, cdt), eff)
         layout = _layout(eff, axes)
         if bb is None:
             lse = _lse_runs(be, x, eff, axes)
             sgn = None
             if return_sign:
-                xp = be.xp
-                sgn = xp.where(lse == -math.inf, 0.0, xp.where(lse != lse, math.nan, 1.0))
+                sgn = be.lse_sign(lse)
         else:
-            bb = bb.astype(np.float64, copy=False)
             if rdt != np.float64:           # b as the result dtype (SciPy promotes both)
-                bb = bb.astype(rdt).astype(np.float64)
+                bb = be.cast(bb, rdt)
+            bb = be.cast(bb, np.float64)
             bb = _broadcast(be, bb, eff)
             x3 = _grouped(be, x, layout, rows=True)
             b3 = _grouped(be, bb, layout, rows=True)
@@ -255,9 +251,9 @@ def logsumexp(a, axis=None, b=None, keepdims=False, return_sign=False, *, dtype=
             lse, sgn = be.lse_weighted(x3.reshape(N, C), b3.reshape(N, C), bool(return_sign))
             if not return_sign:
                 sgn = None
-        lse = lse.reshape(out_shape).astype(rdt, copy=False)
+        lse = be.cast(lse.reshape(out_shape), rdt)
         if sgn is not None:
-            sgn = sgn.reshape(out_shape).astype(rdt, copy=False)
+            sgn = be.cast(sgn.reshape(out_shape), rdt)
     lse = _host_result(be, lse, a)
     if return_sign:
         return lse, _host_result(be, sgn, a)
@@ -275,15 +271,15 @@ def _softmax_call(x_in, axis, dtype, mode):
     if math.prod(eff) == 0:                 # as torch (SciPy's max of nothing raises)
         return be.wrap(be.empty(shape, rdt), x_in)
     if dtype is not None and rdt != x.dtype:
-        x = x.astype(rdt)                   # torch: cast first (float16 rounds the input)
-    x = x.astype(cdt, copy=False)
+        x = be.cast(x, rdt)                 # torch: cast first (float16 rounds the input)
+    x = be.cast(x, cdt)
     layout = _layout(eff, axes)
     out, _ = be.softmax_family(_grouped(be, x, layout), mode)
     if layout[0] == "move":
         perm = layout[1]
         moved = tuple(eff[d] for d in perm)
         out = be.transpose_copy(out.reshape(moved), tuple(int(i) for i in np.argsort(perm)))
-    out = out.reshape(shape).astype(rdt, copy=False)
+    out = be.cast(out.reshape(shape), rdt)
     return _host_result(be, out, x_in)
 
 
