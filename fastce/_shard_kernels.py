@@ -30,9 +30,10 @@ from numba import njit, prange
 from . import cpu
 from .cpu import FASTMATH, LOG2E, cast_like, exp2_nonpos, exp2_nonpos_exact, fmaximum, softcap_fast
 from .cpu import _seg_exp_acc, _seg_max, _seg_softcap   # the block kernels' segment passes
+from .cpu import _softcap_grad_factor, block_bounds, blocks_per_row
+from .options import ShardOptions
 
 K_STATS = 8
-BLOCK = 512
 _INLINE = dict(fastmath=FASTMATH, error_model="numpy")
 _INF = math.inf
 
@@ -86,18 +87,29 @@ def _dev_add(s, ms, q, dev, qfin):
     return dev + q * (np.float64(ms) - np.float64(s)), qfin + q
 
 
+@njit(**_INLINE)
+def _q(wc, opts, p, at):
+    """q_c: the class weight wc, times the smoothed target probability p[at] for probability
+    targets (p is only read then: else it is a (1, 1[, 1]) placeholder)."""
+    return wc * (opts.keep * np.float64(p[at]) + opts.smooth_c) if opts.is_prob else wc
+
+
+@njit(**_INLINE)
+def _caps(opts, like):
+    """(has_cap, cap, 1 / cap) of opts' softcap, the last two in like's dtype."""
+    has_cap = opts.softcap > 0.0
+    return (has_cap, cast_like(opts.softcap, like),
+            cast_like(1.0 / opts.softcap if has_cap else 0.0, like))
+
+
 # ---------------------------------------------------------------------------------------------
-# Statistics.  prm = [keep, smooth_c, cap, want_dev, is_prob, want_argmax]
+# Statistics (opts: fastce.options.ShardOptions)
 # ---------------------------------------------------------------------------------------------
-def _stats_rows(x, tl, p, w, prm, out):
+def _stats_rows(x, tl, p, w, opts, out):
     N, C = x.shape[0], x.shape[1]
-    keep, smooth_c, cap = prm[0], prm[1], prm[2]
-    want_dev, is_prob, want_arg = prm[3] != 0.0, prm[4] != 0.0, prm[5] != 0.0
-    has_cap = cap > 0.0
     for i in prange(N):
         row = x[i]
-        capf = cast_like(cap, row)
-        inv_capf = cast_like(1.0 / cap if has_cap else 0.0, row)
+        has_cap, capf, inv_capf = _caps(opts, row)
         log2e = cast_like(LOG2E, row)
         m = _max(row)
         ms = _capped(m, has_cap, capf, inv_capf)
@@ -109,21 +121,18 @@ def _stats_rows(x, tl, p, w, prm, out):
         out[1, i] = _sumexp_of(ms, acc)
         ti = tl[i]
         out[2, i] = np.float64(_capped(row[ti], has_cap, capf, inv_capf)) if ti >= 0 else 0.0
-        if want_dev:
+        if opts.want_dev:
             dev = 0.0
             qfin = 0.0
             qsum = 0.0
             for c in range(C):
-                s = _capped(row[c], has_cap, capf, inv_capf)
-                q = np.float64(w[c])
-                if is_prob:
-                    q = q * (keep * np.float64(p[i, c]) + smooth_c)
+                q = _q(np.float64(w[c]), opts, p, (i, c))
                 qsum += q
-                dev, qfin = _dev_add(s, ms, q, dev, qfin)
+                dev, qfin = _dev_add(_capped(row[c], has_cap, capf, inv_capf), ms, q, dev, qfin)
             out[3, i] = dev
             out[4, i] = qfin
             out[5, i] = qsum
-        if want_arg:
+        if opts.want_argmax:
             out[6, i] = np.float64(m)
             idx = -1
             for c in range(C):
@@ -133,19 +142,61 @@ def _stats_rows(x, tl, p, w, prm, out):
             out[7, i] = idx
 
 
-def _stats_strided(x, tl, p, w, prm, out):
+@njit(**_INLINE)
+def _block_sumexp(x, n, s0, ms, capf, inv_capf, has_cap, m, acc, sc):
+    """acc_j <- sum_c exp(s_cj - ms_j) over block positions s0 + j of x[n] (m: scratch);
+    positions whose max is not finite are shifted by 0 (their special cases are taken later)."""
+    L = ms.shape[0]
+    log2e = cast_like(LOG2E, x)
+    for j in range(L):
+        m[j] = ms[j] if ms[j] > -_INF and ms[j] < _INF else 0
+    acc[:] = 0
+    for c in range(x.shape[1]):
+        if has_cap:
+            _seg_softcap(x[n, c, s0:s0 + L], capf, inv_capf, sc)
+            _seg_exp_acc(sc, m, log2e, acc)
+        else:
+            _seg_exp_acc(x[n, c, s0:s0 + L], m, log2e, acc)
+
+
+@njit(**_INLINE)
+def _block_dev(x, n, s0, p, w, opts, ms, capf, inv_capf, has_cap, out):
+    """Statistics rows 3-5 (dev, qfin, qsum) of the block's positions."""
+    L = ms.shape[0]
+    f64 = np.zeros((3, L))
+    for c in range(x.shape[1]):
+        wc = np.float64(w[c])
+        for j in range(L):
+            s = _capped(x[n, c, s0 + j], has_cap, capf, inv_capf)
+            q = _q(wc, opts, p, (n, c, s0 + j))
+            f64[2, j] += q
+            f64[0, j], f64[1, j] = _dev_add(s, ms[j], q, f64[0, j], f64[1, j])
+    for j in range(L):
+        out[3, n, s0 + j] = f64[0, j]
+        out[4, n, s0 + j] = f64[1, j]
+        out[5, n, s0 + j] = f64[2, j]
+
+
+@njit(**_INLINE)
+def _block_argmax(x, n, s0, m, out):
+    """Statistics rows 6-7 (amax, first argmax) of the block's positions; m: their max."""
+    L = m.shape[0]
+    first = np.full(L, -1.0)
+    for c in range(x.shape[1] - 1, -1, -1):
+        for j in range(L):
+            if x[n, c, s0 + j] == m[j]:
+                first[j] = c
+    for j in range(L):
+        out[6, n, s0 + j] = np.float64(m[j])
+        out[7, n, s0 + j] = first[j]
+
+
+def _stats_strided(x, tl, p, w, opts, out):
     N, C, S = x.shape
-    keep, smooth_c, cap = prm[0], prm[1], prm[2]
-    want_dev, is_prob, want_arg = prm[3] != 0.0, prm[4] != 0.0, prm[5] != 0.0
-    has_cap = cap > 0.0
-    nblk = (S + BLOCK - 1) // BLOCK
+    nblk = blocks_per_row(S)
     for task in prange(N * nblk):
-        n = task // nblk
-        s0 = (task - n * nblk) * BLOCK
-        L = min(BLOCK, S - s0)
-        capf = cast_like(cap, x)
-        inv_capf = cast_like(1.0 / cap if has_cap else 0.0, x)
-        log2e = cast_like(LOG2E, x)
+        n, s0, L = block_bounds(np.int64(task), nblk, S)
+        has_cap, capf, inv_capf = _caps(opts, x)
         scratch = np.empty((4, L), x.dtype)
         m, ms, acc, sc = scratch[0], scratch[1], scratch[2], scratch[3]
         m[:] = -_INF
@@ -155,46 +206,17 @@ def _stats_strided(x, tl, p, w, prm, out):
             _seg_softcap(m, capf, inv_capf, ms)
         else:
             ms[:] = m
-        # Positions whose max is not finite take the special cases; shift them by 0 meanwhile.
-        shift = ms.copy()
-        for j in range(L):
-            if not (ms[j] > -_INF and ms[j] < _INF):
-                shift[j] = 0
-        acc[:] = 0
-        for c in range(C):
-            if has_cap:
-                _seg_softcap(x[n, c, s0:s0 + L], capf, inv_capf, sc)
-                _seg_exp_acc(sc, shift, log2e, acc)
-            else:
-                _seg_exp_acc(x[n, c, s0:s0 + L], shift, log2e, acc)
+        if opts.want_argmax:
+            _block_argmax(x, n, s0, m, out)
+        _block_sumexp(x, n, s0, ms, capf, inv_capf, has_cap, m, acc, sc)   # (m: scratch now)
         for j in range(L):
             out[0, n, s0 + j] = np.float64(ms[j])
             out[1, n, s0 + j] = _sumexp_of(ms[j], acc[j])
             ti = tl[n, s0 + j]
             out[2, n, s0 + j] = (np.float64(_capped(x[n, ti, s0 + j], has_cap, capf, inv_capf))
                                  if ti >= 0 else 0.0)
-        if want_dev:
-            f64 = np.zeros((3, L))
-            for c in range(C):
-                wc = np.float64(w[c])
-                for j in range(L):
-                    s = _capped(x[n, c, s0 + j], has_cap, capf, inv_capf)
-                    q = wc * (keep * np.float64(p[n, c, s0 + j]) + smooth_c) if is_prob else wc
-                    f64[2, j] += q
-                    f64[0, j], f64[1, j] = _dev_add(s, ms[j], q, f64[0, j], f64[1, j])
-            for j in range(L):
-                out[3, n, s0 + j] = f64[0, j]
-                out[4, n, s0 + j] = f64[1, j]
-                out[5, n, s0 + j] = f64[2, j]
-        if want_arg:
-            first = np.full(L, -1.0)
-            for c in range(C - 1, -1, -1):
-                for j in range(L):
-                    if x[n, c, s0 + j] == m[j]:
-                        first[j] = c
-            for j in range(L):
-                out[6, n, s0 + j] = np.float64(m[j])
-                out[7, n, s0 + j] = first[j]
+        if opts.want_dev:
+            _block_dev(x, n, s0, p, w, opts, ms, capf, inv_capf, has_cap, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +225,7 @@ def _stats_strided(x, tl, p, w, prm, out):
 #   dL/ds_c = alpha softmax_c - beta q_c                             (probability targets)
 # softmax_c = exp(s_c - a) * k with a = lse rounded to the logits' dtype and k = exp(a - lse):
 # s_c - a is exact (both in the logits' dtype), so float32 loses nothing to lse's magnitude.
-# prm = [keep, smooth_c, cap, is_prob, smoothing]
+# opts: fastce.options.ShardOptions.
 # ---------------------------------------------------------------------------------------------
 @njit(**_INLINE)
 def _row_grad(row, gr, a, scale, gmw, w, log2e):
@@ -220,12 +242,26 @@ def _row_grad_cap(row, gr, a, scale, gmw, w, log2e, capf, inv_capf):
         gr[c] = (exp2_nonpos_exact((s - a) * log2e) * scale - gmw * w[c]) * (one - q * q)
 
 
-def _grad_rows(x, tl, p, w, prm, coef, grad):
+@njit(**_INLINE)
+def _grad_entry(xv, wc, is_target, opts, p, at, has_cap, capf, inv_capf, a, alpha, beta,
+                gamma):
+    """dL/dx of one logit xv (is_target: c == t; p[at]: its target probability, see _q): the
+    shared element formula of the probability-target rows and the strided layout."""
+    sf = _capped(xv, has_cap, capf, inv_capf)
+    e = np.float64(exp2_nonpos_exact((sf - a) * cast_like(LOG2E, a)))
+    if opts.is_prob:
+        v = e * alpha - beta * _q(wc, opts, p, at)
+    else:
+        v = e * alpha - gamma * wc
+        if is_target:
+            v -= beta
+    if has_cap:
+        v *= _softcap_grad_factor(np.float64(sf), 1.0 / opts.softcap)
+    return v
+
+
+def _grad_rows(x, tl, p, w, opts, coef, grad):
     N, C = x.shape[0], x.shape[1]
-    keep, smooth_c, cap = prm[0], prm[1], prm[2]
-    is_prob = prm[3] != 0.0
-    has_cap = cap > 0.0
-    inv_cap = 1.0 / cap if has_cap else 0.0
     for i in prange(N):
         row = x[i]
         gr = grad[i]
@@ -236,22 +272,16 @@ def _grad_rows(x, tl, p, w, prm, coef, grad):
         if lse != lse:
             gr[:] = math.nan
             continue
-        capf = cast_like(cap, row)
-        inv_capf = cast_like(inv_cap, row)
-        log2e = cast_like(LOG2E, row)
+        has_cap, capf, inv_capf = _caps(opts, row)
         a = cast_like(coef[5, i], row)
-        scale = cast_like(coef[1, i], row)
         beta = coef[2, i]
-        if is_prob:
+        if opts.is_prob:
             for c in range(C):
-                s = np.float64(_capped(row[c], has_cap, capf, inv_capf))
-                e = np.float64(exp2_nonpos_exact((cast_like(s, row) - a) * log2e))
-                q = np.float64(w[c]) * (keep * np.float64(p[i, c]) + smooth_c)
-                v = e * coef[1, i] - beta * q
-                if has_cap:
-                    v *= 1.0 - (s * inv_cap) * (s * inv_cap)
-                gr[c] = v
+                gr[c] = _grad_entry(row[c], np.float64(w[c]), False, opts, p, (i, c), has_cap,
+                                    capf, inv_capf, a, coef[1, i], beta, 0.0)
             continue
+        log2e = cast_like(LOG2E, row)
+        scale = cast_like(coef[1, i], row)
         gmw = cast_like(coef[3, i], row)
         if has_cap:
             _row_grad_cap(row, gr, a, scale, gmw, w, log2e, capf, inv_capf)
@@ -261,49 +291,31 @@ def _grad_rows(x, tl, p, w, prm, coef, grad):
         if ti >= 0:
             f = 1.0
             if has_cap:
-                st = np.float64(softcap_fast(row[ti], capf, inv_capf)) * inv_cap
-                f = 1.0 - st * st
+                f = _softcap_grad_factor(np.float64(softcap_fast(row[ti], capf, inv_capf)),
+                                         1.0 / opts.softcap)
             gr[ti] -= cast_like(beta * f, row)
 
 
-def _grad_strided(x, tl, p, w, prm, coef, grad):
+def _grad_strided(x, tl, p, w, opts, coef, grad):
     N, C, S = x.shape
-    keep, smooth_c, cap = prm[0], prm[1], prm[2]
-    is_prob = prm[3] != 0.0
-    has_cap = cap > 0.0
-    inv_cap = 1.0 / cap if has_cap else 0.0
-    nblk = (S + BLOCK - 1) // BLOCK
+    nblk = blocks_per_row(S)
     for task in prange(N * nblk):
-        n = task // nblk
-        s0 = (task - n * nblk) * BLOCK
-        L = min(BLOCK, S - s0)
-        capf = cast_like(cap, x)
-        inv_capf = cast_like(inv_cap, x)
-        log2e = cast_like(LOG2E, x)
+        n, s0, L = block_bounds(np.int64(task), nblk, S)
+        has_cap, capf, inv_capf = _caps(opts, x)
         for c in range(C):
             wc = np.float64(w[c])
             for j in range(L):
                 pos = s0 + j
+                lse = coef[0, n, pos]
                 if coef[4, n, pos] == 0.0:
                     grad[n, c, pos] = 0
-                    continue
-                lse = coef[0, n, pos]
-                if lse != lse:
+                elif lse != lse:
                     grad[n, c, pos] = math.nan
-                    continue
-                sf = _capped(x[n, c, pos], has_cap, capf, inv_capf)
-                s = np.float64(sf)
-                e = np.float64(exp2_nonpos_exact((sf - cast_like(coef[5, n, pos], x)) * log2e))
-                if is_prob:
-                    q = wc * (keep * np.float64(p[n, c, pos]) + smooth_c)
-                    v = e * coef[1, n, pos] - coef[2, n, pos] * q
                 else:
-                    v = e * coef[1, n, pos] - coef[3, n, pos] * wc
-                    if tl[n, pos] == c:
-                        v -= coef[2, n, pos]
-                if has_cap:
-                    v *= 1.0 - (s * inv_cap) * (s * inv_cap)
-                grad[n, c, pos] = v
+                    grad[n, c, pos] = _grad_entry(
+                        x[n, c, pos], wc, tl[n, pos] == c, opts, p, (n, c, pos), has_cap, capf,
+                        inv_capf, cast_like(coef[5, n, pos], x), coef[1, n, pos],
+                        coef[2, n, pos], coef[3, n, pos])
 
 
 _NAMES = {"stats_rows": _stats_rows, "stats_strided": _stats_strided,
@@ -338,14 +350,15 @@ def stats(x3, tl, p3, w, keep, smooth_c, cap, want_dev, want_argmax):
     N, C, S = x3.shape
     out = np.zeros((K_STATS, N, S))
     is_prob = p3 is not None
-    prm = np.array([keep, smooth_c, cap, float(want_dev), float(is_prob), float(want_argmax)])
+    opts = ShardOptions(float(keep), float(smooth_c), float(cap), is_prob, bool(want_dev),
+                        bool(want_argmax))
     p = p3 if is_prob else _dummy(x3.dtype)
     if S == 1:
         p2 = p.reshape(p.shape[0], p.shape[1])
-        cpu.launch(names["stats_rows"], x3.size, x3.reshape(N, C), tl.reshape(N), p2, w, prm,
+        cpu.launch(names["stats_rows"], x3.size, x3.reshape(N, C), tl.reshape(N), p2, w, opts,
                    out.reshape(K_STATS, N))
     else:
-        cpu.launch(names["stats_strided"], x3.size, x3, tl, p, w, prm, out)
+        cpu.launch(names["stats_strided"], x3.size, x3, tl, p, w, opts, out)
     return out
 
 
@@ -355,12 +368,12 @@ def grad(x3, tl, p3, w, keep, smooth_c, cap, coef, out=None):
     N, C, S = x3.shape
     g = np.empty(x3.shape, x3.dtype) if out is None else out
     is_prob = p3 is not None
-    prm = np.array([keep, smooth_c, cap, float(is_prob), float(smooth_c != 0.0)])
+    opts = ShardOptions(float(keep), float(smooth_c), float(cap), is_prob)
     p = p3 if is_prob else _dummy(x3.dtype)
     if S == 1:
         p2 = p.reshape(p.shape[0], p.shape[1])
-        cpu.launch(names["grad_rows"], x3.size, x3.reshape(N, C), tl.reshape(N), p2, w, prm,
+        cpu.launch(names["grad_rows"], x3.size, x3.reshape(N, C), tl.reshape(N), p2, w, opts,
                    coef.reshape(coef.shape[0], N), g.reshape(N, C))
     else:
-        cpu.launch(names["grad_strided"], x3.size, x3, tl, p, w, prm, coef, g)
+        cpu.launch(names["grad_strided"], x3.size, x3, tl, p, w, opts, coef, g)
     return g

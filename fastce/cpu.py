@@ -33,10 +33,9 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic, overload, register_jitable
 
 from . import elementwise as ew
-from .options import legacy_index_vector, legacy_prob_vector
 
 __all__ = ["index_loss", "prob_loss", "target_stats", "softmax_family", "launch"]
 
@@ -50,9 +49,13 @@ _INLINE = dict(fastmath=FASTMATH, error_model="numpy", no_cpython_wrapper=True,
                no_cfunc_wrapper=True)
 
 LOG2E = 1.4426950408889634
-BLOCK = 512                    # positions per task of the block kernels (C of them fit L1-L2)
-SERIAL_BELOW = 1 << 16         # logits below which the serial kernel runs
-SMALL_C = 32                   # rows of at most this many classes take the scalar rows kernel
+# Positions per task of the block kernels: a block's C segments (C * BLOCK logits, 2 MiB of
+# float32 for C = 1000) stay in L2 between the passes, and its per-position scratch in L1.
+BLOCK = 512
+# Logits below which the serial twin runs: waking the thread pool costs tens of microseconds,
+# more than the whole loss of a problem this small (W3, 256 x 10, runs serial).
+SERIAL_BELOW = 1 << 16
+SMALL_C = 32                   # rows of at most this many classes take _index_rows_small
 
 
 # ---------------------------------------------------------------------------------------------
@@ -512,16 +515,29 @@ def _seg_stats(ts, ignore_index, C, valid_v, wt_v, nbad, stats, slot, flat0):
     stats[2, slot] = first
 
 
+@register_jitable
+def blocks_per_row(S):
+    """Blocks of BLOCK positions per n of an (N, C, S) view (the host and the kernels agree)."""
+    return (S + BLOCK - 1) // BLOCK
+
+
+@register_jitable
+def block_bounds(task, nblk, S):
+    """(n, s0, L): block ``task`` of the fixed partition, positions s0:s0 + L of row n (task
+    must be int64: a prange index may be typed uint64, which would compile this twice)."""
+    n = task // nblk
+    s0 = (task - n * nblk) * BLOCK
+    return n, s0, min(BLOCK, S - s0)
+
+
 def _target_stats(t, tk, w, ignore_index, C, part):
     """part[:, task] = (sum of w[t], count, first bad flat position or -1) per block of the
     targets (M, S), whose bytes are t (M, S * tk) (see _seg_widen)."""
     M = t.shape[0]
     S = t.shape[1] // tk
-    nblk = (S + BLOCK - 1) // BLOCK
+    nblk = blocks_per_row(S)
     for task in prange(M * nblk):
-        n = task // nblk
-        s0 = (task - n * nblk) * BLOCK
-        L = min(BLOCK, S - s0)
+        n, s0, L = block_bounds(np.int64(task), nblk, S)
         ts = np.empty(L, np.int64)
         _seg_widen(t[n, s0 * tk:(s0 + L) * tk], tk, ts)
         v = np.empty((2, L), w.dtype)
@@ -532,22 +548,22 @@ def _target_stats(t, tk, w, ignore_index, C, part):
 # ---------------------------------------------------------------------------------------------
 # Class-index targets
 # ---------------------------------------------------------------------------------------------
-def _index_rows(x, t, w, prm, ignore_index, g, g_stride, grad, ce_out, zl_out, hit_out):
-    """Rows layout.  prm = [keep, smooth_c, W, cap, inv_D, z2_inv_Dz, z_loss, in_place, want_hit]
-    (float64; in_place: grad is x itself, and there is no softcap; want_hit: token accuracy
-    asked for, else hit_out is left 0).
+def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, hit_out):
+    """Rows layout.  opts: fastce.options.LossOptions (in_place: grad is x itself, and there
+    is no softcap; want_hits: token accuracy asked for, else hit_out is left 0).
 
     Writes ce_out (the cross-entropy of each row), zl_out (its z-loss) and hit_out (argmax ==
     target); in the WANT_GRAD variants, the gradient into grad.
     """
     N, C = x.shape
-    keep, smooth_c, W, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5], prm[6]
+    keep, smooth_c, W, cap = opts.keep, opts.smooth_c, opts.weight_sum, opts.softcap
+    inv_D, z2, zl = opts.grad_scale, opts.z_grad, opts.z_loss
     want_grad = WANT_GRAD               # compile-time constants of the variant (see _variants)
     has_cap = HAS_CAP
     inv_cap = 1.0 / cap if has_cap else 0.0
     smoothing = smooth_c != 0.0
-    in_place = prm[7] != 0.0
-    want_hit = prm[8] != 0.0
+    in_place = opts.in_place
+    want_hit = opts.want_hits
     for i in prange(N):
         row = x[i]
         capf = cast_like(cap, row)
@@ -764,78 +780,46 @@ def _seg_grad_softcap(gs, scale_v, gamma_v, wc, ss, inv_capf, valid_v):
         gs[j] = v if valid_v[j] != 0 else 0
 
 
-def _index_block(x, xn, xs0, L, t, tk, on, os0, w, prm, ignore_index, in_place, g, g_off,
-                 g_stride, grad, per_position, slot, ce_out, zl_out, hit_out, stats,
-                 prefetch_next):
-    """Class-index loss of the L positions whose logits are x[xn, :, xs0:xs0+L] (C-contiguous
-    3-D, positions contiguous) and targets t[on, os0:os0+L] (t: their bytes, tk per target, see
-    _seg_widen); every pass runs along contiguous
-    segments of the L positions, which LLVM vectorises.
-
-    per_position: ce/zl/hit_out[on, os0 + j] per position; else their sums over the block in
-    ce/zl/hit_out[0, slot] (a fixed partition: the same numbers whatever the thread count).
-    stats (3, tasks), unless empty: the block's target statistics into stats[:, slot] (the
-    forward validates its targets here, instead of in a pre-pass).  WANT_GRAD: the gradient into
-    grad[xn, :, xs0:xs0+L] (in_place: grad is x); g[(g_off + j) * g_stride] is the upstream
-    gradient.  prefetch_next: hint the next block of x (the next task of this thread) into L2
-    while this one computes its exps."""
-    C = x.shape[1]
-    S = x.shape[2]
-    keep, smooth_c, W, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5], prm[6]
-    want_grad = WANT_GRAD
-    has_cap = HAS_CAP
-    inv_cap = 1.0 / cap if has_cap else 0.0
-    smoothing = smooth_c != 0.0
-    want_hit = prm[8] != 0.0
-    capf = cast_like(cap, x)
-    inv_capf = cast_like(inv_cap, x)
-    log2e = cast_like(LOG2E, x)
-    # One scratch allocation each for the block's per-position vectors (the widened targets
-    # in the last float64 row).
-    scratch = np.empty((10, L), x.dtype)
-    f64 = np.empty((7, L))
-    ts = f64[6].view(np.int64)
-    _seg_widen(t[on, os0 * tk:(os0 + L) * tk], tk, ts)
-    m, ms, sc, ssum, swd = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4]
-    valid_v, wt_v, st_v = scratch[7], scratch[8], scratch[9]
-    lse_v, ce_v, zl_v = f64[0], f64[1], f64[2]
-    # Everything read from the logits by position (target logits, token hits) is read before
-    # pass 2 may overwrite them with the gradient (out=input).
-    nbad = _seg_targets_logits(ts, w, ignore_index, C, x[xn], xs0, valid_v, wt_v, st_v)
-    if stats.shape[1]:
-        _seg_stats(ts, ignore_index, C, valid_v, wt_v, nbad, stats, slot,
-                   on * (t.shape[1] // tk) + os0)
-    # Pass 1: per-position max over the classes (raw logits; softcap is monotonic).
+@njit(**_INLINE)
+def _block_max(xb, xs0, m):
+    """m_j <- max_c xb[c, xs0 + j] (the raw logits: softcap is monotonic; NaN propagates),
+    two classes per sweep of m."""
+    L = m.shape[0]
+    C = xb.shape[0]
     # Copies as loops: an array-to-array slice assignment compiles a shape check whose error
     # message formatting alone costs seconds of compile time.
-    _seg_copy(x[xn, 0, xs0:xs0 + L], m)
+    _seg_copy(xb[0, xs0:xs0 + L], m)
     for c in range(1, C - 1, 2):
-        _seg_max2(x[xn, c, xs0:xs0 + L], x[xn, c + 1, xs0:xs0 + L], m)
+        _seg_max2(xb[c, xs0:xs0 + L], xb[c + 1, xs0:xs0 + L], m)
     if C % 2 == 0:
-        _seg_max(x[xn, C - 1, xs0:xs0 + L], m)
-    if has_cap:
-        _seg_softcap(m, capf, inv_capf, ms)
-        for j in range(L):
-            st_v[j] = softcap_fast(st_v[j], capf, inv_capf)
-    else:
-        ms = m
-    if want_hit:
-        # Token accuracy: the target is the first maximum of its position.
-        first = f64[3]
-        first[:] = C
-        for c in range(C - 1, -1, -1):
-            _seg_first_argmax(x[xn, c, xs0:xs0 + L], m, c, first)
-        hit_v = f64[4]
-        for j in range(L):
-            hit_v[j] = 1.0 if valid_v[j] != 0.0 and first[j] == np.float64(ts[j]) else 0.0
-    # Pass 2: sum_c w_c (max - s_c), and the sums of exp(s - max), stored into the gradient if wanted.
-    nx_s0 = xs0 + L
-    nx_n = xn
-    if nx_s0 >= S:
-        nx_n += 1
-        nx_s0 = 0
-    prefetch_next = prefetch_next and nx_n < x.shape[0]
-    flat = x.reshape(-1)
+        _seg_max(xb[C - 1, xs0:xs0 + L], m)
+
+
+@njit(**_INLINE)
+def _block_hits(xb, xs0, m, ts, valid_v, first, hit_v):
+    """Token accuracy: hit_v_j <- 1.0 where the target is the first maximum of position j."""
+    L = m.shape[0]
+    C = xb.shape[0]
+    first[:] = C
+    for c in range(C - 1, -1, -1):
+        _seg_first_argmax(xb[c, xs0:xs0 + L], m, c, first)
+    for j in range(L):
+        hit_v[j] = 1.0 if valid_v[j] != 0.0 and first[j] == np.float64(ts[j]) else 0.0
+
+
+def _block_exp_sums(xb, gb, xs0, w, opts, in_place, ms, ssum, swd, sc, flat, next0, next_len):
+    """Pass 2: ssum_j <- sum_c exp(s_cj - ms_j), stored into gb[c, xs0 + j] in the WANT_GRAD
+    variants, and swd_j <- sum_c w_c (ms_j - s_cj) when smoothing (s: the softcapped logits, via
+    the scratch row sc).  next_len > 0: prefetch the next block, class c at flat[next0 + c S]."""
+    L = ms.shape[0]
+    C = xb.shape[0]
+    S = xb.shape[1]
+    want_grad = WANT_GRAD
+    has_cap = HAS_CAP
+    smoothing = opts.smooth_c != 0.0
+    capf = cast_like(opts.softcap, ms)
+    inv_capf = cast_like(1.0 / opts.softcap if has_cap else 0.0, ms)
+    log2e = cast_like(LOG2E, ms)
     ssum[:] = 0
     swd[:] = 0
     c_pairs = 0
@@ -843,113 +827,183 @@ def _index_block(x, xn, xs0, L, t, tk, on, os0, w, prm, ignore_index, in_place, 
         # two classes per sweep of the running sums
         c_pairs = C - C % 2
         for c in range(0, c_pairs, 2):
-            if prefetch_next:
-                _seg_prefetch(flat, (nx_n * C + c) * S + nx_s0, min(L, S - nx_s0))
-                _seg_prefetch(flat, (nx_n * C + c + 1) * S + nx_s0, min(L, S - nx_s0))
-            xa = x[xn, c, xs0:xs0 + L]
-            xb = x[xn, c + 1, xs0:xs0 + L]
+            if next_len:
+                _seg_prefetch(flat, next0 + c * S, next_len)
+                _seg_prefetch(flat, next0 + (c + 1) * S, next_len)
+            xa = xb[c, xs0:xs0 + L]
+            xc = xb[c + 1, xs0:xs0 + L]
             if smoothing:
                 _seg_axpy_dev(w[c], xa, ms, swd)
-                _seg_axpy_dev(w[c + 1], xb, ms, swd)
+                _seg_axpy_dev(w[c + 1], xc, ms, swd)
             if want_grad:
-                _seg_exp_acc_store2(xa, xb, ms, log2e, ssum, grad[xn, c, xs0:xs0 + L],
-                                    grad[xn, c + 1, xs0:xs0 + L])
+                _seg_exp_acc_store2(xa, xc, ms, log2e, ssum, gb[c, xs0:xs0 + L],
+                                    gb[c + 1, xs0:xs0 + L])
             else:
-                _seg_exp_acc2(xa, xb, ms, log2e, ssum)
+                _seg_exp_acc2(xa, xc, ms, log2e, ssum)
     for c in range(c_pairs, C):
-        if prefetch_next:
-            _seg_prefetch(flat, (nx_n * C + c) * S + nx_s0, min(L, S - nx_s0))
-        xs = x[xn, c, xs0:xs0 + L]
+        if next_len:
+            _seg_prefetch(flat, next0 + c * S, next_len)
+        xs = xb[c, xs0:xs0 + L]
         if has_cap:
             _seg_softcap(xs, capf, inv_capf, sc)
             if smoothing:
                 _seg_axpy_dev(w[c], sc, ms, swd)
             if want_grad:
-                _seg_exp_acc_store(sc, ms, log2e, ssum, grad[xn, c, xs0:xs0 + L])
+                _seg_exp_acc_store(sc, ms, log2e, ssum, gb[c, xs0:xs0 + L])
             else:
                 _seg_exp_acc(sc, ms, log2e, ssum)
         else:
             if smoothing:
                 _seg_axpy_dev(w[c], xs, ms, swd)
             if want_grad and in_place:
-                _seg_exp_acc_inplace(grad[xn, c, xs0:xs0 + L], ms, log2e, ssum)
+                _seg_exp_acc_inplace(gb[c, xs0:xs0 + L], ms, log2e, ssum)
             elif want_grad:
-                _seg_exp_acc_store(xs, ms, log2e, ssum, grad[xn, c, xs0:xs0 + L])
+                _seg_exp_acc_store(xs, ms, log2e, ssum, gb[c, xs0:xs0 + L])
             else:
                 _seg_exp_acc(xs, ms, log2e, ssum)
+
+
+def _block_grad_coefs(opts, g, g_off, g_stride, lse_v, ssum, valid_v, wt_v, st_v, scale_v,
+                      gamma_v, beta_v):
+    """Per position: the gradient's coefficients (ew.index_grad_coefs), 0 where not valid;
+    scale and gamma in the logits' dtype, so that pass 3 runs in float32 lanes for float32."""
+    has_cap = HAS_CAP
+    inv_cap = 1.0 / opts.softcap if has_cap else 0.0
+    for j in range(lse_v.shape[0]):
+        lse = lse_v[j]
+        alpha, beta, gamma = _index_grad_coefs(g[(g_off + j) * g_stride], lse,
+                                               np.float64(wt_v[j]), opts.weight_sum, opts.keep,
+                                               opts.smooth_c, opts.grad_scale, opts.z_grad)
+        scale = alpha / np.float64(ssum[j])
+        if lse != lse:          # NaN position: the exps are meaningless, poison the gradient
+            scale = lse
+        ok = valid_v[j] != 0.0
+        scale_v[j] = cast_like(scale if ok else 0.0, scale_v)
+        gamma_v[j] = cast_like(gamma if ok else 0.0, gamma_v)
+        beta_v[j] = (beta * (_softcap_grad_factor(np.float64(st_v[j]), inv_cap)
+                             if has_cap else 1.0)
+                     if ok else 0.0)
+
+
+def _block_grad(xb, gb, xs0, ts, w, opts, scale_v, gamma_v, beta_v, valid_v, sc):
+    """Pass 3: gb[c, xs0 + j] (holding exp(s - max)) <- the gradient: the dense part, then
+    the one-hot part at the targets."""
+    L = scale_v.shape[0]
+    has_cap = HAS_CAP
+    smoothing = opts.smooth_c != 0.0
+    capf = cast_like(opts.softcap, sc)
+    inv_capf = cast_like(1.0 / opts.softcap if has_cap else 0.0, sc)
+    for c in range(xb.shape[0]):
+        gs = gb[c, xs0:xs0 + L]
+        if has_cap:
+            _seg_softcap(xb[c, xs0:xs0 + L], capf, inv_capf, sc)
+            _seg_grad_softcap(gs, scale_v, gamma_v, w[c], sc, inv_capf, valid_v)
+        elif smoothing:
+            _seg_grad(gs, scale_v, gamma_v, w[c], valid_v)
+        else:
+            _seg_scale(gs, scale_v, valid_v)
+    for j in range(L):
+        if valid_v[j] != 0.0:
+            gb[np.int64(ts[j]), xs0 + j] -= beta_v[j]
+
+
+def _index_block(x, xn, xs0, L, t, tk, on, os0, w, opts, ignore_index, in_place, g, g_off,
+                 g_stride, grad, per_position, slot, ce_out, zl_out, hit_out, stats,
+                 prefetch_next):
+    """Class-index loss of the L positions whose logits are x[xn, :, xs0:xs0+L] (C-contiguous
+    3-D, positions contiguous) and targets t[on, os0:os0+L] (t: their bytes, tk per target, see
+    _seg_widen); every pass runs along contiguous segments of the L positions, which LLVM
+    vectorises.  opts: fastce.options.LossOptions (in_place: the caller's, grad is x).
+
+    per_position: ce/zl/hit_out[on, os0 + j] per
+    position; else their sums over the block in ce/zl/hit_out[0, slot] (a fixed partition: the
+    same numbers whatever the thread count).  stats (3, tasks), unless empty: the block's target
+    statistics into stats[:, slot] (the forward validates its targets here, instead of in a
+    pre-pass).  WANT_GRAD: the gradient into grad[xn, :, xs0:xs0+L];
+    g[(g_off + j) * g_stride] is the upstream gradient.  prefetch_next: hint the next block of
+    x (the next task of this thread) into L2 while this one computes its exps."""
+    C = x.shape[1]
+    S = x.shape[2]
+    want_grad = WANT_GRAD               # compile-time constants of the variant (see _variants)
+    has_cap = HAS_CAP
+    want_hit = opts.want_hits
+    xb = x[xn]
+    gb = grad[xn if want_grad else 0]
+    # The block's per-position vectors: one allocation in the logits' dtype, one in float64.
+    vx = np.empty((10, L), x.dtype)
+    m, ms, sc, ssum, swd = vx[0], vx[1], vx[2], vx[3], vx[4]
+    scale_v, gamma_v, valid_v, wt_v, st_v = vx[5], vx[6], vx[7], vx[8], vx[9]
+    v64 = np.empty((7, L))
+    lse_v, ce_v, zl_v, first, hit_v, beta_v = v64[0], v64[1], v64[2], v64[3], v64[4], v64[5]
+    ts = v64[6].view(np.int64)          # the widened targets
+    _seg_widen(t[on, os0 * tk:(os0 + L) * tk], tk, ts)
+    # Everything read from the logits by position (target logits, token hits) is read before
+    # pass 2 may overwrite them with the gradient (out=input).
+    nbad = _seg_targets_logits(ts, w, ignore_index, C, xb, xs0, valid_v, wt_v, st_v)
+    if stats.shape[1]:
+        _seg_stats(ts, ignore_index, C, valid_v, wt_v, nbad, stats, slot,
+                   on * (t.shape[1] // tk) + os0)
+    # Pass 1: per-position max over the classes.
+    _block_max(xb, xs0, m)
+    if has_cap:
+        capf = cast_like(opts.softcap, x)
+        inv_capf = cast_like(1.0 / opts.softcap, x)
+        _seg_softcap(m, capf, inv_capf, ms)
+        _seg_softcap(st_v, capf, inv_capf, st_v)
+    else:
+        ms = m
+    if want_hit:
+        _block_hits(xb, xs0, m, ts, valid_v, first, hit_v)
+    # Pass 2, prefetching the next block (this thread's next task) unless it is the last.
+    next_n, next_s0 = (xn, xs0 + L) if xs0 + L < S else (xn + 1, 0)
+    next_len = min(L, S - next_s0) if prefetch_next and next_n < x.shape[0] else 0
+    _block_exp_sums(xb, gb, xs0, w, opts, in_place, ms, ssum, swd, sc, x.reshape(-1),
+                    next_n * C * S + next_s0, next_len)
     # Per position: loss and z-loss (vectorised), then the block's sums or per-position values.
     if per_position:
         ce_v = ce_out[on, os0:os0 + L]
         zl_v = zl_out[on, os0:os0 + L]
-    elif zl == 0.0:
+    elif opts.z_loss == 0.0:
         zl_v = zl_v[:0]                 # the z-loss terms are all 0: skip them
-    _seg_index_loss(ms, ssum, st_v, wt_v, valid_v, swd, W, keep, smooth_c, zl, lse_v, ce_v,
-                    zl_v)
+    _seg_index_loss(ms, ssum, st_v, wt_v, valid_v, swd, opts.weight_sum, opts.keep,
+                    opts.smooth_c, opts.z_loss, lse_v, ce_v, zl_v)
     if per_position:
         if want_hit:
-            _seg_copy(f64[4], hit_out[on, os0:os0 + L])
+            _seg_copy(hit_v, hit_out[on, os0:os0 + L])
     else:
         ce_out[0, slot] = _seg_sum(ce_v)
         zl_out[0, slot] = _seg_sum(zl_v)
-        hit_out[0, slot] = _seg_sum(f64[4]) if want_hit else 0.0
+        hit_out[0, slot] = _seg_sum(hit_v) if want_hit else 0.0
     if want_grad:
-        # Coefficients in the logits' dtype: pass 3 then runs in float32 lanes for float32.
-        scale_v, gamma_v, beta_v = scratch[5], scratch[6], f64[5]
-        for j in range(L):
-            lse = lse_v[j]
-            alpha, beta, gamma = _index_grad_coefs(g[(g_off + j) * g_stride], lse,
-                                                   np.float64(wt_v[j]), W,
-                                                   keep, smooth_c, inv_D, z2)
-            scale = alpha / np.float64(ssum[j])
-            if lse != lse:
-                scale = lse
-            ok = valid_v[j] != 0.0
-            scale_v[j] = cast_like(scale if ok else 0.0, x)
-            gamma_v[j] = cast_like(gamma if ok else 0.0, x)
-            beta_v[j] = (beta * (_softcap_grad_factor(np.float64(st_v[j]), inv_cap)
-                                 if has_cap else 1.0)
-                         if ok else 0.0)
-        # Pass 3: the dense part of the gradient, then the one-hot part.
-        for c in range(C):
-            gs = grad[xn, c, xs0:xs0 + L]
-            if has_cap:
-                _seg_softcap(x[xn, c, xs0:xs0 + L], capf, inv_capf, sc)
-                _seg_grad_softcap(gs, scale_v, gamma_v, w[c], sc, inv_capf, valid_v)
-            elif smoothing:
-                _seg_grad(gs, scale_v, gamma_v, w[c], valid_v)
-            else:
-                _seg_scale(gs, scale_v, valid_v)
-        for j in range(L):
-            if valid_v[j] != 0.0:
-                grad[xn, np.int64(ts[j]), xs0 + j] -= beta_v[j]
+        _block_grad_coefs(opts, g, g_off, g_stride, lse_v, ssum, valid_v, wt_v, st_v, scale_v,
+                          gamma_v, beta_v)
+        _block_grad(xb, gb, xs0, ts, w, opts, scale_v, gamma_v, beta_v, valid_v, sc)
 
 
-def _index_strided(x, t, tk, w, prm, ignore_index, g, g_stride, grad, per_position,
+def _index_strided(x, t, tk, w, opts, ignore_index, g, g_stride, grad, per_position,
                    ce_out, zl_out, hit_out, stats):
     """Strided layout (N, C, S): task = BLOCK positions of one n."""
     N, C, S = x.shape
-    nblk = (S + BLOCK - 1) // BLOCK
+    nblk = blocks_per_row(S)
     for task in prange(N * nblk):
-        n = task // nblk
-        s0 = (task - n * nblk) * BLOCK
-        L = min(BLOCK, S - s0)
         # (np.int64: a prange index may be typed uint64 in the parallel loop's body but not
         # where the call is first typed, which would compile _index_block twice)
-        _index_block(x, n, s0, L, t, tk, n, s0, w, prm, ignore_index, prm[7] != 0.0, g,
-                     n * S + s0, g_stride, grad, per_position, np.int64(task), ce_out, zl_out,
-                     hit_out, stats, True)
+        slot = np.int64(task)
+        n, s0, L = block_bounds(slot, nblk, S)
+        _index_block(x, n, s0, L, t, tk, n, s0, w, opts, ignore_index, opts.in_place, g,
+                     n * S + s0, g_stride, grad, per_position, slot, ce_out, zl_out, hit_out,
+                     stats, True)
 
 
-def _index_rows_small(x, t, tk, w, prm, ignore_index, g, g_stride, grad, per_position,
+def _index_rows_small(x, t, tk, w, opts, ignore_index, g, g_stride, grad, per_position,
                       ce_out, zl_out, hit_out, stats):
     """Rows of few classes (C <= SMALL_C), x (N, C, 1), targets t (1, N): a task transposes
     BLOCK rows into a (1, C, BLOCK) scratch, so that the block code vectorises across rows."""
     N, C = x.shape[0], x.shape[1]
-    nblk = (N + BLOCK - 1) // BLOCK
+    nblk = blocks_per_row(N)
     for b in prange(nblk):
         bi = np.int64(b)        # (a prange index may be typed uint64: see _index_strided)
-        i0 = bi * BLOCK
-        L = min(BLOCK, N - i0)
+        _, i0, L = block_bounds(bi, nblk, N)
         xb = np.empty((1, C, L), x.dtype)
         for j in range(L):
             for c in range(C):
@@ -960,7 +1014,7 @@ def _index_rows_small(x, t, tk, w, prm, ignore_index, g, g_stride, grad, per_pos
         gb = np.empty((1, C, L) if wg else (1, 1, 1), x.dtype)
         # Literal arguments (0, False): _index_block is compiled for them (constant offsets, no
         # prefetch, never in place), faster on these small blocks than the strided kernel's.
-        _index_block(xb, 0, 0, L, t, tk, 0, i0, w, prm, ignore_index, False, g, i0,
+        _index_block(xb, 0, 0, L, t, tk, 0, i0, w, opts, ignore_index, False, g, i0,
                      g_stride, gb, per_position, bi, ce_out, zl_out, hit_out, stats, False)
         if wg:
             for j in range(L):
@@ -971,18 +1025,17 @@ def _index_rows_small(x, t, tk, w, prm, ignore_index, g, g_stride, grad, per_pos
 # ---------------------------------------------------------------------------------------------
 # Probability targets (one kernel for both layouts: blocks of the spatial axis, L = 1 for rows)
 # ---------------------------------------------------------------------------------------------
-def _prob_blocks(x, p, w, prm, g, g_stride, grad, ce_out, zl_out):
-    """prm = [keep, smooth_c, cap, inv_D, z2_inv_Dz, z_loss]."""
+def _prob_blocks(x, p, w, opts, g, g_stride, grad, ce_out, zl_out):
+    """opts: fastce.options.LossOptions (weight_sum, in_place and want_hits unused)."""
     N, C, S = x.shape
-    keep, smooth_c, cap, inv_D, z2, zl = prm[0], prm[1], prm[2], prm[3], prm[4], prm[5]
+    keep, smooth_c, cap = opts.keep, opts.smooth_c, opts.softcap
+    inv_D, z2, zl = opts.grad_scale, opts.z_grad, opts.z_loss
     want_grad = WANT_GRAD
     has_cap = HAS_CAP
     inv_cap = 1.0 / cap if has_cap else 0.0
-    nblk = (S + BLOCK - 1) // BLOCK
+    nblk = blocks_per_row(S)
     for task in prange(N * nblk):
-        n = task // nblk
-        s0 = (task - n * nblk) * BLOCK
-        L = min(BLOCK, S - s0)
+        n, s0, L = block_bounds(np.int64(task), nblk, S)
         xs = x[n, :, s0:s0 + L]
         ps = p[n, :, s0:s0 + L]
         capf = cast_like(cap, x)
@@ -995,9 +1048,8 @@ def _prob_blocks(x, p, w, prm, g, g_stride, grad, ce_out, zl_out):
         ms = np.empty_like(m)
         for j in range(L):
             ms[j] = softcap_fast(m[j], capf, inv_capf) if has_cap else m[j]
-        ssum = np.zeros(L)
-        A = np.zeros(L)
-        sqd = np.zeros(L)
+        acc = np.zeros((3, L))          # per position: sum of exps, of q, of q (max - s)
+        ssum, A, sqd = acc[0], acc[1], acc[2]
         for c in range(C):
             wc = np.float64(w[c])
             for j in range(L):
@@ -1037,13 +1089,21 @@ def _prob_blocks(x, p, w, prm, g, g_stride, grad, ce_out, zl_out):
 # log_softmax is (x - m) - log(sum), not x - lse: no cancellation when x is close to m.  Its
 # loops are compiled without 'reassoc', which would let LLVM fold them into x - (m + log(sum)).
 _NO_REASSOC = dict(fastmath=FASTMATH - {"reassoc"}, error_model="numpy")
-CHUNK = 16384                  # elements per task when few long rows are split (axis=None)
+# Elements per task when few long rows are split (axis=None): 64 KiB of float32, enough work
+# per task to hide the scheduling cost, small enough to split a 1M-class row 64 ways.
+CHUNK = 16384
 
 
 @njit(**_NO_REASSOC)
 def _row_sub2(row, a, b, out):
     for c in range(row.shape[0]):
         out[c] = (row[c] - a) - b
+
+
+@njit(**_INLINE)
+def _row_scale(row, f):
+    for c in range(row.shape[0]):
+        row[c] = row[c] * f
 
 
 @njit(**_NO_REASSOC)
@@ -1074,17 +1134,14 @@ def _softmax_rows(x, mode, out, lse_out):
             _row_sub2(row, m, cast_like(logs, row), out[i])
         elif mode == 2:
             o = out[i]
-            inv = cast_like(1.0 / np.float64(ssum) if finite else math.nan, row)
-            _row_grad(o, inv, inv, o, False)            # o *= inv
+            _row_scale(o, cast_like(1.0 / np.float64(ssum) if finite else math.nan, row))
 
 
 def _softmax_strided(x, mode, out, lse_out):
     N, C, S = x.shape
-    nblk = (S + BLOCK - 1) // BLOCK
+    nblk = blocks_per_row(S)
     for task in prange(N * nblk):
-        n = task // nblk
-        s0 = (task - n * nblk) * BLOCK
-        L = min(BLOCK, S - s0)
+        n, s0, L = block_bounds(np.int64(task), nblk, S)
         xs = x[n, :, s0:s0 + L]
         log2e = cast_like(LOG2E, x)
         m = xs[0].copy()
@@ -1180,16 +1237,23 @@ def _chunk_weighted(seg, bs):
     return m64, m64 - m64 if m64 != m64 else 0.0
 
 
+@register_jitable
+def _chunk_bounds(task, K, C):
+    """(i, k, c0, c1): task i * K + k of the split-row kernels is chunk k, classes c0:c1
+    (possibly empty), of row i."""
+    i = task // K
+    k = task - i * K
+    L = (C + K - 1) // K
+    c0 = min(C, k * L)
+    return i, k, c0, min(C, c0 + L)
+
+
 def _lse_chunks(x, b, has_b, K, pm, ps, pp):
     """pm, ps (N, K): max and sum of (b *) exp(x - max) of the K chunks of each row of x; pp:
     _seg_poisoned of each chunk (with b)."""
     N, C = x.shape
-    L = (C + K - 1) // K
     for task in prange(N * K):
-        i = task // K
-        k = task - i * K
-        c0 = min(C, k * L)
-        c1 = min(C, c0 + L)
+        i, k, c0, c1 = _chunk_bounds(np.int64(task), K, C)
         pp[i, k] = 0.0
         if c0 == c1:
             pm[i, k] = -math.inf
@@ -1250,12 +1314,8 @@ def _lse_combine(pm, ps, pp, signed, lse, sgn, mx, logs, inv):
 
 def _softmax_chunks_out(x, K, mode, mx, logs, inv, out):
     N, C = x.shape
-    L = (C + K - 1) // K
     for task in prange(N * K):
-        i = task // K
-        k = task - i * K
-        c0 = min(C, k * L)
-        c1 = min(C, c0 + L)
+        i, _, c0, c1 = _chunk_bounds(np.int64(task), K, C)
         if c0 == c1:
             continue
         seg = x[i, c0:c1]
@@ -1264,9 +1324,8 @@ def _softmax_chunks_out(x, K, mode, mx, logs, inv, out):
         if mode == 1:
             _row_sub2(seg, m, cast_like(logs[i], seg), o)
         else:
-            f = cast_like(inv[i], seg)
             _row_exp_sum_store(seg, m, cast_like(LOG2E, seg), o)
-            _row_grad(o, f, f, o, False)                # o *= 1 / sum
+            _row_scale(o, cast_like(inv[i], seg))        # o *= 1 / sum
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1318,8 +1377,12 @@ def _variants(fn, callees=None):
     return out
 
 
-# The block code (cached itself: the strided and small-rows kernels share its compilations).
-_BLOCK = {"_index_block": {key: njit(**_JIT)(f) for key, f in _variants(_index_block).items()}}
+# The block code (cached itself: the strided and small-rows kernels share its compilations),
+# and its passes that depend on the variant.
+_BLOCK_PASSES = {fn.__name__: {key: njit(**_INLINE)(f) for key, f in _variants(fn).items()}
+                 for fn in (_block_exp_sums, _block_grad_coefs, _block_grad)}
+_BLOCK = {"_index_block": {key: njit(**_JIT)(f)
+                           for key, f in _variants(_index_block, _BLOCK_PASSES).items()}}
 _KERNELS = {fn.__name__: _twins(fn) for fn in (_target_stats, _softmax_rows, _softmax_strided,
                                                 _lse_chunks, _lse_combine,
                                                 _softmax_chunks_out)}
@@ -1395,7 +1458,7 @@ def _sum_stats(part):
 
 
 def _n_blocks(tv):
-    return tv.shape[0] * -(-tv.shape[1] // BLOCK)
+    return tv.shape[0] * blocks_per_row(tv.shape[1])
 
 
 _BYTE_TARGETS = (np.dtype(np.int64), np.dtype(np.int32), np.dtype(np.uint8))
@@ -1437,13 +1500,12 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
     (N, C, S) when given.  fuse_stats: stats = target_stats(...) computed by the loss kernel
     itself (forward only: the gradient needs the mean's denominator first); when it finds a bad
     target the other outputs are meaningless (but no out-of-range read happened).  Else None."""
-    prm = legacy_index_vector(opts)
     N, C, S = x3.shape
     want = grad is not None
     gbuf = grad if want else np.empty((1, 1, 1), x3.dtype)
     work = x3.size
-    args = (w, prm, np.int64(ignore_index), g, np.int64(g_stride))
-    variant = (want, bool(prm[3] > 0.0))        # (gradient, softcap)
+    args = (w, opts, np.int64(ignore_index), g, np.int64(g_stride))
+    variant = (want, opts.softcap > 0.0)        # (gradient, softcap)
     if S == 1 and C > SMALL_C:
         # Rows: per-row outputs are small; the target statistics come from the pre-pass.
         stats = target_stats(t2, w, ignore_index, C) if fuse_stats else None
@@ -1469,15 +1531,14 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
 
 
 def prob_loss(x3, p3, w, opts, grad, g, g_stride):
-    prm = legacy_prob_vector(opts)
     N, C, S = x3.shape
     ce = np.empty((N, S))
-    lse = np.empty((N, S))
+    zl = np.empty((N, S))
     want = grad is not None
     gbuf = grad if want else np.empty((1, 1, 1), x3.dtype)
-    launch(("_prob_blocks", want, bool(prm[2] > 0.0)), x3.size, x3, p3, w, prm, g,
-           np.int64(g_stride), gbuf, ce, lse)
-    return ce, lse
+    launch(("_prob_blocks", want, opts.softcap > 0.0), x3.size, x3, p3, w, opts, g,
+           np.int64(g_stride), gbuf, ce, zl)
+    return ce, zl
 
 
 def _n_chunks(N, C):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-__all__ = ["LossOptions"]
+__all__ = ["LossOptions", "ShardOptions"]
 
 
 class LossOptions(NamedTuple):
@@ -37,13 +37,12 @@ class LossOptions(NamedTuple):
                    bool(want_hits))
 
 
-# TRANSITIONAL (removed once the kernels take the named fields): the old positional vectors.
-def legacy_index_vector(o):
-    import numpy as np
-    return np.array([o.keep, o.smooth_c, o.weight_sum, o.softcap, o.grad_scale, o.z_grad,
-                     o.z_loss, float(o.in_place), float(o.want_hits)])
-
-
-def legacy_prob_vector(o):
-    import numpy as np
-    return np.array([o.keep, o.smooth_c, o.softcap, o.grad_scale, o.z_grad, o.z_loss])
+class ShardOptions(NamedTuple):
+    """The options of ``fastce._shard_kernels`` (one class shard's statistics or gradient),
+    by name; q_c below is the weight of class c in the smoothing / probability sums."""
+    keep: float = 1.0            # 1 - eps, as in LossOptions
+    smooth_c: float = 0.0        # eps / C (C: all classes, not the shard's)
+    softcap: float = 0.0         # cap of cap * tanh(x / cap); 0 = off
+    is_prob: bool = False        # probability targets: q_c = w_c (keep p_c + smooth_c), else w_c
+    want_dev: bool = False       # statistics: the dev, qfin and qsum rows
+    want_argmax: bool = False    # statistics: the amax and argmax rows
