@@ -259,8 +259,264 @@ def _final(total, dn, g_unused=None, *, reduction, z_loss, dtype, what):
 
 
 # ---------------------------------------------------------------------------------------------
+# Shared by cross_entropy and linear_cross_entropy
+# ---------------------------------------------------------------------------------------------
+def _check_common(main, main_name, target, grad_output, *, reduction, label_smoothing, softcap,
+                  z_loss, ignore_index, want_grad):
+    """The checks both entry points make first; (eps, cap, z_loss, ignore_index) checked."""
+    per_position_grad = want_grad and reduction == "none" and grad_output is not None
+    _check_mixed(dict(target=target, **({"grad_output": grad_output}
+                                        if per_position_grad else {})))
+    eps, cap, zl = api.check_options(reduction, label_smoothing, softcap, z_loss)
+    ignore_index = api.check_ignore_index(ignore_index)
+    _check_float(main, main_name)
+    return eps, cap, zl, ignore_index
+
+
+def _compute_dtype(in_dtype):
+    # float16 chunks accumulate in float32, as the in-memory kernels do
+    return np.dtype(np.float32) if in_dtype == np.float16 else in_dtype
+
+
+def _split_grad(grad_output, *, reduction, want_grad, position_chunks, loss_shape=None):
+    """(per-position upstream gradient rechunked like the positions, scalar one); either None.
+    ``loss_shape``: checked against a per-position one when given."""
+    if not want_grad or grad_output is None:
+        return None, None
+    if reduction != "none":
+        return None, _scalar_grad(grad_output)
+    if loss_shape is not None and tuple(grad_output.shape) != loss_shape:
+        raise ValueError(f"fastce: with reduction='none', grad_output must have the "
+                         f"loss's shape {loss_shape}, got {tuple(grad_output.shape)}")
+    return grad_output.rechunk(position_chunks), None
+
+
+def _token_of(value):
+    """What identifies an argument in the graph token: a Dask array by its name."""
+    return value.name if is_dask_array(value) else value
+
+
+def _denominators(G, t, grid, wkey, *, C, ignore_index, dtype):
+    """Key of the whole batch's (weight sum, count): per target chunk, then a fixed tree."""
+    fn = partial(_block_denoms, C=C, ignore_index=ignore_index, dtype=dtype)
+    name = G.name("denoms")
+    for b in grid:
+        G.dsk[(name,) + b] = (fn, (t.name,) + b, wkey)
+    return _tree_of(G, name, grid, _sum_tuples, "denominators")
+
+
+def _project(G, what, res, grid, getter, *args, suffix=()):
+    """A new key per block: ``getter(result of block b, *args)``; the new name."""
+    name = G.name(what)
+    for b in grid:
+        G.dsk[(name,) + b + suffix] = (getter, (res,) + b) + args
+    return name
+
+
+def _tree_of(G, name, grid, combine, what):
+    return G.tree([(name,) + b for b in grid], combine, what)
+
+
+# ---------------------------------------------------------------------------------------------
 # cross_entropy / cross_entropy_with_grad / cross_entropy_backward
 # ---------------------------------------------------------------------------------------------
+class _Spec:
+    """What one cross_entropy call computes, checked; shared by the graph-building steps."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+        self.opts = dict(ignore_index=self.ignore_index, label_smoothing=self.eps,
+                         softcap=self.softcap, z_loss=self.zl, class_axis=self.axis)
+        # token accuracy is counted for class-index targets only (nan for probabilities)
+        self.want_hit = self.return_token_accuracy and self.kind == "index"
+        self.want_z_none = self.return_z_loss and self.reduction == "none"
+
+
+class _Blocks:
+    """The keys of position block ``b`` (x's block grid without the class axis) and of its
+    class chunk ``k``."""
+
+    def __init__(self, x, t, s, g_none, gkey):
+        self.x_name, self.t_name, self.axis, self.kind = x.name, t.name, s.axis, s.kind
+        self.g_none, self.gkey = g_none, gkey
+        self.grid = _grid(tuple(n for i, n in enumerate(x.numblocks) if i != s.axis))
+
+    def x(self, b, k):
+        return (self.x_name,) + b[:self.axis] + (k,) + b[self.axis:]
+
+    def t(self, b, k):
+        if self.kind == "index":
+            return (self.t_name,) + b
+        return (self.t_name,) + b[:self.axis] + (k,) + b[self.axis:]
+
+    def g(self, b):
+        return (self.g_none.name,) + b if self.g_none is not None else self.gkey
+
+
+def _positions(chunks, axis):
+    return tuple(c for i, c in enumerate(chunks) if i != axis)
+
+
+def _check_target(x, t, axis, loss_shape, ignore_index):
+    """(target kind "index" or "prob", the target rechunked to match x's chunks)."""
+    if np.dtype(t.dtype).kind == "b":
+        raise TypeError("fastce: target must hold integer class indices or float "
+                        "probabilities, got a bool array")
+    if np.dtype(t.dtype).kind == "f":
+        if tuple(t.shape) != tuple(x.shape):
+            raise ValueError(f"fastce: float targets are class probabilities and must have the "
+                             f"input's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+        if ignore_index >= 0:
+            raise ValueError("fastce: ignore_index is not supported with probability targets "
+                             "(as in torch, which accepts only a negative one)")
+        return "prob", t.rechunk(x.chunks)
+    if np.dtype(t.dtype).kind not in "iu":
+        raise TypeError(f"fastce: target must be an integer (class index) or float "
+                        f"(probability) array, got dtype {t.dtype}")
+    if tuple(t.shape) != loss_shape:
+        raise ValueError(f"fastce: class-index target must have shape {loss_shape} for "
+                         f"input of shape {tuple(x.shape)}, got {tuple(t.shape)}")
+    return "index", t.rechunk(_positions(x.chunks, axis))
+
+
+def _ce_spec(x, target, weight, grad_output, *, ignore_index, reduction, label_smoothing,
+             softcap, z_loss, class_axis, want_grad, **wants):
+    """Check the arguments (metadata only); (spec, target rechunked, g_none, g_scalar)."""
+    eps, cap, zl, ignore_index = _check_common(
+        x, "input", target, grad_output, reduction=reduction, label_smoothing=label_smoothing,
+        softcap=softcap, z_loss=z_loss, ignore_index=ignore_index, want_grad=want_grad)
+    if x.ndim == 0:
+        raise ValueError("fastce: input must have at least one dimension (the classes), got a "
+                         "0-d array")
+    axis = api._class_axis(x, class_axis)
+    _check_known(x, "input")
+    _check_known(target, "target")
+    C = int(x.shape[axis])
+    loss_shape = tuple(x.shape[:axis]) + tuple(x.shape[axis + 1:])
+    kind, t = _check_target(x, target, axis, loss_shape, ignore_index)
+    # a Dask weight's dtype is checked with its values; an in-memory one's here
+    if weight is not None and not (is_dask_array(weight) and weight.ndim == 1
+                                   and weight.shape[0] == C):
+        api.check_weight_meta(weight, C)
+    g_none, g_scalar = _split_grad(grad_output, reduction=reduction, want_grad=want_grad,
+                                   position_chunks=_positions(x.chunks, axis),
+                                   loss_shape=loss_shape)
+    s = _Spec(ignore_index=ignore_index, reduction=reduction, eps=eps, cap=cap,
+              softcap=softcap, zl=zl, axis=axis, C=C, kind=kind, loss_shape=loss_shape,
+              dtype=np.dtype(x.dtype), want_grad=want_grad, **wants)
+    return s, t, g_none, g_scalar
+
+
+def _ce_denominators(G, s, t, wkey):
+    if s.kind == "index":
+        return _denominators(G, t, _grid(t.numblocks), wkey, C=s.C,
+                             ignore_index=s.ignore_index, dtype=_compute_dtype(s.dtype))
+    # probability targets: every position counts once
+    n = float(math.prod(s.loss_shape))
+    dn = (G.name("denominators"),)
+    G.dsk[dn] = (n, n)
+    return dn
+
+
+def _whole_class_tasks(G, s, blocks, wkey, dn, res, grad_name):
+    """One chunk along the classes: each block runs the in-memory implementation."""
+    fn = partial(_block_whole, opts=s.opts, reduction=s.reduction, want_loss=s.want_loss,
+                 want_grad=s.want_grad, want_hit=s.want_hit, want_z=s.want_z_none,
+                 want_lse=s.return_lse)
+    for b in blocks.grid:
+        G.dsk[(res,) + b] = (fn, blocks.x(b, 0), blocks.t(b, 0), wkey, dn, blocks.g(b))
+        if s.want_grad:
+            G.dsk[(grad_name,) + blocks.x(b, 0)[1:]] = (operator.getitem, (res,) + b, "grad")
+
+
+def _class_chunk_tasks(G, s, x, blocks, wkey, dn, res, grad_name):
+    """Class chunks: mergeable statistics per chunk, merged per position block, finalized;
+    each chunk's gradient reads the merged statistics."""
+    nk = x.numblocks[s.axis]
+    ci = np.cumsum((0,) + x.chunks[s.axis])
+    sopts = {k: v for k, v in s.opts.items() if k != "z_loss"}
+    stats = [partial(_block_stats, c0=int(ci[k]), C=s.C, opts=sopts, argmax=s.want_hit)
+             for k in range(nk)]
+    grads = [partial(_block_shard_grad, c0=int(ci[k]), C=s.C, opts=s.opts,
+                     reduction=s.reduction) for k in range(nk)]
+    fin = partial(_block_finalize, ignore_index=s.ignore_index, z_loss=s.zl,
+                  reduction=s.reduction, want_hit=s.want_hit, want_z=s.want_z_none,
+                  want_lse=s.return_lse, dtype=s.dtype)
+    sname = G.name("stats")
+    for b in blocks.grid:
+        skeys = [(sname,) + b + (k,) for k in range(nk)]
+        for k in range(nk):
+            G.dsk[skeys[k]] = (stats[k], blocks.x(b, k), blocks.t(b, k), wkey)
+        merged = G.tree(skeys, _merge, "merge")
+        G.dsk[(res,) + b] = (fin, merged, blocks.t(b, 0) if s.kind == "index" else None,
+                             wkey)
+        if s.want_grad:
+            for k in range(nk):
+                G.dsk[(grad_name,) + blocks.x(b, k)[1:]] = (
+                    grads[k], blocks.x(b, k), blocks.t(b, k), merged, wkey, dn, blocks.g(b))
+
+
+def _ce_reduced(G, s, res, grid, dn):
+    """Keys of the 0-d results: the blocks' sums in a fixed tree, divided by the
+    denominators; {"loss", "z", "acc"} as wanted."""
+    out = {}
+    wants = {"loss": s.want_loss and s.reduction != "none",
+             "z": s.return_z_loss and not s.want_z_none, "acc": s.want_hit}
+    if any(wants.values()):
+        sums = _project(G, "sums", res, grid, operator.getitem, "sums")
+        total = _tree_of(G, sums, grid, _sum_tuples, "total")
+        fin = dict(reduction=s.reduction, z_loss=s.zl, dtype=s.dtype)
+        for what, name in (("loss", "loss"), ("z", "zloss"), ("acc", "acc")):
+            if wants[what]:
+                out[what] = G.name(name)
+                G.dsk[(out[what],)] = (partial(_final, what=what, **fin), total, dn)
+    if s.return_token_accuracy and not s.want_hit:    # probability targets: nan, as in memory
+        out["acc"] = G.name("acc")
+        G.dsk[(out["acc"],)] = (np.asarray, math.nan)
+    return out
+
+
+def _ce_outputs(G, s, res, grid, dn):
+    """Names of the result arrays' keys: per position block, or 0-d."""
+    out = {}
+    if s.want_loss and s.reduction == "none":
+        out["loss"] = _project(G, "loss", res, grid, operator.getitem, "per")
+    if s.return_lse:
+        out["lse"] = _project(G, "lse", res, grid, operator.getitem, "lse")
+    if s.want_z_none:
+        out["z"] = _project(G, "zloss", res, grid, operator.getitem, "z")
+    out.update(_ce_reduced(G, s, res, grid, dn))
+    return out
+
+
+def _ce_arrays(G, s, x, names, grad_name):
+    """The lazy results, all from the one graph."""
+    per_position = (_positions(x.chunks, s.axis), _meta(x, len(s.loss_shape), s.dtype))
+    scalar = ((), _meta(x, 0, s.dtype))
+    results = {}
+    if s.want_grad:
+        results["grad"] = G.array(grad_name, x.chunks, x._meta.astype(s.dtype), s.dtype)
+    for what in ("loss", "z"):
+        if what in names:
+            chunks, meta = per_position if s.reduction == "none" else scalar
+            results[what] = G.array(names[what], chunks, meta, s.dtype)
+    if "acc" in names:
+        results["acc"] = G.array(names["acc"], (), np.empty(()), np.float64)
+    if "lse" in names:
+        results["lse"] = G.array(names["lse"], *per_position, s.dtype)
+    return results
+
+
+def _ce_return(s, results):
+    if not s.want_loss:
+        return results["grad"]
+    loss = results["loss"]
+    if s.return_z_loss or s.return_token_accuracy or s.return_lse:
+        loss = api.CrossEntropyOutput(loss, results.get("z"), results.get("acc"),
+                                      results.get("lse"))
+    return (loss, results["grad"]) if s.want_grad else loss
+
+
 def cross_entropy(input, target, weight, grad_output, *, ignore_index, reduction,
                   label_smoothing, softcap, z_loss, class_axis, want_loss, want_grad,
                   return_z_loss=False, return_token_accuracy=False, return_lse=False, out=None):
@@ -268,196 +524,33 @@ def cross_entropy(input, target, weight, grad_output, *, ignore_index, reduction
     if out is not None:
         raise TypeError("fastce: out= is not supported for Dask arrays (the gradient is a new "
                         "Dask array chunked like the logits)")
-    x, t = input, target
+    x = input
     if not is_dask_array(x):
         raise TypeError(f"fastce: 'target' is a Dask array but 'input' is not "
                         f"({type(x).__name__}); pass both as Dask arrays")
     weight = _small(weight, "weight")
-    _check_mixed(dict(target=t, **({"grad_output": grad_output}
-                                   if (want_grad and reduction == "none"
-                                       and grad_output is not None) else {})))
-    eps, cap, zl = api.check_options(reduction, label_smoothing, softcap, z_loss)
-    ignore_index = api.check_ignore_index(ignore_index)
-    _check_float(x, "input")
-    if x.ndim == 0:
-        raise ValueError("fastce: input must have at least one dimension (the classes), got a "
-                         "0-d array")
-    axis = api._class_axis(x, class_axis)
-    _check_known(x, "input")
-    _check_known(t, "target")
-    C = int(x.shape[axis])
-    in_dtype = np.dtype(x.dtype)
-    cdt = np.dtype(np.float32) if in_dtype == np.float16 else in_dtype
-    loss_shape = tuple(x.shape[:axis]) + tuple(x.shape[axis + 1:])
-    kind = "prob" if np.dtype(t.dtype).kind == "f" else "index"
-    if np.dtype(t.dtype).kind == "b":
-        raise TypeError("fastce: target must hold integer class indices or float "
-                        "probabilities, got a bool array")
-    if kind == "prob":
-        if tuple(t.shape) != tuple(x.shape):
-            raise ValueError(f"fastce: float targets are class probabilities and must have the "
-                             f"input's shape {tuple(x.shape)}, got {tuple(t.shape)}")
-        if ignore_index >= 0:
-            raise ValueError("fastce: ignore_index is not supported with probability targets "
-                             "(as in torch, which accepts only a negative one)")
-        t = t.rechunk(x.chunks)
-    else:
-        if np.dtype(t.dtype).kind not in "iu":
-            raise TypeError(f"fastce: target must be an integer (class index) or float "
-                            f"(probability) array, got dtype {t.dtype}")
-        if tuple(t.shape) != loss_shape:
-            raise ValueError(f"fastce: class-index target must have shape {loss_shape} for "
-                             f"input of shape {tuple(x.shape)}, got {tuple(t.shape)}")
-        t = t.rechunk(tuple(c for i, c in enumerate(x.chunks) if i != axis))
-    if weight is not None and not is_dask_array(weight):
-        api.check_weight_meta(weight, C)
-    elif weight is not None and (weight.ndim != 1 or weight.shape[0] != C):
-        api.check_weight_meta(weight, C)
-    g_none = None
-    g_scalar = None
-    if want_grad and grad_output is not None:
-        if reduction == "none":
-            if tuple(grad_output.shape) != loss_shape:
-                raise ValueError(f"fastce: with reduction='none', grad_output must have the "
-                                 f"loss's shape {loss_shape}, got {tuple(grad_output.shape)}")
-            g_none = grad_output.rechunk(tuple(c for i, c in enumerate(x.chunks) if i != axis))
-        else:
-            g_scalar = _scalar_grad(grad_output)
-
-    G = _Graph(("ce", x.name, t.name, weight if not is_dask_array(weight) else weight.name,
-                ignore_index, reduction, eps, cap, zl, axis, want_loss, want_grad,
-                return_z_loss, return_token_accuracy, return_lse,
-                getattr(g_none, "name", None),
-                g_scalar.name if is_dask_array(g_scalar) else g_scalar))
+    s, t, g_none, g_scalar = _ce_spec(
+        x, target, weight, grad_output, ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss,
+        class_axis=class_axis, want_loss=want_loss, want_grad=want_grad,
+        return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
+        return_lse=return_lse)
+    G = _Graph(("ce", x.name, t.name, _token_of(weight), s.ignore_index, reduction, s.eps,
+                s.cap, s.zl, s.axis, want_loss, want_grad, return_z_loss,
+                return_token_accuracy, return_lse, _token_of(g_none), _token_of(g_scalar)))
     G.deps += [x, t]
     wkey = G.data(weight, "weight")
     gkey = G.grad_output(g_scalar, g_none)
-
-    # 1. denominators of the whole batch
-    tgrid = _grid(t.numblocks)
-    if kind == "index":
-        fn = partial(_block_denoms, C=C, ignore_index=ignore_index, dtype=cdt)
-        name = G.name("denoms")
-        keys = []
-        for b in tgrid:
-            G.dsk[(name,) + b] = (fn, (t.name,) + b, wkey)
-            keys.append((name,) + b)
-        dn = G.tree(keys, _sum_tuples, "denominators")
-    else:
-        n = float(math.prod(loss_shape))
-        dn = (G.name("denominators"),)
-        G.dsk[dn] = (n, n)
-
-    opts = dict(ignore_index=ignore_index, label_smoothing=eps, softcap=softcap, z_loss=zl,
-                class_axis=axis)
-    nk = x.numblocks[axis]
-    want_hit = return_token_accuracy and kind == "index"
-    want_z_none = return_z_loss and reduction == "none"
-    # positions blocks B: x's block grid without the class axis
-    pgrid = _grid(tuple(n for i, n in enumerate(x.numblocks) if i != axis))
-
-    def xkey(b, k):
-        return (x.name,) + b[:axis] + (k,) + b[axis:]
-
-    def tkey(b, k):
-        return (t.name,) + (b if kind == "index" else b[:axis] + (k,) + b[axis:])
-
-    def gk(b):
-        return (g_none.name,) + b if g_none is not None else gkey
-
+    dn = _ce_denominators(G, s, t, wkey)
+    blocks = _Blocks(x, t, s, g_none, gkey)
     res = G.name("chunk")
     grad_name = G.name("grad") if want_grad else None
-    if nk == 1:
-        fn = partial(_block_whole, opts=opts, reduction=reduction, want_loss=want_loss,
-                     want_grad=want_grad, want_hit=want_hit, want_z=want_z_none,
-                     want_lse=return_lse)
-        for b in pgrid:
-            G.dsk[(res,) + b] = (fn, xkey(b, 0), tkey(b, 0), wkey, dn, gk(b))
-            if want_grad:
-                G.dsk[(grad_name,) + xkey(b, 0)[1:]] = (operator.getitem, (res,) + b, "grad")
+    if x.numblocks[s.axis] == 1:
+        _whole_class_tasks(G, s, blocks, wkey, dn, res, grad_name)
     else:
-        ci = np.cumsum((0,) + x.chunks[axis])
-        sopts = dict(ignore_index=ignore_index, label_smoothing=eps, softcap=softcap,
-                     class_axis=axis)
-        sname = G.name("stats")
-        fin = partial(_block_finalize, ignore_index=ignore_index, z_loss=zl,
-                      reduction=reduction, want_hit=want_hit, want_z=want_z_none,
-                      want_lse=return_lse, dtype=in_dtype)
-        gfn = {}
-        for b in pgrid:
-            skeys = []
-            for k in range(nk):
-                fn = partial(_block_stats, c0=int(ci[k]), C=C, opts=sopts, argmax=want_hit)
-                G.dsk[(sname,) + b + (k,)] = (fn, xkey(b, k), tkey(b, k), wkey)
-                skeys.append((sname,) + b + (k,))
-            merged = G.tree(skeys, _merge, "merge")
-            G.dsk[(res,) + b] = (fin, merged, (t.name,) + b if kind == "index" else None,
-                                 wkey)
-            if want_grad:
-                for k in range(nk):
-                    if k not in gfn:
-                        gfn[k] = partial(_block_shard_grad, c0=int(ci[k]), C=C,
-                                         opts=dict(sopts, z_loss=zl), reduction=reduction)
-                    G.dsk[(grad_name,) + xkey(b, k)[1:]] = (gfn[k], xkey(b, k), tkey(b, k),
-                                                            merged, wkey, dn, gk(b))
-
-    tchunks = tuple(c for i, c in enumerate(x.chunks) if i != axis)
-    loss = zpart = acc = lse = None
-
-    def per_block(what, field):
-        name = G.name(what)
-        for b in pgrid:
-            G.dsk[(name,) + b] = (operator.getitem, (res,) + b, field)
-        return name
-
-    if want_loss and reduction == "none":
-        loss = per_block("loss", "per")
-    if return_lse:
-        lse = per_block("lse", "lse")
-    if want_z_none:
-        zpart = per_block("zloss", "z")
-    if (want_loss and reduction != "none") or want_hit or (return_z_loss and not want_z_none):
-        sums = per_block("sums", "sums")
-        total = G.tree([(sums,) + b for b in pgrid], _sum_tuples, "total")
-        fin = dict(reduction=reduction, z_loss=zl, dtype=in_dtype)
-        if want_loss and reduction != "none":
-            loss = G.name("loss")
-            G.dsk[(loss,)] = (partial(_final, what="loss", **fin), total, dn)
-        if return_z_loss and not want_z_none:
-            zpart = G.name("zloss")
-            G.dsk[(zpart,)] = (partial(_final, what="z", **fin), total, dn)
-        if want_hit:
-            acc = G.name("acc")
-            G.dsk[(acc,)] = (partial(_final, what="acc", **fin), total, dn)
-    if return_token_accuracy and not want_hit:        # probability targets: nan, as in memory
-        acc = G.name("acc")
-        G.dsk[(acc,)] = (np.asarray, math.nan)
-
-    # Build the arrays from one graph.
-    meta_loss = _meta(x, len(loss_shape), in_dtype)
-    results = {}
-    if want_grad:
-        results["grad"] = G.array(grad_name, x.chunks, x._meta.astype(in_dtype), in_dtype)
-    if loss is not None:
-        if reduction == "none":
-            results["loss"] = G.array(loss, tchunks, meta_loss, in_dtype)
-        else:
-            results["loss"] = G.array(loss, (), _meta(x, 0, in_dtype), in_dtype)
-    if zpart is not None:
-        results["z"] = G.array(zpart, tchunks if reduction == "none" else (),
-                               meta_loss if reduction == "none" else _meta(x, 0, in_dtype),
-                               in_dtype)
-    if acc is not None:
-        results["acc"] = G.array(acc, (), np.empty(()), np.float64)
-    if lse is not None:
-        results["lse"] = G.array(lse, tchunks, meta_loss, in_dtype)
-    if not want_loss:
-        return results["grad"]
-    lossv = results["loss"]
-    if return_z_loss or return_token_accuracy or return_lse:
-        lossv = api.CrossEntropyOutput(lossv, results.get("z"), results.get("acc"),
-                                       results.get("lse"))
-    return (lossv, results["grad"]) if want_grad else lossv
+        _class_chunk_tasks(G, s, x, blocks, wkey, dn, res, grad_name)
+    names = _ce_outputs(G, s, res, blocks.grid, dn)
+    return _ce_return(s, _ce_arrays(G, s, x, names, grad_name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,8 +569,61 @@ def _linear_final(total, dn, *, reduction, z_loss, dtype):
                   dtype=dtype, what="loss")
 
 
-def _first_or_sum(items, index):
-    return _sum_arrays([it[index] for it in items])
+def _check_linear_shapes(hidden, classifier, target):
+    if hidden.ndim != 2:
+        raise ValueError(f"fastce: hidden must be 2-D (N, H), got shape {tuple(hidden.shape)}")
+    _check_known(hidden, "hidden")
+    N, H = hidden.shape
+    if classifier.ndim != 2 or classifier.shape[1] != H:
+        raise ValueError(f"fastce: classifier must have shape (V, H={H}) for hidden of shape "
+                         f"{tuple(hidden.shape)}, got {tuple(classifier.shape)}")
+    if np.dtype(target.dtype).kind not in "iu":
+        raise TypeError("fastce: target must hold integer class indices")
+    if tuple(target.shape) != (N,):
+        raise ValueError(f"fastce: target must have shape (N,) = ({N},) for hidden of shape "
+                         f"{tuple(hidden.shape)}, got {tuple(target.shape)}")
+
+
+def _linear_loss(G, h, res, grid, dn, *, reduction, zl, want_grad):
+    """(name, chunks, meta) of the loss: per row chunk ("none"), or the row chunks' sums in a
+    fixed tree, divided by the denominators."""
+    dtype = np.dtype(h.dtype)
+    if reduction == "none":
+        name = _project(G, "loss", res, grid, _pick, want_grad, 0)
+        return name, (h.chunks[0],), _meta(h, 1, dtype)
+    sums = _project(G, "sums", res, grid, _pick, want_grad, 0)
+    total = _tree_of(G, sums, grid, _sum_tuples, "total")
+    name = G.name("loss")
+    G.dsk[(name,)] = (partial(_linear_final, reduction=reduction, z_loss=zl, dtype=dtype),
+                      total, dn)
+    return name, (), _meta(h, 0, dtype)
+
+
+def _summed_grad(G, res, grid, index, part, what, suffix):
+    """Name of one in-memory gradient (classifier, bias): the row chunks' parts summed in a
+    fixed tree, under a key of ``suffix``'s single block."""
+    parts = _project(G, part, res, grid, operator.getitem, index)
+    root = _tree_of(G, parts, grid, _sum_arrays, what)
+    name = G.name(what + "-out")
+    G.dsk[(name,) + suffix] = (_identity, root)
+    return name
+
+
+def _linear_grad_tasks(G, res, grid, has_bias):
+    """Names of the gradients' keys: hidden per row chunk; classifier and bias summed."""
+    ghn = _project(G, "grad-hidden", res, grid, operator.getitem, 1, suffix=(0,))
+    gcn = _summed_grad(G, res, grid, 2, "gc", "grad-classifier", (0, 0))
+    gbn = _summed_grad(G, res, grid, 3, "gb", "grad-bias", (0,)) if has_bias else None
+    return ghn, gcn, gbn
+
+
+def _linear_grad_arrays(G, h, V, names):
+    """The lazy gradients (hidden, classifier, bias or None)."""
+    ghn, gcn, gbn = names
+    H, dtype = h.shape[1], np.dtype(h.dtype)
+    return (G.array(ghn, h.chunks, _meta(h, 2, dtype), dtype),
+            G.array(gcn, ((V,), (H,)), _meta(h, 2, dtype), dtype),
+            G.array(gbn, ((V,),), _meta(h, 1, dtype), dtype) if gbn is not None else None)
 
 
 def linear_cross_entropy(hidden, classifier, target, bias, weight, grad_output, *,
@@ -488,101 +634,40 @@ def linear_cross_entropy(hidden, classifier, target, bias, weight, grad_output, 
     if not is_dask_array(hidden):
         raise TypeError("fastce: 'target' is a Dask array but 'hidden' is not; pass both as "
                         "Dask arrays")
-    _check_mixed(dict(target=target, **({"grad_output": grad_output}
-                                        if (want_grad and reduction == "none"
-                                            and grad_output is not None) else {})))
-    eps, cap, zl = api.check_options(reduction, label_smoothing, softcap, z_loss)
-    ignore_index = api.check_ignore_index(ignore_index)
-    _check_float(hidden, "hidden")
-    if hidden.ndim != 2:
-        raise ValueError(f"fastce: hidden must be 2-D (N, H), got shape {tuple(hidden.shape)}")
-    _check_known(hidden, "hidden")
-    classifier = _small(classifier, "classifier")
-    bias = _small(bias, "bias")
-    weight = _small(weight, "weight")
-    N, H = hidden.shape
-    if classifier.ndim != 2 or classifier.shape[1] != H:
-        raise ValueError(f"fastce: classifier must have shape (V, H={H}) for hidden of shape "
-                         f"{tuple(hidden.shape)}, got {tuple(classifier.shape)}")
-    V = int(classifier.shape[0])
-    if np.dtype(target.dtype).kind not in "iu":
-        raise TypeError("fastce: target must hold integer class indices")
-    if tuple(target.shape) != (N,):
-        raise ValueError(f"fastce: target must have shape (N,) = ({N},) for hidden of shape "
-                         f"{tuple(hidden.shape)}, got {tuple(target.shape)}")
+    eps, cap, zl, ignore_index = _check_common(
+        hidden, "hidden", target, grad_output, reduction=reduction,
+        label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss,
+        ignore_index=ignore_index, want_grad=want_grad)
+    classifier, bias, weight = (_small(v, n) for v, n in ((classifier, "classifier"),
+                                                          (bias, "bias"), (weight, "weight")))
+    _check_linear_shapes(hidden, classifier, target)
+    V, H = int(classifier.shape[0]), hidden.shape[1]
     h = hidden.rechunk((hidden.chunks[0], (H,)))
     t = target.rechunk((h.chunks[0],))
-    in_dtype = np.dtype(hidden.dtype)
-    cdt = np.dtype(np.float32) if in_dtype == np.float16 else in_dtype
-    g_none = g_scalar = None
-    if want_grad and grad_output is not None:
-        if reduction == "none":
-            g_none = grad_output.rechunk((h.chunks[0],))
-        else:
-            g_scalar = _scalar_grad(grad_output)
-    G = _Graph(("lin", h.name, t.name, classifier if not is_dask_array(classifier)
-                else classifier.name, bias if not is_dask_array(bias) else bias.name,
-                weight if not is_dask_array(weight) else weight.name, ignore_index,
-                reduction, eps, cap, zl, chunk_size, want_grad, getattr(g_none, "name", None),
-                g_scalar.name if is_dask_array(g_scalar) else g_scalar))
+    g_none, g_scalar = _split_grad(grad_output, reduction=reduction, want_grad=want_grad,
+                                   position_chunks=(h.chunks[0],))
+    G = _Graph(("lin", h.name, t.name, _token_of(classifier), _token_of(bias),
+                _token_of(weight), ignore_index, reduction, eps, cap, zl, chunk_size,
+                want_grad, _token_of(g_none), _token_of(g_scalar)))
     G.deps += [h, t]
-    ckey = G.data(classifier, "classifier")
-    bkey = G.data(bias, "bias")
-    wkey = G.data(weight, "weight")
+    ckey, bkey, wkey = (G.data(v, n) for v, n in ((classifier, "classifier"), (bias, "bias"),
+                                                  (weight, "weight")))
     gkey = G.grad_output(g_scalar, g_none)
-    nb = h.numblocks[0]
-    fn = partial(_block_denoms, C=V, ignore_index=ignore_index, dtype=cdt)
-    name = G.name("denoms")
-    for i in range(nb):
-        G.dsk[(name, i)] = (fn, (t.name, i), wkey)
-    dn = G.tree([(name, i) for i in range(nb)], _sum_tuples, "denominators")
-    opts = dict(ignore_index=ignore_index, label_smoothing=eps, softcap=softcap, z_loss=zl,
-                chunk_size=chunk_size)
+    grid = _grid(h.numblocks[:1])
+    dn = _denominators(G, t, grid, wkey, C=V, ignore_index=ignore_index,
+                       dtype=_compute_dtype(np.dtype(h.dtype)))
     res = G.name("chunk")
-    fn = partial(_block_linear, opts=opts, reduction=reduction, want_grad=want_grad)
-    for i in range(nb):
-        gk = (g_none.name, i) if g_none is not None else gkey
-        G.dsk[(res, i)] = (fn, (h.name, i, 0), (t.name, i), ckey, bkey, wkey, dn, gk)
-    results = {}
-    if reduction == "none":
-        lname = G.name("loss")
-        for i in range(nb):
-            G.dsk[(lname, i)] = (_pick, (res, i), want_grad, 0)
-        loss_name, loss_chunks, loss_meta = lname, (h.chunks[0],), _meta(h, 1, in_dtype)
-    else:
-        sums = G.name("sums")
-        for i in range(nb):
-            G.dsk[(sums, i)] = (_pick, (res, i), want_grad, 0)
-        total = G.tree([(sums, i) for i in range(nb)], _sum_tuples, "total")
-        loss_name = G.name("loss")
-        G.dsk[(loss_name,)] = (partial(_linear_final, reduction=reduction, z_loss=zl,
-                                       dtype=in_dtype), total, dn)
-        loss_chunks, loss_meta = (), _meta(h, 0, in_dtype)
-    if want_grad:
-        ghn = G.name("grad-hidden")
-        for i in range(nb):
-            G.dsk[(ghn, i, 0)] = (operator.getitem, (res, i), 1)
-        gcs = G.name("gc")
-        for i in range(nb):
-            G.dsk[(gcs, i)] = (operator.getitem, (res, i), 2)
-        gc_root = G.tree([(gcs, i) for i in range(nb)], _sum_arrays, "grad-classifier")
-        gcn = G.name("grad-classifier-out")
-        G.dsk[(gcn, 0, 0)] = (_identity, gc_root)
-        gbn = None
-        if bias is not None:
-            gbs = G.name("gb")
-            for i in range(nb):
-                G.dsk[(gbs, i)] = (operator.getitem, (res, i), 3)
-            gb_root = G.tree([(gbs, i) for i in range(nb)], _sum_arrays, "grad-bias")
-            gbn = G.name("grad-bias-out")
-            G.dsk[(gbn, 0)] = (_identity, gb_root)
-    results["loss"] = G.array(loss_name, loss_chunks, loss_meta, in_dtype)
-    if not want_grad:
-        return results["loss"]
-    gh = G.array(ghn, h.chunks, _meta(h, 2, in_dtype), in_dtype)
-    gc = G.array(gcn, ((V,), (H,)), _meta(h, 2, in_dtype), in_dtype)
-    gb = G.array(gbn, ((V,),), _meta(h, 1, in_dtype), in_dtype) if gbn is not None else None
-    return results["loss"], gh, gc, gb
+    fn = partial(_block_linear, opts=dict(ignore_index=ignore_index, label_smoothing=eps,
+                                          softcap=softcap, z_loss=zl, chunk_size=chunk_size),
+                 reduction=reduction, want_grad=want_grad)
+    for b in grid:
+        gk = (g_none.name,) + b if g_none is not None else gkey
+        G.dsk[(res,) + b] = (fn, (h.name,) + b + (0,), (t.name,) + b, ckey, bkey, wkey, dn, gk)
+    loss = _linear_loss(G, h, res, grid, dn, reduction=reduction, zl=zl, want_grad=want_grad)
+    grads = _linear_grad_tasks(G, res, grid, bias is not None) if want_grad else None
+    # the arrays are made once every task is in the graph
+    loss = G.array(*loss, np.dtype(h.dtype))
+    return (loss,) + _linear_grad_arrays(G, h, V, grads) if want_grad else loss
 
 
 def _pick(r, want_grad, i):
