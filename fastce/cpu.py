@@ -1053,7 +1053,9 @@ def _prob_blocks(x, p, w, opts, g, g_stride, grad, ce_out, zl_out):
         for c in range(C):
             wc = np.float64(w[c])
             for j in range(L):
-                s = softcap_fast(xs[c, j], capf, inv_capf) if has_cap else np.float64(xs[c, j])
+                # s in the logits' dtype: a float64 s would make float32 exps float64 ones
+                # (half the vector lanes, the longer polynomial)
+                s = softcap_fast(xs[c, j], capf, inv_capf) if has_cap else xs[c, j]
                 e = exp2_exact_call((s - ms[j]) * log2e)
                 ssum[j] += e
                 q = _prob_weight(np.float64(ps[c, j]), wc, keep, smooth_c)

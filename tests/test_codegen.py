@@ -1,5 +1,6 @@
-"""Codegen regression: the exp loops of the rows forward kernel compile to packed vector code on
-AVX2 (``haswell``) and AVX-512 (``skylake-avx512``) alike.
+"""Codegen regression: the exp loops of the forward kernels (rows, small-C rows, strided blocks,
+probability targets) compile to packed vector code in the data's precision on AVX2 (``haswell``)
+and AVX-512 (``skylake-avx512``) alike.
 
 Whether LLVM vectorises a loop depends on the kernel's structure and on its cost model, and a
 loop that falls back to scalar code still gives the right answers, only 4-8x slower.  So each
@@ -25,21 +26,29 @@ ROOT = Path(__file__).resolve().parents[1]
 # the named CPU this host's features (AVX-512 code under the name haswell).
 TARGETS = {"haswell": ("ymm",), "skylake-avx512": ("ymm", "zmm")}
 
-# Compiles the rows forward kernel through the public API (whatever its argument list) and
-# prints {dtype: assembly} of the parallel forward variant.
+# Compiles the forward kernel of each layout through the public API (whatever their argument
+# lists) and prints {kernel: {dtype: assembly}} of their parallel forward variants.
 _SCRIPT = r"""
 import json, sys
 import numpy as np
 import fastce
 from fastce import cpu
+rng = np.random.default_rng(0)
 out = {}
 for dt in ("float32", "float64"):
-    x = np.random.default_rng(0).standard_normal((64, 2048)).astype(dt)  # parallel twin
-    fastce.cross_entropy(x, np.arange(64) % 2048)
-    disp = cpu._KERNELS[("_index_rows", False, False)][1]
-    sig = [s for s in disp.signatures if str(s[0].dtype) == dt]
-    assert len(sig) == 1, disp.signatures
-    out[dt] = disp.inspect_asm(sig[0])
+    rows = rng.standard_normal((64, 2048)).astype(dt)               # parallel twins: big enough
+    probs = rng.random((64, 2048)).astype(dt)
+    fastce.cross_entropy(rows, np.arange(64) % 2048)                 # _index_rows
+    fastce.cross_entropy(rows, probs / probs.sum(1, keepdims=True))  # _prob_blocks
+    fastce.cross_entropy(rng.standard_normal((2, 21, 64, 64)).astype(dt),
+                         rng.integers(0, 21, (2, 64, 64)))           # _index_strided
+    fastce.cross_entropy(rng.standard_normal((8192, 10)).astype(dt),
+                         rng.integers(0, 10, 8192))                  # _index_rows_small
+    for name in ("_index_rows", "_prob_blocks", "_index_strided", "_index_rows_small"):
+        disp = cpu._KERNELS[(name, False, False)][1]
+        sig = [s for s in disp.signatures if str(s[0].dtype) == dt]
+        assert len(sig) == 1, (name, disp.signatures)
+        out.setdefault(name, {})[dt] = disp.inspect_asm(sig[0])
 json.dump(out, sys.stdout)
 """
 
@@ -128,11 +137,19 @@ def test_checker_accepts_packed_and_rejects_scalar_code():
 # The kernels
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cpu_name", list(TARGETS))
-def test_rows_forward_exp_loops_are_packed(cpu_name, tmp_path):
-    asm = _asm(cpu_name, tmp_path)
-    regs = TARGETS[cpu_name]
-    if cpu_name == "haswell":       # AVX2 code: no AVX-512 register anywhere
-        assert not any("zmm" in a for a in asm.values())
-    for dtype, text in asm.items():
-        why = exp_loops_vectorised(text, dtype, regs)
-        assert why == "", f"{cpu_name} {dtype}: {why}"
+def test_forward_exp_loops_are_packed(cpu_name, tmp_path):
+    kernels = _asm(cpu_name, tmp_path)
+    assert sorted(kernels) == ["_index_rows", "_index_rows_small", "_index_strided",
+                               "_prob_blocks"]
+    for kernel, asm in kernels.items():
+        if cpu_name == "haswell":       # AVX2 code: no AVX-512 register anywhere
+            assert not any("zmm" in a for a in asm.values()), kernel
+        for dtype, text in asm.items():
+            regs = TARGETS[cpu_name]
+            if kernel == "_prob_blocks" and dtype == "float32":
+                # Its loop mixes the float32 exps with float64 sums of the probabilities, so
+                # LLVM picks 4 lanes (xmm for float32): packed in the data's precision, but
+                # half a ymm register -- the next step is to split that loop in two passes.
+                regs = ("xmm",) + regs
+            why = exp_loops_vectorised(text, dtype, regs)
+            assert why == "", f"{cpu_name} {kernel} {dtype}: {why}"
