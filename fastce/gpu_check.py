@@ -1,33 +1,38 @@
-"""Check and benchmark fastce's GPU backend on a real GPU machine.
+"""Check and benchmark fastce's GPU backend on a real GPU machine, within a time budget.
 
-    python -m fastce.gpu_check --out DIR            # tests + benchmarks, report in DIR
+    python -m fastce.gpu_check --out DIR            # full run (default deadline 300 s wall)
     python -m fastce.gpu_check --out DIR --quick    # tiny shapes (also runs under the simulator)
     python -m fastce.gpu_check --ptx                # only: compile every kernel to PTX (no GPU)
 
-Steps: (1) ``pytest -m gpu`` plus the GPU-backend tests with CuPy arrays, logged to
-DIR/pytest_gpu.log; (2) fastce's loss (forward) and loss+grad against torch CUDA
-``F.cross_entropy`` (forward; forward+backward) on (4096, 32000) and (8192, 128256) float32 and
-float16 and (8, 21, 512, 512) float32, with the device copy bandwidth (a CuPy copy) measured in
-the same run; DIR/gpu_benchmark.md gets the times, ratios, GB/s, % of copy bandwidth and the GPU
-name.  Without a GPU it says so and exits 0 (2 with ``--require-gpu``).
+Writes, as it goes (a run cut short keeps what it measured):
+- DIR/preflight.json: versions, GPU name, one trivial launch, whether NVVM and NVRTC load;
+- DIR/bench.jsonl: one line per case: fastce forward and loss+grad against torch CUDA eager
+  (forward; forward+backward) and Liger-Kernel's cross entropy where importable, CUDA-event
+  medians, GB/s at the ideal byte count (forward: logits read once; loss+grad: read once and
+  the gradient written once) against the read and copy bandwidth measured in the same run;
+- DIR/parity.jsonl: per case, the device results against the float64 spec on whole rows of the
+  first positions, and whether two runs are bitwise equal (a (40000, 65536) float16 case checks
+  N*C > 2^31);
+- DIR/pytest_gpu.log + DIR/junit.xml: the GPU cases of the kernel tests, one pytest subprocess
+  with the time that is left;
+- DIR/summary.md: the tables.
+Without a GPU it says so and exits 0 (2 with ``--require-gpu``).  No package is installed on
+the GPU machine: bring pytest, hypothesis (and liger-kernel) in a ``pip install --target`` folder
+on PYTHONPATH.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
-
-FULL_CASES = [((4096, 32000), "float32"), ((4096, 32000), "float16"),
-              ((8192, 128256), "float32"), ((8192, 128256), "float16"),
-              ((8, 21, 512, 512), "float32")]
-QUICK_CASES = [((4, 40), "float32"), ((4, 40), "float16"), ((1, 3, 4, 4), "float32")]
-
 
 class NoCompiler(RuntimeError):
     """NVVM (the CUDA compiler library) is not available."""
@@ -101,6 +106,11 @@ def compile_ptx_all(cc=(8, 0)):
         cuda.compile_ptx(gpu._k_lse_sign.py_func, (arr(f8, 1), arr(f8, 1)), cc=cc)
         n += 2
         return n
+    except Exception as e:
+        # float16 kernels link CUDA's fp16 headers through NVRTC
+        if "nvrtc" in f"{type(e).__name__} {e}".lower():
+            raise NoCompiler(f"NVRTC is not available: {e}") from None
+        raise
     finally:
         disp.get_current_device = saved
 
@@ -167,93 +177,278 @@ def _device_array(cupy, a):
     return cuda.to_device(a)
 
 
-def _copy_bandwidth(cupy, timer, nbytes, repeat):
-    """GB/s of a device-to-device copy (read + write bytes) of an nbytes buffer."""
+def _bandwidths(cupy, timer, nbytes, repeat):
+    """(copy GB/s counting read + write, read GB/s of a sum) over an nbytes buffer: the
+    device's own limits, measured in the same run as the kernels they are compared with."""
     if cupy is None:
-        return float("nan")
-    src = cupy.empty(nbytes // 4, dtype=np.float32)
-    src.fill(1.0)
+        return float("nan"), float("nan")
+    src = cupy.ones(nbytes // 4, dtype=np.float32)
     dst = cupy.empty_like(src)
-    t = timer(lambda: cupy.copyto(dst, src), repeat)
-    return 2 * src.nbytes / t / 1e9
+    t_copy = timer(lambda: cupy.copyto(dst, src), repeat)
+    t_read = timer(lambda: src.sum(), repeat)
+    del dst
+    return 2 * src.nbytes / t_copy / 1e9, src.nbytes / t_read / 1e9
 
 
-def benchmark(cupy, torch, quick, log):
-    """Rows of the report: one per (case, mode)."""
+# ---------------------------------------------------------------------------------------------
+# Cases: one JSON line each in bench.jsonl and parity.jsonl, flushed as it is measured
+# ---------------------------------------------------------------------------------------------
+class Case(NamedTuple):
+    shape: tuple
+    dtype: str
+    weights: bool = False       # random class weights
+    ignored: float = 0.0        # fraction of targets set to ignore_index
+    timed: bool = True          # False: parity and repeatability only (huge problems)
+
+    @property
+    def name(self):
+        extra = (" weights" if self.weights else "") + (
+            f" {self.ignored:.0%} ignored" if self.ignored else "")
+        return f"{self.shape} {self.dtype}{extra}"
+
+
+FULL_CASES = [Case((4096, 32000), "float32"), Case((4096, 32000), "float16"),
+              Case((4096, 32000), "bfloat16"),
+              Case((8192, 128256), "float32"), Case((8192, 128256), "float16"),
+              Case((8192, 128256), "bfloat16"),
+              Case((8, 21, 512, 512), "float32", weights=True, ignored=0.1),
+              # N*C > 2^31: 64-bit offsets
+              Case((40000, 65536), "float16", timed=False)]
+QUICK_CASES = [Case((4, 40), "float32"), Case((4, 40), "float16"),
+               Case((1, 3, 4, 4), "float32", weights=True, ignored=0.25)]
+PARITY_ROWS = 64        # positions compared with the float64 spec (the whole row each)
+
+
+def _inputs(cupy, case, seed=0):
+    """Device logits, targets (ignore_index -100) and weights (or None) of a case."""
+    shape, C = case.shape, case.shape[1]
+    tshape = (shape[0],) + tuple(shape[2:])
+    rng = np.random.default_rng(seed)
+    if cupy is not None:
+        cupy.random.seed(seed)
+        x32 = cupy.random.standard_normal(shape, dtype=np.float32) * 3
+        t = cupy.random.randint(0, C, tshape).astype(np.int64)
+        if case.ignored:
+            t[cupy.random.random(tshape) < case.ignored] = -100
+        x = _device_cast(cupy, x32, case.dtype)
+        w = cupy.asarray(rng.random(C) + 0.5, dtype=np.float32) if case.weights else None
+        return x, t, w
+    from numba import cuda
+    x = (rng.standard_normal(shape) * 3).astype(case.dtype)
+    t = rng.integers(0, C, tshape)
+    if case.ignored:
+        t[rng.random(tshape) < case.ignored] = -100
+    w = (rng.random(C) + 0.5).astype(case.dtype) if case.weights else None
+    return cuda.to_device(x), cuda.to_device(t), (None if w is None else cuda.to_device(w))
+
+
+def _device_cast(cupy, x32, dtype):
+    if dtype != "bfloat16":
+        return x32.astype(dtype)
+    # No bfloat16 in CuPy: a torch bf16 tensor is what users hand over.
+    import torch
+    return torch.as_tensor(x32, device="cuda").to(torch.bfloat16)
+
+
+def _to_host(a):
+    """float64 NumPy copy of a CuPy / Numba / torch device array."""
+    if hasattr(a, "detach"):
+        return a.detach().float().cpu().numpy().astype(np.float64)
+    if hasattr(a, "copy_to_host"):
+        return np.asarray(a.copy_to_host(), dtype=np.float64)
+    import cupy
+    return cupy.asnumpy(a).astype(np.float64)
+
+
+def parity(x, t, w, case):
+    """fastce on the device vs the float64 spec on the first PARITY_ROWS positions (loss per
+    position and the 'sum' gradient depend on their own position only), plus repeatability:
+    two runs of the mean loss and the gradient bitwise equal."""
     import fastce
-    timer = _timer(cupy)
-    repeat = 1 if quick else 20
-    cases = QUICK_CASES if quick else FULL_CASES
-    rng = np.random.default_rng(0)
-    rows = []
-    biggest = 0
-    for shape, dtname in cases:
-        dtype = np.dtype(dtname)
-        C = shape[1]
-        tshape = (shape[0],) + tuple(shape[2:])
-        log(f"case {shape} {dtname}")
-        if cupy is not None:
-            x = (cupy.random.standard_normal(shape, dtype=np.float32) * 3).astype(dtype)
-            t = cupy.random.randint(0, C, tshape).astype(np.int64)
-        else:
-            x = _device_array(None, (rng.standard_normal(shape) * 3).astype(dtype))
-            t = _device_array(None, rng.integers(0, C, tshape))
-        nbytes_x = math.prod(shape) * dtype.itemsize
-        biggest = max(biggest, nbytes_x)
-
-        def fwd():
-            return fastce.cross_entropy(x, t)
-
-        def fwd_bwd():
-            return fastce.cross_entropy_with_grad(x, t)
-
-        results = {"fwd": timer(fwd, repeat), "fwd+bwd": timer(fwd_bwd, repeat)}
-        torch_t = {}
-        if torch is not None:
-            import torch.nn.functional as F
-            xt = torch.as_tensor(x, device="cuda")
-            tt = torch.as_tensor(t, device="cuda")
-            with torch.no_grad():
-                torch_t["fwd"] = timer(lambda: F.cross_entropy(xt, tt), repeat)
-            xg = xt.clone().requires_grad_(True)
-
-            def torch_fb():
-                xg.grad = None
-                F.cross_entropy(xg, tt).backward()
-            torch_t["fwd+bwd"] = timer(torch_fb, repeat)
-        for mode, sec in results.items():
-            # Bytes moved at the minimum: read logits (+ targets); with grad also write it.
-            moved = nbytes_x + (nbytes_x if mode == "fwd+bwd" else 0)
-            if mode == "fwd+bwd":
-                moved += nbytes_x       # the second read of the logits for the gradient
-            rows.append(dict(shape=shape, dtype=dtname, mode=mode, fastce=sec,
-                             torch=torch_t.get(mode, float("nan")), moved=moved))
-        del x, t
-    bw = _copy_bandwidth(cupy, timer, max(biggest, 1 << 20), repeat)
-    return rows, bw
+    from . import spec
+    per = fastce.cross_entropy(x, t, w, reduction="none")
+    loss_a, grad_a = fastce.cross_entropy_with_grad(x, t, w, reduction="sum")
+    loss_b, grad_b = fastce.cross_entropy_with_grad(x, t, w, reduction="sum")
+    n = min(PARITY_ROWS, case.shape[0])
+    if len(case.shape) == 2:
+        xs, ts, got_l, got_g = x[:n], t[:n], per[:n], grad_a[:n]
+    else:                       # strided: the first image's positions
+        xs, ts, got_l, got_g = x[:1], t[:1], per[:1], grad_a[:1]
+    xh, th = _to_host(xs), _to_host(ts).astype(np.int64)
+    wh = None if w is None else _to_host(w)
+    N, C = xh.shape[0], xh.shape[1]
+    x3, t2 = xh.reshape(N, C, -1), th.reshape(N, -1)
+    want_l = spec.cross_entropy(x3, t2, wh, reduction="none").reshape(_to_host(got_l).shape)
+    _, want_g = spec.cross_entropy_with_grad(x3, t2, wh, reduction="sum")
+    gl, gg = _to_host(got_l), _to_host(got_g).reshape(want_g.shape)
+    scale = max(1e-2, float(np.abs(want_g).max()))
+    return dict(loss_max_rel=float(np.max(np.abs(gl - want_l) / np.maximum(np.abs(want_l), 1e-30))),
+                grad_max_abs_over_max=float(np.max(np.abs(gg - want_g)) / scale),
+                repeat_bitwise=bool(_to_host(loss_a) == _to_host(loss_b)
+                                    and np.array_equal(_to_host(grad_a), _to_host(grad_b))),
+                positions=int(np.size(want_l)))
 
 
-def write_report(path, rows, bw, gpu_name, quick, notes):
-    lines = [f"# fastce GPU benchmark ({'quick' if quick else 'full'})", "",
-             f"- GPU: {gpu_name}", f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-             f"- device copy bandwidth (CuPy copy, read+write): "
-             f"{'n/a' if math.isnan(bw) else f'{bw:.0f} GB/s'}", ""]
-    lines += [f"- {n}" for n in notes]
-    lines += ["", "Times are medians (CUDA events); GB/s counts the bytes fastce must move (logits "
-              "read once for the loss, twice plus the gradient write for loss+grad).", "",
-              "| shape | dtype | mode | fastce ms | torch ms | fastce/torch | fastce GB/s | "
-              "% of copy BW |", "|---|---|---|---|---|---|---|---|"]
+def _liger():
+    """Liger-Kernel's cross entropy (input, target) -> loss, or None when not importable."""
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy
+    except Exception:
+        return None
+    return liger_cross_entropy
+
+
+def _torch_times(torch, timer, x, t, w, repeat):
+    """Eager torch (and Liger's CE where importable) fwd / fwd+bwd on the same data."""
+    import torch.nn.functional as F
+    xt = x if hasattr(x, "detach") else torch.as_tensor(x, device="cuda")
+    tt, wt = torch.as_tensor(t, device="cuda"), (None if w is None else
+                                                 torch.as_tensor(w, device="cuda").to(xt.dtype))
+    xg = xt.detach().clone().requires_grad_(True)
+    out = {}
+    with torch.no_grad():
+        out["torch fwd"] = timer(lambda: F.cross_entropy(xt, tt, wt), repeat)
+
+    def fwd_bwd(loss_fn):
+        def run():
+            xg.grad = None
+            loss_fn(xg, tt).backward()
+        return run
+    out["torch fwd+bwd"] = timer(fwd_bwd(lambda a, b: F.cross_entropy(a, b, wt)), repeat)
+    liger = _liger()
+    if liger is not None and xt.ndim == 2 and wt is None:
+        out["liger fwd+bwd"] = timer(fwd_bwd(liger), repeat)
+    return out
+
+
+def run_case(cupy, torch, case, timer, repeat, bw):
+    """(bench row, parity row) of one case; errors are recorded in the rows, not raised."""
+    import fastce
+    row = dict(case=case.name, shape=list(case.shape), dtype=case.dtype)
+    try:
+        x, t, w = _inputs(cupy, case)
+    except Exception as e:
+        return dict(row, error=f"inputs: {type(e).__name__}: {e}"), None
+    try:
+        par = dict(row, **parity(x, t, w, case))
+    except Exception as e:
+        par = dict(row, error=f"{type(e).__name__}: {e}")
+    if not case.timed:
+        return None, par
+    itemsize = 2 if case.dtype == "bfloat16" else np.dtype(case.dtype).itemsize
+    nbytes = math.prod(case.shape) * itemsize
+    try:
+        row["fastce fwd"] = timer(lambda: fastce.cross_entropy(x, t, w), repeat)
+        row["fastce fwd+bwd"] = timer(lambda: fastce.cross_entropy_with_grad(x, t, w), repeat)
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {e}"
+    if torch is not None:
+        try:
+            row.update(_torch_times(torch, timer, x, t, w, repeat))
+        except Exception as e:
+            row["torch error"] = f"{type(e).__name__}: {e}"
+    # The ideal bytes: the forward reads the logits once; loss+grad reads them once and
+    # writes the gradient once.
+    for mode, moved, limit in (("fwd", nbytes, bw["read"]), ("fwd+bwd", 2 * nbytes, bw["copy"])):
+        sec = row.get(f"fastce {mode}")
+        if sec:
+            row[f"{mode} GB/s"] = moved / sec / 1e9
+            row[f"{mode} % of limit"] = 100 * moved / sec / 1e9 / limit if limit == limit else None
+    return row, par
+
+
+def _append_jsonl(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+
+def write_summary(out, pre, bw, rows, pars, notes):
+    """summary.md from what the run measured (also after a time-out: what is there)."""
+    def ms(v):
+        return f"{v * 1e3:.3f}" if isinstance(v, float) else "-"
+
+    def ratio(a, b):
+        return f"{a / b:.2f}" if isinstance(a, float) and isinstance(b, float) and b else "-"
+    lines = [f"# fastce GPU check ({pre.get('gpu')})", "",
+             f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+             f"- versions: {pre.get('versions')}",
+             f"- copy bandwidth (read+write): {bw['copy']:.0f} GB/s; read (sum): "
+             f"{bw['read']:.0f} GB/s", *(f"- {n}" for n in notes), "",
+             "Medians of CUDA-event times. % of limit: the forward's bytes (logits read once) "
+             "over the read bandwidth; loss+grad's ideal bytes (read once + gradient written "
+             "once) over the copy bandwidth.", "",
+             "| case | fastce fwd ms | torch fwd ms | fwd / torch | fwd % of read | "
+             "fastce fwd+bwd ms | torch ms | Liger ms | / torch | / Liger | % of copy |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        gbs = r["moved"] / r["fastce"] / 1e9
-        ratio = r["fastce"] / r["torch"] if r["torch"] == r["torch"] else float("nan")
-        pct = 100 * gbs / bw if bw == bw else float("nan")
-        lines.append(f"| {r['shape']} | {r['dtype']} | {r['mode']} | {r['fastce'] * 1e3:.3f} | "
-                     f"{r['torch'] * 1e3:.3f} | {ratio:.2f} | {gbs:.0f} | {pct:.0f} |")
-    with open(path, "w") as f:
+        if "error" in r:
+            lines.append(f"| {r['case']} | error: {r['error']} |" + " |" * 9)
+            continue
+        pf, pb = r.get("fwd % of limit"), r.get("fwd+bwd % of limit")
+        lines.append(
+            f"| {r['case']} | {ms(r.get('fastce fwd'))} | {ms(r.get('torch fwd'))} | "
+            f"{ratio(r.get('fastce fwd'), r.get('torch fwd'))} | "
+            f"{'-' if pf is None else f'{pf:.0f}'} | {ms(r.get('fastce fwd+bwd'))} | "
+            f"{ms(r.get('torch fwd+bwd'))} | {ms(r.get('liger fwd+bwd'))} | "
+            f"{ratio(r.get('fastce fwd+bwd'), r.get('torch fwd+bwd'))} | "
+            f"{ratio(r.get('fastce fwd+bwd'), r.get('liger fwd+bwd'))} | "
+            f"{'-' if pb is None else f'{pb:.0f}'} |")
+    lines += ["", "Parity with the float64 spec (whole rows of the first positions) and "
+              "repeatability (two runs bitwise equal):", "",
+              "| case | positions | loss max rel err | grad max err / max | repeat bitwise |",
+              "|---|---|---|---|---|"]
+    for p in pars:
+        if "error" in p:
+            lines.append(f"| {p['case']} | error: {p['error']} | | | |")
+        else:
+            lines.append(f"| {p['case']} | {p['positions']} | {p['loss_max_rel']:.2e} | "
+                         f"{p['grad_max_abs_over_max']:.2e} | {p['repeat_bitwise']} |")
+    with open(os.path.join(out, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
-TEST_FILES = ("test_gpu.py", "test_cross_entropy.py", "test_errors.py")
+# ---------------------------------------------------------------------------------------------
+# Preflight and tests
+# ---------------------------------------------------------------------------------------------
+def preflight(cupy, name, log):
+    """Versions, the GPU, one trivial launch, whether NVVM / NVRTC load: what a failed run's
+    cause most often is, recorded before anything slow."""
+    import numba
+    versions = {"python": sys.version.split()[0], "numpy": np.__version__,
+                "numba": numba.__version__}
+    for mod in ("numba_cuda", "cupy", "torch", "liger_kernel", "pytest", "hypothesis"):
+        try:
+            m = __import__(mod)
+            versions[mod] = getattr(m, "__version__", "?")
+        except Exception as e:
+            versions[mod] = f"absent ({type(e).__name__})"
+    pre = {"gpu": name, "versions": versions}
+    try:
+        from numba import cuda
+
+        @cuda.jit
+        def _one(a):
+            a[0] = 1.0
+        a = cuda.to_device(np.zeros(1, np.float32))
+        _one[1, 1](a)
+        pre["trivial launch"] = bool(a.copy_to_host()[0] == 1.0)
+    except Exception as e:
+        pre["trivial launch"] = f"FAILED: {type(e).__name__}: {e}"
+    for lib, probe in (("nvvm", "numba.cuda.cudadrv.nvvm:NVVM"),
+                       ("nvrtc", "numba.cuda.cudadrv.nvrtc:NVRTC")):
+        modname, attr = probe.split(":")
+        try:
+            getattr(__import__(modname, fromlist=[attr]), attr)()
+            pre[lib] = "ok"
+        except Exception as e:
+            pre[lib] = f"not found: {type(e).__name__}: {e}"
+    log(f"preflight: {json.dumps(pre)}")
+    return pre
+
+
+TEST_FILES = ("test_gpu.py", "test_cross_entropy.py", "test_errors.py", "test_reliability.py",
+              "test_softmax.py")
 
 
 def tests_dir():
@@ -265,29 +460,31 @@ def tests_dir():
     return tests if ok else None
 
 
-def run_tests(out, log):
-    """pytest -m gpu and the GPU-backend tests with CuPy, logged to out/pytest_gpu.log: the
-    worst exit code, or None when there are no tests to run."""
+def run_tests(out, log, timeout):
+    """The GPU cases of the kernel test files in ONE pytest subprocess with a time limit,
+    streamed to out/pytest_gpu.log, with out/junit.xml: (exit code or None when not run,
+    what happened)."""
     tests = tests_dir()
     if tests is None:
-        log("tests: NOT RUN: fastce's tests/ is not beside the package (not a source checkout; "
-            "clone the repository to run them, or pass --no-tests)")
-        return None
+        return None, ("not run: fastce's tests/ is not beside the package (not a source "
+                      "checkout; clone the repository to run them, or pass --no-tests)")
+    if timeout < 20:
+        return None, "not run: no time left before the deadline"
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "gpu",
+           f"--junitxml={os.path.join(out, 'junit.xml')}",
+           *(os.path.join(tests, name) for name in TEST_FILES)]
     logfile = os.path.join(out, "pytest_gpu.log")
-    rcs = []
     with open(logfile, "w") as f:
-        for args in (["-m", "gpu", tests],
-                     [*(os.path.join(tests, name) for name in TEST_FILES), "-k", "gpu"]):
-            cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
-            f.write(f"$ {' '.join(cmd)}\n")
-            f.flush()
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        try:
             rc = subprocess.run(cmd, cwd=os.path.dirname(tests), env=env, stdout=f,
-                                stderr=subprocess.STDOUT).returncode
-            f.write(f"[exit {rc}]\n\n")
-            rcs.append(rc)
-    log(f"tests: exit codes {rcs} (log: {logfile})")
-    return max(rcs)
+                                stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            return 124, f"TIMED OUT after {timeout:.0f} s (partial log: pytest_gpu.log)"
+    tail = open(logfile).read().strip().splitlines()[-1:]
+    return rc, f"exit {rc}: {tail[0] if tail else ''} (pytest_gpu.log, junit.xml)"
 
 
 def main(argv=None):
@@ -298,7 +495,11 @@ def main(argv=None):
     ap.add_argument("--no-tests", action="store_true", help="skip the pytest step")
     ap.add_argument("--ptx", action="store_true", help="only compile the kernels to PTX")
     ap.add_argument("--require-gpu", action="store_true", help="exit 2 when there is no GPU")
+    ap.add_argument("--deadline", type=float, default=300.0,
+                    help="seconds of wall time for the whole run (cases past it are skipped, "
+                         "the tests get what is left)")
     args = ap.parse_args(argv)
+    t_end = time.monotonic() + args.deadline
 
     if args.ptx:
         try:
@@ -309,8 +510,7 @@ def main(argv=None):
             return 2
 
     os.makedirs(args.out, exist_ok=True)
-    logpath = os.path.join(args.out, "gpu_check.log")
-    logf = open(logpath, "a")
+    logf = open(os.path.join(args.out, "gpu_check.log"), "a")
 
     def log(msg):
         line = f"[{time.strftime('%H:%M:%S')}] {msg}"
@@ -325,25 +525,43 @@ def main(argv=None):
             f"NUMBA_ENABLE_CUDASIM=1.")
         logf.close()
         return 2 if args.require_gpu else 0
-    log(f"GPU: {name}")
-    notes = []
+    pre = preflight(cupy, name, log)
+    with open(os.path.join(args.out, "preflight.json"), "w") as f:
+        json.dump(pre, f, indent=1)
+    if torch is None:
+        notes = ["torch with CUDA is not available: no torch comparison"]
+    else:
+        notes = [] if _liger() else ["Liger-Kernel not importable: no Liger column"]
+    timer = _timer(cupy)
+    repeat = 1 if args.quick else 20
+    cases = QUICK_CASES if args.quick else FULL_CASES
+    biggest = max(math.prod(c.shape) * 4 for c in cases if c.timed)
+    bw = dict(zip(("copy", "read"), _bandwidths(cupy, timer, biggest, repeat)))
+    log(f"bandwidth GB/s: {bw}")
+    bench_path, parity_path = (os.path.join(args.out, f) for f in ("bench.jsonl", "parity.jsonl"))
+    rows, pars = [], []
+    for case in cases:
+        if time.monotonic() > t_end - 60:
+            notes.append(f"skipped past the deadline: {case.name}")
+            continue
+        log(f"case {case.name}")
+        row, par = run_case(cupy, torch, case, timer, repeat, bw)
+        for path, r, acc in ((bench_path, row, rows), (parity_path, par, pars)):
+            if r is not None:
+                _append_jsonl(path, r)
+                acc.append(r)
+        write_summary(args.out, pre, bw, rows, pars, notes)
     rc_tests = 0
     if not args.no_tests:
-        rc_tests = run_tests(args.out, log)
-        if rc_tests is None:
-            rc_tests = 0
-            notes.append("tests: not run (no tests/ beside the package: not a source checkout)")
-        else:
-            notes.append(f"tests: {'passed' if rc_tests == 0 else f'FAILED (exit {rc_tests})'} "
-                         f"(pytest_gpu.log)")
-    if torch is None:
-        notes.append("torch with CUDA is not available: no torch comparison")
-    rows, bw = benchmark(cupy, torch, args.quick, log)
-    report = os.path.join(args.out, "gpu_benchmark.md")
-    write_report(report, rows, bw, name, args.quick, notes)
-    log(f"wrote {report}")
+        rc_tests, what = run_tests(args.out, log, t_end - time.monotonic() - 5)
+        notes.append(f"tests: {what}")
+        log(f"tests: {what}")
+    write_summary(args.out, pre, bw, rows, pars, notes)
+    log(f"wrote {os.path.join(args.out, 'summary.md')}")
     logf.close()
-    return 1 if rc_tests not in (0, 5) else 0
+    bad_parity = any("error" in p or not p["repeat_bitwise"] for p in pars
+                     if p["dtype"] != "bfloat16")
+    return 1 if (rc_tests not in (None, 0, 5) or bad_parity) else 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ on a real GPU with CuPy (``python -m fastce.gpu_check`` runs them there).
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -255,10 +256,16 @@ def test_gpu_check_quick_mode(tmp_path):
     from fastce import gpu_check
     rc = gpu_check.main(["--out", str(tmp_path), "--quick", "--no-tests"])
     assert rc == 0
-    report = (tmp_path / "gpu_benchmark.md").read_text()
+    bench = [json.loads(line) for line in (tmp_path / "bench.jsonl").read_text().splitlines()]
+    parity = [json.loads(line) for line in (tmp_path / "parity.jsonl").read_text().splitlines()]
+    assert [r["case"] for r in bench] == [c.name for c in gpu_check.QUICK_CASES]
+    assert all(r["fastce fwd"] > 0 and r["fastce fwd+bwd"] > 0 for r in bench)
+    assert len(parity) == len(bench) and all(p["repeat_bitwise"] for p in parity)
+    assert all(p["loss_max_rel"] < 1e-2 and p["grad_max_abs_over_max"] < 1e-2 for p in parity)
+    report = (tmp_path / "summary.md").read_text()
     table = [line for line in report.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| shape | dtype | mode | fastce ms")
-    assert len(table) > 1 and all(line.count("|") == 9 for line in table)   # rows measured
+    assert table[0].startswith("| case | fastce fwd ms")
+    assert json.loads((tmp_path / "preflight.json").read_text())["trivial launch"] is True
 
 
 def test_asv_gpu_benchmarks_skip_without_gpu():
