@@ -787,8 +787,7 @@ def _k_gather_nd(out, src, base, dims, strides):
     copies, of any number of dimensions."""
     n = out.shape[0]
     nd = dims.shape[0]
-    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+    i, step = _thread_range()
     while i < n:
         r = i
         off = base
@@ -803,8 +802,7 @@ def _k_gather_nd(out, src, base, dims, strides):
 
 @cuda.jit
 def _k_fill(out, value):
-    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+    i, step = _thread_range()
     while i < out.shape[0]:
         out[i] = value
         i += step
@@ -813,8 +811,7 @@ def _k_fill(out, value):
 @cuda.jit
 def _k_add(out, a, b):
     """out = a + b (float64), cast to out's dtype: the unreduced loss ce + z-loss."""
-    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+    i, step = _thread_range()
     while i < out.shape[0]:
         out[i] = a[i] + b[i]
         i += step
@@ -825,8 +822,7 @@ def _k_nll(out, x, t, w, ignore_index):
     """out[n, s] = -w[t] * x[n, t, s] in float64 (0 where t == ignore_index): nll_loss."""
     N = x.shape[0]
     S = x.shape[2]
-    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+    i, step = _thread_range()
     while i < _i8(N) * S:
         n = i // S
         s = i - n * S
@@ -838,8 +834,7 @@ def _k_nll(out, x, t, w, ignore_index):
 @cuda.jit
 def _k_lse_sign(out, lse):
     """SciPy's sign of an unweighted logsumexp: 0 for -inf, NaN for NaN, else 1."""
-    i = _i8(cuda.blockIdx.x) * cuda.blockDim.x + cuda.threadIdx.x
-    step = _i8(cuda.gridDim.x) * cuda.blockDim.x
+    i, step = _thread_range()
     while i < out.shape[0]:
         v = lse[i]
         out[i] = 0.0 if v == -math.inf else (math.nan if v != v else 1.0)
