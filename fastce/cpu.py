@@ -196,22 +196,25 @@ def _f32_to_bf16(typingctx, f):
     return types.uint16(types.float32), codegen
 
 
-def widen_row(src):
-    """A row of logits as floats: a bfloat16 (uint16) row widened into a new float32 row, a
-    float row itself."""
-    return src
+def widen_max(src):
+    """(the row of logits as floats, its max): a bfloat16 (uint16) row widened into a new
+    float32 row in the same pass as its max, a float row itself."""
+    return src, src.max()
 
 
-@overload(widen_row, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
-def _widen_row_impl(src):
+@overload(widen_max, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
+def _widen_max_impl(src):
     if src.dtype == types.uint16:
         def impl(src):
             out = np.empty(src.shape[0], np.float32)
+            m = _bf16_to_f32(src[0])
             for c in range(src.shape[0]):
-                out[c] = _bf16_to_f32(src[c])
-            return out
+                v = _bf16_to_f32(src[c])
+                out[c] = v
+                m = fmaximum(m, v)
+            return out, m
         return impl
-    return lambda src: src
+    return lambda src: (src, _row_max(src))
 
 
 def narrows(grad):
@@ -251,6 +254,28 @@ def _store_grad_row_impl(gr, grad, i):
                 dst[c] = _f32_to_bf16(gr[c])
         return impl
     return lambda gr, grad, i: None
+
+
+def finish_grad_row(gr, grad, i, scale, gamma, w, smoothing, ti, beta):
+    """The gradient of row i from its exps in gr (see _row_grad), less beta at the target."""
+
+
+@overload(finish_grad_row, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
+def _finish_grad_row_impl(gr, grad, i, scale, gamma, w, smoothing, ti, beta):
+    if grad.dtype == types.uint16:
+        def impl(gr, grad, i, scale, gamma, w, smoothing, ti, beta):
+            # bfloat16: rounded in the same pass (one pass fewer over the row); the target's
+            # entry recomputed from its exp, still in gr, as the float32 path computes it.
+            dst = grad[i]
+            _row_grad_narrow(gr, scale, gamma, w, smoothing, dst)
+            e = gr[ti] * scale - gamma * w[ti] if smoothing else gr[ti] * scale
+            dst[ti] = _f32_to_bf16(e - beta)
+        return impl
+
+    def impl(gr, grad, i, scale, gamma, w, smoothing, ti, beta):
+        _row_grad(gr, scale, gamma, w, smoothing)
+        gr[ti] -= beta
+    return impl
 
 
 def log_ge1(s):
@@ -520,6 +545,17 @@ def _row_grad(gr, scale, gamma, w, smoothing):
 
 
 @njit(**_INLINE)
+def _row_grad_narrow(gr, scale, gamma, w, smoothing, dst):
+    """_row_grad into the bfloat16 bits dst (gr is left as it was)."""
+    if smoothing:
+        for c in range(gr.shape[0]):
+            dst[c] = _f32_to_bf16(gr[c] * scale - gamma * w[c])
+    else:
+        for c in range(gr.shape[0]):
+            dst[c] = _f32_to_bf16(gr[c] * scale)
+
+
+@njit(**_INLINE)
 def _row_grad_softcap(gr, scale, gamma, w, srow, inv_cap):
     """As _row_grad, times ds/dx = 1 - (s_c / cap)^2."""
     one = inv_cap - inv_cap + 1
@@ -662,12 +698,11 @@ def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, 
     in_place = opts.in_place or narrows(grad)
     want_hit = opts.want_hits
     for i in prange(N):
-        row = widen_row(x[i])
+        row, m = widen_max(x[i])
         capf = cast_like(cap, row)
         inv_capf = cast_like(inv_cap, row)
         log2e = cast_like(LOG2E, row)
         # Pass 1: the row max, of the raw logits (softcap is monotonic).  NaN propagates.
-        m = _row_max(row)
         ti = np.int64(t[i])
         valid = not (ti == ignore_index or ti < 0 or ti >= C)
         # Every read of the logits comes before pass 2 writes the gradient row, which may be
@@ -737,10 +772,10 @@ def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, 
                 _row_grad_softcap(gr, cast_like(scale, row), cast_like(gamma, row), w, srow,
                                   inv_capf)
                 gr[ti] -= cast_like(beta * _softcap_grad_factor(s_t, inv_cap), row)
+                store_grad_row(gr, grad, i)
             else:
-                _row_grad(gr, cast_like(scale, row), cast_like(gamma, row), w, smoothing)
-                gr[ti] -= cast_like(beta, row)
-            store_grad_row(gr, grad, i)
+                finish_grad_row(gr, grad, i, cast_like(scale, row), cast_like(gamma, row), w,
+                                smoothing, ti, cast_like(beta, row))
 
 
 # Strided passes: each works on contiguous segments of BLOCK spatial positions (one class c of
