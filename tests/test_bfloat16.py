@@ -202,3 +202,15 @@ def test_import_does_not_import_ml_dtypes():
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                          text=True, timeout=300).stdout
     assert out.strip() == "False"
+
+
+def test_return_lse_and_stats():
+    x, t, _ = _case(9, (33, 100), {})
+    r = fastce.cross_entropy(x, t, return_lse=True, return_z_loss=True,
+                             return_token_accuracy=True, z_loss=1e-3)
+    x64 = x.astype(np.float64)
+    m = x64.max(axis=1)
+    ref_lse = m + np.log(np.exp(x64 - m[:, None]).sum(axis=1))
+    assert r.lse.dtype == np.float32 and np.asarray(r.z_loss).dtype == np.float32
+    np.testing.assert_allclose(r.lse, ref_lse, rtol=2e-6)
+    assert r.token_accuracy == np.mean(x64.argmax(axis=1) == t)
