@@ -214,3 +214,20 @@ def test_return_lse_and_stats():
     assert r.lse.dtype == np.float32 and np.asarray(r.z_loss).dtype == np.float32
     np.testing.assert_allclose(r.lse, ref_lse, rtol=2e-6)
     assert r.token_accuracy == np.mean(x64.argmax(axis=1) == t)
+
+
+def test_bench_rows_run_and_print_ratios_to_float32():
+    import io
+
+    from fastce import bench
+    p = bench.make_workload("W1", quick=True)
+    times = {("W1", bench.FWD, bench.FASTCE): 2.0}
+    for op, fns in bench.bf16_impls(p).items():
+        for row, fn in fns.items():
+            fn()
+            times[("W1", op, row)] = 1.0
+    buf = io.StringIO()
+    bench._print_bf16(times, buf)
+    text = buf.getvalue()
+    assert "bfloat16 forward: 1000.0 ms = 0.500x float32" in text
+    assert "bfloat16 loss+grad out=: 1000.0 ms = 1.000x float32" in text
