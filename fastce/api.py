@@ -93,7 +93,9 @@ def _check_out(be, out, x):
     if not be.is_array(out):
         raise TypeError(f"fastce: out must be {be.array_kind}, got {type(out).__name__}")
     o = be.asarray(out)
-    if tuple(o.shape) != tuple(x.shape) or o.dtype != x.dtype:
+    # bfloat16 logits: a bfloat16 or a float32 gradient
+    ok = o.dtype == x.dtype or (_is_bf16(x.dtype) and o.dtype == np.float32)
+    if tuple(o.shape) != tuple(x.shape) or not ok:
         raise ValueError(f"fastce: out must have the input's shape {tuple(x.shape)} and dtype "
                          f"{x.dtype}, got {tuple(o.shape)} {o.dtype}")
     if x.dtype == np.float16:
@@ -103,13 +105,24 @@ def _check_out(be, out, x):
     return o
 
 
+def _is_bf16(dt):
+    """ml_dtypes.bfloat16, by name: fastce never imports ml_dtypes."""
+    return dt.name == "bfloat16"
+
+
+def _loss_dtype(dt):
+    """The dtype of losses (and of float16/bfloat16's computation): float32 for bfloat16."""
+    return np.dtype(np.float32) if _is_bf16(dt) else dt
+
+
 def _check_logits(be, input, name="input"):
     x = be.asarray(input)
     if x.dtype.kind == "f" and not x.dtype.isnative:
         x = be.cast(x, x.dtype.newbyteorder("="))   # big-endian logits: one native-order copy
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"fastce: {name} must be float16, float32 or float64 logits, got dtype "
-                        f"{x.dtype}")
+    bf16_ok = _is_bf16(x.dtype) and getattr(be, "reads_bfloat16", False)
+    if x.dtype not in _FLOATS and not bf16_ok:
+        raise TypeError(f"fastce: {name} must be float16, float32 or float64 logits (or "
+                        f"bfloat16 NumPy ones), got dtype {x.dtype}")
     if x.ndim == 0:
         raise ValueError(f"fastce: {name} must have at least one dimension (the classes), got a "
                          f"0-d array")
@@ -302,7 +315,7 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
     if kind == "prob" and ignore_index >= 0:
         raise ValueError("fastce: ignore_index is not supported with probability targets (as "
                          "in torch, which accepts only a negative one)")
-    in_dtype = x.dtype
+    in_dtype = _loss_dtype(x.dtype)
     loss_shape = tuple(x.shape[:axis]) + tuple(x.shape[axis + 1:])
     g, g_stride = (_check_grad_output(be, grad_output, reduction, loss_shape)
                    if want_grad else (be.ones(1, np.float64), 0))
@@ -312,10 +325,10 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
                                            ignore_index, reduction, loss_shape, input,
                                            want_grad, want_stats or want_lse, out)
         if want_lse:        # log of an empty sum (no classes), or no positions
-            stats = stats + (be.wrap(be.full(loss_shape, -math.inf, x.dtype), input),)
+            stats = stats + (be.wrap(be.full(loss_shape, -math.inf, _loss_dtype(x.dtype)), input),)
         return loss, grad, stats
     x3, N, C, S = _canonical(be, x, axis)
-    w, W = _check_weight(be, weight, C, x3.dtype)
+    w, W = _check_weight(be, weight, C, _loss_dtype(x3.dtype))
     lse = None
     if want_lse:
         # One extra pass over the logits (before out=input may overwrite them): the loss
@@ -334,7 +347,7 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
                 raise _bad_target_error(be, t, bad, C, ignore_index)
         Dz = float(count)
     else:
-        t2 = be.cast(t, x3.dtype).reshape(N, C, S)
+        t2 = be.cast(t, _loss_dtype(x3.dtype)).reshape(N, C, S)
         D = Dz = float(N * S)
         count = N * S
     if denominators is not None:
@@ -387,7 +400,7 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
         loss = _loss(be, ce, zls if zl else None, hit if want_stats else None, reduction,
                      D, Dz, loss_shape, in_dtype, raw)
     if grad is not None:
-        grad = out if out is not None else be.cast(grad.reshape(x.shape), in_dtype)
+        grad = out if out is not None else be.cast(grad.reshape(x.shape), x.dtype)
     stats = None
     if want_stats or want_lse:
         if reduction == "none":
@@ -436,16 +449,16 @@ def _empty_problem(be, x, C, t, kind, weight, ignore_index, reduction, loss_shap
     # Probability targets over no classes: each element's loss is an empty sum, 0.
     value = 0.0 if (reduction == "sum" or (kind == "prob" and n)) else math.nan
     if reduction == "none":
-        loss = be.zeros(loss_shape, x.dtype)
+        loss = be.zeros(loss_shape, _loss_dtype(x.dtype))
     else:
-        loss = be.scalar(value, x.dtype)
+        loss = be.scalar(value, _loss_dtype(x.dtype))
     grad = None
     if want_grad:
         grad = out if out is not None else be.zeros(tuple(x.shape), x.dtype)
     stats = None
     if want_stats:
-        zpart = be.zeros(loss_shape, x.dtype) if reduction == "none" else be.scalar(
-            0.0 if reduction == "sum" else math.nan, x.dtype)
+        zpart = be.zeros(loss_shape, _loss_dtype(x.dtype)) if reduction == "none" else be.scalar(
+            0.0 if reduction == "sum" else math.nan, _loss_dtype(x.dtype))
         stats = (be.wrap(zpart, input), math.nan)
     return be.wrap(loss, input), be.wrap(grad, input), stats
 
@@ -606,8 +619,8 @@ def nll_loss(log_probs, target, weight=None, *, ignore_index=-100, reduction="me
         per = be.nll_loss(x3, t2, w, ignore_index)
     loss_shape = tuple(x.shape[:axis]) + tuple(x.shape[axis + 1:])
     if reduction == "none":
-        return be.wrap(be.finish_per_position(per, None, loss_shape, x.dtype), log_probs)
+        return be.wrap(be.finish_per_position(per, None, loss_shape, _loss_dtype(x.dtype)), log_probs)
     total = be.total(per)
     with np.errstate(divide="ignore", invalid="ignore"):
         value = np.float64(total) / np.float64(D) if reduction == "mean" else np.float64(total)
-    return be.wrap(be.scalar(value, x.dtype), log_probs)
+    return be.wrap(be.scalar(value, _loss_dtype(x.dtype)), log_probs)

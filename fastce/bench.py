@@ -51,6 +51,10 @@ FWD, FWDBWD = "forward", "loss+grad"
 # the logits once costs (READ), and the row max + sum of exps with fastce's own exp (ROOF).
 READ, ROOF = "read", "exp roof"
 ROOFLINE_WORKLOADS = ("W1",)
+# bfloat16 rows (ml_dtypes logits), timed in the same rounds as float32 on these workloads:
+# the forward, and loss+grad into a reused buffer (out=) beside float32's own out= row.
+BF16, F32_OUT, BF16_OUT = "fastce-bf16", "fastce-out", "fastce-bf16-out"
+BF16_WORKLOADS = ("W1",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +282,38 @@ def roofline_impls(p):
     x = p.x.reshape(p.x.shape[0], -1)
     out = np.empty(x.shape[0], x.dtype)
     return {READ: lambda: _read_rows(x, out), ROOF: lambda: _exp_roof_rows(x, out)}
+
+
+def bf16_impls(p):
+    """{op: {row: fn}}: fastce on the problem's logits rounded to bfloat16 (forward; loss+grad
+    with out= a reused bfloat16 buffer) and float32 loss+grad with out= a reused float32
+    buffer, the row it is compared with.  {} without ml_dtypes."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return {}
+    x, t, w, ii = p.x, p.target, p.weight, p.ignore_index
+    xb = x.astype(ml_dtypes.bfloat16)
+    gb, g32 = np.empty_like(xb), np.empty_like(x)
+    return {
+        FWD: {BF16: lambda: fastce.cross_entropy(xb, t, w, ignore_index=ii)},
+        FWDBWD: {F32_OUT: lambda: fastce.cross_entropy_with_grad(x, t, w, ignore_index=ii,
+                                                                 out=g32),
+                 BF16_OUT: lambda: fastce.cross_entropy_with_grad(xb, t, w, ignore_index=ii,
+                                                                  out=gb)},
+    }
+
+
+def _print_bf16(times, out):
+    """bfloat16 rows as ratios to their float32 counterparts (issue #11's goals)."""
+    pairs = (("forward", BF16, FWD, FASTCE, 1.05), ("loss+grad out=", BF16_OUT, FWDBWD, F32_OUT,
+                                                      0.8))
+    for name in BF16_WORKLOADS:
+        for what, row, op, ref, goal in pairs:
+            a, b = times.get((name, op, row)), times.get((name, op, ref))
+            if a and b:
+                print(f"  {name} bfloat16 {what}: {a * 1e3:.1f} ms = {a / b:.3f}x float32 "
+                      f"(goal <= {goal}x)", file=out)
 
 
 def roofline_ratios(times, workload="W1"):
@@ -573,10 +609,13 @@ def run_bench(workloads=("W1", "W2", "W3"), quick=False, repeats=None, out=sys.s
         p = make_workload(name, quick)
         impls = implementations(
             p, [lib for lib in libs if lib != TORCH1 or wl.torch_one_thread])
+        bf16 = bf16_impls(p) if name in BF16_WORKLOADS else {}
         for op in (FWD, FWDBWD):
             fns = {lib: ops[op] for lib, ops in impls.items()}
             if op == FWD and name in ROOFLINE_WORKLOADS:
                 fns.update(roofline_impls(p))
+            if name in BF16_WORKLOADS:
+                fns.update(bf16.get(op, {}))
             progress(f"{name} {op}: timing {', '.join(fns)}")
             res = measure_side_by_side(
                 fns, repeats, max_time=max_time,
@@ -589,14 +628,14 @@ def run_bench(workloads=("W1", "W2", "W3"), quick=False, repeats=None, out=sys.s
         if name == "W1":
             progress("W1: peak extra memory of the forward")
             memory = peak_extra_memory(impls[FASTCE][FWD], p.x.nbytes)
-        del impls, p
+        del impls, p, bf16
         gc.collect()
 
     print(file=out)
     print(f"{'workload':<9}{'op':<10}{'library':<8}{'median':>14}{'fastce/other':>14}"
           f"{'GB/s':>9}", file=out)
     for name, op, lib, t, ratio, gbs, unit in rows:
-        rtxt = "" if lib == FASTCE else f"{ratio:.3f}x"
+        rtxt = "" if lib.startswith(FASTCE) else f"{ratio:.3f}x"     # bf16 rows: see below
         print(f"{name:<9}{op:<10}{lib:<8}{_fmt_time(t, unit):>14}{rtxt:>14}{gbs:9.2f}", file=out)
 
     print("\nexactness (fastce float32 vs float64 reference fastce.spec):", file=out)
@@ -604,6 +643,8 @@ def run_bench(workloads=("W1", "W2", "W3"), quick=False, repeats=None, out=sys.s
         print(f"  {name}: {e['elements']} logits, loss max rel err {e['loss_rel']:.2e}, "
               f"grad max err / max|grad| {e['grad_rel']:.2e}", file=out)
     _print_roofline(times, out)
+    print("\nbfloat16 logits (ml_dtypes; same rounds as float32):", file=out)
+    _print_bf16(times, out)
     if memory is not None:
         print(f"\npeak extra memory, fastce W1 forward: {memory[0] / 2**20:.2f} MiB = "
               f"{memory[1]:.4f} x the logits (tracemalloc)", file=out)

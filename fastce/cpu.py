@@ -159,6 +159,125 @@ def _float_to_bits(typingctx, f):
     return types.int32(types.float32), codegen
 
 
+# bfloat16 logits reach the kernels as their uint16 bits (NumPy's view, zero-copy: Numba has
+# no bfloat16 type), are widened per row into float32 and computed as float32 rows.
+@intrinsic
+def _bf16_to_f32(typingctx, u):
+    """The float32 value of bfloat16 bits: the bits shifted into a float32's high half."""
+    if u != types.uint16:
+        return None
+
+    def codegen(context, builder, sig_, args):
+        i32 = ir.IntType(32)
+        bits = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
+        return builder.bitcast(bits, ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _f32_to_bf16(typingctx, f):
+    """bfloat16 bits of a float32, rounded to nearest even (ml_dtypes' and torch's rounding); a
+    NaN stays a (quiet) NaN.  Integer ops and a select only, so the narrowing loop vectorises."""
+    if f != types.float32:
+        return None
+
+    def codegen(context, builder, sig_, args):
+        i32 = ir.IntType(32)
+        bits = builder.bitcast(args[0], i32)
+        hi = builder.lshr(bits, ir.Constant(i32, 16))
+        odd = builder.and_(hi, ir.Constant(i32, 1))
+        rounded = builder.lshr(builder.add(bits, builder.add(odd, ir.Constant(i32, 0x7FFF))),
+                               ir.Constant(i32, 16))
+        quiet = builder.or_(hi, ir.Constant(i32, 0x40))
+        isnan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.trunc(builder.select(isnan, quiet, rounded), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+def widen_max(src):
+    """(the row of logits as floats, its max): a bfloat16 (uint16) row widened into a new
+    float32 row in the same pass as its max, a float row itself."""
+    return src, src.max()
+
+
+@overload(widen_max, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
+def _widen_max_impl(src):
+    if src.dtype == types.uint16:
+        def impl(src):
+            out = np.empty(src.shape[0], np.float32)
+            m = _bf16_to_f32(src[0])
+            for c in range(src.shape[0]):
+                v = _bf16_to_f32(src[c])
+                out[c] = v
+                m = fmaximum(m, v)
+            return out, m
+        return impl
+    return lambda src: (src, _row_max(src))
+
+
+def narrows(grad):
+    """Whether the gradient array holds bfloat16 bits (computed in a float32 row first)."""
+    return False
+
+
+@overload(narrows, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
+def _narrows_impl(grad):
+    flag = grad.dtype == types.uint16
+    return lambda grad: flag
+
+
+def grad_row(grad, i, row):
+    """Where row i's gradient is computed: grad[i], or, for a bfloat16 gradient, the widened
+    float32 row itself (ours: its exps overwrite it, as for out=input)."""
+    return grad[i]
+
+
+@overload(grad_row, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
+def _grad_row_impl(grad, i, row):
+    if grad.dtype == types.uint16:
+        return lambda grad, i, row: row
+    return lambda grad, i, row: grad[i]
+
+
+def store_grad_row(gr, grad, i):
+    """grad[i] <- gr rounded to bfloat16, for a bfloat16 gradient (else gr is grad[i])."""
+
+
+@overload(store_grad_row, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
+def _store_grad_row_impl(gr, grad, i):
+    if grad.dtype == types.uint16:
+        def impl(gr, grad, i):
+            dst = grad[i]
+            for c in range(gr.shape[0]):
+                dst[c] = _f32_to_bf16(gr[c])
+        return impl
+    return lambda gr, grad, i: None
+
+
+def finish_grad_row(gr, grad, i, scale, gamma, w, smoothing, ti, beta):
+    """The gradient of row i from its exps in gr (see _row_grad), less beta at the target."""
+
+
+@overload(finish_grad_row, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
+def _finish_grad_row_impl(gr, grad, i, scale, gamma, w, smoothing, ti, beta):
+    if grad.dtype == types.uint16:
+        def impl(gr, grad, i, scale, gamma, w, smoothing, ti, beta):
+            # bfloat16: rounded in the same pass (one pass fewer over the row); the target's
+            # entry recomputed from its exp, still in gr, as the float32 path computes it.
+            dst = grad[i]
+            _row_grad_narrow(gr, scale, gamma, w, smoothing, dst)
+            e = gr[ti] * scale - gamma * w[ti] if smoothing else gr[ti] * scale
+            dst[ti] = _f32_to_bf16(e - beta)
+        return impl
+
+    def impl(gr, grad, i, scale, gamma, w, smoothing, ti, beta):
+        _row_grad(gr, scale, gamma, w, smoothing)
+        gr[ti] -= beta
+    return impl
+
+
 def log_ge1(s):
     """log(s) for s >= 1 (a sum of exps whose largest term is 1), vectorisable in float32."""
     return math.log(s)
@@ -426,6 +545,17 @@ def _row_grad(gr, scale, gamma, w, smoothing):
 
 
 @njit(**_INLINE)
+def _row_grad_narrow(gr, scale, gamma, w, smoothing, dst):
+    """_row_grad into the bfloat16 bits dst (gr is left as it was)."""
+    if smoothing:
+        for c in range(gr.shape[0]):
+            dst[c] = _f32_to_bf16(gr[c] * scale - gamma * w[c])
+    else:
+        for c in range(gr.shape[0]):
+            dst[c] = _f32_to_bf16(gr[c] * scale)
+
+
+@njit(**_INLINE)
 def _row_grad_softcap(gr, scale, gamma, w, srow, inv_cap):
     """As _row_grad, times ds/dx = 1 - (s_c / cap)^2."""
     one = inv_cap - inv_cap + 1
@@ -553,7 +683,9 @@ def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, 
     is no softcap; want_hits: token accuracy asked for, else hit_out is left 0).
 
     Writes ce_out (the cross-entropy of each row), zl_out (its z-loss) and hit_out (argmax ==
-    target); in the WANT_GRAD variants, the gradient into grad.
+    target); in the WANT_GRAD variants, the gradient into grad.  x (and grad) may hold bfloat16
+    bits (uint16): each row is then widened into float32 and computed as a float32 row, its
+    gradient rounded back to bfloat16 (a float32 grad takes it as it is).
     """
     N, C = x.shape
     keep, smooth_c, W, cap = opts.keep, opts.smooth_c, opts.weight_sum, opts.softcap
@@ -562,15 +694,15 @@ def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, 
     has_cap = HAS_CAP
     inv_cap = 1.0 / cap if has_cap else 0.0
     smoothing = smooth_c != 0.0
-    in_place = opts.in_place
+    # A bfloat16 gradient is computed in the widened row itself, as out=input would be.
+    in_place = opts.in_place or narrows(grad)
     want_hit = opts.want_hits
     for i in prange(N):
-        row = x[i]
+        row, m = widen_max(x[i])
         capf = cast_like(cap, row)
         inv_capf = cast_like(inv_cap, row)
         log2e = cast_like(LOG2E, row)
         # Pass 1: the row max, of the raw logits (softcap is monotonic).  NaN propagates.
-        m = _row_max(row)
         ti = np.int64(t[i])
         valid = not (ti == ignore_index or ti < 0 or ti >= C)
         # Every read of the logits comes before pass 2 writes the gradient row, which may be
@@ -604,16 +736,17 @@ def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, 
         # ones (half the lanes, twice the polynomial).  ms is a float32 value already (the max
         # of the row, or of its float32 softcapped copy), so the cast is exact.
         msr = cast_like(ms, row)
+        gr = grad_row(grad, i, row) if want_grad else row
         if has_cap:
             if want_grad:
-                ssum = _row_exp_sum_store(srow, msr, log2e, grad[i])
+                ssum = _row_exp_sum_store(srow, msr, log2e, gr)
             else:
                 ssum = _row_exp_sum(srow, msr, log2e)
         else:
             if want_grad and in_place:
-                ssum = _row_exp_sum_inplace(grad[i], msr, log2e)
+                ssum = _row_exp_sum_inplace(gr, msr, log2e)
             elif want_grad:
-                ssum = _row_exp_sum_store(row, msr, log2e, grad[i])
+                ssum = _row_exp_sum_store(row, msr, log2e, gr)
             else:
                 ssum = _row_exp_sum(row, msr, log2e)
         r = math.log(np.float64(ssum))
@@ -630,7 +763,6 @@ def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, 
         zl_out[i] = _z_term(lse, zl)
         hit_out[i] = 1 if hit else 0
         if want_grad:
-            gr = grad[i]
             alpha, beta, gamma = _index_grad_coefs(g[i * g_stride], lse, w_t, W, keep, smooth_c,
                                                    inv_D, z2)
             scale = alpha / np.float64(ssum)
@@ -640,9 +772,10 @@ def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, 
                 _row_grad_softcap(gr, cast_like(scale, row), cast_like(gamma, row), w, srow,
                                   inv_capf)
                 gr[ti] -= cast_like(beta * _softcap_grad_factor(s_t, inv_cap), row)
+                store_grad_row(gr, grad, i)
             else:
-                _row_grad(gr, cast_like(scale, row), cast_like(gamma, row), w, smoothing)
-                gr[ti] -= cast_like(beta, row)
+                finish_grad_row(gr, grad, i, cast_like(scale, row), cast_like(gamma, row), w,
+                                smoothing, ti, cast_like(beta, row))
 
 
 # Strided passes: each works on contiguous segments of BLOCK spatial positions (one class c of
@@ -1495,6 +1628,31 @@ def target_stats(t2, w, ignore_index, C):
 _NO_STATS = np.empty((3, 0))
 
 
+def is_bfloat16(dtype):
+    """ml_dtypes.bfloat16, recognised by name (ml_dtypes is never imported here)."""
+    return dtype.name == "bfloat16"
+
+
+def _float32_copies(x3, grad, opts):
+    """(float32 copy of bfloat16 logits, float32 gradient buffer) for the kernels that do not
+    read bfloat16 themselves; _round_back then fills grad from the buffer."""
+    xf = x3.astype(np.float32)
+    gf = grad
+    if grad is not None and grad.dtype != np.float32:
+        gf = xf if opts.in_place else np.empty(x3.shape, np.float32)   # out=input: in xf
+    return xf, gf
+
+
+def _round_back(gf, grad):
+    if gf is not grad:
+        grad[...] = gf.astype(grad.dtype)     # to nearest even; NaN stays NaN
+
+
+def _bf16_bits(a):
+    """bfloat16 arrays as their uint16 bits (zero-copy), what the rows kernel reads."""
+    return a.view(np.uint16) if is_bfloat16(a.dtype) else a
+
+
 def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=True,
                fuse_stats=False):
     """(ce, z-loss, hit, stats).  per_position: ce/z-loss/hit per position (N, S); else arrays
@@ -1503,9 +1661,18 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
     itself (forward only: the gradient needs the mean's denominator first); when it finds a bad
     target the other outputs are meaningless (but no out-of-range read happened).  Else None."""
     N, C, S = x3.shape
+    if is_bfloat16(x3.dtype) and not (S == 1 and C > SMALL_C):
+        # Only the rows kernel reads bfloat16 itself; the others get a float32 copy.
+        xf, gf = _float32_copies(x3, grad, opts)
+        out = index_loss(xf, t2, w, opts, ignore_index, gf, g, g_stride, per_position,
+                         fuse_stats)
+        _round_back(gf, grad)
+        return out
     want = grad is not None
-    gbuf = grad if want else np.empty((1, 1, 1), x3.dtype)
+    gbuf = (_bf16_bits(grad) if want else
+            np.empty((1, 1, 1), np.float32 if is_bfloat16(x3.dtype) else x3.dtype))
     work = x3.size
+    x3 = _bf16_bits(x3)
     args = (w, opts, np.int64(ignore_index), g, np.int64(g_stride))
     variant = (want, opts.softcap > 0.0)        # (gradient, softcap)
     if S == 1 and C > SMALL_C:
@@ -1534,6 +1701,11 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
 
 def prob_loss(x3, p3, w, opts, grad, g, g_stride):
     N, C, S = x3.shape
+    if is_bfloat16(x3.dtype):
+        xf, gf = _float32_copies(x3, grad, opts)
+        out = prob_loss(xf, p3, w, opts, gf, g, g_stride)
+        _round_back(gf, grad)
+        return out
     ce = np.empty((N, S))
     zl = np.empty((N, S))
     want = grad is not None
@@ -1629,6 +1801,7 @@ class CPUBackend:
 
     array_kind = "a NumPy array"
     fuses_target_stats = True       # index_loss(..., fuse_stats=True) is supported
+    reads_bfloat16 = True           # ml_dtypes.bfloat16 logits (see index_loss)
     casts_complex = True
 
     @staticmethod
@@ -1720,6 +1893,8 @@ class CPUBackend:
     @staticmethod
     def lse(x3, cap):
         from . import _shard_kernels
+        if is_bfloat16(x3.dtype):
+            x3 = x3.astype(np.float32)      # the shard kernels read float32/float64 only
         N, C, S = x3.shape
         tl = np.full((N, S), -1, dtype=np.int64)
         out = _shard_kernels.stats(x3, tl, None, CPUBackend.ones(C, x3.dtype), 1.0, 0.0, cap,

@@ -49,6 +49,16 @@ for dt in ("float32", "float64"):
         sig = [s for s in disp.signatures if str(s[0].dtype) == dt]
         assert len(sig) == 1, (name, disp.signatures)
         out.setdefault(name, {})[dt] = disp.inspect_asm(sig[0])
+# bfloat16 rows (uint16 bits): the forward and the gradient variant (bf16 out)
+import ml_dtypes
+xb = rng.standard_normal((64, 2048)).astype(ml_dtypes.bfloat16)
+fastce.cross_entropy(xb, np.arange(64) % 2048)
+fastce.cross_entropy_with_grad(xb, np.arange(64) % 2048)
+for grad in (False, True):
+    disp = cpu._KERNELS[("_index_rows", grad, False)][1]
+    sig = [s for s in disp.signatures if str(s[0].dtype) == "uint16"]
+    assert len(sig) == 1, disp.signatures
+    out.setdefault("bf16_rows", {})["grad" if grad else "fwd"] = disp.inspect_asm(sig[0])
 json.dump(out, sys.stdout)
 """
 
@@ -106,6 +116,12 @@ def exp_loops_vectorised(asm, dtype, regs):
     return ""
 
 
+def _packed_shift(op, asm, regs):
+    """Whether ``asm`` shifts 32-bit lanes by 16 (bfloat16 <-> float32 bits) on ``regs``."""
+    return any(r in args for args in re.findall(r"^\s+%s\s+\$16, ([^\n#]*)" % op, asm, re.M)
+               for r in regs)
+
+
 # ---------------------------------------------------------------------------------------------
 # The checker itself, on hand-written assembly
 # ---------------------------------------------------------------------------------------------
@@ -131,6 +147,8 @@ def test_checker_accepts_packed_and_rejects_scalar_code():
     # a packed rint beside a scalar polynomial is no vectorised exp
     few = _PACKED.replace("vfmadd213ps %ymm4, %ymm3, %ymm5", "vfmadd213ss %xmm4, %xmm3, %xmm5")
     assert "packed ps FMAs" in exp_loops_vectorised(few, "float32", ("ymm",))
+    assert _packed_shift("vpslld", "    vpslld $16, %ymm1, %ymm1\n", ("ymm",))
+    assert not _packed_shift("vpslld", "    vpslld $16, %xmm1, %xmm1\n", ("ymm",))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,8 +157,18 @@ def test_checker_accepts_packed_and_rejects_scalar_code():
 @pytest.mark.parametrize("cpu_name", list(TARGETS))
 def test_forward_exp_loops_are_packed(cpu_name, tmp_path):
     kernels = _asm(cpu_name, tmp_path)
+    bf16 = kernels.pop("bf16_rows")
     assert sorted(kernels) == ["_index_rows", "_index_rows_small", "_index_strided",
                                "_prob_blocks"]
+    regs = TARGETS[cpu_name]
+    for variant, text in bf16.items():
+        # bfloat16 rows: float32 exps, and the widening (bits << 16) packed too, as is the
+        # gradient's narrowing (>> 16 after the rounding add)
+        why = exp_loops_vectorised(text, "float32", regs)
+        assert why == "", f"{cpu_name} bf16 rows {variant}: {why}"
+        assert _packed_shift("vpslld", text, regs), f"{cpu_name} bf16 rows {variant}: widening"
+        if variant == "grad":
+            assert _packed_shift("vpsrld", text, regs), f"{cpu_name} bf16 rows: narrowing"
     for kernel, asm in kernels.items():
         if cpu_name == "haswell":       # AVX2 code: no AVX-512 register anywhere
             assert not any("zmm" in a for a in asm.values()), kernel
