@@ -119,7 +119,7 @@ def _check_logits(be, input, name="input"):
     x = be.asarray(input)
     if x.dtype.kind == "f" and not x.dtype.isnative:
         x = be.cast(x, x.dtype.newbyteorder("="))   # big-endian logits: one native-order copy
-    bf16_ok = _is_bf16(x.dtype) and getattr(be, "reads_bfloat16", False)
+    bf16_ok = _is_bf16(x.dtype) and be.reads_bfloat16
     if x.dtype not in _FLOATS and not bf16_ok:
         raise TypeError(f"fastce: {name} must be float16, float32 or float64 logits (or "
                         f"bfloat16 NumPy ones), got dtype {x.dtype}")

@@ -33,6 +33,8 @@ class Backend(Protocol):
     #: ``index_loss(..., fuse_stats=True)`` validates the targets and returns their statistics
     #: in the loss pass itself (else the entry point calls ``target_stats`` first).
     fuses_target_stats: bool
+    #: Logits may be ``ml_dtypes.bfloat16`` (losses then float32, the gradient bfloat16).
+    reads_bfloat16: bool
     #: ``cast`` accepts complex arrays, dropping the imaginary part (torch's ``dtype=``).
     casts_complex: bool
 

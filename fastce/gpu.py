@@ -1255,6 +1255,7 @@ class GPUBackend:
 
     array_kind = "a CUDA device array (CuPy, Numba or __cuda_array_interface__)"
     fuses_target_stats = False
+    reads_bfloat16 = False          # bfloat16 on the GPU: issue #12
     casts_complex = False
 
     @staticmethod
