@@ -1629,8 +1629,9 @@ _NO_STATS = np.empty((3, 0))
 
 
 def is_bfloat16(dtype):
-    """ml_dtypes.bfloat16, recognised by name (ml_dtypes is never imported here)."""
-    return dtype.name == "bfloat16"
+    """ml_dtypes.bfloat16, recognised by name (ml_dtypes is never imported here; kind first:
+    ``dtype.name`` is computed in Python)."""
+    return dtype.kind == "V" and dtype.name == "bfloat16"
 
 
 def _float32_copies(x3, grad, opts):
