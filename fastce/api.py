@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .dispatch import backend_for, is_dask_array
+from .dispatch import backend_for, cpu_backend, is_dask_array
 from .options import LossOptions
 
 __all__ = [
@@ -416,6 +416,58 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
     return be.wrap(loss, input), be.wrap(grad, input), stats
 
 
+_LEAN_LOGITS = (np.dtype(np.float32), np.dtype(np.float64))
+_LEAN_TARGETS = (np.dtype(np.int64), np.dtype(np.int32))
+
+
+def _no_options(label_smoothing, softcap, z_loss):
+    """The defaults, given as plain Python numbers (anything else takes the checked path)."""
+    return (softcap is None and type(label_smoothing) in (float, int) and label_smoothing == 0
+            and type(z_loss) in (float, int) and z_loss == 0)
+
+
+def _lean_rows(input, target, reduction, ignore_index, want_grad):
+    """The common small call (a classifier's (N, C) float32/float64 logits, int64/int32 targets,
+    no weights or other options, mean/sum) in a few microseconds of Python: the checks that
+    can fail here are the ones _cross_entropy would make, in a cheaper form, and the kernel
+    calls are the same, so results are bitwise those of the general path.  None: not this
+    case (the caller takes the general path, which raises for bad arguments)."""
+    if not (type(input) is np.ndarray and type(target) is np.ndarray and input.ndim == 2
+            and target.ndim == 1 and type(ignore_index) is int
+            and (reduction == "mean" or reduction == "sum")):
+        return None
+    dtype = input.dtype
+    N, C = input.shape
+    if (dtype not in _LEAN_LOGITS or target.dtype not in _LEAN_TARGETS or N == 0 or C == 0
+            or target.shape[0] != N or not input.flags.c_contiguous
+            or not target.flags.c_contiguous
+            or not _INT64.min <= ignore_index <= _INT64.max):
+        return None
+    be = cpu_backend()
+    x3, t2 = input.reshape(N, C, 1), target.reshape(N, 1)
+    w = be.ones(C, dtype)
+    mean = reduction == "mean"
+    if want_grad:
+        D, count, bad = be.target_stats(t2, w, ignore_index, C)
+        if bad >= 0:
+            raise _bad_target_error(be, target, bad, C, ignore_index)
+        grad = be.empty((N, C, 1), dtype)
+        opts = LossOptions(weight_sum=float(C), grad_scale=_div(1.0, D) if mean else 1.0)
+        ce, _, _, _ = be.index_loss(x3, t2, w, opts, ignore_index, grad, be.ones(1, np.float64),
+                                    0, per_position=False)
+    else:
+        grad = None
+        opts = LossOptions(weight_sum=float(C))
+        ce, _, _, (D, count, bad) = be.index_loss(x3, t2, w, opts, ignore_index, None,
+                                                  be.ones(1, np.float64), 0,
+                                                  per_position=False, fuse_stats=True)
+        if bad >= 0:
+            raise _bad_target_error(be, target, bad, C, ignore_index)
+    total = be.total(ce)
+    loss = be.scalar(_div(total, D) if mean else total, dtype)
+    return loss, (None if grad is None else grad.reshape(N, C))
+
+
 def _loss(be, ce, zls, hit, reduction, D, Dz, loss_shape, dtype, raw):
     """The loss from the kernels' per-element (or partial) sums; ``zls`` None without z-loss,
     ``hit`` None unless token hits were asked for."""
@@ -490,6 +542,11 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
     Returns a NumPy scalar (CuPy 0-d array on the GPU) of the input's dtype for mean/sum, an
     array of the target's shape for "none".
     """
+    if (weight is None and class_axis is None and _no_options(label_smoothing, softcap, z_loss)
+            and not (return_z_loss or return_token_accuracy or return_lse)):
+        lean = _lean_rows(input, target, reduction, ignore_index, want_grad=False)
+        if lean is not None:
+            return lean[0]
     if is_dask_array(input) or is_dask_array(target):
         from . import dask_backend
         return dask_backend.cross_entropy(
@@ -537,6 +594,12 @@ def cross_entropy_with_grad(input, target, weight=None, *, grad_output=None, ign
     With return_z_loss / return_token_accuracy / return_lse the first item is a
     ``CrossEntropyOutput``.
     """
+    if (weight is None and grad_output is None and out is None and class_axis is None
+            and _no_options(label_smoothing, softcap, z_loss)
+            and not (return_z_loss or return_token_accuracy or return_lse)):
+        lean = _lean_rows(input, target, reduction, ignore_index, want_grad=True)
+        if lean is not None:
+            return lean
     if is_dask_array(input) or is_dask_array(target):
         from . import dask_backend
         return dask_backend.cross_entropy(

@@ -1,0 +1,105 @@
+"""The lean path for small common calls (fastce.api._lean_rows): taken when it should be, and
+bitwise the general path's results and errors (class_axis=1 forces the general path)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastce
+from fastce import api
+
+
+def _general(monkeypatch):
+    """Make the lean path decline, so calls take _cross_entropy."""
+    monkeypatch.setattr(api, "_lean_rows", lambda *a, **k: None)
+
+
+def _taken(monkeypatch):
+    """Fail if a call reaches the general path."""
+    def boom(*a, **k):
+        raise AssertionError("took the general path")
+    monkeypatch.setattr(api, "_cross_entropy", boom)
+
+
+@pytest.mark.parametrize("shape", [(256, 10), (7, 3), (33, 100), (5, 1000)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("tdtype", [np.int64, np.int32])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_lean_matches_general_bitwise(monkeypatch, shape, dtype, tdtype, reduction):
+    rng = np.random.default_rng(hash((shape, reduction)) % 2**32)
+    x = (rng.standard_normal(shape) * 4).astype(dtype)
+    t = rng.integers(0, shape[1], shape[0]).astype(tdtype)
+    t[::3] = -100
+    x[0, 0] = np.inf if shape[0] > 1 else x[0, 0]
+    with monkeypatch.context() as m:
+        _taken(m)
+        loss = fastce.cross_entropy(x, t, reduction=reduction)
+        loss2, grad = fastce.cross_entropy_with_grad(x, t, reduction=reduction)
+    with monkeypatch.context() as m:
+        _general(m)
+        want = fastce.cross_entropy(x, t, reduction=reduction)
+        want2, want_g = fastce.cross_entropy_with_grad(x, t, reduction=reduction)
+    for got, exp in ((loss, want), (loss2, want2)):
+        assert type(got) is type(exp) and got.dtype == exp.dtype
+        assert np.array_equal(got, exp, equal_nan=True)
+    assert grad.dtype == want_g.dtype and grad.shape == x.shape
+    assert np.array_equal(grad, want_g, equal_nan=True)
+
+
+def test_lean_all_ignored_is_nan_like_torch(monkeypatch):
+    x = np.zeros((4, 5), np.float32)
+    t = np.full(4, -100)
+    _taken(monkeypatch)
+    assert np.isnan(fastce.cross_entropy(x, t))
+    loss, grad = fastce.cross_entropy_with_grad(x, t)
+    assert np.isnan(loss) and not grad.any()
+
+
+@pytest.mark.parametrize("C", [10, 1000])
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_lean_bad_targets_raise_as_general(monkeypatch, C, with_grad):
+    x = np.zeros((6, C), np.float32)
+    t = np.array([0, 1, C, 2, 3, 4])
+    call = fastce.cross_entropy_with_grad if with_grad else fastce.cross_entropy
+    with pytest.raises(ValueError) as lean:
+        call(x, t)
+    _general(monkeypatch)
+    with pytest.raises(ValueError) as general:
+        call(x, t)
+    assert str(lean.value) == str(general.value) and f"{C}" in str(lean.value)
+
+
+@pytest.mark.parametrize("kwargs", [dict(softcap=0.0), dict(label_smoothing=1.5),
+                                    dict(z_loss=-1), dict(reduction="avg"),
+                                    dict(ignore_index=True), dict(label_smoothing=[])])
+def test_arguments_the_lean_path_declines_still_raise(kwargs):
+    x = np.zeros((4, 5), np.float32)
+    t = np.array([0, 1, 2, 3])
+    with pytest.raises((TypeError, ValueError)):
+        fastce.cross_entropy(x, t, **kwargs)
+
+
+def test_declined_inputs_take_the_general_path(monkeypatch):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((8, 6)).astype(np.float32)
+    t = rng.integers(0, 6, 8)
+    cases = [(x.astype(">f4"), t), (np.asfortranarray(x), t), (x, t.astype(np.uint8)),
+             (x, np.repeat(t, 2)[::2]), (x.astype(np.float16), t)]
+    want = fastce.cross_entropy(x.astype(np.float64), t)
+    calls = []
+    real = api._cross_entropy
+    monkeypatch.setattr(api, "_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for xi, ti in cases:
+        assert abs(float(fastce.cross_entropy(xi, ti)) - want) < 1e-3
+    assert len(calls) == len(cases)
+
+
+def test_lean_inputs_not_modified_and_grad_fresh():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((64, 10)).astype(np.float32)
+    t = rng.integers(0, 10, 64)
+    xc, tc = x.copy(), t.copy()
+    _, g1 = fastce.cross_entropy_with_grad(x, t)
+    _, g2 = fastce.cross_entropy_with_grad(x, t)
+    assert np.array_equal(x, xc) and np.array_equal(t, tc)
+    assert g1 is not g2 and not np.shares_memory(g1, g2) and g1.flags.writeable
