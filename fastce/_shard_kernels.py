@@ -5,8 +5,8 @@ Logits are canonical (N, C, S) as everywhere in fastce (C: the shard's classes).
 as in ``fastce.cpu``: rows (S == 1, one task per row, loops along the contiguous classes) and
 strided (S > 1, a task is BLOCK positions of one n, loops along the contiguous positions), so
 that LLVM vectorises every pass.  The exp, softcap and NaN-propagating max are fastce.cpu's;
-the kernels run through ``fastce.cpu.launch`` (its serial/parallel twins and its lock for
-thread-unsafe threading layers), registered under their own names.
+the kernels run through ``fastce.cpu.launch`` (one thread, or shares of their tasks on its
+thread pool), registered under their own names.
 
 Statistics rows of ``out`` (K, N, S), float64:
     0 m      max of the (softcapped) logits (NaN if any is NaN; -inf when all are -inf)
@@ -25,12 +25,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from . import cpu
 from .cpu import FASTMATH, LOG2E, cast_like, exp2_nonpos, exp2_nonpos_exact, fmaximum, softcap_fast
 from .cpu import _seg_exp_acc, _seg_max, _seg_softcap   # the block kernels' segment passes
-from .cpu import _softcap_grad_factor, block_bounds, blocks_per_row
+from .cpu import _softcap_grad_factor, block_bounds, blocks_per_row, task_range
 from .options import ShardOptions
 
 K_STATS = 8
@@ -39,7 +39,7 @@ _INF = math.inf
 
 
 # ---------------------------------------------------------------------------------------------
-# Small vectorisable helpers (prange bodies call them: Numba's inlining into prange is fragile)
+# Small vectorisable helpers
 # ---------------------------------------------------------------------------------------------
 @njit(**_INLINE)
 def _max(row):
@@ -105,9 +105,10 @@ def _caps(opts, like):
 # ---------------------------------------------------------------------------------------------
 # Statistics (opts: fastce.options.ShardOptions)
 # ---------------------------------------------------------------------------------------------
-def _stats_rows(x, tl, p, w, opts, out):
+def _stats_rows(x, tl, p, w, opts, out, part, nparts):
     N, C = x.shape[0], x.shape[1]
-    for i in prange(N):
+    lo, hi = task_range(N, part, nparts)
+    for i in range(lo, hi):
         row = x[i]
         has_cap, capf, inv_capf = _caps(opts, row)
         log2e = cast_like(LOG2E, row)
@@ -191,10 +192,11 @@ def _block_argmax(x, n, s0, m, out):
         out[7, n, s0 + j] = first[j]
 
 
-def _stats_strided(x, tl, p, w, opts, out):
+def _stats_strided(x, tl, p, w, opts, out, part, nparts):
     N, C, S = x.shape
     nblk = blocks_per_row(S)
-    for task in prange(N * nblk):
+    lo, hi = task_range(N * nblk, part, nparts)
+    for task in range(lo, hi):
         n, s0, L = block_bounds(np.int64(task), nblk, S)
         has_cap, capf, inv_capf = _caps(opts, x)
         scratch = np.empty((4, L), x.dtype)
@@ -260,9 +262,10 @@ def _grad_entry(xv, wc, is_target, opts, p, at, has_cap, capf, inv_capf, a, alph
     return v
 
 
-def _grad_rows(x, tl, p, w, opts, coef, grad):
+def _grad_rows(x, tl, p, w, opts, coef, grad, part, nparts):
     N, C = x.shape[0], x.shape[1]
-    for i in prange(N):
+    lo, hi = task_range(N, part, nparts)
+    for i in range(lo, hi):
         row = x[i]
         gr = grad[i]
         if coef[4, i] == 0.0:
@@ -296,10 +299,11 @@ def _grad_rows(x, tl, p, w, opts, coef, grad):
             gr[ti] -= cast_like(beta * f, row)
 
 
-def _grad_strided(x, tl, p, w, opts, coef, grad):
+def _grad_strided(x, tl, p, w, opts, coef, grad, part, nparts):
     N, C, S = x.shape
     nblk = blocks_per_row(S)
-    for task in prange(N * nblk):
+    lo, hi = task_range(N * nblk, part, nparts)
+    for task in range(lo, hi):
         n, s0, L = block_bounds(np.int64(task), nblk, S)
         has_cap, capf, inv_capf = _caps(opts, x)
         for c in range(C):
@@ -329,7 +333,7 @@ def _register():
             name = "_shard_" + short
             fn.__name__ = name
             fn.__qualname__ = name
-            cpu._KERNELS.setdefault(name, cpu._twins(fn))
+            cpu._KERNELS.setdefault(name, cpu._kernel(fn))
             _REGISTERED[short] = name
     return _REGISTERED
 

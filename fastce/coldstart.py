@@ -206,19 +206,18 @@ def run_cold(quick=False, fresh=False, out=sys.stdout, progress=None):
 # ---------------------------------------------------------------------------------------------
 DTYPES = ("float32", "float64")
 LAYOUTS = ("rows", "strided", "small", "prob")
-# A problem of each layout on either side of fastce.cpu.SERIAL_BELOW (the serial and the
-# parallel kernel): (logits shape, targets: "index" or "prob").
+# A problem of each layout, large enough for threads (one compilation serves every size).
 _SHAPES = {
-    "rows": ((64, 200), (512, 256)),
-    "strided": ((1, 3, 8, 8), (2, 21, 64, 64)),
-    "small": ((64, 10), (8192, 10)),
-    "prob": ((16, 50), (256, 512)),
+    "rows": ((512, 256),),
+    "strided": ((2, 21, 64, 64),),
+    "small": ((8192, 10),),
+    "prob": ((256, 512),),
 }
 
 
 def _warm_one(layout, dtype):
-    """Compile (or load) the kernels of one layout and dtype: forward and loss+grad, serial
-    and parallel.  Returns the seconds it took."""
+    """Compile (or load) the kernels of one layout and dtype: forward and loss+grad.  Returns
+    the seconds it took."""
     import numpy as np
 
     import fastce
@@ -258,10 +257,9 @@ def _compiled_here():
     """Names of fastce's kernels that this process compiled rather than loaded from the cache."""
     from . import cpu
     out = set()
-    for name, twins in cpu._KERNELS.items():
-        for d in twins:
-            if sum(d.stats.cache_misses.values()):
-                out.add("/".join(map(str, name)) if isinstance(name, tuple) else name)
+    for name, d in cpu._KERNELS.items():
+        if sum(d.stats.cache_misses.values()):
+            out.add("/".join(map(str, name)) if isinstance(name, tuple) else name)
     return out
 
 
@@ -270,7 +268,7 @@ def _cache_dir():
     user-wide cache directory when the package's directory is read-only)."""
     try:
         from . import cpu
-        return cpu._KERNELS["_target_stats"][0]._cache._cache_path
+        return cpu._KERNELS["_target_stats"]._cache._cache_path
     except Exception:       # a Numba without these internals: say what it would be
         return os.environ.get("NUMBA_CACHE_DIR") or "Numba's default cache directory"
 
@@ -293,8 +291,8 @@ def warmup(dtypes=DTYPES, layouts=LAYOUTS, jobs=None, out=sys.stdout):
         else:
             groups[i % jobs].append(layout)
     tasks = [[(l, d) for l in g for d in dtypes] for g in groups if g]
-    print(f"fastce warmup: {', '.join(dtypes)} x {', '.join(layouts)} (forward and loss+grad, "
-          f"serial and parallel kernels) in {len(tasks)} process(es)", file=out, flush=True)
+    print(f"fastce warmup: {', '.join(dtypes)} x {', '.join(layouts)} (forward and loss+grad "
+          f"kernels) in {len(tasks)} process(es)", file=out, flush=True)
     times = {}
     if len(tasks) == 1:
         times.update(_run_warm_child(tasks[0]))

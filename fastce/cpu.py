@@ -14,10 +14,11 @@ to libm's expf per element would make the loss compute-bound at ~4x the cost of 
 logits.  A range reduction plus a polynomial, with the power of two assembled from integer
 bits, is accurate to ~3 ulp and lets LLVM vectorise every pass.
 
-Each kernel exists twice: ``parallel=True`` for large problems and a serial twin for small ones,
-where waking the thread pool would cost more than the work.  Per-row results, or per-block sums
-over a fixed partition, are written to arrays and reduced on the host in a fixed order, so the
-loss is bitwise identical whatever the thread count.  The forward validates each block's
+Each kernel is compiled once, serially, over a range of its tasks: a small problem runs whole
+in the caller's thread (waking threads would cost more than the work), a large one in
+contiguous shares on a pool of threads (``launch``).  Per-row results, or per-block sums over a
+fixed partition, are written to arrays and reduced on the host in a fixed order, so the loss
+is bitwise identical whatever the thread count.  The forward validates each block's
 targets inside the loss kernel (a bad target is never used as an index and is reported after
 the kernel); loss+grad needs the mean's denominator before its gradient pass, so it runs the
 target pre-pass first, over the same partition (the same denominator to the last bit).
@@ -32,7 +33,7 @@ import threading
 import numba
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, types
 from numba.extending import intrinsic, overload, register_jitable
 
 from . import elementwise as ew
@@ -52,7 +53,7 @@ LOG2E = 1.4426950408889634
 # Positions per task of the block kernels: a block's C segments (C * BLOCK logits, 2 MiB of
 # float32 for C = 1000) stay in L2 between the passes, and its per-position scratch in L1.
 BLOCK = 512
-# Logits below which the serial twin runs: waking the thread pool costs tens of microseconds,
+# Logits below which a kernel runs in one thread: waking the pool costs tens of microseconds,
 # more than the whole loss of a problem this small (W3, 256 x 10, runs serial).
 SERIAL_BELOW = 1 << 16
 SMALL_C = 32                   # rows of at most this many classes take _index_rows_small
@@ -392,9 +393,9 @@ def _exp2_nonpos_exact_impl(u):
 
 @njit(**_INLINE)
 def exp2_exact_call(u):
-    """exp2_nonpos_exact as a called function: for use inside prange bodies, into which Numba's
-    IR inlining is unreliable (it can mistype the loop index).  Vectorised loops live in the
-    small helpers below, which inline exp2_nonpos themselves."""
+    """exp2_nonpos_exact as a called function, for loops that LLVM does not vectorise anyway
+    (one copy of its code).  Vectorised loops live in the small helpers below, which inline
+    exp2_nonpos themselves."""
     return exp2_nonpos_exact(u)
 
 
@@ -652,33 +653,44 @@ def blocks_per_row(S):
 
 
 @register_jitable
+def task_range(K, part, nparts):
+    """Tasks lo:hi of a kernel's K tasks that thread ``part`` of ``nparts`` runs (see launch):
+    contiguous shares of sizes differing by at most one.  Every task writes its own outputs, so
+    results do not depend on nparts."""
+    q, r = divmod(np.int64(K), np.int64(nparts))
+    lo = part * q + min(part, r)
+    return lo, lo + q + (1 if part < r else 0)
+
+
+@register_jitable
 def block_bounds(task, nblk, S):
-    """(n, s0, L): block ``task`` of the fixed partition, positions s0:s0 + L of row n (task
-    must be int64: a prange index may be typed uint64, which would compile this twice)."""
+    """(n, s0, L): block ``task`` of the fixed partition, positions s0:s0 + L of row n."""
     n = task // nblk
     s0 = (task - n * nblk) * BLOCK
     return n, s0, min(BLOCK, S - s0)
 
 
-def _target_stats(t, tk, w, ignore_index, C, part):
-    """part[:, task] = (sum of w[t], count, first bad flat position or -1) per block of the
+def _target_stats(t, tk, w, ignore_index, C, stats, part, nparts):
+    """stats[:, task] = (sum of w[t], count, first bad flat position or -1) per block of the
     targets (M, S), whose bytes are t (M, S * tk) (see _seg_widen)."""
     M = t.shape[0]
     S = t.shape[1] // tk
     nblk = blocks_per_row(S)
-    for task in prange(M * nblk):
+    lo, hi = task_range(M * nblk, part, nparts)
+    for task in range(lo, hi):
         n, s0, L = block_bounds(np.int64(task), nblk, S)
         ts = np.empty(L, np.int64)
         _seg_widen(t[n, s0 * tk:(s0 + L) * tk], tk, ts)
         v = np.empty((2, L), w.dtype)
         nbad = _seg_targets(ts, w, ignore_index, C, v[0], v[1])
-        _seg_stats(ts, ignore_index, C, v[0], v[1], nbad, part, task, n * S + s0)
+        _seg_stats(ts, ignore_index, C, v[0], v[1], nbad, stats, task, n * S + s0)
 
 
 # ---------------------------------------------------------------------------------------------
 # Class-index targets
 # ---------------------------------------------------------------------------------------------
-def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, hit_out):
+def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, hit_out, part,
+                nparts):
     """Rows layout.  opts: fastce.options.LossOptions (in_place: grad is x itself, and there
     is no softcap; want_hits: token accuracy asked for, else hit_out is left 0).
 
@@ -697,7 +709,8 @@ def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, 
     # A bfloat16 gradient is computed in the widened row itself, as out=input would be.
     in_place = opts.in_place or narrows(grad)
     want_hit = opts.want_hits
-    for i in prange(N):
+    lo, hi = task_range(N, part, nparts)
+    for i in range(lo, hi):
         row, m = widen_max(x[i])
         capf = cast_like(cap, row)
         inv_capf = cast_like(inv_cap, row)
@@ -1114,13 +1127,12 @@ def _index_block(x, xn, xs0, L, t, tk, on, os0, w, opts, ignore_index, in_place,
 
 
 def _index_strided(x, t, tk, w, opts, ignore_index, g, g_stride, grad, per_position,
-                   ce_out, zl_out, hit_out, stats):
+                   ce_out, zl_out, hit_out, stats, part, nparts):
     """Strided layout (N, C, S): task = BLOCK positions of one n."""
     N, C, S = x.shape
     nblk = blocks_per_row(S)
-    for task in prange(N * nblk):
-        # (np.int64: a prange index may be typed uint64 in the parallel loop's body but not
-        # where the call is first typed, which would compile _index_block twice)
+    lo, hi = task_range(N * nblk, part, nparts)
+    for task in range(lo, hi):
         slot = np.int64(task)
         n, s0, L = block_bounds(slot, nblk, S)
         _index_block(x, n, s0, L, t, tk, n, s0, w, opts, ignore_index, opts.in_place, g,
@@ -1129,13 +1141,14 @@ def _index_strided(x, t, tk, w, opts, ignore_index, g, g_stride, grad, per_posit
 
 
 def _index_rows_small(x, t, tk, w, opts, ignore_index, g, g_stride, grad, per_position,
-                      ce_out, zl_out, hit_out, stats):
+                      ce_out, zl_out, hit_out, stats, part, nparts):
     """Rows of few classes (C <= SMALL_C), x (N, C, 1), targets t (1, N): a task transposes
     BLOCK rows into a (1, C, BLOCK) scratch, so that the block code vectorises across rows."""
     N, C = x.shape[0], x.shape[1]
     nblk = blocks_per_row(N)
-    for b in prange(nblk):
-        bi = np.int64(b)        # (a prange index may be typed uint64: see _index_strided)
+    lo, hi = task_range(nblk, part, nparts)
+    for b in range(lo, hi):
+        bi = np.int64(b)
         _, i0, L = block_bounds(bi, nblk, N)
         xb = np.empty((1, C, L), x.dtype)
         for j in range(L):
@@ -1145,8 +1158,8 @@ def _index_rows_small(x, t, tk, w, opts, ignore_index, g, g_stride, grad, per_po
         # alone, this kernel ran ~15% slower at W3, 256 x 10, A/B in one process.)
         wg = WANT_GRAD and grad.shape[0] == N
         gb = np.empty((1, C, L) if wg else (1, 1, 1), x.dtype)
-        # Literal arguments (0, False): _index_block is compiled for them (constant offsets, no
-        # prefetch, never in place), faster on these small blocks than the strided kernel's.
+        # Constant arguments (0, False): LLVM specialises the inlined block code for them
+        # (constant offsets, no prefetch, never in place), faster on these small blocks.
         _index_block(xb, 0, 0, L, t, tk, 0, i0, w, opts, ignore_index, False, g, i0,
                      g_stride, gb, per_position, bi, ce_out, zl_out, hit_out, stats, False)
         if wg:
@@ -1158,7 +1171,7 @@ def _index_rows_small(x, t, tk, w, opts, ignore_index, g, g_stride, grad, per_po
 # ---------------------------------------------------------------------------------------------
 # Probability targets (one kernel for both layouts: blocks of the spatial axis, L = 1 for rows)
 # ---------------------------------------------------------------------------------------------
-def _prob_blocks(x, p, w, opts, g, g_stride, grad, ce_out, zl_out):
+def _prob_blocks(x, p, w, opts, g, g_stride, grad, ce_out, zl_out, part, nparts):
     """opts: fastce.options.LossOptions (weight_sum, in_place and want_hits unused)."""
     N, C, S = x.shape
     keep, smooth_c, cap = opts.keep, opts.smooth_c, opts.softcap
@@ -1167,7 +1180,8 @@ def _prob_blocks(x, p, w, opts, g, g_stride, grad, ce_out, zl_out):
     has_cap = HAS_CAP
     inv_cap = 1.0 / cap if has_cap else 0.0
     nblk = blocks_per_row(S)
-    for task in prange(N * nblk):
+    lo, hi = task_range(N * nblk, part, nparts)
+    for task in range(lo, hi):
         n, s0, L = block_bounds(np.int64(task), nblk, S)
         xs = x[n, :, s0:s0 + L]
         ps = p[n, :, s0:s0 + L]
@@ -1247,9 +1261,10 @@ def _seg_sub2(xs, a, b, out):
         out[j] = (xs[j] - a[j]) - b[j]
 
 
-def _softmax_rows(x, mode, out, lse_out):
+def _softmax_rows(x, mode, out, lse_out, part, nparts):
     N, C = x.shape
-    for i in prange(N):
+    lo, hi = task_range(N, part, nparts)
+    for i in range(lo, hi):
         row = x[i]
         m = row[0]
         for c in range(1, C):
@@ -1272,10 +1287,11 @@ def _softmax_rows(x, mode, out, lse_out):
             _row_scale(o, cast_like(1.0 / np.float64(ssum) if finite else math.nan, row))
 
 
-def _softmax_strided(x, mode, out, lse_out):
+def _softmax_strided(x, mode, out, lse_out, part, nparts):
     N, C, S = x.shape
     nblk = blocks_per_row(S)
-    for task in prange(N * nblk):
+    lo, hi = task_range(N * nblk, part, nparts)
+    for task in range(lo, hi):
         n, s0, L = block_bounds(np.int64(task), nblk, S)
         xs = x[n, :, s0:s0 + L]
         log2e = cast_like(LOG2E, x)
@@ -1383,31 +1399,34 @@ def _chunk_bounds(task, K, C):
     return i, k, c0, min(C, c0 + L)
 
 
-def _lse_chunks(x, b, has_b, K, pm, ps, pp):
+def _lse_chunks(x, b, K, pm, ps, pp, part, nparts):
     """pm, ps (N, K): max and sum of (b *) exp(x - max) of the K chunks of each row of x; pp:
-    _seg_poisoned of each chunk (with b)."""
+    _seg_poisoned of each chunk (with b).  b None: no weights (a compilation of its own,
+    without the weighted code)."""
     N, C = x.shape
-    for task in prange(N * K):
+    lo, hi = task_range(N * K, part, nparts)
+    for task in range(lo, hi):
         i, k, c0, c1 = _chunk_bounds(np.int64(task), K, C)
         pp[i, k] = 0.0
         if c0 == c1:
             pm[i, k] = -math.inf
             ps[i, k] = 0.0
-        elif has_b:
+        elif b is not None:
             pm[i, k], ps[i, k] = _chunk_weighted(x[i, c0:c1], b[i, c0:c1])
             pp[i, k] = _seg_poisoned(x[i, c0:c1], b[i, c0:c1])
         else:
             pm[i, k], ps[i, k] = _chunk_plain(x[i, c0:c1])
 
 
-def _lse_combine(pm, ps, pp, signed, lse, sgn, mx, logs, inv):
+def _lse_combine(pm, ps, pp, signed, lse, sgn, mx, logs, inv, part, nparts):
     """Per row: lse = log|sum| + max and sign(sum) from the chunk partials (scipy's rules:
     an all -inf or zero sum gives -inf and sign 0, a negative sum NaN unless ``signed``, a
     non-finite result NaN if a zero weight sits on +inf or NaN); mx,
     logs, inv: the max, log(sum) and 1/sum that softmax / log_softmax use (0, 0, NaN when the
     max is not finite)."""
     N, K = pm.shape
-    for i in prange(N):
+    lo, hi = task_range(N, part, nparts)
+    for i in range(lo, hi):
         m = -math.inf
         for k in range(K):
             m = fmaximum(m, pm[i, k])
@@ -1447,9 +1466,10 @@ def _lse_combine(pm, ps, pp, signed, lse, sgn, mx, logs, inv):
         mx[i] = m
 
 
-def _softmax_chunks_out(x, K, mode, mx, logs, inv, out):
+def _softmax_chunks_out(x, K, mode, mx, logs, inv, out, part, nparts):
     N, C = x.shape
-    for task in prange(N * K):
+    lo, hi = task_range(N * K, part, nparts)
+    for task in range(lo, hi):
         i, _, c0, c1 = _chunk_bounds(np.int64(task), K, C)
         if c0 == c1:
             continue
@@ -1483,11 +1503,10 @@ def _renamed(fn, suffix, consts=None):
     return out
 
 
-def _twins(fn):
-    """(serial, parallel) compilations of one kernel body; the serial twin is a renamed copy
-    (see _renamed).  Each is compiled on its first call only."""
-    return (njit(parallel=False, **_JIT)(_renamed(fn, "_serial")),
-            njit(parallel=True, **_JIT)(fn))
+def _kernel(fn):
+    """The one compilation of a kernel body (serial, nogil: launch runs it on several threads
+    at once over disjoint task ranges), compiled on its first call only."""
+    return njit(**_JIT)(fn)
 
 
 # Variants: what a call never needs is not compiled.  WANT_GRAD and HAS_CAP are compile-time
@@ -1512,67 +1531,70 @@ def _variants(fn, callees=None):
     return out
 
 
-# The block code (cached itself: the strided and small-rows kernels share its compilations),
-# and its passes that depend on the variant.
+# The block code, inlined into the strided and small-rows kernels in Numba's IR (as a function
+# of its own it was typed, optimised and emitted once more, and re-optimised inside each
+# kernel: ~1 s of their first calls), and its passes that depend on the variant.
 _BLOCK_PASSES = {fn.__name__: {key: njit(**_INLINE)(f) for key, f in _variants(fn).items()}
                  for fn in (_block_exp_sums, _block_grad_coefs, _block_grad)}
-_BLOCK = {"_index_block": {key: njit(**_JIT)(f)
+_BLOCK = {"_index_block": {key: njit(inline="always", **_INLINE)(f)
                            for key, f in _variants(_index_block, _BLOCK_PASSES).items()}}
-_KERNELS = {fn.__name__: _twins(fn) for fn in (_target_stats, _softmax_rows, _softmax_strided,
+_KERNELS = {fn.__name__: _kernel(fn) for fn in (_target_stats, _softmax_rows, _softmax_strided,
                                                 _lse_chunks, _lse_combine,
                                                 _softmax_chunks_out)}
 for _fn, _callees in ((_index_rows, None), (_index_rows_small, _BLOCK),
                       (_index_strided, _BLOCK), (_prob_blocks, None)):
     for _key, _variant in _variants(_fn, _callees).items():
-        _KERNELS[(_fn.__name__,) + _key] = _twins(_variant)
+        _KERNELS[(_fn.__name__,) + _key] = _kernel(_variant)
 
 
-# Numba's 'workqueue' threading layer aborts the process when two threads launch parallel
-# kernels at once; 'omp' and 'tbb' are safe.  Until the layer is known (it is chosen at the
-# first parallel launch) and whenever it is workqueue, parallel launches take this lock.
-_launch_lock = threading.Lock()
-_layer_is_safe = None
-# After fork(), a child of a process whose thread pool has started must not use it: GNU OpenMP
-# aborts the child ("fork() called from a process already using GNU OpenMP") and the workqueue
-# pool's threads do not exist there.  Such children run the serial twins.
-_pool_started = False
-_serial_only = False
+# Threads.  Kernels are compiled serially and split their tasks with task_range; large calls
+# run the parts on Python threads (the kernels release the GIL).  Numba's parallel=True would
+# compile every kernel a second time, through its parfor passes: ~40% of a cold start.  The
+# pool is per process (a forked child makes its own) and its workers only ever run kernels, so
+# any number of threads may call fastce at once.
+_pool = None
+_pool_key = None
+_pool_lock = threading.Lock()
 
 
-def _after_fork_in_child():
-    global _launch_lock, _serial_only
-    _launch_lock = threading.Lock()     # the parent's may have been held at fork time
-    _serial_only = _serial_only or _pool_started
+def num_threads():
+    """Threads of a large call: Numba's thread count (``numba.set_num_threads`` is honoured
+    once Numba's own pool runs; starting that pool just to ask would cost its threads), else
+    ``NUMBA_NUM_THREADS`` (default: the CPU count)."""
+    from numba.np.ufunc import parallel
+    if parallel._is_initialized:
+        return numba.get_num_threads()
+    return numba.config.NUMBA_NUM_THREADS
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+def _executor(workers):
+    global _pool, _pool_key
+    key = (os.getpid(), workers)
+    if _pool_key != key:
+        with _pool_lock:
+            if _pool_key != key:
+                from concurrent.futures import ThreadPoolExecutor
+                if _pool is not None and _pool_key[0] == key[0]:
+                    _pool.shutdown(wait=False)
+                _pool = ThreadPoolExecutor(workers, thread_name_prefix="fastce")
+                _pool_key = key
+    return _pool
 
 
 def launch(name, work, *args):
     """Run kernel ``name`` (a name, or (name, want_grad, has_cap) for the loss kernels' variants)
-    on ``args``; ``work`` (element count) picks serial or parallel."""
-    global _layer_is_safe, _pool_started
-    serial, parallel = _KERNELS[name]
-    if work < SERIAL_BELOW or _serial_only:
-        return serial(*args)
-    _pool_started = True
-    if _layer_is_safe:
-        return parallel(*args)
-    with _launch_lock:
-        out = parallel(*args)
-        if _layer_is_safe is None:
-            _layer_is_safe = _threading_layer() in ("omp", "tbb")
-        return out
-
-
-def _threading_layer():
+    on ``args``; ``work`` (element count) decides whether its tasks are split over threads."""
+    kernel = _KERNELS[name]
+    nparts = 1 if work < SERIAL_BELOW else num_threads()
+    if nparts <= 1:
+        return kernel(*args, 0, 1)
+    futures = [_executor(nparts - 1).submit(kernel, *args, part, nparts)
+               for part in range(1, nparts)]
     try:
-        from numba.np.ufunc.parallel import _launch_threads
-        _launch_threads()           # a kernel loaded from the cache may not have started it
-        return numba.threading_layer()
-    except Exception:               # unknown: keep the lock
-        return "unknown"
+        kernel(*args, 0, nparts)
+    finally:
+        for f in futures:
+            f.result()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1719,7 +1741,7 @@ def prob_loss(x3, p3, w, opts, grad, g, g_stride):
 def _n_chunks(N, C):
     """Chunks per row for the split-row kernels: 1 (the row kernel) unless the rows are too few
     to keep every thread busy and long enough to split."""
-    if C < 2 * CHUNK or N >= 2 * numba.get_num_threads():
+    if C < 2 * CHUNK or N >= 2 * num_threads():
         return 1
     return -(-C // CHUNK)
 
@@ -1727,8 +1749,7 @@ def _n_chunks(N, C):
 def _chunk_stats(x2, b2, K, signed):
     N = x2.shape[0]
     pm, ps, pp = np.empty((N, K)), np.empty((N, K)), np.empty((N, K))
-    has_b = b2 is not None
-    launch("_lse_chunks", x2.size, x2, b2 if has_b else np.zeros((1, 1)), has_b, np.int64(K),
+    launch("_lse_chunks", x2.size, x2, b2, np.int64(K),
            pm, ps, pp)
     lse, sgn, mx, logs, inv = (np.empty(N) for _ in range(5))
     launch("_lse_combine", pm.size, pm, ps, pp, signed, lse, sgn, mx, logs, inv)

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"haswell": ("ymm",), "skylake-avx512": ("ymm", "zmm")}
 
 # Compiles the forward kernel of each layout through the public API (whatever their argument
-# lists) and prints {kernel: {dtype: assembly}} of their parallel forward variants.
+# lists) and prints {kernel: {dtype: assembly}} of their forward variants.
 _SCRIPT = r"""
 import json, sys
 import numpy as np
@@ -36,7 +36,7 @@ from fastce import cpu
 rng = np.random.default_rng(0)
 out = {}
 for dt in ("float32", "float64"):
-    rows = rng.standard_normal((64, 2048)).astype(dt)               # parallel twins: big enough
+    rows = rng.standard_normal((64, 2048)).astype(dt)               
     probs = rng.random((64, 2048)).astype(dt)
     fastce.cross_entropy(rows, np.arange(64) % 2048)                 # _index_rows
     fastce.cross_entropy(rows, probs / probs.sum(1, keepdims=True))  # _prob_blocks
@@ -45,7 +45,7 @@ for dt in ("float32", "float64"):
     fastce.cross_entropy(rng.standard_normal((8192, 10)).astype(dt),
                          rng.integers(0, 10, 8192))                  # _index_rows_small
     for name in ("_index_rows", "_prob_blocks", "_index_strided", "_index_rows_small"):
-        disp = cpu._KERNELS[(name, False, False)][1]
+        disp = cpu._KERNELS[(name, False, False)]
         sig = [s for s in disp.signatures if str(s[0].dtype) == dt]
         assert len(sig) == 1, (name, disp.signatures)
         out.setdefault(name, {})[dt] = disp.inspect_asm(sig[0])
@@ -55,7 +55,7 @@ xb = rng.standard_normal((64, 2048)).astype(ml_dtypes.bfloat16)
 fastce.cross_entropy(xb, np.arange(64) % 2048)
 fastce.cross_entropy_with_grad(xb, np.arange(64) % 2048)
 for grad in (False, True):
-    disp = cpu._KERNELS[("_index_rows", grad, False)][1]
+    disp = cpu._KERNELS[("_index_rows", grad, False)]
     sig = [s for s in disp.signatures if str(s[0].dtype) == "uint16"]
     assert len(sig) == 1, disp.signatures
     out.setdefault("bf16_rows", {})["grad" if grad else "fwd"] = disp.inspect_asm(sig[0])

@@ -22,10 +22,9 @@ x = np.random.default_rng(0).standard_normal((64, 10)).astype(np.float32)
 t = np.arange(64) % 10
 fastce.cross_entropy(x, t)
 hits = misses = 0
-for twins in cpu._KERNELS.values():
-    for d in twins:
-        hits += sum(d.stats.cache_hits.values())
-        misses += sum(d.stats.cache_misses.values())
+for d in cpu._KERNELS.values():
+    hits += sum(d.stats.cache_hits.values())
+    misses += sum(d.stats.cache_misses.values())
 print("PROBE " + json.dumps({"file": fastce.__file__, "hits": hits, "misses": misses}))
 """
 
