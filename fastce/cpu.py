@@ -197,6 +197,32 @@ def _f32_to_bf16(typingctx, f):
     return types.uint16(types.float32), codegen
 
 
+
+def _byte_loader(bits):
+    """An intrinsic loading element j of a C-contiguous uint8 array read as int<bits> (native
+    byte order), sign-extended to int64.  Used instead of ``.view``, whose overload (shape and
+    stride checks, their error messages) costs ~0.2 s of compilation per use."""
+    @intrinsic
+    def load(typingctx, arr, index):
+        if not (isinstance(arr, types.Array) and arr.dtype == types.uint8 and arr.ndim == 1
+                and arr.layout == "C" and isinstance(index, types.Integer)):
+            return None
+
+        def codegen(context, builder, sig, args):
+            ary = context.make_array(sig.args[0])(context, builder, args[0])
+            it = ir.IntType(bits)
+            j = context.cast(builder, args[1], sig.args[1], types.intp)
+            ptr = builder.gep(builder.bitcast(ary.data, it.as_pointer()), [j])
+            value = builder.load(ptr, align=1)
+            return builder.sext(value, ir.IntType(64)) if bits < 64 else value
+
+        return types.int64(arr, index), codegen
+    return load
+
+
+_load_int32 = _byte_loader(32)
+_load_int64 = _byte_loader(64)
+
 def widen_max(src):
     """(the row of logits as floats, its max): a bfloat16 (uint16) row widened into a new
     float32 row in the same pass as its max, a float row itself."""
@@ -581,13 +607,11 @@ def _seg_widen(tb, tk, out):
         for j in range(out.shape[0]):
             out[j] = tb[j]
     elif tk == 4:
-        v4 = tb.view(np.int32)
         for j in range(out.shape[0]):
-            out[j] = v4[j]
+            out[j] = _load_int32(tb, j)
     else:
-        v8 = tb.view(np.int64)
         for j in range(out.shape[0]):
-            out[j] = v8[j]
+            out[j] = _load_int64(tb, j)
 
 
 @njit(**_INLINE)
@@ -1079,9 +1103,9 @@ def _index_block(x, xn, xs0, L, t, tk, on, os0, w, opts, ignore_index, in_place,
     vx = np.empty((10, L), x.dtype)
     m, ms, sc, ssum, swd = vx[0], vx[1], vx[2], vx[3], vx[4]
     scale_v, gamma_v, valid_v, wt_v, st_v = vx[5], vx[6], vx[7], vx[8], vx[9]
-    v64 = np.empty((7, L))
+    v64 = np.empty((6, L))
     lse_v, ce_v, zl_v, first, hit_v, beta_v = v64[0], v64[1], v64[2], v64[3], v64[4], v64[5]
-    ts = v64[6].view(np.int64)          # the widened targets
+    ts = np.empty(L, np.int64)          # the widened targets
     _seg_widen(t[on, os0 * tk:(os0 + L) * tk], tk, ts)
     # Everything read from the logits by position (target logits, token hits) is read before
     # pass 2 may overwrite them with the gradient (out=input).
