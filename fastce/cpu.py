@@ -36,6 +36,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload, register_jitable
 
+from . import _alloc
 from . import elementwise as ew
 
 __all__ = ["index_loss", "prob_loss", "target_stats", "softmax_family", "launch"]
@@ -223,17 +224,30 @@ def _byte_loader(bits):
 _load_int32 = _byte_loader(32)
 _load_int64 = _byte_loader(64)
 
-def widen_max(src):
-    """(the row of logits as floats, its max): a bfloat16 (uint16) row widened into a new
-    float32 row in the same pass as its max, a float row itself."""
+def row_scratch(x):
+    """A thread's float32 row for widen_max: (C,) for bfloat16 (uint16) logits x (N, C), else
+    empty."""
+    return np.empty(0, np.float32)
+
+
+@overload(row_scratch, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
+def _row_scratch_impl(x):
+    if x.dtype == types.uint16:
+        return lambda x: np.empty(x.shape[1], np.float32)
+    return lambda x: np.empty(0, np.float32)
+
+
+def widen_max(src, scratch):
+    """(the row of logits as floats, its max): a bfloat16 (uint16) row widened into
+    ``scratch`` (float32, see row_scratch) in the same pass as its max, a float row itself."""
     return src, src.max()
 
 
 @overload(widen_max, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
-def _widen_max_impl(src):
+def _widen_max_impl(src, scratch):
     if src.dtype == types.uint16:
-        def impl(src):
-            out = np.empty(src.shape[0], np.float32)
+        def impl(src, scratch):
+            out = scratch
             m = _bf16_to_f32(src[0])
             for c in range(src.shape[0]):
                 v = _bf16_to_f32(src[c])
@@ -241,7 +255,7 @@ def _widen_max_impl(src):
                 m = fmaximum(m, v)
             return out, m
         return impl
-    return lambda src: (src, _row_max(src))
+    return lambda src, scratch: (src, _row_max(src))
 
 
 def narrows(grad):
@@ -733,9 +747,10 @@ def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, 
     # A bfloat16 gradient is computed in the widened row itself, as out=input would be.
     in_place = opts.in_place or narrows(grad)
     want_hit = opts.want_hits
+    wide = row_scratch(x)       # one per thread: the rows are widened one after the other
     lo, hi = task_range(N, part, nparts)
     for i in range(lo, hi):
-        row, m = widen_max(x[i])
+        row, m = widen_max(x[i], wide)
         capf = cast_like(cap, row)
         inv_capf = cast_like(inv_cap, row)
         log2e = cast_like(LOG2E, row)
@@ -1783,7 +1798,7 @@ def _chunk_stats(x2, b2, K, signed):
 def softmax_family(x3, mode):
     """mode 0: lse (N, S); 1: (log_softmax, lse); 2: (softmax, lse)."""
     N, C, S = x3.shape
-    out = np.empty(x3.shape if mode else (1, 1, 1), x3.dtype)
+    out = _alloc.empty(x3.shape if mode else (1, 1, 1), x3.dtype)
     if S == 1 and _n_chunks(N, C) > 1:
         x2 = x3.reshape(N, C)
         K = _n_chunks(N, C)
@@ -1903,7 +1918,8 @@ class CPUBackend:
 
     @staticmethod
     def empty(shape, dtype):
-        return np.empty(shape, dtype)
+        """Large ones from fastce._alloc's pool of recycled buffers (results handed out)."""
+        return _alloc.empty(shape, dtype)
 
     @staticmethod
     def ones(shape, dtype):

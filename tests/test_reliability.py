@@ -525,5 +525,5 @@ def test_forked_pool_after_parallel_kernels():
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(2) as pool:
         got = pool.map_async(_child_loss, range(4)).get(timeout=300)
-    assert [g[:2] for g in got] == want             # serial twins: the same numbers
+    assert [g[:2] for g in got] == want             # the children's own pools: the same numbers
     assert all(g[2] != os.getpid() for g in got)

@@ -60,3 +60,44 @@ def test_bitwise_identical_across_thread_counts():
         outs.append(subprocess.run([sys.executable, "-c", SCRIPT], env=env, check=True,
                                    capture_output=True, text=True).stdout)
     assert outs[0] == outs[1]
+
+
+def test_task_range_covers_each_task_once_in_balanced_shares():
+    from fastce.cpu import task_range
+    for K in range(0, 40):
+        for nparts in range(1, 9):
+            shares = [task_range(K, p, nparts) for p in range(nparts)]
+            tasks = [t for lo, hi in shares for t in range(lo, hi)]
+            assert tasks == list(range(K))
+            sizes = [hi - lo for lo, hi in shares]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_any_number_of_threads_gives_the_same_bits(monkeypatch):
+    from fastce import cpu
+    rng = np.random.default_rng(3)
+    cases = [
+        (rng.standard_normal((300, 700)).astype(np.float32), rng.integers(0, 700, 300)),
+        (rng.standard_normal((3, 5, 80, 90)), rng.integers(0, 5, (3, 80, 90))),
+        (rng.standard_normal((20000, 7)).astype(np.float32), rng.integers(0, 7, 20000)),
+    ]
+    results = {}
+    for n in (1, 2, 3, 7):
+        monkeypatch.setattr(cpu, "num_threads", lambda n=n: n)
+        results[n] = [(fastce.cross_entropy(x, t, label_smoothing=0.1),)
+                      + tuple(fastce.cross_entropy_with_grad(x, t)) for x, t in cases]
+        results[n].append(fastce.softmax(cases[0][0]))     # axis=None: split rows
+    for n in (2, 3, 7):
+        for got, want in zip(results[n], results[1]):
+            for a, b in zip(got if isinstance(got, tuple) else (got,),
+                            want if isinstance(want, tuple) else (want,)):
+                np.testing.assert_array_equal(a, b)
+
+
+def test_thread_count_follows_numba():
+    code = ("import numba, fastce.cpu as c; a = c.num_threads(); numba.set_num_threads(1); "
+            "print(a, c.num_threads())")
+    env = dict(os.environ, NUMBA_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
+                         text=True).stdout.split()
+    assert out == ["2", "1"]
