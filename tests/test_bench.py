@@ -115,6 +115,15 @@ def test_bench_roofline_rows_and_ratios():
     assert times[("W1", "forward", bench.ROOF)] > 0.5 * times[("W1", "forward", bench.READ)]
 
 
+def test_bench_without_bf16_workloads_prints_no_bf16_section():
+    out = io.StringIO()
+    bench.run_bench(["W3"], quick=True, repeats=2, out=out, libraries=["fastce"],
+                    progress=lambda m: None)
+    text = out.getvalue()
+    assert re.search(r"W3\s+forward\s+fastce", text), text
+    assert "bfloat16" not in text
+
+
 def test_roofline_kernels_compute_row_sums():
     x = np.random.default_rng(1).standard_normal((5, 300)).astype(np.float32)
     p = bench.Problem(bench.WORKLOADS["W1"], x, np.zeros(5, np.int64), None, -100)
