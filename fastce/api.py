@@ -418,6 +418,13 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
 
 _LEAN_LOGITS = (np.dtype(np.float32), np.dtype(np.float64))
 _LEAN_TARGETS = (np.dtype(np.int64), np.dtype(np.int32))
+# Per (C, dtype): the unit weights, the unit upstream gradient and the forward's options (all
+# read-only), for the small C that the lean path serves most (np.iinfo's properties and the
+# cached-ones lookup cost ~2 us a call).
+_LEAN_CONSTS = {}
+_LEAN_CONSTS_MAX = 64
+_LEAN_CONSTS_BYTES = 1 << 16
+_INT64_MIN, _INT64_MAX = int(_INT64.min), int(_INT64.max)
 
 
 def _no_options(label_smoothing, softcap, z_loss):
@@ -441,11 +448,16 @@ def _lean_rows(input, target, reduction, ignore_index, want_grad):
     if (dtype not in _LEAN_LOGITS or target.dtype not in _LEAN_TARGETS or N == 0 or C == 0
             or target.shape[0] != N or not input.flags.c_contiguous
             or not target.flags.c_contiguous
-            or not _INT64.min <= ignore_index <= _INT64.max):
+            or not _INT64_MIN <= ignore_index <= _INT64_MAX):
         return None
     be = cpu_backend()
     x3, t2 = input.reshape(N, C, 1), target.reshape(N, 1)
-    w = be.ones(C, dtype)
+    consts = _LEAN_CONSTS.get((C, dtype))
+    if consts is None:
+        consts = (be.ones(C, dtype), be.ones(1, np.float64), LossOptions(weight_sum=float(C)))
+        if len(_LEAN_CONSTS) < _LEAN_CONSTS_MAX and C * dtype.itemsize <= _LEAN_CONSTS_BYTES:
+            _LEAN_CONSTS[(C, dtype)] = consts
+    w, one, fwd_opts = consts
     mean = reduction == "mean"
     if want_grad:
         D, count, bad = be.target_stats(t2, w, ignore_index, C)
@@ -453,14 +465,12 @@ def _lean_rows(input, target, reduction, ignore_index, want_grad):
             raise _bad_target_error(be, target, bad, C, ignore_index)
         grad = be.empty((N, C, 1), dtype)
         opts = LossOptions(weight_sum=float(C), grad_scale=_div(1.0, D) if mean else 1.0)
-        ce, _, _, _ = be.index_loss(x3, t2, w, opts, ignore_index, grad, be.ones(1, np.float64),
-                                    0, per_position=False)
+        ce, _, _, _ = be.index_loss(x3, t2, w, opts, ignore_index, grad, one, 0,
+                                    per_position=False)
     else:
         grad = None
-        opts = LossOptions(weight_sum=float(C))
-        ce, _, _, (D, count, bad) = be.index_loss(x3, t2, w, opts, ignore_index, None,
-                                                  be.ones(1, np.float64), 0,
-                                                  per_position=False, fuse_stats=True)
+        ce, _, _, (D, count, bad) = be.index_loss(x3, t2, w, fwd_opts, ignore_index, None, one,
+                                                  0, per_position=False, fuse_stats=True)
         if bad >= 0:
             raise _bad_target_error(be, target, bad, C, ignore_index)
     total = be.total(ce)

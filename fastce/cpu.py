@@ -1687,6 +1687,16 @@ def target_stats(t2, w, ignore_index, C):
 
 
 _NO_STATS = np.empty((3, 0))
+_NO_GRAD = {}
+
+
+def _no_grad(dtype):
+    """The (1, 1, 1) stand-in for the gradient of a forward call (never written: the forward
+    variants compile no gradient code), one per logits dtype (float32 for bfloat16)."""
+    a = _NO_GRAD.get(dtype)
+    if a is None:
+        a = _NO_GRAD[dtype] = np.empty((1, 1, 1), np.float32 if is_bfloat16(dtype) else dtype)
+    return a
 
 
 def is_bfloat16(dtype):
@@ -1731,8 +1741,7 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
         _round_back(gf, grad)
         return out
     want = grad is not None
-    gbuf = (_bf16_bits(grad) if want else
-            np.empty((1, 1, 1), np.float32 if is_bfloat16(x3.dtype) else x3.dtype))
+    gbuf = _bf16_bits(grad) if want else _no_grad(x3.dtype)
     work = x3.size
     x3 = _bf16_bits(x3)
     args = (w, opts, np.int64(ignore_index), g, np.int64(g_stride))
