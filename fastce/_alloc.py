@@ -100,6 +100,16 @@ def _new_map(nbytes):
 _POOL = _Pool(_env_bytes())
 
 
+def _unlock_in_child():
+    # A forked child keeps the parent's mappings (copy-on-write) but not its other threads:
+    # the lock may have been held by one of them at fork time.
+    _POOL.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_unlock_in_child)
+
+
 def _measure_baseline():
     """The reference count that _is_free sees for a mapping held by the pool alone."""
     probe = _Pool(0)

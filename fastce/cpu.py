@@ -1589,12 +1589,22 @@ for _fn, _callees in ((_index_rows, None), (_index_rows_small, _BLOCK),
 
 # Threads.  Kernels are compiled serially and split their tasks with task_range; large calls
 # run the parts on Python threads (the kernels release the GIL).  Numba's parallel=True would
-# compile every kernel a second time, through its parfor passes: ~40% of a cold start.  The
-# pool is per process (a forked child makes its own) and its workers only ever run kernels, so
-# any number of threads may call fastce at once.
+# compile every kernel a second time, through its parfor passes: ~30% of a cold start.  One
+# pool per process, of NUMBA_NUM_THREADS - 1 workers (the most any call uses; a call submits
+# only its own parts), made on first use; a forked child starts without one.  Its workers only
+# ever run kernels, so any number of threads may call fastce at once.
 _pool = None
-_pool_key = None
 _pool_lock = threading.Lock()
+
+
+def _forget_pool_in_child():
+    global _pool, _pool_lock
+    _pool = None                        # the parent's worker threads do not exist here
+    _pool_lock = threading.Lock()       # and its lock may have been held at fork time
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
 
 
 def num_threads():
@@ -1607,17 +1617,14 @@ def num_threads():
     return numba.config.NUMBA_NUM_THREADS
 
 
-def _executor(workers):
-    global _pool, _pool_key
-    key = (os.getpid(), workers)
-    if _pool_key != key:
+def _executor():
+    global _pool
+    if _pool is None:
         with _pool_lock:
-            if _pool_key != key:
+            if _pool is None:
                 from concurrent.futures import ThreadPoolExecutor
-                if _pool is not None and _pool_key[0] == key[0]:
-                    _pool.shutdown(wait=False)
-                _pool = ThreadPoolExecutor(workers, thread_name_prefix="fastce")
-                _pool_key = key
+                _pool = ThreadPoolExecutor(max(1, numba.config.NUMBA_NUM_THREADS - 1),
+                                           thread_name_prefix="fastce")
     return _pool
 
 
@@ -1628,7 +1635,7 @@ def launch(name, work, *args):
     nparts = 1 if work < SERIAL_BELOW else num_threads()
     if nparts <= 1:
         return kernel(*args, 0, 1)
-    futures = [_executor(nparts - 1).submit(kernel, *args, part, nparts)
+    futures = [_executor().submit(kernel, *args, part, nparts)
                for part in range(1, nparts)]
     try:
         kernel(*args, 0, nparts)

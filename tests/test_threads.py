@@ -8,6 +8,7 @@ import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 
 import fastce
 
@@ -101,3 +102,28 @@ def test_thread_count_follows_numba():
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True,
                          text=True).stdout.split()
     assert out == ["2", "1"]
+
+
+def _forked_large_call(_):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1024, 2500)).astype(np.float32)     # 10 MB: threads and the pool
+    loss, grad = fastce.cross_entropy_with_grad(x, rng.integers(0, 2500, 1024))
+    return float(loss), float(np.abs(grad).sum(dtype=np.float64))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="fork start method")
+def test_fork_while_another_thread_holds_the_pools_locks():
+    """A child forked while a parent's thread holds the thread pool's or the buffer pool's lock
+    must not wait for that thread, which does not exist in the child."""
+    import multiprocessing
+
+    from fastce import _alloc, cpu
+    want = _forked_large_call(0)
+    ctx = multiprocessing.get_context("fork")
+    with cpu._pool_lock, _alloc._POOL.lock:
+        pool = ctx.Pool(1)
+    try:
+        got = pool.map_async(_forked_large_call, [0]).get(timeout=120)
+    finally:
+        pool.terminate()
+    assert got == [want]
