@@ -15,9 +15,12 @@ and torch's allocators reuse their buffers; so does fastce, here:
   ``set_pool_bytes`` at run time); 0 turns it off.  Free mappings are dropped, oldest first,
   to make room for a new size; a buffer that does not fit is a plain allocation.
 - Smaller buffers, and everything when the pool is off, are ``np.empty``.
+- ``advise_huge(array)``: for large buffers another allocator hands fastce to fill (XLA's
+  result buffers in ``fastce.jax``), huge pages for their whole 2 MiB pages.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import mmap
 import os
@@ -26,7 +29,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["empty", "set_pool_bytes", "pool_info", "POOL_MIN"]
+__all__ = ["empty", "advise_huge", "set_pool_bytes", "pool_info", "POOL_MIN"]
 
 POOL_MIN = 8 << 20               # buffers from this size come from the pool
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
@@ -98,6 +101,28 @@ def _new_map(nbytes):
 
 
 _POOL = _Pool(_env_bytes())
+_HUGE = 2 << 20
+_libc_madvise = None
+
+
+def advise_huge(a):
+    """Advise transparent huge pages (MADV_HUGEPAGE) for the whole 2 MiB pages inside a large
+    array's memory, before it is first written: at W1, writing fastce's gradient into a fresh
+    XLA buffer took 200 ms on 4 KiB pages and 115 ms after this.  Advice only: the contents
+    and the mapping stay as they are, and failures (no THP, not Linux) are ignored."""
+    global _libc_madvise
+    if a.nbytes < POOL_MIN or _MADV_HUGEPAGE is None or not sys.platform.startswith("linux"):
+        return
+    if _libc_madvise is None:
+        f = ctypes.CDLL(None, use_errno=True).madvise
+        f.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        f.restype = ctypes.c_int
+        _libc_madvise = f
+    start = a.__array_interface__["data"][0]
+    lo = -(-start // _HUGE) * _HUGE
+    hi = (start + a.nbytes) // _HUGE * _HUGE
+    if hi > lo:
+        _libc_madvise(lo, hi - lo, _MADV_HUGEPAGE)
 
 
 def _unlock_in_child():

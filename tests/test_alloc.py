@@ -90,3 +90,36 @@ def test_the_environment_sets_the_cap():
         out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
                              capture_output=True, text=True).stdout.strip()
         assert out == want
+
+
+def _vm_flags(addr):
+    """The VmFlags of the mapping holding addr (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps") or _alloc._MADV_HUGEPAGE is None,
+                    reason="needs Linux's /proc/self/smaps and MADV_HUGEPAGE")
+def test_advise_huge_marks_the_whole_huge_pages_and_keeps_the_contents():
+    import mmap
+    m = mmap.mmap(-1, 12 << 20)        # another allocator's memory (NumPy advises its own)
+    a = np.frombuffer(m, np.uint8)
+    a[:] = 7
+    mid = _addr(a) + (6 << 20)
+    assert "hg" not in _vm_flags(mid)
+    _alloc.advise_huge(a)
+    assert "hg" in _vm_flags(mid)
+    assert (a == 7).all()
+    small = np.empty(1 << 20, np.uint8)             # below POOL_MIN: left alone
+    _alloc.advise_huge(small)
+    _alloc.advise_huge(a[1:])                       # unaligned starts are rounded inwards
+    del a
+    m.close()

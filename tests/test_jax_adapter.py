@@ -228,3 +228,72 @@ def test_linear_cross_entropy_3d_hidden_and_vmap():
     vm = jax.vmap(jax.grad(lambda h, t: fj.linear_cross_entropy(h, c, t, b)))(h3, t3)
     vr = jax.vmap(jax.grad(lambda h, t: fj.cross_entropy(h @ c.T + b, t)))(h3, t3)
     np.testing.assert_allclose(vm, vr, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host callbacks: XLA's own buffers (buffer_callback) and the pure_callback fallback
+# ---------------------------------------------------------------------------------------------
+def _steps(x, t, w):
+    """value_and_grad of mean (cotangent 1, skipped), of 0.5 * sum (scaled in place) and the
+    vjp of "none" (an XLA multiply), jitted and eager."""
+    mean = jax.value_and_grad(lambda x: fj.cross_entropy(x, t, w, label_smoothing=0.1))
+    half = jax.value_and_grad(lambda x: 0.5 * fj.cross_entropy(x, t, w, reduction="sum"))
+    g = jnp.asarray(np.random.default_rng(5).standard_normal(np.shape(t)))
+    none = lambda x: jax.vjp(lambda x: fj.cross_entropy(x, t, reduction="none"), x)[1](g)[0]  # noqa: E731,E501
+    return [mean(x), jax.jit(mean)(x), half(x), jax.jit(half)(x), none(x), jax.jit(none)(x)]
+
+
+def _torch_steps(x, t, w):
+    out = []
+    xt, tt, wt = torch.tensor(np.asarray(x)), torch.tensor(np.asarray(t)), torch.tensor(w)
+    g = torch.tensor(np.random.default_rng(5).standard_normal(np.shape(t)))
+    for fn in (lambda x: F.cross_entropy(x, tt, wt, label_smoothing=0.1),
+               lambda x: 0.5 * F.cross_entropy(x, tt, wt, reduction="sum"),
+               lambda x: (F.cross_entropy(x, tt, reduction="none") * g).sum()):
+        xr = xt.clone().requires_grad_()
+        loss = fn(xr)
+        loss.backward()
+        out += [(loss.detach().numpy(), xr.grad.numpy())] * 2
+    return out
+
+
+@pytest.mark.parametrize("zero_copy", [True, False])
+def test_both_callback_paths_match_torch_and_leave_inputs_alone(zero_copy, monkeypatch):
+    if zero_copy and not fj.ZERO_COPY:
+        pytest.skip("this JAX has no jax.experimental.buffer_callback")
+    calls = []
+    if not zero_copy:
+        real = jax.pure_callback
+        monkeypatch.setattr(fj, "ZERO_COPY", False)
+        monkeypatch.setattr(jax, "pure_callback", lambda *a, **k: calls.append(1) or real(*a, **k))
+    # a shape of its own per path: JAX caches traces of the custom_vjp rules
+    x, t, C = _problem((11 + zero_copy, 7), seed=zero_copy)
+    w = np.linspace(0.5, 2.0, C)
+    x_before = x.copy()
+    xj = jnp.asarray(x)
+    ours = _steps(xj, jnp.asarray(t), jnp.asarray(w))
+    ref = _torch_steps(x, t, w)
+    for i, (o, r) in enumerate(zip(ours, ref)):
+        if i >= 4:                                  # vjp only: the gradient
+            np.testing.assert_allclose(o, r[1], rtol=1e-10, atol=1e-13)
+            continue
+        np.testing.assert_allclose(o[0], r[0], rtol=1e-12)
+        np.testing.assert_allclose(o[1], r[1], rtol=1e-10, atol=1e-13)
+    np.testing.assert_array_equal(np.asarray(xj), x_before)   # the logits are never written
+    assert bool(calls) == (not zero_copy)
+
+
+def test_large_gradient_is_written_in_place_on_huge_pages():
+    """W1-sized rows, a gradient above _alloc.POOL_MIN (so advise_huge acts on it): loss and gradient as optax's, in
+    float32, jitted; and twice in a row (XLA reuses or frees the buffers between calls)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((80, 32000), dtype=np.float32))    # 10 MB
+    t = jnp.asarray(rng.integers(0, 32000, 80))
+    f = jax.jit(jax.value_and_grad(lambda x: fj.cross_entropy(x, t)))
+    r = jax.jit(jax.value_and_grad(
+        lambda x: optax.softmax_cross_entropy_with_integer_labels(x, t).mean()))(x)
+    for _ in range(2):
+        loss, grad = f(x)
+        assert loss.dtype == grad.dtype == jnp.float32
+        np.testing.assert_allclose(loss, r[0], rtol=1e-6)
+        np.testing.assert_allclose(grad, r[1], rtol=1e-5, atol=1e-10)
