@@ -39,6 +39,7 @@ import numpy as np
 
 import fastce as _fastce
 from fastce import _alloc
+from fastce import cpu as _cpu
 from fastce.linear import linear_cross_entropy as _np_linear_ce
 from fastce.linear import linear_cross_entropy_with_grad as _np_linear_ce_with_grad
 
@@ -128,11 +129,19 @@ def _ce_grad_fill(opts):
     return fill
 
 
-def _scale_in_place(out, grad, g):
-    """out (XLA's buffer aliased to grad's) *= g; nothing when g is 1."""
+def _scale_in_place(out, g):
+    """out *= g on fastce's threads (NumPy's multiply releases the GIL); nothing when g is 1."""
     g = float(g)
-    if g != 1.0:
-        np.multiply(out, np.asarray(g, out.dtype), out=out)
+    if g == 1.0:
+        return
+    flat, gv = out.reshape(-1), np.asarray(g, out.dtype)
+    n = _cpu.num_threads() if flat.size >= _cpu.SERIAL_BELOW else 1
+    cuts = [flat.size * k // n for k in range(n + 1)]
+    parts = [flat[a:b] for a, b in zip(cuts, cuts[1:])]
+    futures = [_cpu._executor().submit(np.multiply, p, gv, out=p) for p in parts[1:]]
+    np.multiply(parts[0], gv, out=parts[0])
+    for f in futures:
+        f.result()
 
 
 def _loss_struct(logits, opts):
@@ -159,7 +168,7 @@ def _ce_bwd(opts, grad, g):
         g = jnp.expand_dims(g, _axis(grad.ndim, class_axis))
     elif ZERO_COPY:
         scaled = _buffer_callback(
-            lambda ctx, out, grad, g: _scale_in_place(np.asarray(out), grad, np.asarray(g)),
+            lambda ctx, out, grad, g: _scale_in_place(np.asarray(out), np.asarray(g)),
             jax.ShapeDtypeStruct(grad.shape, grad.dtype), vmap_method=VMAP_METHOD,
             input_output_aliases={0: 0})(grad, g)
         return (scaled, None, None)
