@@ -448,7 +448,7 @@ def preflight(cupy, name, log):
 
 
 TEST_FILES = ("test_gpu.py", "test_cross_entropy.py", "test_errors.py", "test_reliability.py",
-              "test_softmax.py")
+              "test_softmax.py", "test_torch_adapter.py")
 
 
 def tests_dir():

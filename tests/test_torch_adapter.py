@@ -388,3 +388,37 @@ def test_large_gradient_on_huge_pages_matches_torch(fused):
     xa.grad.mul_(2.0)                                       # writable
     buf = ft._host_empty((1024, 4096), torch.float32)
     assert buf.shape == (1024, 4096) and buf.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA tensors (a machine with a GPU and a CUDA build of torch; run by fastce.gpu_check)
+# ---------------------------------------------------------------------------------------------
+def _cuda_ready():
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from numba import cuda
+        return cuda.is_available()
+    except ImportError:
+        return False
+
+
+@pytest.mark.skipif(not _cuda_ready(), reason="needs a CUDA build of torch and numba-cuda on a GPU")
+@pytest.mark.parametrize("fused,side_stream", list(itertools.product([False, True], [False, True])))
+def test_cuda_tensors_match_torch_gpu(fused, side_stream):
+    """Loss and gradient of CUDA tensors as torch's, also when torch's current stream is a side
+    stream with the producer's work still queued on it."""
+    x, t, C = _problem((64, 1000, 3), ignore_frac=0.2)
+    w = torch.rand(C, dtype=F64, generator=torch.Generator().manual_seed(2)) + 0.5
+    ref_x = x.clone().requires_grad_()
+    ref = F.cross_entropy(ref_x, t, w, label_smoothing=0.1)
+    ref_g = _grads(ref, ref_x)
+    stream = torch.cuda.Stream() if side_stream else torch.cuda.current_stream()
+    with torch.cuda.stream(stream):
+        xc = (x.cuda() * 1.0).requires_grad_()        # produced on the (side) stream
+        loss = ft.cross_entropy(xc, t.cuda(), w.cuda(), label_smoothing=0.1, fused=fused)
+        gc = _grads(loss, xc)
+    torch.cuda.synchronize()
+    assert loss.device.type == "cuda" and gc.device.type == "cuda"
+    _close(loss.cpu(), ref.detach())
+    _close(gc.cpu(), ref_g)
