@@ -1,7 +1,8 @@
 """Numba CPU kernels of ``fastce.shards``: the mergeable softmax statistics of a class shard and
 the gradient of a shard given the global log-sum-exp (imported on first use).
 
-Logits are canonical (N, C, S) as everywhere in fastce (C: the shard's classes).  Two layouts,
+Logits are canonical (N, C, S) as everywhere in fastce (C: the shard's classes); in the rows
+layout the rows may be strided (a class chunk of a larger array: see ``_rows_of``).  Two layouts,
 as in ``fastce.cpu``: rows (S == 1, one task per row, loops along the contiguous classes) and
 strided (S > 1, a task is BLOCK positions of one n, loops along the contiguous positions), so
 that LLVM vectorises every pass.  The exp, softcap and NaN-propagating max are fastce.cpu's;
@@ -61,13 +62,15 @@ def _exp_sum(row, ms, log2e):
 def _exp_sum_cap(row, ms, log2e, capf, inv_capf):
     acc = ms - ms
     for c in range(row.shape[0]):
-        acc += exp2_nonpos((softcap_fast(row[c], capf, inv_capf) - ms) * log2e)
+        acc += exp2_nonpos((cast_like(softcap_fast(row[c], capf, inv_capf), row) - ms) * log2e)
     return acc
 
 
 @njit(**_INLINE)
 def _capped(v, has_cap, capf, inv_capf):
-    return softcap_fast(v, capf, inv_capf) if has_cap else v
+    """v softcapped, in v's dtype (softcap_fast widens float32 to float64: the loops that use
+    the result would then run in float64, 2.8x slower)."""
+    return cast_like(softcap_fast(v, capf, inv_capf), v) if has_cap else v
 
 
 @njit(**_INLINE)
@@ -105,11 +108,10 @@ def _caps(opts, like):
 # ---------------------------------------------------------------------------------------------
 # Statistics (opts: fastce.options.ShardOptions)
 # ---------------------------------------------------------------------------------------------
-def _stats_rows(x, tl, p, w, opts, out, part, nparts):
-    N, C = x.shape[0], x.shape[1]
+def _stats_rows(xf, ld, N, C, tl, p, w, opts, out, part, nparts):
     lo, hi = task_range(N, part, nparts)
     for i in range(lo, hi):
-        row = x[i]
+        row = xf[i * ld:i * ld + C]
         has_cap, capf, inv_capf = _caps(opts, row)
         log2e = cast_like(LOG2E, row)
         m = _max(row)
@@ -239,7 +241,7 @@ def _row_grad(row, gr, a, scale, gmw, w, log2e):
 def _row_grad_cap(row, gr, a, scale, gmw, w, log2e, capf, inv_capf):
     one = capf - capf + 1
     for c in range(row.shape[0]):
-        s = softcap_fast(row[c], capf, inv_capf)
+        s = cast_like(softcap_fast(row[c], capf, inv_capf), row)
         q = s * inv_capf
         gr[c] = (exp2_nonpos_exact((s - a) * log2e) * scale - gmw * w[c]) * (one - q * q)
 
@@ -262,11 +264,10 @@ def _grad_entry(xv, wc, is_target, opts, p, at, has_cap, capf, inv_capf, a, alph
     return v
 
 
-def _grad_rows(x, tl, p, w, opts, coef, grad, part, nparts):
-    N, C = x.shape[0], x.shape[1]
+def _grad_rows(xf, ld, N, C, tl, p, w, opts, coef, grad, part, nparts):
     lo, hi = task_range(N, part, nparts)
     for i in range(lo, hi):
-        row = x[i]
+        row = xf[i * ld:i * ld + C]
         gr = grad[i]
         if coef[4, i] == 0.0:
             gr[:] = 0
@@ -348,6 +349,22 @@ def _dummy(dtype):
     return a
 
 
+def _rows_of(x2):
+    """(flat, ld): the rows of the 2-D x2 as one contiguous 1-D span of memory and the
+    distance between row starts (elements).  No copy when only the rows are strided, as in a
+    class chunk x[:, c0:c1] of a C-contiguous array (Dask's chunks of an in-memory array): the
+    span is x2's own memory from its first element to its last."""
+    N, C = x2.shape
+    it = x2.itemsize
+    if x2.flags.c_contiguous:
+        return x2.reshape(-1), C
+    if x2.strides[1] == it and x2.strides[0] % it == 0 and x2.strides[0] >= C * it:
+        ld = x2.strides[0] // it
+        return np.lib.stride_tricks.as_strided(x2, shape=((N - 1) * ld + C,), strides=(it,),
+                                               writeable=False), ld
+    return np.ascontiguousarray(x2).reshape(-1), C
+
+
 def stats(x3, tl, p3, w, keep, smooth_c, cap, want_dev, want_argmax):
     """(K_STATS, N, S) float64 statistics of the shard x3 (N, C, S); see the module doc."""
     names = _register()
@@ -359,7 +376,8 @@ def stats(x3, tl, p3, w, keep, smooth_c, cap, want_dev, want_argmax):
     p = p3 if is_prob else _dummy(x3.dtype)
     if S == 1:
         p2 = p.reshape(p.shape[0], p.shape[1])
-        cpu.launch(names["stats_rows"], x3.size, x3.reshape(N, C), tl.reshape(N), p2, w, opts,
+        xf, ld = _rows_of(x3.reshape(N, C))
+        cpu.launch(names["stats_rows"], x3.size, xf, ld, N, C, tl.reshape(N), p2, w, opts,
                    out.reshape(K_STATS, N))
     else:
         cpu.launch(names["stats_strided"], x3.size, x3, tl, p, w, opts, out)
@@ -376,7 +394,8 @@ def grad(x3, tl, p3, w, keep, smooth_c, cap, coef, out=None):
     p = p3 if is_prob else _dummy(x3.dtype)
     if S == 1:
         p2 = p.reshape(p.shape[0], p.shape[1])
-        cpu.launch(names["grad_rows"], x3.size, x3.reshape(N, C), tl.reshape(N), p2, w, opts,
+        xf, ld = _rows_of(x3.reshape(N, C))
+        cpu.launch(names["grad_rows"], x3.size, xf, ld, N, C, tl.reshape(N), p2, w, opts,
                    coef.reshape(coef.shape[0], N), g.reshape(N, C))
     else:
         cpu.launch(names["grad_strided"], x3.size, x3, tl, p, w, opts, coef, g)

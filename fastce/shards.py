@@ -152,6 +152,15 @@ def _check_shard(c0, Cs, C):
     return c0
 
 
+def _rows_strided(x, axis):
+    """A 2-D NumPy (N, Cs) shard, classes last, whose classes are contiguous but whose rows are
+    not (x[:, c0:c1] of a C-contiguous array): the rows kernels read it in place."""
+    return (isinstance(x, np.ndarray) and x.ndim == 2 and axis == 1 and x.shape[0] > 0
+            and x.dtype in (np.float32, np.float64) and not x.flags.c_contiguous
+            and x.strides[1] == x.itemsize and x.strides[0] % x.itemsize == 0
+            and x.strides[0] >= x.shape[1] * x.itemsize)
+
+
 class _Shard:
     """The validated, canonical pieces of one shard call."""
 
@@ -172,7 +181,10 @@ class _Shard:
         kind, t = api._check_target(be, target, x, axis)
         self.kind = kind
         self.loss_shape = tuple(x.shape[:axis]) + tuple(x.shape[axis + 1:])
-        x3, N, Cs, S = api._canonical(be, x, axis)
+        if _rows_strided(x, axis):       # a class chunk of a larger array: no copy
+            x3, N, S = x[:, :, None], int(x.shape[0]), 1
+        else:
+            x3, N, Cs, S = api._canonical(be, x, axis)
         self.x3, self.N, self.Cs, self.S = x3, N, Cs, S
         cdt = self.dtype = x3.dtype
         w, W = api._check_weight(be, weight, C, cdt)
