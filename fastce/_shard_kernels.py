@@ -28,7 +28,7 @@ import math
 import numpy as np
 from numba import njit
 
-from . import cpu
+from . import _alloc, cpu
 from .cpu import FASTMATH, LOG2E, cast_like, exp2_nonpos, exp2_nonpos_exact, fmaximum, softcap_fast
 from .cpu import _seg_exp_acc, _seg_max, _seg_softcap   # the block kernels' segment passes
 from .cpu import _softcap_grad_factor, block_bounds, blocks_per_row, task_range
@@ -388,7 +388,7 @@ def grad(x3, tl, p3, w, keep, smooth_c, cap, coef, out=None):
     """dL/dx of the shard x3 (N, C, S) in its dtype, from the per-position coefficients."""
     names = _register()
     N, C, S = x3.shape
-    g = np.empty(x3.shape, x3.dtype) if out is None else out
+    g = _alloc.empty(x3.shape, x3.dtype) if out is None else out   # recycled, see _alloc
     is_prob = p3 is not None
     opts = ShardOptions(float(keep), float(smooth_c), float(cap), is_prob)
     p = p3 if is_prob else _dummy(x3.dtype)

@@ -231,3 +231,20 @@ def test_local_cluster_processes_and_worker_killed():
         np.testing.assert_array_equal(grad, want[1])
         assert len(client.scheduler_info()["workers"]) == 2
     cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def test_dask_bench_quick_reports_every_row_with_exact_losses():
+    """``python -m fastce bench --workloads DASK`` at its quick size: every chunking x op row,
+    the losses equal to the in-memory call, and the 2-worker LocalCluster section."""
+    pytest.importorskip("distributed")
+    import io
+
+    from fastce import bench_dask
+    buf = io.StringIO()
+    r = bench_dask.run(quick=True, repeats=1, out=buf)
+    text = buf.getvalue()
+    assert set(r["ratios"]) == {(name, op) for name in ("rows", "rows x classes")
+                                for op in bench_dask.OPS}
+    assert all(ratio > 0 for _, ratio, _ in r["ratios"].values())
+    assert all(err < 1e-6 for err in r["exactness"].values())
+    assert r["cluster"]["rel_err"] < 1e-6 and "LocalCluster" in text
