@@ -30,7 +30,7 @@ from numba import njit
 
 from . import _alloc, cpu
 from .cpu import FASTMATH, LOG2E, cast_like, exp2_nonpos, exp2_nonpos_exact, fmaximum, softcap_fast
-from .cpu import _seg_exp_acc, _seg_max, _seg_softcap   # the block kernels' segment passes
+from .cpu import _row_exp_sum_store, _seg_exp_acc, _seg_max, _seg_softcap   # shared passes
 from .cpu import _softcap_grad_factor, block_bounds, blocks_per_row, task_range
 from .options import ShardOptions
 
@@ -108,7 +108,10 @@ def _caps(opts, like):
 # ---------------------------------------------------------------------------------------------
 # Statistics (opts: fastce.options.ShardOptions)
 # ---------------------------------------------------------------------------------------------
-def _stats_rows(xf, ld, N, C, tl, p, w, opts, out, part, nparts):
+def _stats_rows(xf, ld, N, C, tl, p, w, opts, out, ex, part, nparts):
+    """ex: (N, C) to store each exp(s_c - m) in (no softcap), for grad_rows_stored; or a
+    (0, 1) placeholder."""
+    store = ex.shape[0] == N
     lo, hi = task_range(N, part, nparts)
     for i in range(lo, hi):
         row = xf[i * ld:i * ld + C]
@@ -117,9 +120,16 @@ def _stats_rows(xf, ld, N, C, tl, p, w, opts, out, part, nparts):
         m = _max(row)
         ms = _capped(m, has_cap, capf, inv_capf)
         if ms > -_INF and ms < _INF:
-            acc = _exp_sum_cap(row, ms, log2e, capf, inv_capf) if has_cap else _exp_sum(row, ms, log2e)
+            if store:
+                acc = _row_exp_sum_store(row, ms, log2e, ex[i])
+            elif has_cap:
+                acc = _exp_sum_cap(row, ms, log2e, capf, inv_capf)
+            else:
+                acc = _exp_sum(row, ms, log2e)
         else:
             acc = ms - ms
+            if store:           # every exp is 0 (ms = -inf); else the gradient row is NaN
+                ex[i, :] = 0
         out[0, i] = np.float64(ms)
         out[1, i] = _sumexp_of(ms, acc)
         ti = tl[i]
@@ -300,6 +310,28 @@ def _grad_rows(xf, ld, N, C, tl, p, w, opts, coef, grad, part, nparts):
             gr[ti] -= cast_like(beta * f, row)
 
 
+def _grad_rows_stored(ex, tl, w, coef, ms, part, nparts):
+    """_grad_rows (index targets, no softcap) in place on the exps that _stats_rows stored
+    relative to the shard's max ms: exp(s_c - a) = ex_c exp(ms - a), so no exp per element."""
+    N, C = ex.shape
+    lo, hi = task_range(N, part, nparts)
+    for i in range(lo, hi):
+        gr = ex[i]
+        if coef[4, i] == 0.0:
+            gr[:] = 0
+            continue
+        if coef[0, i] != coef[0, i]:
+            gr[:] = math.nan
+            continue
+        f = cast_like(coef[1, i] * math.exp(ms[i] - coef[5, i]), gr)   # ms = -inf: f = 0
+        gmw = cast_like(coef[3, i], gr)
+        for c in range(C):
+            gr[c] = gr[c] * f - gmw * w[c]
+        ti = tl[i]
+        if ti >= 0:
+            gr[ti] -= cast_like(coef[2, i], gr)
+
+
 def _grad_strided(x, tl, p, w, opts, coef, grad, part, nparts):
     N, C, S = x.shape
     nblk = blocks_per_row(S)
@@ -324,7 +356,8 @@ def _grad_strided(x, tl, p, w, opts, coef, grad, part, nparts):
 
 
 _NAMES = {"stats_rows": _stats_rows, "stats_strided": _stats_strided,
-          "grad_rows": _grad_rows, "grad_strided": _grad_strided}
+          "grad_rows": _grad_rows, "grad_strided": _grad_strided,
+          "grad_rows_stored": _grad_rows_stored}
 _REGISTERED = {}
 
 
@@ -365,8 +398,20 @@ def _rows_of(x2):
     return np.ascontiguousarray(x2).reshape(-1), C
 
 
-def stats(x3, tl, p3, w, keep, smooth_c, cap, want_dev, want_argmax):
-    """(K_STATS, N, S) float64 statistics of the shard x3 (N, C, S); see the module doc."""
+_NO_EXPS = {}
+
+
+def _no_exps(dtype):
+    a = _NO_EXPS.get(np.dtype(dtype))
+    if a is None:
+        a = _NO_EXPS[np.dtype(dtype)] = np.zeros((0, 1), dtype)
+    return a
+
+
+def stats(x3, tl, p3, w, keep, smooth_c, cap, want_dev, want_argmax, exps=None):
+    """(K_STATS, N, S) float64 statistics of the shard x3 (N, C, S); see the module doc.
+    exps: an (N, C) array to store each exp(s_c - m) in (rows layout, no softcap), for
+    grad_stored."""
     names = _register()
     N, C, S = x3.shape
     out = np.zeros((K_STATS, N, S))
@@ -377,8 +422,9 @@ def stats(x3, tl, p3, w, keep, smooth_c, cap, want_dev, want_argmax):
     if S == 1:
         p2 = p.reshape(p.shape[0], p.shape[1])
         xf, ld = _rows_of(x3.reshape(N, C))
+        ex = _no_exps(x3.dtype) if exps is None else exps
         cpu.launch(names["stats_rows"], x3.size, xf, ld, N, C, tl.reshape(N), p2, w, opts,
-                   out.reshape(K_STATS, N))
+                   out.reshape(K_STATS, N), ex)
     else:
         cpu.launch(names["stats_strided"], x3.size, x3, tl, p, w, opts, out)
     return out
@@ -400,3 +446,13 @@ def grad(x3, tl, p3, w, keep, smooth_c, cap, coef, out=None):
     else:
         cpu.launch(names["grad_strided"], x3.size, x3, tl, p, w, opts, coef, g)
     return g
+
+
+def grad_stored(exps, tl, w, coef, ms):
+    """The gradient of a rows-layout shard (index targets, no softcap), written over the
+    (N, C) exps that stats(..., exps=) stored; ms: the shard's (N,) max from those stats."""
+    names = _register()
+    N = exps.shape[0]
+    cpu.launch(names["grad_rows_stored"], exps.size, exps, tl.reshape(N), w,
+               coef.reshape(coef.shape[0], N), np.ascontiguousarray(ms, np.float64).reshape(N))
+    return exps

@@ -243,6 +243,17 @@ def _block_shard_grad(x, t, st, w, dn, g, *, c0, C, opts, reduction):
                              reduction=reduction, denominators=dn, **kw)
 
 
+def _block_stats_exps(x, t, w, *, c0, C, opts, argmax):
+    return shards._shard_stats_exps(x, t, c0, C, w, argmax=argmax, **opts)
+
+
+def _block_grad_exps(own, x, t, st, w, dn, g, *, c0, C, opts, reduction):
+    """The chunk's gradient from its own (statistics, exps) and the merged statistics."""
+    local, exps = own
+    return shards._shard_grad_exps(exps, local, x, t, c0, C, st, w, grad_output=g,
+                                   reduction=reduction, denominators=dn, **opts)
+
+
 def _final(total, dn, g_unused=None, *, reduction, z_loss, dtype, what):
     ce, zs, hits = total
     D, Dz = dn
@@ -431,13 +442,17 @@ def _whole_class_tasks(G, s, blocks, wkey, dn, res, grad_name):
 
 def _class_chunk_tasks(G, s, x, blocks, wkey, dn, res, grad_name):
     """Class chunks: mergeable statistics per chunk, merged per position block, finalized;
-    each chunk's gradient reads the merged statistics."""
+    each chunk's gradient reads the merged statistics.  With the gradient, each statistics
+    task also keeps its chunk's exps, which the chunk's gradient task rescales in place (one
+    exp per logit, as in memory, instead of two)."""
     nk = x.numblocks[s.axis]
     ci = np.cumsum((0,) + x.chunks[s.axis])
     sopts = {k: v for k, v in s.opts.items() if k != "z_loss"}
-    stats = [partial(_block_stats, c0=int(ci[k]), C=s.C, opts=sopts, argmax=s.want_hit)
+    block_stats, block_grad = ((_block_stats_exps, _block_grad_exps) if s.want_grad else
+                               (_block_stats, _block_shard_grad))
+    stats = [partial(block_stats, c0=int(ci[k]), C=s.C, opts=sopts, argmax=s.want_hit)
              for k in range(nk)]
-    grads = [partial(_block_shard_grad, c0=int(ci[k]), C=s.C, opts=s.opts,
+    grads = [partial(block_grad, c0=int(ci[k]), C=s.C, opts=s.opts,
                      reduction=s.reduction) for k in range(nk)]
     fin = partial(_block_finalize, ignore_index=s.ignore_index, z_loss=s.zl,
                   reduction=s.reduction, want_hit=s.want_hit, want_z=s.want_z_none,
@@ -447,13 +462,19 @@ def _class_chunk_tasks(G, s, x, blocks, wkey, dn, res, grad_name):
         skeys = [(sname,) + b + (k,) for k in range(nk)]
         for k in range(nk):
             G.dsk[skeys[k]] = (stats[k], blocks.x(b, k), blocks.t(b, k), wkey)
+        own = skeys
+        if s.want_grad:                 # (statistics, exps) pairs: merge the statistics
+            skeys = [(sname + "-only",) + b + (k,) for k in range(nk)]
+            for k in range(nk):
+                G.dsk[skeys[k]] = (operator.getitem, own[k], 0)
         merged = G.tree(skeys, _merge, "merge")
         G.dsk[(res,) + b] = (fin, merged, blocks.t(b, 0) if s.kind == "index" else None,
                              wkey)
         if s.want_grad:
             for k in range(nk):
                 G.dsk[(grad_name,) + blocks.x(b, k)[1:]] = (
-                    grads[k], blocks.x(b, k), blocks.t(b, k), merged, wkey, dn, blocks.g(b))
+                    grads[k], own[k], blocks.x(b, k), blocks.t(b, k), merged, wkey, dn,
+                    blocks.g(b))
 
 
 def _ce_reduced(G, s, res, grid, dn):

@@ -44,7 +44,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import api
+from . import _alloc, api
 from . import elementwise as ew
 from .dispatch import backend_for, cpu_backend
 
@@ -249,13 +249,14 @@ def _stats_xp(xp, x3, tl, p3, ws, keep, smooth_c, cap, want_dev, want_argmax):
     return out
 
 
-def _shard_stats(sh, want_argmax):
-    """(8, N, S) float64 statistics of the validated shard ``sh``."""
+def _shard_stats(sh, want_argmax, exps=None):
+    """(8, N, S) float64 statistics of the validated shard ``sh`` (exps: see
+    ``_shard_stats_exps``)."""
     want_dev = sh.kind == "prob" or sh.eps != 0.0
     if sh.xp is np and sh.Cs > 0:
         from . import _shard_kernels
         return _shard_kernels.stats(sh.x3, sh.tl, sh.p3, sh.ws, sh.keep, sh.smooth_c, sh.cap,
-                                    want_dev, want_argmax)
+                                    want_dev, want_argmax, exps)
     return _stats_xp(sh.xp, sh.x3, sh.tl, sh.p3, sh.ws, sh.keep, sh.smooth_c, sh.cap,
                      want_dev, want_argmax)
 
@@ -293,6 +294,36 @@ def shard_stats(input, target, c0, num_classes, weight=None, *, ignore_index=-10
     sh = _Shard(input, target, c0, num_classes, weight, ignore_index, label_smoothing, softcap,
                 class_axis)
     return _to_stats(sh, _shard_stats(sh, argmax), argmax)
+
+
+def _keeps_exps(sh):
+    """Whether the statistics pass can keep its exps for the gradient: NumPy rows layout,
+    class-index targets, no softcap (its derivative needs the softcapped logits again)."""
+    return (sh.xp is np and sh.S == 1 and sh.kind == "index" and not sh.cap and sh.N > 0
+            and sh.Cs > 0)
+
+
+def _shard_stats_exps(input, target, c0, num_classes, weight=None, *, ignore_index=-100,
+                      label_smoothing=0.0, softcap=None, class_axis=None, argmax=False):
+    """(shard_stats(...), exps): when the shard's gradient will be wanted, the statistics pass
+    also stores exp(s_c - m) (m: the shard's max), gradient-sized, so that
+    ``_shard_grad_exps`` rescales them in place instead of reading the logits and computing
+    every exp again (the in-memory loss+grad kernel's trick, across the merge).  exps is None
+    where the shard cannot (see _keeps_exps)."""
+    sh = _Shard(input, target, c0, num_classes, weight, ignore_index, label_smoothing, softcap,
+                class_axis)
+    exps = _alloc.empty((sh.N, sh.Cs), sh.dtype) if _keeps_exps(sh) else None
+    return _to_stats(sh, _shard_stats(sh, argmax, exps), argmax), exps
+
+
+def _shard_grad_exps(exps, local, input, target, c0, num_classes, lse, weight=None, **kw):
+    """shard_grad(input, target, c0, num_classes, lse, weight, **kw), from the exps and the
+    shard's own statistics ``local`` of ``_shard_stats_exps`` (exps is overwritten by the
+    gradient); shard_grad itself when exps is None."""
+    if exps is None:
+        return shard_grad(input, target, c0, num_classes, lse, weight, **kw)
+    return _shard_grad(input, target, c0, num_classes, lse, weight, exps=exps,
+                       local_max=local.max, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,6 +593,17 @@ def shard_grad(input, target, c0, num_classes, lse, weight=None, *, grad_output=
     classes per position (the merged statistics' ``qsum``; given when ``lse`` is a
     ShardStats).  Returns the gradient in the input's shape and dtype.
     """
+    return _shard_grad(input, target, c0, num_classes, lse, weight, grad_output=grad_output,
+                       ignore_index=ignore_index, reduction=reduction,
+                       label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss,
+                       class_axis=class_axis, denominators=denominators,
+                       target_mass=target_mass)
+
+
+def _shard_grad(input, target, c0, num_classes, lse, weight, *, grad_output=None,
+                ignore_index=-100, reduction="mean", label_smoothing=0.0, softcap=None,
+                z_loss=0.0, class_axis=None, denominators=None, target_mass=None, exps=None,
+                local_max=None):
     sh = _Shard(input, target, c0, num_classes, weight, ignore_index, label_smoothing, softcap,
                 class_axis, z_loss, reduction)
     xp = sh.xp
@@ -587,7 +629,10 @@ def shard_grad(input, target, c0, num_classes, lse, weight=None, *, grad_output=
     if sh.N * sh.S == 0 or sh.Cs == 0:
         return xp.zeros(out_shape, sh.in_dtype)
     coef = shard_coefficients(sh, lse, target_mass, g, D, Dz, reduction == "mean")
-    if sh.xp is np:
+    if exps is not None:
+        from . import _shard_kernels
+        grad = _shard_kernels.grad_stored(exps, sh.tl, sh.ws, coef, local_max)
+    elif sh.xp is np:
         from . import _shard_kernels
         grad = _shard_kernels.grad(sh.x3, sh.tl, sh.p3, sh.ws, sh.keep, sh.smooth_c, sh.cap,
                                    coef)

@@ -244,3 +244,34 @@ def test_class_chunk_views_are_read_in_place_and_match_copies(opts, prob, dtype)
         gc = shards.shard_grad(np.ascontiguousarray(view), tk, a, C, full, w, **o)
         np.testing.assert_array_equal(gv, gc)
         assert gv.shape == view.shape and gv.dtype == x.dtype
+
+
+@pytest.mark.parametrize("opts", [o for o in OPTIONS if "softcap" not in o] + [dict(softcap=3.0)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gradient_from_the_stored_exps_matches_shard_grad(opts, dtype):
+    """The Dask class-chunk path: statistics that keep their exps, then the gradient rescaled
+    from them in place, as shard_grad from the logits, to rounding; special rows (a chunk of
+    -inf only, NaN, +inf, ignored) as well.  With softcap no exps are kept (shard_grad runs)."""
+    rng = np.random.default_rng(11)
+    x, t, w, C = _case(rng, (23, 30), 1, dtype)
+    x[3, :12] = -np.inf
+    x[5, 4] = np.nan
+    x[7, 20] = np.inf
+    zl = opts.get("z_loss", 0.0)
+    o = {k: v for k, v in opts.items() if k != "z_loss"}
+    cuts = [(0, 12), (12, 13), (13, 30)]
+    own = [shards._shard_stats_exps(x[:, a:b], t, a, C, w, argmax=True, **o) for a, b in cuts]
+    assert all((ex is None) == ("softcap" in opts) for _, ex in own)
+    merged = shards.merge_stats(*[st for st, _ in own])
+    plain = shards.merge_stats(*[shards.shard_stats(x[:, a:b], t, a, C, w, argmax=True, **o)
+                                 for a, b in cuts])
+    np.testing.assert_allclose(merged.sumexp, plain.sumexp, rtol=4e-7 if dtype == np.float32
+                               else 1e-15)
+    kw = dict(grad_output=0.7, reduction="sum", z_loss=zl, **o)
+    for (a, b), (local, ex) in zip(cuts, own):
+        want = shards.shard_grad(x[:, a:b], t, a, C, plain, w, **kw)
+        got = shards._shard_grad_exps(ex, local, x[:, a:b], t, a, C, merged, w, **kw)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        scale = float(np.nanmax(np.abs(want)))
+        np.testing.assert_allclose(got, want, rtol=0, equal_nan=True,
+                                   atol=scale * (2e-6 if dtype == np.float32 else 1e-14))
