@@ -1617,6 +1617,22 @@ def num_threads():
     return numba.config.NUMBA_NUM_THREADS
 
 
+_task = threading.local()
+
+
+class serial:
+    """``with cpu.serial():`` fastce's kernels run on the calling thread only, unsplit: for
+    the tasks of a parallel scheduler (Dask's threads), where splitting each task again would
+    put two threads on every core."""
+
+    def __enter__(self):
+        self.old = getattr(_task, "serial", False)
+        _task.serial = True
+
+    def __exit__(self, *exc):
+        _task.serial = self.old
+
+
 def _executor():
     global _pool
     if _pool is None:
@@ -1632,7 +1648,7 @@ def launch(name, work, *args):
     """Run kernel ``name`` (a name, or (name, want_grad, has_cap) for the loss kernels' variants)
     on ``args``; ``work`` (element count) decides whether its tasks are split over threads."""
     kernel = _KERNELS[name]
-    nparts = 1 if work < SERIAL_BELOW else num_threads()
+    nparts = 1 if work < SERIAL_BELOW or getattr(_task, "serial", False) else num_threads()
     if nparts <= 1:
         return kernel(*args, 0, 1)
     futures = [_executor().submit(kernel, *args, part, nparts)

@@ -127,3 +127,36 @@ def test_fork_while_another_thread_holds_the_pools_locks():
     finally:
         pool.terminate()
     assert got == [want]
+
+
+def test_serial_keeps_the_kernels_on_the_calling_thread(monkeypatch):
+    """cpu.serial (the Dask backend's chunk tasks): no share goes to the thread pool, and the
+    results are bitwise those of a split call; the setting is per thread and restored."""
+    from fastce import cpu, dask_backend
+    submitted = []
+    real = cpu._executor
+
+    class Spy:
+        def submit(self, *args, **kwargs):
+            submitted.append(1)
+            return real().submit(*args, **kwargs)
+    monkeypatch.setattr(cpu, "_executor", lambda: Spy())
+    monkeypatch.setattr(cpu, "num_threads", lambda: 3)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((64, cpu.SERIAL_BELOW // 32), dtype=np.float32)
+    t = rng.integers(0, x.shape[1], 64)
+    split = fastce.cross_entropy_with_grad(x, t)
+    assert len(submitted) > 0
+    del submitted[:]
+    with cpu.serial():
+        with cpu.serial():
+            pass
+        one = fastce.cross_entropy_with_grad(x, t)
+        assert not submitted
+        other = ThreadPoolExecutor(1).submit(fastce.cross_entropy, x, t).result()
+    assert submitted                            # the other thread's call was split
+    np.testing.assert_array_equal(one[0], split[0])
+    np.testing.assert_array_equal(one[1], split[1])
+    np.testing.assert_array_equal(other, split[0])
+    assert not getattr(cpu._task, "serial", False)
+    assert dask_backend._per_chunk(len, 3) is not len and dask_backend._per_chunk(len, 2) is len
