@@ -14,8 +14,7 @@ results back (at W1 that was most of the time: 1.4 s against 0.28 s for the kern
   transparent huge pages first (its first-touch page faults cost more than the kernel), and
   keeps it as the residual.  The backward rule scales that buffer in place by the cotangent
   (aliased input -> output; nothing at all when the cotangent is 1, the usual
-  ``value_and_grad`` case); a per-element cotangent (``reduction="none"``) is one XLA
-  multiply.  Without differentiation only the loss is computed.  For ``linear_cross_entropy``
+  ``value_and_grad`` case), or by the per-position cotangent (``reduction="none"``).  Without differentiation only the loss is computed.  For ``linear_cross_entropy``
   with ``reduction="none"`` the backward recomputes the chunked logits with the per-row
   cotangent instead (it cannot be applied to finished gradients).
 - ``vmap_method="sequential"``: under ``vmap`` the callback runs once per batch element (a
@@ -129,17 +128,22 @@ def _ce_grad_fill(opts):
     return fill
 
 
-def _scale_in_place(out, g):
-    """out *= g on fastce's threads (NumPy's multiply releases the GIL); nothing when g is 1."""
-    g = float(g)
-    if g == 1.0:
-        return
-    flat, gv = out.reshape(-1), np.asarray(g, out.dtype)
-    n = _cpu.num_threads() if flat.size >= _cpu.SERIAL_BELOW else 1
-    cuts = [flat.size * k // n for k in range(n + 1)]
-    parts = [flat[a:b] for a, b in zip(cuts, cuts[1:])]
-    futures = [_cpu._executor().submit(np.multiply, p, gv, out=p) for p in parts[1:]]
-    np.multiply(parts[0], gv, out=parts[0])
+def _scale_in_place(out, g, axis=None):
+    """out *= g on fastce's threads (NumPy's multiply releases the GIL): g a scalar (nothing to
+    do when it is 1), or per position (``reduction="none"``) broadcast along the class axis."""
+    if axis is None:
+        g = float(g)
+        if g == 1.0:
+            return
+        gv = np.asarray(g, out.dtype)
+    else:
+        gv = np.expand_dims(np.asarray(g, out.dtype), axis)
+    n = _cpu.num_threads() if out.size >= _cpu.SERIAL_BELOW and out.shape[0] > 1 else 1
+    cuts = [out.shape[0] * k // n for k in range(n + 1)]
+    parts = [(out[a:b], gv[a:b] if gv.ndim and gv.shape[0] > 1 else gv)
+             for a, b in zip(cuts, cuts[1:])]
+    futures = [_cpu._executor().submit(np.multiply, o, v, out=o) for o, v in parts[1:]]
+    np.multiply(*parts[0], out=parts[0][0])
     for f in futures:
         f.result()
 
@@ -164,14 +168,15 @@ def _ce_fwd(logits, labels, weight, opts):
 
 def _ce_bwd(opts, grad, g):
     reduction, class_axis = opts[1], opts[5]
-    if reduction == "none" and grad.ndim > 1:
-        g = jnp.expand_dims(g, _axis(grad.ndim, class_axis))
-    elif ZERO_COPY:
+    axis = _axis(grad.ndim, class_axis) if reduction == "none" and grad.ndim > 1 else None
+    if ZERO_COPY:
         scaled = _buffer_callback(
-            lambda ctx, out, grad, g: _scale_in_place(np.asarray(out), np.asarray(g)),
+            lambda ctx, out, grad, g: _scale_in_place(np.asarray(out), np.asarray(g), axis),
             jax.ShapeDtypeStruct(grad.shape, grad.dtype), vmap_method=VMAP_METHOD,
             input_output_aliases={0: 0})(grad, g)
         return (scaled, None, None)
+    if axis is not None:
+        g = jnp.expand_dims(g, axis)
     return (grad * g.astype(grad.dtype), None, None)
 
 
