@@ -1651,10 +1651,15 @@ def launch(name, work, *args):
     nparts = 1 if work < SERIAL_BELOW or getattr(_task, "serial", False) else num_threads()
     if nparts <= 1:
         return kernel(*args, 0, 1)
-    futures = [_executor().submit(kernel, *args, part, nparts)
-               for part in range(1, nparts)]
+    in_parts(kernel, nparts, *args)
+
+
+def in_parts(fn, nparts, *args):
+    """fn(*args, part, nparts) for every part: parts 1.. on the thread pool, part 0 here
+    (fn must release the GIL to run in parallel: Numba's nogil kernels, NumPy's ufuncs)."""
+    futures = [_executor().submit(fn, *args, part, nparts) for part in range(1, nparts)]
     try:
-        kernel(*args, 0, nparts)
+        fn(*args, 0, nparts)
     finally:
         for f in futures:
             f.result()

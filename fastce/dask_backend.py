@@ -238,12 +238,6 @@ def _block_finalize(st, t, w, *, ignore_index, z_loss, reduction, want_hit, want
     return r
 
 
-def _block_shard_grad(x, t, st, w, dn, g, *, c0, C, opts, reduction):
-    kw = dict(opts)
-    return shards.shard_grad(x, t, c0, C, st, w, grad_output=g,
-                             reduction=reduction, denominators=dn, **kw)
-
-
 def _block_stats_exps(x, t, w, *, c0, C, opts, argmax):
     return shards._shard_stats_exps(x, t, c0, C, w, argmax=argmax, **opts)
 
@@ -467,12 +461,11 @@ def _class_chunk_tasks(G, s, x, blocks, wkey, dn, res, grad_name):
     nk = x.numblocks[s.axis]
     ci = np.cumsum((0,) + x.chunks[s.axis])
     sopts = {k: v for k, v in s.opts.items() if k != "z_loss"}
-    block_stats, block_grad = ((_block_stats_exps, _block_grad_exps) if s.want_grad else
-                               (_block_stats, _block_shard_grad))
     n = len(blocks.grid) * nk
-    stats = [_per_chunk(partial(block_stats, c0=int(ci[k]), C=s.C, opts=sopts,
-                                argmax=s.want_hit), n) for k in range(nk)]
-    grads = [_per_chunk(partial(block_grad, c0=int(ci[k]), C=s.C, opts=s.opts,
+    stats = [_per_chunk(partial(_block_stats_exps if s.want_grad else _block_stats,
+                                c0=int(ci[k]), C=s.C, opts=sopts, argmax=s.want_hit), n)
+             for k in range(nk)]
+    grads = [_per_chunk(partial(_block_grad_exps, c0=int(ci[k]), C=s.C, opts=s.opts,
                                 reduction=s.reduction), n) for k in range(nk)]
     fin = partial(_block_finalize, ignore_index=s.ignore_index, z_loss=s.zl,
                   reduction=s.reduction, want_hit=s.want_hit, want_z=s.want_z_none,

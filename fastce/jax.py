@@ -139,13 +139,12 @@ def _scale_in_place(out, g, axis=None):
     else:
         gv = np.expand_dims(np.asarray(g, out.dtype), axis)
     n = _cpu.num_threads() if out.size >= _cpu.SERIAL_BELOW and out.shape[0] > 1 else 1
-    cuts = [out.shape[0] * k // n for k in range(n + 1)]
-    parts = [(out[a:b], gv[a:b] if gv.ndim and gv.shape[0] > 1 else gv)
-             for a, b in zip(cuts, cuts[1:])]
-    futures = [_cpu._executor().submit(np.multiply, o, v, out=o) for o, v in parts[1:]]
-    np.multiply(*parts[0], out=parts[0][0])
-    for f in futures:
-        f.result()
+    _cpu.in_parts(_scale_part, n, out, gv)
+
+
+def _scale_part(out, gv, part, nparts):
+    a, b = _cpu.task_range(out.shape[0], part, nparts)
+    np.multiply(out[a:b], gv[a:b] if gv.ndim and gv.shape[0] > 1 else gv, out=out[a:b])
 
 
 def _loss_struct(logits, opts):

@@ -1,5 +1,5 @@
 """Codegen regression: the exp loops of the forward kernels (rows, small-C rows, strided blocks,
-probability targets) compile to packed vector code in the data's precision on AVX2 (``haswell``)
+probability targets, the shard statistics of Dask's class chunks) compile to packed vector code in the data's precision on AVX2 (``haswell``)
 and AVX-512 (``skylake-avx512``) alike.
 
 Whether LLVM vectorises a loop depends on the kernel's structure and on its cost model, and a
@@ -59,6 +59,15 @@ for grad in (False, True):
     sig = [s for s in disp.signatures if str(s[0].dtype) == "uint16"]
     assert len(sig) == 1, disp.signatures
     out.setdefault("bf16_rows", {})["grad" if grad else "fwd"] = disp.inspect_asm(sig[0])
+# the shard statistics kernel (Dask's class chunks), on a class-chunk view as Dask hands it
+from fastce import shards
+for dt in ("float32", "float64"):
+    rows = rng.standard_normal((64, 2048)).astype(dt)
+    shards.shard_stats(rows[:, :1000], np.arange(64) % 2048, 0, 2048)
+    disp = cpu._KERNELS["_shard_stats_rows"]
+    sig = [s for s in disp.signatures if str(s[0].dtype) == dt]
+    assert len(sig) == 1, disp.signatures
+    out.setdefault("_shard_stats_rows", {})[dt] = disp.inspect_asm(sig[0])
 json.dump(out, sys.stdout)
 """
 
@@ -159,7 +168,7 @@ def test_forward_exp_loops_are_packed(cpu_name, tmp_path):
     kernels = _asm(cpu_name, tmp_path)
     bf16 = kernels.pop("bf16_rows")
     assert sorted(kernels) == ["_index_rows", "_index_rows_small", "_index_strided",
-                               "_prob_blocks"]
+                               "_prob_blocks", "_shard_stats_rows"]
     regs = TARGETS[cpu_name]
     for variant, text in bf16.items():
         # bfloat16 rows: float32 exps, and the widening (bits << 16) packed too, as is the

@@ -248,3 +248,22 @@ def test_dask_bench_quick_reports_every_row_with_exact_losses():
     assert all(ratio > 0 for _, ratio, _ in r["ratios"].values())
     assert all(err < 1e-6 for err in r["exactness"].values())
     assert r["cluster"]["rel_err"] < 1e-6 and "LocalCluster" in text
+
+
+def test_class_chunked_gradient_rescales_the_stored_exps(monkeypatch):
+    """Class chunks with the gradient: every chunk's gradient comes from the exps its
+    statistics pass kept (no second exp pass over the logits), and equals the in-memory one."""
+    from fastce import _shard_kernels
+    used = []
+    real = _shard_kernels.grad_stored
+    monkeypatch.setattr(_shard_kernels, "grad_stored",
+                        lambda *a: used.append(a[0].shape) or real(*a))
+    rng = np.random.default_rng(21)
+    x, t, w = _index_case(rng, (40, 30), 1)
+    dx = da.from_array(x, chunks=(20, (11, 1, 18)))
+    loss, grad = dask.compute(*fastce.cross_entropy_with_grad(
+        dx, da.from_array(t, chunks=20), w, label_smoothing=0.1), scheduler="sync")
+    ref, rgrad = fastce.cross_entropy_with_grad(x, t, w, label_smoothing=0.1)
+    assert sorted(used) == sorted([(20, 11), (20, 1), (20, 18)] * 2)
+    np.testing.assert_allclose(loss, ref, rtol=2e-6)
+    np.testing.assert_allclose(grad, rgrad, rtol=0, atol=2e-6 * float(np.abs(rgrad).max()))
