@@ -459,23 +459,25 @@ def _lean_rows(input, target, reduction, ignore_index, want_grad):
             _LEAN_CONSTS[(C, dtype)] = consts
     w, one, fwd_opts = consts
     mean = reduction == "mean"
-    if want_grad:
-        D, count, bad = be.target_stats(t2, w, ignore_index, C)
+    if not want_grad:
+        out = be.small_rows_forward(x3, t2, w, fwd_opts, ignore_index, one)
+        if out is None:
+            ce, _, _, (D, count, bad) = be.index_loss(x3, t2, w, fwd_opts, ignore_index, None,
+                                                      one, 0, per_position=False,
+                                                      fuse_stats=True)
+            out = (None if bad >= 0 else be.total(ce), D, count, bad)
+        total, D, count, bad = out
         if bad >= 0:
             raise _bad_target_error(be, target, bad, C, ignore_index)
-        grad = be.empty((N, C, 1), dtype)
-        opts = LossOptions(weight_sum=float(C), grad_scale=_div(1.0, D) if mean else 1.0)
-        ce, _, _, _ = be.index_loss(x3, t2, w, opts, ignore_index, grad, one, 0,
-                                    per_position=False)
-    else:
-        grad = None
-        ce, _, _, (D, count, bad) = be.index_loss(x3, t2, w, fwd_opts, ignore_index, None, one,
-                                                  0, per_position=False, fuse_stats=True)
-        if bad >= 0:
-            raise _bad_target_error(be, target, bad, C, ignore_index)
+        return be.scalar(_div(total, D) if mean else total, dtype), None
+    D, count, bad = be.target_stats(t2, w, ignore_index, C)
+    if bad >= 0:
+        raise _bad_target_error(be, target, bad, C, ignore_index)
+    grad = be.empty((N, C, 1), dtype)
+    opts = LossOptions(weight_sum=float(C), grad_scale=_div(1.0, D) if mean else 1.0)
+    ce, _, _, _ = be.index_loss(x3, t2, w, opts, ignore_index, grad, one, 0, per_position=False)
     total = be.total(ce)
-    loss = be.scalar(_div(total, D) if mean else total, dtype)
-    return loss, (None if grad is None else grad.reshape(N, C))
+    return be.scalar(_div(total, D) if mean else total, dtype), grad.reshape(N, C)
 
 
 def _loss(be, ce, zls, hit, reduction, D, Dz, loss_shape, dtype, raw):

@@ -21,7 +21,7 @@ def _taken(monkeypatch):
     monkeypatch.setattr(api, "_cross_entropy", boom)
 
 
-@pytest.mark.parametrize("shape", [(256, 10), (7, 3), (33, 100), (5, 1000)])
+@pytest.mark.parametrize("shape", [(256, 10), (7, 3), (1500, 10), (33, 100), (5, 1000)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("tdtype", [np.int64, np.int32])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -103,3 +103,23 @@ def test_lean_inputs_not_modified_and_grad_fresh():
     _, g2 = fastce.cross_entropy_with_grad(x, t)
     assert np.array_equal(x, xc) and np.array_equal(t, tc)
     assert g1 is not g2 and not np.shares_memory(g1, g2) and g1.flags.writeable
+
+
+def test_small_rows_forward_serves_small_serial_calls_only():
+    """The entry-point forward takes the W3 kind of call (and is the general kernel's bits,
+    see above); more classes or enough work for threads decline to index_loss."""
+    from fastce import cpu
+    from fastce.options import LossOptions
+
+    def call(N, C, weight_sum=None):
+        x = np.zeros((N, C, 1), np.float32)
+        t = np.zeros((N, 1), np.int64)
+        opts = LossOptions(weight_sum=float(C) if weight_sum is None else weight_sum)
+        return cpu.small_rows_forward(x, t, np.ones(C, np.float32), opts, -100, np.ones(1))
+
+    for weight_sum in (10, None):       # an int field types the options differently
+        total, D, count, bad = call(256, 10, weight_sum)
+        assert total == pytest.approx(256 * np.log(10)) and (D, count, bad) == (256.0, 256, -1)
+    assert len({k for k in cpu._SMALL_FORWARD if k[0] == np.float32 and k[1] == np.int64}) >= 2
+    assert call(256, cpu.SMALL_C + 1) is None
+    assert call(cpu.SERIAL_BELOW // 10 + 1, 10) is None
