@@ -73,12 +73,15 @@ def test_numpy_baseline_matches_fastce(name):
 
 def test_goals_evaluation():
     times = {("W1", "forward", "fastce"): 1.0, ("W1", "forward", "jax"): 2.0,
+             ("W1", "forward", "exp roof"): 0.5, ("W1", "loss+grad", "fastce-out"): 0.9,
              ("W3", "forward", "fastce"): 3.0, ("W3", "forward", "torch"): 10.0,
-             ("W3", "forward", "torch-1t"): 2.0}
+             ("W3", "forward", "torch-1t"): 5.0}
     res = {g.text: (r, ok) for g, r, ok in bench.evaluate_goals(times)}
-    assert res["W1 forward <= 1.0x JAX"] == (0.5, True)
-    assert res["W3 forward <= 1.0x torch"] == (1.5, False)      # the faster torch counts
-    assert res["W2 forward <= 0.33x torch"] == (None, None)
+    assert res["W1 forward <= 0.4x JAX"] == (0.5, False)
+    assert res["W1 forward <= 1.15x exp roof"] == (2.0, False)
+    assert res["W1 loss+grad out= <= 2.0x exp roof"] == (1.8, True)   # vs the forward's roof
+    assert res["W3 forward <= 0.7x torch"] == (0.6, True)       # the faster torch counts
+    assert res["W2 forward <= 0.3x torch"] == (None, None)
 
 
 def test_bench_quick_cli():
