@@ -655,8 +655,10 @@ def _seg_targets_logits(ts, w, ignore_index, C, xt2, xs0, valid_v, wt_v, st_v):
         ok = in_range & (tj != ignore_index)
         tc = tj if ok else 0
         valid_v[j] = 1 if ok else 0
-        wt_v[j] = w[tc] if ok else 0
-        st_v[j] = xt2[tc, xs0 + j] if ok else 0
+        wt = w[tc]                      # (tc is in range: loads without a branch)
+        st = xt2[tc, xs0 + j]
+        wt_v[j] = wt if ok else 0
+        st_v[j] = st if ok else 0
         nbad += 1 if (not in_range) & (tj != ignore_index) else 0
     return nbad
 
@@ -1123,14 +1125,15 @@ def _index_block(x, xn, xs0, L, t, tk, on, os0, w, opts, ignore_index, in_place,
     lse_v, ce_v, zl_v, first, hit_v, beta_v = v64[0], v64[1], v64[2], v64[3], v64[4], v64[5]
     ts = np.empty(L, np.int64)          # the widened targets
     _seg_widen(t[on, os0 * tk:(os0 + L) * tk], tk, ts)
+    # Pass 1: per-position max over the classes.
+    _block_max(xb, xs0, m)
     # Everything read from the logits by position (target logits, token hits) is read before
-    # pass 2 may overwrite them with the gradient (out=input).
+    # pass 2 may overwrite them with the gradient (out=input), and after pass 1 has brought the
+    # block into cache (W2 forward, A/B: ~4% faster than before it).
     nbad = _seg_targets_logits(ts, w, ignore_index, C, xb, xs0, valid_v, wt_v, st_v)
     if stats.shape[1]:
         _seg_stats(ts, ignore_index, C, valid_v, wt_v, nbad, stats, slot,
                    on * (t.shape[1] // tk) + os0)
-    # Pass 1: per-position max over the classes.
-    _block_max(xb, xs0, m)
     if has_cap:
         capf = cast_like(opts.softcap, x)
         inv_capf = cast_like(1.0 / opts.softcap, x)
