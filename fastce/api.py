@@ -330,11 +330,8 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
         return loss, grad, stats
     x3, N, C, S = _canonical(be, x, axis)
     w, W = _check_weight(be, weight, C, _loss_dtype(x3.dtype))
-    lse = None
-    if want_lse:
-        # One extra pass over the logits (before out=input may overwrite them): the loss
-        # kernels keep their lse in registers.
-        lse = be.lse(x3, cap)
+    # Each position's log-sum-exp, written by the loss kernels in their own pass.
+    lse = be.empty((N, S), np.float64) if want_lse else None
 
     # The forward may validate its targets inside the loss kernel itself (which never reads
     # with a bad one); the gradient needs the mean's denominator first: a pre-pass.
@@ -384,7 +381,7 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
     if kind == "index":
         ce, zls, hit, stats = be.index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride,
                                             per_position=reduction == "none",
-                                            fuse_stats=fuse_stats)
+                                            fuse_stats=fuse_stats, lse_out=lse)
         if fuse_stats:
             D, count, bad = stats
             if bad >= 0:
@@ -393,7 +390,7 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
             if denominators is not None:
                 D, Dz = denominators
     else:
-        ce, zls = be.prob_loss(x3, t2, w, opts, grad, g, g_stride)
+        ce, zls = be.prob_loss(x3, t2, w, opts, grad, g, g_stride, lse_out=lse)
         hit = None
 
     loss = None
@@ -549,7 +546,7 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
         ``z_loss * logsumexp**2`` per non-ignored element (its mean divides by their count).
     return_z_loss / return_token_accuracy: return a ``CrossEntropyOutput`` with those extras,
         computed in the same pass.  return_lse: its ``lse`` field holds the per-position
-        log-sum-exp (one more read of the logits).
+        log-sum-exp (of the softcapped logits with softcap), from the same pass too.
 
     Returns a NumPy scalar (CuPy 0-d array on the GPU) of the input's dtype for mean/sum, an
     array of the target's shape for "none".

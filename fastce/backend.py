@@ -90,15 +90,17 @@ class Backend(Protocol):
 
     # -- 4. The loss kernels ----------------------------------------------------------------
     def index_loss(self, x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=True,
-                   fuse_stats=False):
+                   fuse_stats=False, lse_out=None):
         """Class-index targets: (ce, z_loss, hit, stats).  ce and z_loss are per-element
         float64 (or partial sums when not ``per_position``: only their ``total`` is read),
         hit the per-element argmax hits (when ``opts.want_hits``).  Writes d loss / d x3,
         scaled by the upstream gradient ``g`` (``g_stride`` 0: one scalar), into ``grad``
         (N, C, S) when it is given.  ``stats``: ``target_stats``'s triple when ``fuse_stats``,
-        else None.  ``opts`` is a ``fastce.options.LossOptions``."""
+        else None.  ``opts`` is a ``fastce.options.LossOptions``.  ``lse_out`` (N, S) float64,
+        when given, receives each element's log-sum-exp over C (of the softcapped logits
+        with softcap) from the same pass."""
 
-    def prob_loss(self, x3, p3, w, opts, grad, g, g_stride):
+    def prob_loss(self, x3, p3, w, opts, grad, g, g_stride, lse_out=None):
         """Probability targets ``p3`` (N, C, S): (ce, z_loss) as ``index_loss``."""
 
     def nll_loss(self, x3, t2, w, ignore_index):
@@ -109,9 +111,6 @@ class Backend(Protocol):
     def softmax_family(self, x3, mode):
         """(out, lse): lse the per-element float64 log-sum-exp over C; out log_softmax
         (mode 1) or softmax (mode 2) of x3 in its dtype (mode 0: out unspecified)."""
-
-    def lse(self, x3, cap):
-        """Per-element float64 log-sum-exp of the (softcapped when ``cap``) logits."""
 
     def lse_sign(self, lse):
         """SciPy's sign of an unweighted log-sum-exp: 0 where -inf, NaN where NaN, else 1."""

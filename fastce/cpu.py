@@ -521,6 +521,7 @@ _prob_loss = njit(**_STRICT)(ew.prob_loss)
 _prob_grad_coefs = njit(**_STRICT)(ew.prob_grad_coefs)
 _softcap_grad_factor = njit(**_STRICT)(ew.softcap_grad_factor)
 _z_term = njit(**_STRICT)(ew.z_term)
+_reported_lse = njit(**_STRICT)(ew.reported_lse)
 
 
 # Row passes: small loops LLVM vectorises.  Each is called with one array per call site (the
@@ -730,13 +731,13 @@ def _target_stats(t, tk, w, ignore_index, C, stats, part, nparts):
 # ---------------------------------------------------------------------------------------------
 # Class-index targets
 # ---------------------------------------------------------------------------------------------
-def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, hit_out, part,
-                nparts):
+def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, hit_out, lse_out,
+                part, nparts):
     """Rows layout.  opts: fastce.options.LossOptions (in_place: grad is x itself, and there
     is no softcap; want_hits: token accuracy asked for, else hit_out is left 0).
 
-    Writes ce_out (the cross-entropy of each row), zl_out (its z-loss) and hit_out (argmax ==
-    target); in the WANT_GRAD variants, the gradient into grad.  x (and grad) may hold bfloat16
+    Writes ce_out (the cross-entropy of each row), zl_out (its z-loss), hit_out (argmax ==
+    target) and, unless it is empty, lse_out (its log-sum-exp); in the WANT_GRAD variants, the gradient into grad.  x (and grad) may hold bfloat16
     bits (uint16): each row is then widened into float32 and computed as a float32 row, its
     gradient rounded back to bfloat16 (a float32 grad takes it as it is).
     """
@@ -806,6 +807,8 @@ def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, 
                 ssum = _row_exp_sum(row, msr, log2e)
         r = math.log(np.float64(ssum))
         lse = np.float64(ms) + r
+        if lse_out.shape[0]:
+            lse_out[i] = _reported_lse(lse, np.float64(ms))
         if not valid:
             ce_out[i] = 0.0
             zl_out[i] = 0.0
@@ -922,6 +925,12 @@ def _seg_index_loss(ms, ssum, st_v, wt_v, valid_v, swd, W, keep, smooth_c, zl, l
     if zls.shape[0]:
         for j in range(ms.shape[0]):
             zls[j] = _z_term(lse_v[j], zl) if valid_v[j] != 0.0 else 0.0
+
+
+@njit(**_INLINE)
+def _seg_reported_lse(lse_v, ms, out):
+    for j in range(out.shape[0]):
+        out[j] = _reported_lse(lse_v[j], np.float64(ms[j]))
 
 
 @njit(**_INLINE)
@@ -1096,7 +1105,7 @@ def _block_grad(xb, gb, xs0, ts, w, opts, scale_v, gamma_v, beta_v, valid_v, sc)
 
 
 def _index_block(x, xn, xs0, L, t, tk, on, os0, w, opts, ignore_index, in_place, g, g_off,
-                 g_stride, grad, per_position, slot, ce_out, zl_out, hit_out, stats,
+                 g_stride, grad, per_position, slot, ce_out, zl_out, hit_out, lse_out, stats,
                  prefetch_next):
     """Class-index loss of the L positions whose logits are x[xn, :, xs0:xs0+L] (C-contiguous
     3-D, positions contiguous) and targets t[on, os0:os0+L] (t: their bytes, tk per target, see
@@ -1105,7 +1114,8 @@ def _index_block(x, xn, xs0, L, t, tk, on, os0, w, opts, ignore_index, in_place,
 
     per_position: ce/zl/hit_out[on, os0 + j] per
     position; else their sums over the block in ce/zl/hit_out[0, slot] (a fixed partition: the
-    same numbers whatever the thread count).  stats (3, tasks), unless empty: the block's target
+    same numbers whatever the thread count).  lse_out, unless empty: each position's
+    log-sum-exp into lse_out[on, os0 + j].  stats (3, tasks), unless empty: the block's target
     statistics into stats[:, slot] (the forward validates its targets here, instead of in a
     pre-pass).  WANT_GRAD: the gradient into grad[xn, :, xs0:xs0+L];
     g[(g_off + j) * g_stride] is the upstream gradient.  prefetch_next: hint the next block of
@@ -1156,6 +1166,8 @@ def _index_block(x, xn, xs0, L, t, tk, on, os0, w, opts, ignore_index, in_place,
         zl_v = zl_v[:0]                 # the z-loss terms are all 0: skip them
     _seg_index_loss(ms, ssum, st_v, wt_v, valid_v, swd, opts.weight_sum, opts.keep,
                     opts.smooth_c, opts.z_loss, lse_v, ce_v, zl_v)
+    if lse_out.shape[0]:
+        _seg_reported_lse(lse_v, ms, lse_out[on, os0:os0 + L])
     if per_position:
         if want_hit:
             _seg_copy(hit_v, hit_out[on, os0:os0 + L])
@@ -1170,7 +1182,7 @@ def _index_block(x, xn, xs0, L, t, tk, on, os0, w, opts, ignore_index, in_place,
 
 
 def _index_strided(x, t, tk, w, opts, ignore_index, g, g_stride, grad, per_position,
-                   ce_out, zl_out, hit_out, stats, part, nparts):
+                   ce_out, zl_out, hit_out, lse_out, stats, part, nparts):
     """Strided layout (N, C, S): task = BLOCK positions of one n."""
     N, C, S = x.shape
     nblk = blocks_per_row(S)
@@ -1180,11 +1192,11 @@ def _index_strided(x, t, tk, w, opts, ignore_index, g, g_stride, grad, per_posit
         n, s0, L = block_bounds(slot, nblk, S)
         _index_block(x, n, s0, L, t, tk, n, s0, w, opts, ignore_index, opts.in_place, g,
                      n * S + s0, g_stride, grad, per_position, slot, ce_out, zl_out, hit_out,
-                     stats, True)
+                     lse_out, stats, True)
 
 
 def _index_rows_small(x, t, tk, w, opts, ignore_index, g, g_stride, grad, per_position,
-                      ce_out, zl_out, hit_out, stats, part, nparts):
+                      ce_out, zl_out, hit_out, lse_out, stats, part, nparts):
     """Rows of few classes (C <= SMALL_C), x (N, C, 1), targets t (1, N): a task transposes
     BLOCK rows into a (1, C, BLOCK) scratch, so that the block code vectorises across rows."""
     N, C = x.shape[0], x.shape[1]
@@ -1206,7 +1218,8 @@ def _index_rows_small(x, t, tk, w, opts, ignore_index, g, g_stride, grad, per_po
         # Constant arguments (0, False): LLVM specialises the inlined block code for them
         # (constant offsets, no prefetch, never in place), faster on these small blocks.
         _index_block(xb, 0, 0, L, t, tk, 0, i0, w, opts, ignore_index, False, g, i0,
-                     g_stride, gb, per_position, bi, ce_out, zl_out, hit_out, stats, False)
+                     g_stride, gb, per_position, bi, ce_out, zl_out, hit_out, lse_out, stats,
+                     False)
         if wg:
             for j in range(L):
                 for c in range(C):
@@ -1216,8 +1229,9 @@ def _index_rows_small(x, t, tk, w, opts, ignore_index, g, g_stride, grad, per_po
 # ---------------------------------------------------------------------------------------------
 # Probability targets (one kernel for both layouts: blocks of the spatial axis, L = 1 for rows)
 # ---------------------------------------------------------------------------------------------
-def _prob_blocks(x, p, w, opts, g, g_stride, grad, ce_out, zl_out, part, nparts):
-    """opts: fastce.options.LossOptions (weight_sum, in_place and want_hits unused)."""
+def _prob_blocks(x, p, w, opts, g, g_stride, grad, ce_out, zl_out, lse_out, part, nparts):
+    """opts: fastce.options.LossOptions (weight_sum, in_place and want_hits unused); lse_out,
+    unless empty, receives each position's log-sum-exp."""
     N, C, S = x.shape
     keep, smooth_c, cap = opts.keep, opts.smooth_c, opts.softcap
     inv_D, z2, zl = opts.grad_scale, opts.z_grad, opts.z_loss
@@ -1258,6 +1272,8 @@ def _prob_blocks(x, p, w, opts, g, g_stride, grad, ce_out, zl_out, part, nparts)
         for j in range(L):
             r = math.log(ssum[j])
             lse = np.float64(ms[j]) + r
+            if lse_out.shape[0]:
+                lse_out[n, s0 + j] = _reported_lse(lse, np.float64(ms[j]))
             zl_out[n, s0 + j] = _z_term(lse, zl)
             ce_out[n, s0 + j] = _prob_loss(r, A[j], sqd[j])
             if want_grad:
@@ -1721,6 +1737,7 @@ def target_stats(t2, w, ignore_index, C):
 
 
 _NO_STATS = np.empty((3, 0))
+_NO_LSE = {1: np.empty(0), 2: np.empty((0, 0))}     # lse_out not wanted, by the kernel's ndim
 _NO_GRAD = {}
 
 
@@ -1781,7 +1798,7 @@ def small_rows_forward(x3, t2, w, opts, ignore_index, g):
     nblk = blocks_per_row(N)
     ce, junk, part = np.zeros((1, nblk)), np.zeros((2, nblk)), np.zeros((3, nblk))
     args = (x3, tv.view(np.uint8), tv.itemsize, w, opts, ignore_index, g, 0,
-            _no_grad(x3.dtype), False, ce, junk[0:1], junk[1:2], part, 0, 1)
+            _no_grad(x3.dtype), False, ce, junk[0:1], junk[1:2], _NO_LSE[2], part, 0, 1)
     key = (x3.dtype, tv.dtype, w.dtype, g.dtype, tuple(map(type, opts)))
     entry = _SMALL_FORWARD.get(key)
     if entry is None:
@@ -1798,10 +1815,11 @@ def small_rows_forward(x3, t2, w, opts, ignore_index, g):
 
 
 def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=True,
-               fuse_stats=False):
+               fuse_stats=False, lse_out=None):
     """(ce, z-loss, hit, stats).  per_position: ce/z-loss/hit per position (N, S); else arrays
     whose sums are theirs (per-block partial sums, in a fixed partition).  Fills ``grad``
-    (N, C, S) when given.  fuse_stats: stats = target_stats(...) computed by the loss kernel
+    (N, C, S) when given, and ``lse_out`` (N, S) float64, each position's log-sum-exp, in the
+    same pass.  fuse_stats: stats = target_stats(...) computed by the loss kernel
     itself (forward only: the gradient needs the mean's denominator first); when it finds a bad
     target the other outputs are meaningless (but no out-of-range read happened).  Else None."""
     N, C, S = x3.shape
@@ -1809,7 +1827,7 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
         # Only the rows kernel reads bfloat16 itself; the others get a float32 copy.
         xf, gf = _float32_copies(x3, grad, opts)
         out = index_loss(xf, t2, w, opts, ignore_index, gf, g, g_stride, per_position,
-                         fuse_stats)
+                         fuse_stats, lse_out)
         _round_back(gf, grad)
         return out
     want = grad is not None
@@ -1826,7 +1844,8 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
         ce, zl, hit = np.empty(N), np.empty(N), np.empty(N)
         launch(("_index_rows",) + variant, work, x3.reshape(N, C),
                _int64_targets(t2.reshape(N)), *args,
-               gbuf.reshape(gbuf.shape[0], gbuf.shape[1]), ce, zl, hit)
+               gbuf.reshape(gbuf.shape[0], gbuf.shape[1]), ce, zl, hit,
+               _NO_LSE[1] if lse_out is None else lse_out.reshape(N))
         return ce, zl, hit, stats
     tv = _stats_view(t2)
     nblk = _n_blocks(tv)
@@ -1838,15 +1857,16 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
         ce, zl, hit, part = buf[0:1], buf[1:2], buf[2:3], (buf[3:] if fuse_stats else _NO_STATS)
     tb, tk = _target_bytes(tv)
     launch(("_index_rows_small" if S == 1 else "_index_strided",) + variant, work, x3, tb,
-           tk, *args, gbuf, per_position, ce, zl, hit, part)
+           tk, *args, gbuf, per_position, ce, zl, hit,
+           _NO_LSE[2] if lse_out is None else lse_out.reshape(tv.shape), part)
     return ce, zl, hit, (_sum_stats(part) if fuse_stats else None)
 
 
-def prob_loss(x3, p3, w, opts, grad, g, g_stride):
+def prob_loss(x3, p3, w, opts, grad, g, g_stride, lse_out=None):
     N, C, S = x3.shape
     if is_bfloat16(x3.dtype):
         xf, gf = _float32_copies(x3, grad, opts)
-        out = prob_loss(xf, p3, w, opts, gf, g, g_stride)
+        out = prob_loss(xf, p3, w, opts, gf, g, g_stride, lse_out)
         _round_back(gf, grad)
         return out
     ce = np.empty((N, S))
@@ -1854,7 +1874,7 @@ def prob_loss(x3, p3, w, opts, grad, g, g_stride):
     want = grad is not None
     gbuf = grad if want else np.empty((1, 1, 1), x3.dtype)
     launch(("_prob_blocks", want, opts.softcap > 0.0), x3.size, x3, p3, w, opts, g,
-           np.int64(g_stride), gbuf, ce, zl)
+           np.int64(g_stride), gbuf, ce, zl, _NO_LSE[2] if lse_out is None else lse_out)
     return ce, zl
 
 
@@ -2032,18 +2052,6 @@ class CPUBackend:
         safe = np.where(ignored, 0, t2).astype(np.int64)
         picked = np.take_along_axis(x3, safe[:, None, :], axis=1)[:, 0, :].astype(np.float64)
         return np.where(ignored, 0.0, -w[safe] * picked)
-
-    @staticmethod
-    def lse(x3, cap):
-        from . import _shard_kernels
-        if is_bfloat16(x3.dtype):
-            x3 = x3.astype(np.float32)      # the shard kernels read float32/float64 only
-        N, C, S = x3.shape
-        tl = np.full((N, S), -1, dtype=np.int64)
-        out = _shard_kernels.stats(x3, tl, None, CPUBackend.ones(C, x3.dtype), 1.0, 0.0, cap,
-                                   False, False)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return out[0] + np.log(out[1])
 
     @staticmethod
     def lse_sign(lse):

@@ -14,6 +14,7 @@ their maximum m:
 Terms whose option is off (smooth_c == 0, z_loss == 0) are not evaluated at all: ``0 * inf``
 would poison the result with nan where torch, which skips them too, is finite.
 """
+import math
 
 
 def index_loss(r, d_t, w_t, W, sum_wd, keep, smooth_c):
@@ -64,3 +65,11 @@ def softcap_grad_factor(s, inv_cap):
 def z_term(lse, z_loss):
     """PaLM's z-loss of one element: z_loss * lse^2 (0 when z_loss is 0, whatever lse)."""
     return z_loss * lse * lse if z_loss != 0.0 else 0.0
+
+
+def reported_lse(lse, m):
+    """The log-sum-exp reported for an element (``return_lse``): lse = m + r, except where the
+    max m is +-inf and the sum of exps is meaningless (inf - inf, or no finite term): then m
+    itself (+inf beside a +inf logit, -inf for all -inf), as torch.logsumexp.  A NaN m (a NaN
+    logit) stays NaN through lse."""
+    return m if (m == math.inf or m == -math.inf) else lse

@@ -71,6 +71,7 @@ _prob_loss = cuda.jit(device=True)(ew.prob_loss)
 _prob_grad_coefs = cuda.jit(device=True)(ew.prob_grad_coefs)
 _softcap_grad_factor = cuda.jit(device=True)(ew.softcap_grad_factor)
 _z_term = cuda.jit(device=True)(ew.z_term)
+_reported_lse = cuda.jit(device=True)(ew.reported_lse)
 
 
 @cuda.jit(device=True)
@@ -270,10 +271,13 @@ def _prob_options(keep, smooth_c, softcap, grad_scale, z_grad, z_loss):
 
 
 @cuda.jit(device=True)
-def _prob_finish(m, ssum, nan, A, qd, o, want_grad, g, gi, n, s, ce_out, zl_out):
-    """Writes element (n, s)'s loss terms from its float64 row state; returns the gradient's
-    (scale, beta): dL/dx_c = (exp(x_c - m) scale - beta q_c) (times the softcap factor)."""
+def _prob_finish(m, ssum, nan, A, qd, o, want_grad, g, gi, n, s, ce_out, zl_out, lse_out):
+    """Writes element (n, s)'s loss terms (and its lse, unless lse_out is empty) from its
+    float64 row state; returns the gradient's (scale, beta): dL/dx_c = (exp(x_c - m) scale -
+    beta q_c) (times the softcap factor)."""
     lse, r = _finish_lse_r(m, ssum, nan)
+    if lse_out.shape[0]:
+        lse_out[n, s] = lse if nan != 0 else _reported_lse(lse, m)
     zl_out[n, s] = _z_term(lse, o.z_loss)
     ce_out[n, s] = _prob_loss(r, A, qd)
     scale = 0.0
@@ -355,11 +359,13 @@ def _index_steps(F):
 
     @cuda.jit(device=True)
     def index_finish(x, n, s, t, w, o, ignore_index, want_grad, g, gi, m, ssum, nan, wdev,
-                     ir, C, ce_out, zl_out, hit_out):
-        """Per-element outputs of one element; returns (target, scale, gamma, beta) for the
+                     ir, C, ce_out, zl_out, hit_out, lse_out):
+        """Per-element outputs of one element (its lse too, unless lse_out is empty); returns (target, scale, gamma, beta) for the
         gradient (target -1 where ignored).  x is (N, C, S) and the element is (n, s)."""
         has_cap, inv_cap, capf, inv_capf = cap_consts(o.softcap)
         lse, r = _finish_lse_r(m, ssum, nan)
+        if lse_out.shape[0]:
+            lse_out[n, s] = lse if nan != 0 else _reported_lse(lse, m)
         ti = _i8(t[n, s])
         if ti == ignore_index or ti < 0 or ti >= C:
             ce_out[n, s] = 0.0
@@ -472,7 +478,7 @@ def _index_kernels(F):
 
     def index_rows(x, t, w, keep, smooth_c, weight_sum, softcap, grad_scale, z_grad, z_loss,
                    want_hits, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
-                   hit_out):
+                   hit_out, lse_out):
         o = _index_options(keep, smooth_c, weight_sum, softcap, grad_scale, z_grad, z_loss,
                            want_hits)
         sh_m = cuda.shared.array(ROW_MAX, np.float64)
@@ -497,7 +503,7 @@ def _index_kernels(F):
             if tid == 0:
                 sh_t[0], sh_c[0], sh_c[1], sh_c[2] = index_finish(
                     x, row, 0, t, w, o, ignore_index, want_grad, g, row * g_stride, sh_m[0],
-                    sh_s[0], sh_n[0], sh_d[0], sh_i[0], C, ce_out, zl_out, hit_out)
+                    sh_s[0], sh_n[0], sh_d[0], sh_i[0], C, ce_out, zl_out, hit_out, lse_out)
             cuda.syncthreads()
             if want_grad:
                 row_grad(x, w, row, sh_t[0], F(sh_m[0]), F(sh_c[0]), F(sh_c[1]), F(sh_c[2]),
@@ -507,7 +513,7 @@ def _index_kernels(F):
 
     def index_strided(x, t, w, keep, smooth_c, weight_sum, softcap, grad_scale, z_grad, z_loss,
                       want_hits, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
-                      hit_out):
+                      hit_out, lse_out):
         o = _index_options(keep, smooth_c, weight_sum, softcap, grad_scale, z_grad, z_loss,
                            want_hits)
         C = x.shape[1]
@@ -526,7 +532,7 @@ def _index_kernels(F):
                                                         inv_capf)
             ti, scale, gamma, beta = index_finish(
                 x, n, s, t, w, o, ignore_index, want_grad, g, pos * g_stride, _f8(m),
-                _f8(ssum), nan, _f8(wd), ir, C, ce_out, zl_out, hit_out)
+                _f8(ssum), nan, _f8(wd), ir, C, ce_out, zl_out, hit_out, lse_out)
             if want_grad:
                 for c in range(C):
                     if ti < 0:
@@ -571,7 +577,7 @@ def _prob_kernels(F):
         return val
 
     def prob_elems(x, p, w, keep, smooth_c, softcap, grad_scale, z_grad, z_loss, want_grad, g,
-                   g_stride, grad, ce_out, zl_out):
+                   g_stride, grad, ce_out, zl_out, lse_out):
         o = _prob_options(keep, smooth_c, softcap, grad_scale, z_grad, z_loss)
         C = x.shape[1]
         S = x.shape[2]
@@ -586,7 +592,7 @@ def _prob_kernels(F):
                 m, ssum, A, qd, qf, nan = prob_step(x[n, c, s], p[n, c, s], w[c], o, m, ssum, A,
                                                     qd, qf, nan, has_cap, capf, inv_capf)
             scale, beta = _prob_finish(_f8(m), _f8(ssum), nan, A, qd, o, want_grad, g,
-                                       pos * g_stride, n, s, ce_out, zl_out)
+                                       pos * g_stride, n, s, ce_out, zl_out, lse_out)
             if want_grad:
                 for c in range(C):
                     grad[n, c, s] = prob_grad(x[n, c, s], p[n, c, s], w[c], o, m, scale, beta,
@@ -594,7 +600,7 @@ def _prob_kernels(F):
             pos += step
 
     def prob_rows(x, p, w, keep, smooth_c, softcap, grad_scale, z_grad, z_loss, want_grad, g,
-                  g_stride, grad, ce_out, zl_out):
+                  g_stride, grad, ce_out, zl_out, lse_out):
         o = _prob_options(keep, smooth_c, softcap, grad_scale, z_grad, z_loss)
         sh_m = cuda.shared.array(ROW_MAX, np.float64)
         sh_s = cuda.shared.array(ROW_MAX, np.float64)
@@ -621,7 +627,7 @@ def _prob_kernels(F):
             if tid == 0:
                 sh_c[0], sh_c[1] = _prob_finish(sh_m[0], sh_s[0], sh_n[0], sh_a[0], sh_d[0], o,
                                                 want_grad, g, row * g_stride, row, 0, ce_out,
-                                                zl_out)
+                                                zl_out, lse_out)
             cuda.syncthreads()
             if want_grad:
                 mf = F(sh_m[0])
@@ -1092,9 +1098,9 @@ def _prob_scalars(o):
 
 
 def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=True,
-               fuse_stats=False):
+               fuse_stats=False, lse_out=None):
     """(ce, z-loss, hit, None): per-element arrays (N, S) (whatever ``per_position``); fills
-    ``grad`` (N, C, S) when given.  The targets are validated by ``target_stats`` beforehand
+    ``grad`` (N, C, S) and ``lse_out`` (N, S) when given.  The targets are validated by ``target_stats`` beforehand
     (``fuse_stats`` is not supported here: fuses_target_stats is False)."""
     if fuse_stats:
         raise NotImplementedError("fastce.gpu: the target statistics come from target_stats")
@@ -1108,7 +1114,7 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
     gbuf = grad if want else _alloc((1, 1, 1), x3.dtype)
     ks = _compute_kernels(x3.dtype)
     args = (x3, t2, w, *_index_scalars(opts), _i8(ignore_index), want, g, _i8(g_stride), gbuf,
-            ce, zl, hit)
+            ce, zl, hit, _no_lse() if lse_out is None else lse_out)
     if S == 1 and C > SMALL_C:
         blocks, threads = _row_cfg(N, C)
         ks["index_rows"][blocks, threads](*args)
@@ -1118,7 +1124,7 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
     return ce, zl, hit, None
 
 
-def prob_loss(x3, p3, w, opts, grad, g, g_stride):
+def prob_loss(x3, p3, w, opts, grad, g, g_stride, lse_out=None):
     N, C, S = x3.shape
     ce = _alloc((N, S), np.float64)
     zl = _alloc((N, S), np.float64)
@@ -1131,8 +1137,14 @@ def prob_loss(x3, p3, w, opts, grad, g, g_stride):
     else:
         name, (blocks, threads) = "prob_elems", _elem_cfg(N * S)
     _compute_kernels(x3.dtype)[name][blocks, threads](
-        x3, p3, w, *_prob_scalars(opts), want, g, _i8(g_stride), gbuf, ce, zl)
+        x3, p3, w, *_prob_scalars(opts), want, g, _i8(g_stride), gbuf, ce, zl,
+        _no_lse() if lse_out is None else lse_out)
     return ce, zl
+
+
+def _no_lse():
+    """The empty (0, 0) lse_out of a call that does not want the lse."""
+    return _alloc((0, 0), np.float64)
 
 
 def softmax_family(x3, mode):
@@ -1348,13 +1360,6 @@ class GPUBackend:
         out = _alloc(shape, dtype)
         _launch(_k_add, ce.size, _flat(out), _flat(ce), _flat(zl))
         return out
-
-    @staticmethod
-    def lse(x3, cap):
-        if cap:
-            raise NotImplementedError("fastce: return_lse with softcap is not implemented for "
-                                      "CUDA arrays yet")
-        return softmax_family(x3, 0)[1]
 
     @staticmethod
     def lse_sign(lse):

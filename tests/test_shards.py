@@ -201,6 +201,38 @@ def test_return_lse_api():
     assert np.all(empty.lse == -math.inf)
 
 
+@pytest.mark.parametrize("shape", [(5, 40), (7, 5), (3, 6, 4)])    # rows, few classes, strided
+@pytest.mark.parametrize("prob", [False, True])
+@pytest.mark.parametrize("softcap", [None, 2.5])
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_return_lse_comes_from_the_loss_pass(backend, shape, prob, softcap, with_grad):
+    """Every loss kernel writes the lse itself (no second pass): it matches the float64 spec
+    and leaves the loss and gradient exactly as they are without it."""
+    rng = np.random.default_rng(abs(hash((shape, prob, softcap, with_grad))) % 2**32)
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    x[0, 1] = np.inf if not softcap else x[0, 1]        # an inf row: lse inf, as the spec's
+    C = shape[1]
+    tshape = (shape[0],) + shape[2:]
+    if prob:
+        p = rng.random(shape)
+        t = (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+    else:
+        t = rng.integers(0, C, tshape)
+        t.reshape(-1)[::3] = -100                        # ignored positions still get an lse
+    kw = dict(reduction="none", softcap=softcap, label_smoothing=0.1)
+    xb, tb = backend.to(x), backend.to(t)
+    call = fastce.cross_entropy_with_grad if with_grad else fastce.cross_entropy
+    got, plain = call(xb, tb, return_lse=True, **kw), call(xb, tb, **kw)
+    out, ref = (got[0], plain[0]) if with_grad else (got, plain)
+    want = spec.logsumexp(spec.softcap_logits(x.astype(np.float64), softcap), axis=1)
+    lse = backend.host(out.lse)
+    assert lse.shape == tshape and lse.dtype == np.float32
+    np.testing.assert_allclose(lse, want, rtol=2e-6, atol=1e-6)
+    assert np.array_equal(backend.host(out.loss), backend.host(ref), equal_nan=True)
+    if with_grad:
+        assert np.array_equal(backend.host(got[1]), backend.host(plain[1]), equal_nan=True)
+
+
 @pytest.mark.gpu
 def test_cupy_shards_match_numpy():
     import cupy
