@@ -73,12 +73,12 @@ def compile_ptx_all(cc=(8, 0)):
             for tdt in (nt.int64, nt.int32, nt.uint8):
                 sig = (arr(ft, 3), arr(tdt, 2), arr(ft, 1), *(f8,) * 7, nt.boolean, nt.int64,
                        nt.boolean, arr(f8, 1), nt.int64, arr(ft, 3), arr(f8, 2), arr(f8, 2),
-                       arr(u1, 2))
+                       arr(u1, 2), arr(f8, 2))
                 for k in ("index_rows", "index_strided"):
                     cuda.compile_ptx(fns[k], sig, cc=cc)
                     n += 1
             sig = (arr(ft, 3), arr(ft, 3), arr(ft, 1), *(f8,) * 6, nt.boolean, arr(f8, 1),
-                   nt.int64, arr(ft, 3), arr(f8, 2), arr(f8, 2))
+                   nt.int64, arr(ft, 3), arr(f8, 2), arr(f8, 2), arr(f8, 2))
             for k in ("prob_elems", "prob_rows"):
                 cuda.compile_ptx(fns[k], sig, cc=cc)
                 n += 1
