@@ -737,9 +737,10 @@ def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, 
     is no softcap; want_hits: token accuracy asked for, else hit_out is left 0).
 
     Writes ce_out (the cross-entropy of each row), zl_out (its z-loss), hit_out (argmax ==
-    target) and, unless it is empty, lse_out (its log-sum-exp); in the WANT_GRAD variants, the gradient into grad.  x (and grad) may hold bfloat16
-    bits (uint16): each row is then widened into float32 and computed as a float32 row, its
-    gradient rounded back to bfloat16 (a float32 grad takes it as it is).
+    target) and, unless it is empty, lse_out (its log-sum-exp); in the WANT_GRAD variants, the
+    gradient into grad.  x (and grad) may hold bfloat16 bits (uint16): each row is then
+    widened into float32 and computed as a float32 row, its gradient rounded back to bfloat16
+    (a float32 grad takes it as it is).
     """
     N, C = x.shape
     keep, smooth_c, W, cap = opts.keep, opts.smooth_c, opts.weight_sum, opts.softcap
