@@ -360,8 +360,9 @@ def _index_steps(F):
     @cuda.jit(device=True)
     def index_finish(x, n, s, t, w, o, ignore_index, want_grad, g, gi, m, ssum, nan, wdev,
                      ir, C, ce_out, zl_out, hit_out, lse_out):
-        """Per-element outputs of one element (its lse too, unless lse_out is empty); returns (target, scale, gamma, beta) for the
-        gradient (target -1 where ignored).  x is (N, C, S) and the element is (n, s)."""
+        """Per-element outputs of one element (its lse too, unless lse_out is empty); returns
+        (target, scale, gamma, beta) for the gradient (target -1 where ignored).  x is
+        (N, C, S) and the element is (n, s)."""
         has_cap, inv_cap, capf, inv_capf = cap_consts(o.softcap)
         lse, r = _finish_lse_r(m, ssum, nan)
         if lse_out.shape[0]:
