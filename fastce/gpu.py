@@ -1101,8 +1101,9 @@ def _prob_scalars(o):
 def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=True,
                fuse_stats=False, lse_out=None):
     """(ce, z-loss, hit, None): per-element arrays (N, S) (whatever ``per_position``); fills
-    ``grad`` (N, C, S) and ``lse_out`` (N, S) when given.  The targets are validated by ``target_stats`` beforehand
-    (``fuse_stats`` is not supported here: fuses_target_stats is False)."""
+    ``grad`` (N, C, S) and ``lse_out`` (N, S) when given.  The targets are validated by
+    ``target_stats`` beforehand (``fuse_stats`` is not supported here: fuses_target_stats is
+    False)."""
     if fuse_stats:
         raise NotImplementedError("fastce.gpu: the target statistics come from target_stats")
     N, C, S = x3.shape
