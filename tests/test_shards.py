@@ -211,6 +211,8 @@ def test_return_lse_comes_from_the_loss_pass(backend, shape, prob, softcap, with
     rng = np.random.default_rng(abs(hash((shape, prob, softcap, with_grad))) % 2**32)
     x = (rng.standard_normal(shape) * 3).astype(np.float32)
     x[0, 1] = np.inf if not softcap else x[0, 1]        # an inf row: lse inf, as the spec's
+    x[1] = -np.inf                                      # all -inf: lse -inf (or -cap's)
+    x[2, 0] = np.nan                                    # a NaN logit: NaN
     C = shape[1]
     tshape = (shape[0],) + shape[2:]
     if prob:
