@@ -57,7 +57,7 @@ BLOCK = 512
 # Logits below which a kernel runs in one thread: waking the pool costs tens of microseconds,
 # more than the whole loss of a problem this small (W3, 256 x 10, runs serial).
 SERIAL_BELOW = 1 << 16
-SMALL_C = 32                   # rows of at most this many classes take _index_rows_small
+SMALL_C = 32                   # rows of at most this many classes take _index_blocks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1143,7 +1143,13 @@ def _index_block(x, xn, xs0, L, t, tk, on, os0, w, opts, ignore_index, in_place,
     # block into cache (W2 forward, A/B: ~4% faster than before it).
     nbad = _seg_targets_logits(ts, w, ignore_index, C, xb, xs0, valid_v, wt_v, st_v)
     if stats.shape[1]:
-        _seg_stats(ts, ignore_index, C, valid_v, wt_v, nbad, stats, slot,
+        # Summed as float64 arrays, as the pre-pass (target_stats) sums its own: the same
+        # compiled code on the same values, so the same bits on any CPU.  (ce_v and zl_v are
+        # free until the loss.)
+        valid64, wt64 = v64[1], v64[2]
+        _seg_copy(valid_v, valid64)
+        _seg_copy(wt_v, wt64)
+        _seg_stats(ts, ignore_index, C, valid64, wt64, nbad, stats, slot,
                    on * (t.shape[1] // tk) + os0)
     if has_cap:
         capf = cast_like(opts.softcap, x)
@@ -1182,45 +1188,39 @@ def _index_block(x, xn, xs0, L, t, tk, on, os0, w, opts, ignore_index, in_place,
         _block_grad(xb, gb, xs0, ts, w, opts, scale_v, gamma_v, beta_v, valid_v, sc)
 
 
-def _index_strided(x, t, tk, w, opts, ignore_index, g, g_stride, grad, per_position,
-                   ce_out, zl_out, hit_out, lse_out, stats, part, nparts):
-    """Strided layout (N, C, S): task = BLOCK positions of one n."""
+def _index_blocks(x, t, tk, w, opts, ignore_index, g, g_stride, grad, per_position,
+                  ce_out, zl_out, hit_out, lse_out, stats, rows, part, nparts):
+    """The block kernel of two layouts, one compilation (a second kernel compiled the block
+    code again: ~3.5 s of a cold start).
+    - strided (rows False): x (N, C, S), targets t (N, S); task = BLOCK positions of one n.
+    - rows of few classes (rows True, C <= SMALL_C): x (N, C, 1), targets t (1, N); a task
+      transposes BLOCK rows into a (1, C, BLOCK) scratch, so that the block code vectorises
+      across rows, and transposes their gradient back."""
     N, C, S = x.shape
-    nblk = blocks_per_row(S)
-    lo, hi = task_range(N * nblk, part, nparts)
+    nblk = blocks_per_row(N if rows else S)
+    lo, hi = task_range(nblk if rows else N * nblk, part, nparts)
+    # (A run-time test, true in the gradient variants: with the compile-time constant alone,
+    # the rows ran ~15% slower at W3, 256 x 10, A/B in one process.)
+    wg = WANT_GRAD and rows and grad.shape[0] == N
     for task in range(lo, hi):
         slot = np.int64(task)
-        n, s0, L = block_bounds(slot, nblk, S)
-        _index_block(x, n, s0, L, t, tk, n, s0, w, opts, ignore_index, opts.in_place, g,
-                     n * S + s0, g_stride, grad, per_position, slot, ce_out, zl_out, hit_out,
-                     lse_out, stats, True)
-
-
-def _index_rows_small(x, t, tk, w, opts, ignore_index, g, g_stride, grad, per_position,
-                      ce_out, zl_out, hit_out, lse_out, stats, part, nparts):
-    """Rows of few classes (C <= SMALL_C), x (N, C, 1), targets t (1, N): a task transposes
-    BLOCK rows into a (1, C, BLOCK) scratch, so that the block code vectorises across rows."""
-    N, C = x.shape[0], x.shape[1]
-    nblk = blocks_per_row(N)
-    lo, hi = task_range(nblk, part, nparts)
-    for b in range(lo, hi):
-        bi = np.int64(b)
-        _, i0, L = block_bounds(bi, nblk, N)
-        xb = np.empty((1, C, L), x.dtype)
-        # Class outer: strided loads (gathers), contiguous stores.  Rows outer stored through
-        # scatters, a third of a W3 forward's time (AVX-512); A/B: 1.0-2.1x faster.
-        for c in range(C):
-            for j in range(L):
-                xb[0, c, j] = x[i0 + j, c, 0]
-        # (A run-time test, true in the gradient variants: with the compile-time constant
-        # alone, this kernel ran ~15% slower at W3, 256 x 10, A/B in one process.)
-        wg = WANT_GRAD and grad.shape[0] == N
-        gb = np.empty((1, C, L) if wg else (1, 1, 1), x.dtype)
-        # Constant arguments (0, False): LLVM specialises the inlined block code for them
-        # (constant offsets, no prefetch, never in place), faster on these small blocks.
-        _index_block(xb, 0, 0, L, t, tk, 0, i0, w, opts, ignore_index, False, g, i0,
-                     g_stride, gb, per_position, bi, ce_out, zl_out, hit_out, lse_out, stats,
-                     False)
+        if rows:
+            _, i0, L = block_bounds(slot, nblk, N)
+            xb = np.empty((1, C, L), x.dtype)
+            # Class outer: strided loads (gathers), contiguous stores.  Rows outer stored
+            # through scatters, a third of a W3 forward's time (AVX-512); A/B: 1.0-2.1x faster.
+            for c in range(C):
+                for j in range(L):
+                    xb[0, c, j] = x[i0 + j, c, 0]
+            gb = np.empty((1, C, L) if wg else (1, 1, 1), x.dtype)
+            xn, xs0, on, os0, g_off = 0, 0, 0, i0, i0
+        else:
+            n, s0, L = block_bounds(slot, nblk, S)
+            xb, gb = x, grad
+            xn, xs0, on, os0, g_off = n, s0, n, s0, n * S + s0
+        _index_block(xb, xn, xs0, L, t, tk, on, os0, w, opts, ignore_index,
+                     opts.in_place and not rows, g, g_off, g_stride, gb, per_position, slot,
+                     ce_out, zl_out, hit_out, lse_out, stats, not rows)
         if wg:
             for j in range(L):
                 for c in range(C):
@@ -1263,7 +1263,12 @@ def _prob_blocks(x, p, w, opts, g, g_stride, grad, ce_out, zl_out, lse_out, part
                 # s in the logits' dtype: a float64 s would make float32 exps float64 ones
                 # (half the vector lanes, the longer polynomial)
                 s = softcap_fast(xs[c, j], capf, inv_capf) if has_cap else xs[c, j]
-                e = exp2_exact_call((s - ms[j]) * log2e)
+                # (the gradient stores e: exactly 0 below the floor; the forward only adds
+                # it to a sum >= 1, which the floor does not change)
+                if want_grad:
+                    e = exp2_exact_call((s - ms[j]) * log2e)
+                else:
+                    e = exp2_nonpos((s - ms[j]) * log2e)
                 ssum[j] += e
                 q = _prob_weight(np.float64(ps[c, j]), wc, keep, smooth_c)
                 A[j] += q
@@ -1603,8 +1608,7 @@ _BLOCK = {"_index_block": {key: njit(inline="always", **_INLINE)(f)
 _KERNELS = {fn.__name__: _kernel(fn) for fn in (_target_stats, _softmax_rows, _softmax_strided,
                                                 _lse_chunks, _lse_combine,
                                                 _softmax_chunks_out)}
-for _fn, _callees in ((_index_rows, None), (_index_rows_small, _BLOCK),
-                      (_index_strided, _BLOCK), (_prob_blocks, None)):
+for _fn, _callees in ((_index_rows, None), (_index_blocks, _BLOCK), (_prob_blocks, None)):
     for _key, _variant in _variants(_fn, _callees).items():
         _KERNELS[(_fn.__name__,) + _key] = _kernel(_variant)
 
@@ -1727,13 +1731,23 @@ def _target_bytes(tv):
     return tv.view(np.uint8), tv.itemsize      # (M, S * itemsize): the last axis's bytes
 
 
+def _writeable(a):
+    """A small input (weights, upstream gradient) as a writeable array, copied if it is
+    read-only: Numba's type of an array includes its read-only flag, so a read-only weight
+    would compile each kernel a second time (seconds) to spare a copy of C numbers."""
+    return a if a.flags.writeable else a.copy()
+
+
 def target_stats(t2, w, ignore_index, C):
-    """(D, count, bad_flat_position or -1) over the (N, S) integer targets ``t2``."""
+    """(D, count, bad_flat_position or -1) over the (N, S) integer targets ``t2``.  The
+    weights go in as float64, whatever the logits' dtype: one compilation serves them all, and
+    the forward kernels, which sum the same float64 values per block with the same code
+    (_seg_stats), get the same bits."""
     tv = _stats_view(t2)
     part = np.empty((3, _n_blocks(tv)))
     tb, tk = _target_bytes(tv)
-    launch("_target_stats", tv.size, tb, tk, w, np.int64(ignore_index), np.int64(C),
-           part)
+    launch("_target_stats", tv.size, tb, tk, _writeable(w.astype(np.float64, copy=False)),
+           np.int64(ignore_index), np.int64(C), part)
     return _sum_stats(part)
 
 
@@ -1799,11 +1813,11 @@ def small_rows_forward(x3, t2, w, opts, ignore_index, g):
     nblk = blocks_per_row(N)
     ce, junk, part = np.zeros((1, nblk)), np.zeros((2, nblk)), np.zeros((3, nblk))
     args = (x3, tv.view(np.uint8), tv.itemsize, w, opts, ignore_index, g, 0,
-            _no_grad(x3.dtype), False, ce, junk[0:1], junk[1:2], _NO_LSE[2], part, 0, 1)
+            _no_grad(x3.dtype), False, ce, junk[0:1], junk[1:2], _NO_LSE[2], part, True, 0, 1)
     key = (x3.dtype, tv.dtype, w.dtype, g.dtype, tuple(map(type, opts)))
     entry = _SMALL_FORWARD.get(key)
     if entry is None:
-        kernel = _KERNELS[("_index_rows_small", False, False)]
+        kernel = _KERNELS[("_index_blocks", False, False)]
         # (a plain function under NUMBA_DISABLE_JIT)
         entry = (kernel.compile(tuple(map(kernel.typeof_pyval, args)))
                  if hasattr(kernel, "compile") else kernel)
@@ -1835,7 +1849,7 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
     gbuf = _bf16_bits(grad) if want else _no_grad(x3.dtype)
     work = x3.size
     x3 = _bf16_bits(x3)
-    args = (w, opts, np.int64(ignore_index), g, np.int64(g_stride))
+    args = (_writeable(w), opts, np.int64(ignore_index), _writeable(g), np.int64(g_stride))
     variant = (want, opts.softcap > 0.0)        # (gradient, softcap)
     if S == 1 and C > SMALL_C:
         # Rows: per-row outputs are small; the target statistics come from the pre-pass.
@@ -1857,9 +1871,8 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
         buf = np.zeros((6 if fuse_stats else 3, nblk))
         ce, zl, hit, part = buf[0:1], buf[1:2], buf[2:3], (buf[3:] if fuse_stats else _NO_STATS)
     tb, tk = _target_bytes(tv)
-    launch(("_index_rows_small" if S == 1 else "_index_strided",) + variant, work, x3, tb,
-           tk, *args, gbuf, per_position, ce, zl, hit,
-           _NO_LSE[2] if lse_out is None else lse_out.reshape(tv.shape), part)
+    launch(("_index_blocks",) + variant, work, x3, tb, tk, *args, gbuf, per_position, ce, zl,
+           hit, _NO_LSE[2] if lse_out is None else lse_out.reshape(tv.shape), part, S == 1)
     return ce, zl, hit, (_sum_stats(part) if fuse_stats else None)
 
 
@@ -1874,8 +1887,9 @@ def prob_loss(x3, p3, w, opts, grad, g, g_stride, lse_out=None):
     zl = np.empty((N, S))
     want = grad is not None
     gbuf = grad if want else np.empty((1, 1, 1), x3.dtype)
-    launch(("_prob_blocks", want, opts.softcap > 0.0), x3.size, x3, p3, w, opts, g,
-           np.int64(g_stride), gbuf, ce, zl, _NO_LSE[2] if lse_out is None else lse_out)
+    launch(("_prob_blocks", want, opts.softcap > 0.0), x3.size, x3, p3, _writeable(w), opts,
+           _writeable(g), np.int64(g_stride), gbuf, ce, zl,
+           _NO_LSE[2] if lse_out is None else lse_out)
     return ce, zl
 
 
@@ -1936,17 +1950,17 @@ def broadcast_copy(x, shape):
     return np.ascontiguousarray(np.broadcast_to(x, shape))
 
 
-# Arrays of ones stand in for absent class weights.  Small ones are cached (read-only, never
-# handed out); the cache holds at most ONES_CACHE_ENTRIES arrays of at most ONES_CACHE_BYTES.
+# Arrays of ones stand in for absent class weights.  Small ones are cached (never handed out,
+# never written); the cache holds at most ONES_CACHE_ENTRIES arrays of at most ONES_CACHE_BYTES.
+# They stay writeable: Numba types a read-only array apart, and compiles every kernel once
+# more for it (see _writeable).
 ONES_CACHE_BYTES = 1 << 18
 ONES_CACHE_ENTRIES = 32
 
 
 @functools.lru_cache(maxsize=ONES_CACHE_ENTRIES)
 def _cached_ones(shape, dtype):
-    a = np.ones(shape, dtype)
-    a.flags.writeable = False
-    return a
+    return np.ones(shape, dtype)
 
 
 def _ones(shape, dtype):

@@ -41,10 +41,10 @@ for dt in ("float32", "float64"):
     fastce.cross_entropy(rows, np.arange(64) % 2048)                 # _index_rows
     fastce.cross_entropy(rows, probs / probs.sum(1, keepdims=True))  # _prob_blocks
     fastce.cross_entropy(rng.standard_normal((2, 21, 64, 64)).astype(dt),
-                         rng.integers(0, 21, (2, 64, 64)))           # _index_strided
+                         rng.integers(0, 21, (2, 64, 64)))           # _index_blocks
     fastce.cross_entropy(rng.standard_normal((8192, 10)).astype(dt),
-                         rng.integers(0, 10, 8192))                  # _index_rows_small
-    for name in ("_index_rows", "_prob_blocks", "_index_strided", "_index_rows_small"):
+                         rng.integers(0, 10, 8192))                  # the same, rows
+    for name in ("_index_rows", "_prob_blocks", "_index_blocks"):
         disp = cpu._KERNELS[(name, False, False)]
         sig = [s for s in disp.signatures if str(s[0].dtype) == dt]
         assert len(sig) == 1, (name, disp.signatures)
@@ -167,8 +167,8 @@ def test_checker_accepts_packed_and_rejects_scalar_code():
 def test_forward_exp_loops_are_packed(cpu_name, tmp_path):
     kernels = _asm(cpu_name, tmp_path)
     bf16 = kernels.pop("bf16_rows")
-    assert sorted(kernels) == ["_index_rows", "_index_rows_small", "_index_strided",
-                               "_prob_blocks", "_shard_stats_rows"]
+    assert sorted(kernels) == ["_index_blocks", "_index_rows", "_prob_blocks",
+                               "_shard_stats_rows"]
     regs = TARGETS[cpu_name]
     for variant, text in bf16.items():
         # bfloat16 rows: float32 exps, and the widening (bits << 16) packed too, as is the

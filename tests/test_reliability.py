@@ -389,10 +389,39 @@ def test_ones_cache_is_bounded():
     assert cpu._cached_ones.cache_info().currsize <= cpu.ONES_CACHE_ENTRIES
 
 
-def test_cached_ones_are_read_only():
-    a = cpu._ones((7,), np.dtype(np.float64))
-    with pytest.raises(ValueError):
-        a[0] = 2.0
+def test_cached_ones_stay_ones():
+    """The cached ones are writeable (see the next test) and no call writes them, in place
+    or not."""
+    rng = np.random.default_rng(3)
+    for shape in ((5, 7), (300, 7), (2, 7, 9)):
+        x = rng.standard_normal(shape)
+        t = rng.integers(0, 7, shape[:1] + shape[2:])
+        fastce.cross_entropy_with_grad(x, t, out=x)
+        fastce.cross_entropy(rng.standard_normal(shape), t)
+    assert (cpu._ones((7,), np.dtype(np.float64)) == 1.0).all()
+
+
+@pytest.mark.parametrize("shape", [(64, 40), (300, 7), (2, 7, 600)], ids=str)
+def test_read_only_weights_and_grad_output_compile_nothing_new(shape):
+    """Numba types a read-only array apart: read-only weights or grad_output would compile
+    every kernel once more.  They are copied instead, with the same results."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(shape).astype(np.float32)
+    t = rng.integers(0, shape[1], shape[:1] + shape[2:])
+    w = rng.uniform(0.5, 2.0, shape[1]).astype(np.float32)
+    g = np.array(2.0)
+    want = (fastce.cross_entropy(x, t, w), fastce.cross_entropy_with_grad(x, t, w, grad_output=g))
+
+    def n_compiled():
+        return sum(len(d.signatures) for d in cpu._KERNELS.values())
+
+    before = n_compiled()
+    w.flags.writeable = False
+    g.flags.writeable = False
+    got = (fastce.cross_entropy(x, t, w), fastce.cross_entropy_with_grad(x, t, w, grad_output=g))
+    assert n_compiled() == before
+    assert got[0] == want[0] and got[1][0] == want[1][0]
+    np.testing.assert_array_equal(got[1][1], want[1][1])
 
 
 def test_probability_targets_accept_negative_ignore_index(backend):
