@@ -524,6 +524,40 @@ _z_term = njit(**_STRICT)(ew.z_term)
 _reported_lse = njit(**_STRICT)(ew.reported_lse)
 
 
+@njit(**_INLINE)
+def _row_prob_sums(prow, w, srow, ms, keep, smooth_c):
+    """(A, D) = (sum_c q_c, sum_c q_c (ms - s_c)) in float64, q_c = prob_weight(p_c, w_c)."""
+    A = 0.0
+    D = 0.0
+    m = np.float64(ms)
+    for c in range(prow.shape[0]):
+        q = _prob_weight(np.float64(prow[c]), np.float64(w[c]), keep, smooth_c)
+        A += q
+        D += q * (m - np.float64(srow[c]))
+    return A, D
+
+
+@njit(**_INLINE)
+def _seg_prob_acc(ps, wc, ss, ms, keep, smooth_c, A, D):
+    """A[j] += q_j and D[j] += q_j (ms_j - s_j) in float64, q_j = prob_weight(p_j, w_c)."""
+    for j in range(ps.shape[0]):
+        q = _prob_weight(np.float64(ps[j]), wc, keep, smooth_c)
+        A[j] += q
+        D[j] += q * (np.float64(ms[j]) - np.float64(ss[j]))
+
+
+@njit(**_INLINE)
+def _seg_prob_grad(gs, ps, wc, scale_v, beta_v, keep, smooth_c, ss, inv_cap, has_cap):
+    """gs[j] <- e_j scale_j - beta_j q_j (times softcap's derivative at s_j = ss[j]), gs
+    holding the exps e_j."""
+    for j in range(gs.shape[0]):
+        q = _prob_weight(np.float64(ps[j]), wc, keep, smooth_c)
+        v = np.float64(gs[j]) * scale_v[j] - beta_v[j] * q
+        if has_cap:
+            v *= _softcap_grad_factor(np.float64(ss[j]), inv_cap)
+        gs[j] = v
+
+
 # Row passes: small loops LLVM vectorises.  Each is called with one array per call site (the
 # raw row, or the softcapped scratch row), so LLVM can prove what aliases what.
 @njit(**_INLINE)
@@ -1241,60 +1275,98 @@ def _prob_blocks(x, p, w, opts, g, g_stride, grad, ce_out, zl_out, lse_out, part
     inv_cap = 1.0 / cap if has_cap else 0.0
     nblk = blocks_per_row(S)
     lo, hi = task_range(N * nblk, part, nparts)
+    capf = cast_like(cap, x)
+    inv_capf = cast_like(inv_cap, x)
+    log2e = cast_like(LOG2E, x)
+    # Rows (S == 1): one row per task, each pass a loop over its contiguous classes (a block
+    # of one position would not vectorise at all: ~2.5x torch's time).
+    xr, pr = x.reshape(N, C * S), p.reshape(N, C * S)
+    gr = grad.reshape(grad.shape[0], grad.shape[1] * grad.shape[2])
+    capped = np.empty(C if has_cap and S == 1 else 0, x.dtype)
     for task in range(lo, hi):
         n, s0, L = block_bounds(np.int64(task), nblk, S)
-        xs = x[n, :, s0:s0 + L]
-        ps = p[n, :, s0:s0 + L]
-        capf = cast_like(cap, x)
-        inv_capf = cast_like(inv_cap, x)
-        log2e = cast_like(LOG2E, x)
-        m = xs[0].copy()
+        if S == 1:
+            row, prow = xr[n], pr[n]
+            m0 = _row_max(row)
+            if has_cap:
+                for c in range(C):
+                    capped[c] = softcap_fast(row[c], capf, inv_capf)
+                srow = capped
+                m0 = softcap_fast(m0, capf, inv_capf)
+            else:
+                srow = row
+            # (before the exps: with out=input, storing them overwrites the row)
+            A0, D0 = _row_prob_sums(prow, w, srow, m0, keep, smooth_c)
+            if want_grad:
+                se = _row_exp_sum_store(srow, m0, log2e, gr[n])
+            else:
+                se = _row_exp_sum(srow, m0, log2e)
+            r = math.log(se)
+            lse = np.float64(m0) + r
+            if lse_out.shape[0]:
+                lse_out[n, 0] = _reported_lse(lse, np.float64(m0))
+            zl_out[n, 0] = _z_term(lse, zl)
+            ce_out[n, 0] = _prob_loss(r, A0, D0)
+            if want_grad:
+                alpha, beta = _prob_grad_coefs(g[n * g_stride], lse, A0, inv_D, z2)
+                scale = alpha / se
+                if lse != lse:
+                    scale = lse
+                grow = gr[n]
+                for c in range(C):
+                    q = _prob_weight(np.float64(prow[c]), np.float64(w[c]), keep, smooth_c)
+                    v = np.float64(grow[c]) * scale - beta * q
+                    if has_cap:
+                        v *= _softcap_grad_factor(np.float64(srow[c]), inv_cap)
+                    grow[c] = v
+            continue
+        # Blocks: each pass a loop over a contiguous segment of L positions of one class.
+        xb, pb = x[n], p[n]
+        gb = grad[n if want_grad else 0]
+        v = np.empty((3, L), x.dtype)
+        m, ss, ssum = v[0], v[1], v[2]
+        _seg_copy(xb[0, s0:s0 + L], m)
         for c in range(1, C):
-            for j in range(L):
-                m[j] = fmaximum(m[j], xs[c, j])
-        ms = np.empty_like(m)
+            _seg_max(xb[c, s0:s0 + L], m)
+        if has_cap:
+            ms = np.empty(L, x.dtype)
+            _seg_softcap(m, capf, inv_capf, ms)
+        else:
+            ms = m
         for j in range(L):
-            ms[j] = softcap_fast(m[j], capf, inv_capf) if has_cap else m[j]
-        acc = np.zeros((3, L))          # per position: sum of exps, of q, of q (max - s)
-        ssum, A, sqd = acc[0], acc[1], acc[2]
+            ssum[j] = 0
+        acc = np.zeros((4, L))         # float64 per position: sum of q, of q (max - s); coefs
+        A, D, scale_v, beta_v = acc[0], acc[1], acc[2], acc[3]
         for c in range(C):
-            wc = np.float64(w[c])
-            for j in range(L):
-                # s in the logits' dtype: a float64 s would make float32 exps float64 ones
-                # (half the vector lanes, the longer polynomial)
-                s = softcap_fast(xs[c, j], capf, inv_capf) if has_cap else xs[c, j]
-                # (the gradient stores e: exactly 0 below the floor; the forward only adds
-                # it to a sum >= 1, which the floor does not change)
-                if want_grad:
-                    e = exp2_exact_call((s - ms[j]) * log2e)
-                else:
-                    e = exp2_nonpos((s - ms[j]) * log2e)
-                ssum[j] += e
-                q = _prob_weight(np.float64(ps[c, j]), wc, keep, smooth_c)
-                A[j] += q
-                sqd[j] += q * (np.float64(ms[j]) - np.float64(s))
-                if want_grad:
-                    grad[n, c, s0 + j] = e
+            xc = xb[c, s0:s0 + L]
+            if has_cap:
+                _seg_softcap(xc, capf, inv_capf, ss)
+                sc = ss
+            else:
+                sc = xc
+            # (before the exps: with out=input, storing them overwrites the logits)
+            _seg_prob_acc(pb[c, s0:s0 + L], np.float64(w[c]), sc, ms, keep, smooth_c, A, D)
+            if want_grad:
+                _seg_exp_acc_store(sc, ms, log2e, ssum, gb[c, s0:s0 + L])
+            else:
+                _seg_exp_acc(sc, ms, log2e, ssum)
         for j in range(L):
             r = math.log(ssum[j])
             lse = np.float64(ms[j]) + r
             if lse_out.shape[0]:
                 lse_out[n, s0 + j] = _reported_lse(lse, np.float64(ms[j]))
             zl_out[n, s0 + j] = _z_term(lse, zl)
-            ce_out[n, s0 + j] = _prob_loss(r, A[j], sqd[j])
+            ce_out[n, s0 + j] = _prob_loss(r, A[j], D[j])
             if want_grad:
                 alpha, beta = _prob_grad_coefs(g[(n * S + s0 + j) * g_stride], lse, A[j], inv_D, z2)
-                scale = alpha / ssum[j]
-                if lse != lse:
-                    scale = lse
-                for c in range(C):
-                    wc = np.float64(w[c])
-                    q = _prob_weight(np.float64(ps[c, j]), wc, keep, smooth_c)
-                    v = np.float64(grad[n, c, s0 + j]) * scale - beta * q
-                    if has_cap:
-                        s = np.float64(softcap_fast(xs[c, j], capf, inv_capf))
-                        v *= _softcap_grad_factor(s, inv_cap)
-                    grad[n, c, s0 + j] = v
+                scale_v[j] = alpha / ssum[j] if lse == lse else lse
+                beta_v[j] = beta
+        if want_grad:
+            for c in range(C):
+                if has_cap:             # (softcap never runs in place: x is intact)
+                    _seg_softcap(xb[c, s0:s0 + L], capf, inv_capf, ss)
+                _seg_prob_grad(gb[c, s0:s0 + L], pb[c, s0:s0 + L], np.float64(w[c]), scale_v,
+                               beta_v, keep, smooth_c, ss, inv_cap, has_cap)
 
 
 # ---------------------------------------------------------------------------------------------
