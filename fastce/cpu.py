@@ -1670,9 +1670,9 @@ def _variants(fn, callees=None):
     return out
 
 
-# The block code, inlined into the strided and small-rows kernels in Numba's IR (as a function
-# of its own it was typed, optimised and emitted once more, and re-optimised inside each
-# kernel: ~1 s of their first calls), and its passes that depend on the variant.
+# The block code, inlined into the block kernel (_index_blocks) in Numba's IR (as a function of
+# its own it was typed, optimised and emitted once more, then re-optimised inside the kernel:
+# ~1 s of a first call), and its passes that depend on the variant.
 _BLOCK_PASSES = {fn.__name__: {key: njit(**_INLINE)(f) for key, f in _variants(fn).items()}
                  for fn in (_block_exp_sums, _block_grad_coefs, _block_grad)}
 _BLOCK = {"_index_block": {key: njit(inline="always", **_INLINE)(f)
@@ -1865,7 +1865,7 @@ def _bf16_bits(a):
 
 # Compiled entry points of small_rows_forward's kernel, by what decides its arguments' types
 # (dtypes and the options' field types; layouts are fixed), so that the Numba dispatcher's
-# type resolution of 16 arguments (~3 us a call, a tenth of a W3 forward) is done once.
+# type resolution of 18 arguments (~3 us a call, a tenth of a W3 forward) is done once.
 _SMALL_FORWARD = {}
 
 

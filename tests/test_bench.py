@@ -210,6 +210,13 @@ def test_asv_suite_direct_call():
             v = r.track_ratio(ratios, op, row)
             assert math.isfinite(v) and v > 0
     assert len(ratios) == 4
+    pt = mod.ProbabilityTargets()
+    for shape, op in (("4096x2000", "forward"), ("8x21x256x256", "loss+grad")):
+        mod.PROB_SHAPES[shape] = (64, 100) if shape == "4096x2000" else (2, 5, 8, 8)
+        pt.setup(shape, op)
+        pt.time_call(shape, op)
+        v = pt.track_vs_index_targets(shape, op)
+        assert math.isfinite(v) and v > 0
 
 
 def test_asv_softmax_suite_direct_call():

@@ -9,6 +9,9 @@
 - ``Roofline``: track_ of W1's forward and loss+grad times as multiples of the ``read`` row (a
   parallel sum over the same logits) and the ``exp roof`` row (row max + exp-sum with fastce's
   exp), timed round-robin with them as in ``python -m fastce bench``.
+- ``ProbabilityTargets``: time_ of probability (soft) targets on rows and strided logits, and
+  track_ of their time as a multiple of class-index targets on the same logits (round-robin):
+  they read twice the bytes, so about 2x is the aim.
 
 Every setup builds the arrays and calls fastce once (Numba compiles, or loads its cache) so
 that no timed region includes compilation.
@@ -152,3 +155,39 @@ class Roofline:
         return ratios[(op, row)]
 
     track_ratio.unit = "x"
+
+
+PROB_SHAPES = {"4096x2000": (4096, 2000), "8x21x256x256": (8, 21, 256, 256)}
+
+
+def _probabilities(shape, seed=1):
+    p = np.random.default_rng(seed).random(shape, dtype=np.float32)
+    p /= p.sum(axis=1, keepdims=True)
+    return p
+
+
+class ProbabilityTargets:
+    """Probability targets (same shape as the logits), float32, rows and strided."""
+    params = [list(PROB_SHAPES), OPS]
+    param_names = ["shape", "op"]
+    timeout = 300
+    warmup_time = 0
+    repeat = (1, 5, 30.0)
+
+    def setup(self, shape, op):
+        self.x, self.t = _logits(PROB_SHAPES[shape])
+        self.p = _probabilities(PROB_SHAPES[shape])
+        self.fn = _op(op, self.x, self.p)
+        self.index_fn = _op(op, self.x, self.t)
+        self.fn()
+        self.index_fn()
+
+    def time_call(self, shape, op):
+        self.fn()
+
+    def track_vs_index_targets(self, shape, op):
+        res = bench.measure_side_by_side({"prob": self.fn, "index": self.index_fn},
+                                         repeats=TRACK_CALLS)
+        return res["prob"] / res["index"]
+
+    track_vs_index_targets.unit = "x"
