@@ -768,7 +768,7 @@ def _target_stats(t, tk, w, ignore_index, C, stats, part, nparts):
 def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, hit_out, lse_out,
                 part, nparts):
     """Rows layout.  opts: fastce.options.LossOptions (in_place: grad is x itself, and there
-    is no softcap; want_hits: token accuracy asked for, else hit_out is left 0).
+    is no softcap).  The WANT_HITS variants compute token accuracy; the others leave hit_out 0.
 
     Writes ce_out (the cross-entropy of each row), zl_out (its z-loss), hit_out (argmax ==
     target) and, unless it is empty, lse_out (its log-sum-exp); in the WANT_GRAD variants, the
@@ -785,7 +785,7 @@ def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, 
     smoothing = smooth_c != 0.0
     # A bfloat16 gradient is computed in the widened row itself, as out=input would be.
     in_place = opts.in_place or narrows(grad)
-    want_hit = opts.want_hits
+    want_hit = WANT_HITS
     wide = row_scratch(x)       # one per thread: the rows are widened one after the other
     lo, hi = task_range(N, part, nparts)
     for i in range(lo, hi):
@@ -1159,7 +1159,7 @@ def _index_block(x, xn, xs0, L, t, tk, on, os0, w, opts, ignore_index, in_place,
     S = x.shape[2]
     want_grad = WANT_GRAD               # compile-time constants of the variant (see _variants)
     has_cap = HAS_CAP
-    want_hit = opts.want_hits
+    want_hit = WANT_HITS
     xb = x[xn]
     gb = grad[xn if want_grad else 0]
     # The block's per-position vectors: one allocation in the logits' dtype, one in float64.
@@ -1648,24 +1648,29 @@ def _kernel(fn):
     return njit(**_JIT)(fn)
 
 
-# Variants: what a call never needs is not compiled.  WANT_GRAD and HAS_CAP are compile-time
-# constants of each variant (Numba prunes the branches on them before typing), so that a
-# forward call compiles no gradient code and a call without softcap no softcap code.  Each
-# kernel compiled at once would be ~2.5x the code of the forward without softcap.
+# Variants: what a call never needs is not compiled.  WANT_GRAD, HAS_CAP and (class-index
+# kernels) WANT_HITS are compile-time constants of each variant (Numba prunes the branches on
+# them before typing), so that a forward call compiles no gradient code, a call without softcap
+# no softcap code and one without token accuracy no argmax pass (~10% of the block kernel's
+# first call).  Each kernel compiled at once would be ~2.5x the code of the plain forward.
 WANT_GRAD = True
 HAS_CAP = True
+WANT_HITS = True
 VARIANTS = {(grad, cap): ("_grad" if grad else "_fwd") + ("_cap" if cap else "")
             for grad in (False, True) for cap in (False, True)}
+HIT_VARIANTS = {key + (hits,): suffix + ("_hits" if hits else "")
+                for key, suffix in VARIANTS.items() for hits in (False, True)}
 
 
-def _variants(fn, callees=None):
-    """{(want_grad, has_cap): fn's variant}; ``callees`` {name: {key: dispatcher}} are the
-    variants of helpers compiled in place of their name."""
+def _variants(fn, callees=None, hits=False):
+    """{(want_grad, has_cap): fn's variant}, or {(want_grad, has_cap, want_hits): ...} when
+    ``hits``; ``callees`` {name: {key: dispatcher}} are the variants of helpers compiled in
+    place of their name (keyed by the same tuple, or by its first two entries)."""
     out = {}
-    for key, suffix in VARIANTS.items():
-        consts = {"WANT_GRAD": key[0], "HAS_CAP": key[1]}
+    for key, suffix in (HIT_VARIANTS if hits else VARIANTS).items():
+        consts = {"WANT_GRAD": key[0], "HAS_CAP": key[1], "WANT_HITS": key[-1] if hits else False}
         for name, by_key in (callees or {}).items():
-            consts[name] = by_key[key]
+            consts[name] = by_key[key] if key in by_key else by_key[key[:2]]
         out[key] = _renamed(fn, suffix, consts)
     return out
 
@@ -1676,12 +1681,13 @@ def _variants(fn, callees=None):
 _BLOCK_PASSES = {fn.__name__: {key: njit(**_INLINE)(f) for key, f in _variants(fn).items()}
                  for fn in (_block_exp_sums, _block_grad_coefs, _block_grad)}
 _BLOCK = {"_index_block": {key: njit(inline="always", **_INLINE)(f)
-                           for key, f in _variants(_index_block, _BLOCK_PASSES).items()}}
+                           for key, f in _variants(_index_block, _BLOCK_PASSES, True).items()}}
 _KERNELS = {fn.__name__: _kernel(fn) for fn in (_target_stats, _softmax_rows, _softmax_strided,
                                                 _lse_chunks, _lse_combine,
                                                 _softmax_chunks_out)}
-for _fn, _callees in ((_index_rows, None), (_index_blocks, _BLOCK), (_prob_blocks, None)):
-    for _key, _variant in _variants(_fn, _callees).items():
+for _fn, _callees, _hits in ((_index_rows, None, True), (_index_blocks, _BLOCK, True),
+                             (_prob_blocks, None, False)):
+    for _key, _variant in _variants(_fn, _callees, _hits).items():
         _KERNELS[(_fn.__name__,) + _key] = _kernel(_variant)
 
 
@@ -1743,8 +1749,8 @@ def _executor():
 
 
 def launch(name, work, *args):
-    """Run kernel ``name`` (a name, or (name, want_grad, has_cap) for the loss kernels' variants)
-    on ``args``; ``work`` (element count) decides whether its tasks are split over threads."""
+    """Run kernel ``name`` (a name, or (name, want_grad, has_cap[, want_hits]) for the loss
+    kernels' variants) on ``args``; ``work`` (element count) decides whether its tasks are split over threads."""
     kernel = _KERNELS[name]
     nparts = 1 if work < SERIAL_BELOW or getattr(_task, "serial", False) else num_threads()
     if nparts <= 1:
@@ -1879,7 +1885,7 @@ def small_rows_forward(x3, t2, w, opts, ignore_index, g):
     call is not such a forward (more classes, enough work for threads, softcap)."""
     N, C = x3.shape[0], x3.shape[1]
     if (C > SMALL_C or N * C >= SERIAL_BELOW or not x3.flags.c_contiguous
-            or opts.softcap != 0.0):
+            or opts.softcap != 0.0 or opts.want_hits):
         return None
     tv = t2.reshape(1, N)
     nblk = blocks_per_row(N)
@@ -1889,7 +1895,7 @@ def small_rows_forward(x3, t2, w, opts, ignore_index, g):
     key = (x3.dtype, tv.dtype, w.dtype, g.dtype, tuple(map(type, opts)))
     entry = _SMALL_FORWARD.get(key)
     if entry is None:
-        kernel = _KERNELS[("_index_blocks", False, False)]
+        kernel = _KERNELS[("_index_blocks", False, False, False)]
         # (a plain function under NUMBA_DISABLE_JIT)
         entry = (kernel.compile(tuple(map(kernel.typeof_pyval, args)))
                  if hasattr(kernel, "compile") else kernel)
@@ -1922,7 +1928,7 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
     work = x3.size
     x3 = _bf16_bits(x3)
     args = (_writeable(w), opts, np.int64(ignore_index), _writeable(g), np.int64(g_stride))
-    variant = (want, opts.softcap > 0.0)        # (gradient, softcap)
+    variant = (want, opts.softcap > 0.0, bool(opts.want_hits))     # (gradient, softcap, hits)
     if S == 1 and C > SMALL_C:
         # Rows: per-row outputs are small; the target statistics come from the pre-pass.
         stats = target_stats(t2, w, ignore_index, C) if fuse_stats else None

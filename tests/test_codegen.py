@@ -45,7 +45,7 @@ for dt in ("float32", "float64"):
     fastce.cross_entropy(rng.standard_normal((8192, 10)).astype(dt),
                          rng.integers(0, 10, 8192))                  # the same, rows
     for name in ("_index_rows", "_prob_blocks", "_index_blocks"):
-        disp = cpu._KERNELS[(name, False, False)]
+        disp = cpu._KERNELS[(name, False, False) + ((False,) if name != "_prob_blocks" else ())]
         sig = [s for s in disp.signatures if str(s[0].dtype) == dt]
         assert len(sig) == 1, (name, disp.signatures)
         out.setdefault(name, {})[dt] = disp.inspect_asm(sig[0])
@@ -55,7 +55,7 @@ xb = rng.standard_normal((64, 2048)).astype(ml_dtypes.bfloat16)
 fastce.cross_entropy(xb, np.arange(64) % 2048)
 fastce.cross_entropy_with_grad(xb, np.arange(64) % 2048)
 for grad in (False, True):
-    disp = cpu._KERNELS[("_index_rows", grad, False)]
+    disp = cpu._KERNELS[("_index_rows", grad, False, False)]
     sig = [s for s in disp.signatures if str(s[0].dtype) == "uint16"]
     assert len(sig) == 1, disp.signatures
     out.setdefault("bf16_rows", {})["grad" if grad else "fwd"] = disp.inspect_asm(sig[0])
