@@ -142,3 +142,40 @@ def test_per_block_sums_are_exact_sums_of_the_per_position_losses():
     valid = t != -100
     hits = (np.argmax(x, axis=1) == t) & valid
     assert acc == pytest.approx(hits.sum() / valid.sum(), rel=1e-15)
+
+
+_HITS_SCRIPT = r"""
+import json
+import numpy as np
+import fastce
+from fastce import cpu
+rng = np.random.default_rng(5)
+cases = []
+for shape in ((300, 40), (2, 7, 600), (200, 5)):
+    x = rng.standard_normal(shape).astype(np.float32)
+    t = rng.integers(0, shape[1], shape[:1] + shape[2:])
+    fastce.cross_entropy(x, t)
+    fastce.cross_entropy_with_grad(x, t)
+    cases.append((x, t))
+plain = sorted(str(k) for k, d in cpu._KERNELS.items() if d.signatures)
+acc = [[float(fastce.cross_entropy(x, t, return_token_accuracy=True).token_accuracy),
+        float((x.argmax(1) == t).mean())] for x, t in cases]
+hits = sorted(str(k) for k, d in cpu._KERNELS.items() if d.signatures)
+print(json.dumps([plain, acc, hits]))
+"""
+
+
+def test_token_accuracy_is_compiled_only_when_asked():
+    """Calls without token accuracy compile no hits variant (a fresh process: the suite's
+    other tests compile them); the variant, when asked for, counts argmax == target."""
+    import json
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", _HITS_SCRIPT], capture_output=True, text=True,
+                          timeout=900, check=True)
+    plain, acc, hits = json.loads(proc.stdout.splitlines()[-1])
+    assert plain and not [k for k in plain if k.endswith("True)")], plain
+    assert {"('_index_rows', False, False, True)", "('_index_blocks', False, False, True)"} \
+        <= set(hits)
+    for got, want in acc:
+        assert got == pytest.approx(want)
