@@ -755,15 +755,10 @@ def block_bounds(task, nblk, S):
 def _target_stats(t, tk, w, ignore_index, C, stats, part, nparts):
     """stats[:, task] = (sum of w[t], count, first bad flat position or -1) per block of the
     targets (M, S), whose bytes are t (M, S * tk) (see _seg_widen)."""
-    lo, hi = task_range(stats.shape[1], part, nparts)
-    _stats_tasks(t, tk, w, ignore_index, C, stats, lo, hi)
-
-
-@njit(**_INLINE)
-def _stats_tasks(t, tk, w, ignore_index, C, stats, lo, hi):
-    """_target_stats of the blocks lo:hi (the pre-pass, and the rows forward's own)."""
+    M = t.shape[0]
     S = t.shape[1] // tk
     nblk = blocks_per_row(S)
+    lo, hi = task_range(M * nblk, part, nparts)
     for task in range(lo, hi):
         n, s0, L = block_bounds(np.int64(task), nblk, S)
         ts = np.empty(L, np.int64)
@@ -777,13 +772,9 @@ def _stats_tasks(t, tk, w, ignore_index, C, stats, lo, hi):
 # Class-index targets
 # ---------------------------------------------------------------------------------------------
 def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, hit_out, lse_out,
-                tb, w64, stats, part, nparts):
+                part, nparts):
     """Rows layout.  opts: fastce.options.LossOptions (in_place: grad is x itself, and there
     is no softcap).  The WANT_HITS variants compute token accuracy; the others leave hit_out 0.
-    Forward variants with stats (3, blocks), not empty: the target statistics of
-    _target_stats (tb: the bytes of the int64 targets t as (1, 8 N); w64: the weights as
-    float64), computed here rather than by a pre-pass kernel (one compilation less on a first
-    call; the rows never read a logit at a bad target, so nothing needs them first).
 
     Writes ce_out (the cross-entropy of each row), zl_out (its z-loss), hit_out (argmax ==
     target) and, unless it is empty, lse_out (its log-sum-exp); in the WANT_GRAD variants, the
@@ -801,9 +792,6 @@ def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, 
     # A bfloat16 gradient is computed in the widened row itself, as out=input would be.
     in_place = opts.in_place or narrows(grad)
     want_hit = WANT_HITS
-    if not want_grad:
-        slo, shi = task_range(stats.shape[1], part, nparts)
-        _stats_tasks(tb, 8, w64, ignore_index, C, stats, slo, shi)
     wide = row_scratch(x)       # one per thread: the rows are widened one after the other
     lo, hi = task_range(N, part, nparts)
     for i in range(lo, hi):
@@ -1854,7 +1842,6 @@ def target_stats(t2, w, ignore_index, C):
 
 
 _NO_STATS = np.empty((3, 0))
-_NO_W64 = np.empty(0)
 _NO_LSE = {1: np.empty(0), 2: np.empty((0, 0))}     # lse_out not wanted, by the kernel's ndim
 _NO_GRAD = {}
 
@@ -1955,19 +1942,15 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
     args = (_writeable(w), opts, np.int64(ignore_index), _writeable(g), np.int64(g_stride))
     variant = (want, opts.softcap > 0.0, bool(opts.want_hits))     # (gradient, softcap, hits)
     if S == 1 and C > SMALL_C:
-        # Rows: per-row outputs are small; the forward computes the target statistics in the
-        # same kernel, in the pre-pass's block partition (so with the same bits).
-        t64 = np.ascontiguousarray(_int64_targets(t2.reshape(N)))
-        part = np.empty((3, _n_blocks(t64.reshape(1, N)))) if fuse_stats else _NO_STATS
-        w64 = _writeable(w.astype(np.float64, copy=False)) if fuse_stats else _NO_W64
-        ce, zl, hit = np.empty(N), np.empty(N), np.empty(N)
-        launch(("_index_rows",) + variant, work, x3.reshape(N, C), t64, *args,
-               gbuf.reshape(gbuf.shape[0], gbuf.shape[1]), ce, zl, hit,
-               _NO_LSE[1] if lse_out is None else lse_out.reshape(N),
-               t64.view(np.uint8).reshape(1, 8 * N), w64, part)
-        stats = _sum_stats(part) if fuse_stats else None
+        # Rows: per-row outputs are small; the target statistics come from the pre-pass.
+        stats = target_stats(t2, w, ignore_index, C) if fuse_stats else None
         if stats is not None and stats[2] >= 0:
             return None, None, None, stats
+        ce, zl, hit = np.empty(N), np.empty(N), np.empty(N)
+        launch(("_index_rows",) + variant, work, x3.reshape(N, C),
+               _int64_targets(t2.reshape(N)), *args,
+               gbuf.reshape(gbuf.shape[0], gbuf.shape[1]), ce, zl, hit,
+               _NO_LSE[1] if lse_out is None else lse_out.reshape(N))
         return ce, zl, hit, stats
     tv = _stats_view(t2)
     nblk = _n_blocks(tv)
