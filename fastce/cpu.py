@@ -665,27 +665,13 @@ def _seg_widen(tb, tk, out):
 
 
 @njit(**_INLINE)
-def _seg_targets(ts, w, ignore_index, C, valid_v, wt_v):
+def _seg_targets(ts, w, ignore_index, C, valid_v, wt_v, tc):
     """Per target of a segment: valid_v (1 unless ignored or out of range) and wt_v (w[t], 0
     where not valid); returns the number of bad targets (neither ignore_index nor in [0, C)).
-    Branch-free, so LLVM vectorises it (gathering w)."""
-    nbad = 0
-    for j in range(ts.shape[0]):
-        tj = np.int64(ts[j])
-        in_range = (tj >= 0) & (tj < C)
-        ok = in_range & (tj != ignore_index)
-        valid_v[j] = 1 if ok else 0
-        wt_v[j] = w[tj if ok else 0] if ok else 0
-        nbad += 1 if (not in_range) & (tj != ignore_index) else 0
-    return nbad
-
-
-@njit(**_INLINE)
-def _seg_targets_logits(ts, w, ignore_index, C, xt2, xs0, valid_v, wt_v, st_v, tc):
-    """_seg_targets (the same values) and the target logits st_v[j] = xt2[t_j, xs0 + j]; tc:
-    int64 scratch.  Two loops: the checks vectorise on any CPU, and the loads by index, which
-    AVX2 code runs one by one (LLVM emits gathers only where they are fast), carry nothing else
-    (W2 forward, haswell code, A/B: ~6% faster than one loop)."""
+    tc: int64 scratch (the target, 0 where not valid).  Two loops: the checks vectorise on
+    any CPU, and the loads by index, which AVX2 code runs one by one (LLVM emits gathers only
+    where they are fast), carry nothing else (W2 forward, haswell code, A/B: ~5% faster than
+    one loop)."""
     nbad = 0
     for j in range(ts.shape[0]):
         tj = np.int64(ts[j])
@@ -695,12 +681,18 @@ def _seg_targets_logits(ts, w, ignore_index, C, xt2, xs0, valid_v, wt_v, st_v, t
         tc[j] = tj if ok else 0
         nbad += 1 if (not in_range) & (tj != ignore_index) else 0
     for j in range(ts.shape[0]):
-        c = tc[j]                       # (in range: loads without a branch)
-        wt = w[c]
-        st = xt2[c, xs0 + j]
-        ok = valid_v[j] != 0
-        wt_v[j] = wt if ok else 0
-        st_v[j] = st if ok else 0
+        wt = w[tc[j]]                   # (in range: loads without a branch)
+        wt_v[j] = wt if valid_v[j] != 0 else 0
+    return nbad
+
+
+@njit(**_INLINE)
+def _seg_targets_logits(ts, w, ignore_index, C, xt2, xs0, valid_v, wt_v, st_v, tc):
+    """_seg_targets, and the target logits st_v[j] = xt2[t_j, xs0 + j] (0 where not valid)."""
+    nbad = _seg_targets(ts, w, ignore_index, C, valid_v, wt_v, tc)
+    for j in range(ts.shape[0]):
+        st = xt2[tc[j], xs0 + j]
+        st_v[j] = st if valid_v[j] != 0 else 0
     return nbad
 
 
@@ -761,10 +753,11 @@ def _target_stats(t, tk, w, ignore_index, C, stats, part, nparts):
     lo, hi = task_range(M * nblk, part, nparts)
     for task in range(lo, hi):
         n, s0, L = block_bounds(np.int64(task), nblk, S)
-        ts = np.empty(L, np.int64)
+        ti = np.empty((2, L), np.int64)
+        ts = ti[0]
         _seg_widen(t[n, s0 * tk:(s0 + L) * tk], tk, ts)
         v = np.empty((2, L), w.dtype)
-        nbad = _seg_targets(ts, w, ignore_index, C, v[0], v[1])
+        nbad = _seg_targets(ts, w, ignore_index, C, v[0], v[1], ti[1])
         _seg_stats(ts, ignore_index, C, v[0], v[1], nbad, stats, task, n * S + s0)
 
 
