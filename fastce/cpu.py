@@ -681,8 +681,8 @@ def _seg_targets(ts, w, ignore_index, C, valid_v, wt_v, tc):
         tc[j] = tj if ok else 0
         nbad += 1 if (not in_range) & (tj != ignore_index) else 0
     for j in range(ts.shape[0]):
-        wt = w[tc[j]]                   # (in range: loads without a branch)
-        wt_v[j] = wt if valid_v[j] != 0 else 0
+        # (behind the test: C may be 0, w empty, with every target ignored)
+        wt_v[j] = w[tc[j]] if valid_v[j] != 0 else 0
     return nbad
 
 
