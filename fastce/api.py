@@ -448,7 +448,6 @@ def _lean_rows(input, target, reduction, ignore_index, want_grad):
             or not _INT64_MIN <= ignore_index <= _INT64_MAX):
         return None
     be = cpu_backend()
-    x3, t2 = input.reshape(N, C, 1), target.reshape(N, 1)
     consts = _LEAN_CONSTS.get((C, dtype))
     if consts is None:
         consts = (be.ones(C, dtype), be.ones(1, np.float64), LossOptions(weight_sum=float(C)))
@@ -457,16 +456,24 @@ def _lean_rows(input, target, reduction, ignore_index, want_grad):
     w, one, fwd_opts = consts
     mean = reduction == "mean"
     if not want_grad:
-        out = be.small_rows_forward(x3, t2, w, fwd_opts, ignore_index, one)
+        out = be.small_rows_forward(input, target, w, fwd_opts.weight_sum, ignore_index, one)
         if out is None:
+            x3, t2 = input.reshape(N, C, 1), target.reshape(N, 1)
             ce, _, _, (D, count, bad) = be.index_loss(x3, t2, w, fwd_opts, ignore_index, None,
                                                       one, 0, per_position=False,
                                                       fuse_stats=True)
             out = (None if bad >= 0 else be.total(ce), D, count, bad)
-        total, D, count, bad = out
+        total, D, _, bad = out
         if bad >= 0:
-            raise _bad_target_error(be, target, bad, C, ignore_index)
-        return be.scalar(_div(total, D) if mean else total, dtype), None
+            raise _bad_target_error(be, target, int(bad), C, ignore_index)
+        return dtype.type(_div(total, D) if mean else total), None
+    out = be.small_rows_loss_grad(input, target, w, fwd_opts.weight_sum, ignore_index, one, mean)
+    if out is not None:
+        total, D, bad, grad = out
+        if bad >= 0:
+            raise _bad_target_error(be, target, int(bad), C, ignore_index)
+        return dtype.type(_div(total, D) if mean else total), grad
+    x3, t2 = input.reshape(N, C, 1), target.reshape(N, 1)
     D, count, bad = be.target_stats(t2, w, ignore_index, C)
     if bad >= 0:
         raise _bad_target_error(be, target, bad, C, ignore_index)

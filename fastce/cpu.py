@@ -38,6 +38,7 @@ from numba.extending import intrinsic, overload, register_jitable
 
 from . import _alloc
 from . import elementwise as ew
+from .options import LossOptions
 
 __all__ = ["index_loss", "prob_loss", "target_stats", "softmax_family", "launch"]
 
@@ -1249,8 +1250,7 @@ def _index_blocks(x, t, tk, w, opts, ignore_index, g, g_stride, grad, per_positi
             # Class outer: strided loads (gathers), contiguous stores.  Rows outer stored
             # through scatters, a third of a W3 forward's time (AVX-512); A/B: 1.0-2.1x faster.
             for c in range(C):
-                for j in range(L):
-                    xb[0, c, j] = x[i0 + j, c, 0]
+                _seg_copy(x[i0:i0 + L, c, 0], xb[0, c])
             gb = np.empty((1, C, L) if wg else (1, 1, 1), x.dtype)
             xn, xs0, on, os0, g_off = 0, 0, 0, i0, i0
         else:
@@ -1874,42 +1874,98 @@ def _bf16_bits(a):
     return a.view(np.uint16) if is_bfloat16(a.dtype) else a
 
 
-# Compiled entry points of small_rows_forward's kernel, by what decides its arguments' types
-# (dtypes and the options' field types; layouts are fixed), so that the Numba dispatcher's
-# type resolution of 18 arguments (~3 us a call, a tenth of a W3 forward) is done once.
-_SMALL_FORWARD = {}
+# The lean path's kernel calls (fastce.api._lean_rows: a classifier's small (N, C) logits, no
+# options).  Each runs the kernels the general path runs, with the arguments it gives them
+# (so the same compiled code and the same bits), from one compiled function of few arguments:
+# the options are built there rather than unboxed from a Python tuple (~1.4 us a call), and
+# the flags and integers are typed from run-time values, as the general path's are.
+def _small_rows_fwd(x, t, w, ignore_index, g, weight_sum):
+    """The block kernel's forward on C-contiguous (N, C) logits and (N,) targets, N <= BLOCK
+    (one block): (sum of the losses, D, count, first bad position or -1)."""
+    N, C = x.shape
+    no, zero, one = N < 0, np.int64(0), np.int64(1)
+    opts = LossOptions(1.0, 0.0, weight_sum, 0.0, 1.0, 0.0, 0.0, no, no)
+    ce, zl, hit, part = np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((3, 1))
+    tk = np.int64(t.itemsize)
+    _SMALL_FWD_KERNEL(x.reshape((N, C, 1)), t.view(np.uint8).reshape((1, N * tk)), tk, w, opts,
+                      ignore_index, g, zero, np.empty((1, 1, 1), x.dtype), no, ce, zl, hit,
+                      np.empty((0, 0)), part, not no, zero, one)
+    return ce[0, 0], part[0, 0], part[1, 0], part[2, 0]
 
 
-def small_rows_forward(x3, t2, w, opts, ignore_index, g):
-    """(sum of the losses, D, count, first bad position or -1) as index_loss(x3, t2, w, opts,
-    ignore_index, None, g, 0, per_position=False, fuse_stats=True) and total() give them, for
-    fastce.api's lean path: a serial forward of C-contiguous (N, C, 1) float32/float64
-    logits, C <= SMALL_C, C-contiguous int64/int32 targets (N, 1), w the logits' dtype, g
-    float64 (1,), opts without softcap, ignore_index a Python int.  The same kernel and
-    arguments, so the same bits, called through its compiled entry point.  None when the
-    call is not such a forward (more classes, enough work for threads, softcap)."""
-    N, C = x3.shape[0], x3.shape[1]
-    if (C > SMALL_C or N * C >= SERIAL_BELOW or not x3.flags.c_contiguous
-            or opts.softcap != 0.0 or opts.want_hits):
+@njit(error_model="numpy")
+def _ieee_div(a, b):
+    return a / b                        # no fast-math: api._div's IEEE quotient, bit for bit
+
+
+def _small_rows_grad(x, t, w, ignore_index, g, weight_sum, mean, grad):
+    """The target pre-pass, then the block kernel's loss+grad into ``grad`` (N, C), as
+    _small_rows_fwd; (sum of the losses, D, first bad position or -1), and no gradient
+    written when a target is bad."""
+    N, C = x.shape
+    no, zero, one = N < 0, np.int64(0), np.int64(1)
+    tk = np.int64(t.itemsize)
+    tb = t.view(np.uint8).reshape((1, N * tk))
+    stats = np.empty((3, 1))
+    _TARGET_STATS_KERNEL(tb, tk, np.ones(C), ignore_index, np.int64(C), stats, zero, one)
+    D, bad = stats[0, 0], stats[2, 0]
+    if bad >= 0:
+        return 0.0, D, bad
+    scale = _ieee_div(1.0, D) if mean else 1.0
+    opts = LossOptions(1.0, 0.0, weight_sum, 0.0, scale, 0.0, 0.0, no, no)
+    ce, zl, hit = np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((1, 1))
+    _SMALL_GRAD_KERNEL(x.reshape((N, C, 1)), tb, tk, w, opts, ignore_index, g, zero,
+                       grad.reshape((N, C, 1)), no, ce, zl, hit, np.empty((0, 0)),
+                       np.empty((3, 0)), not no, zero, one)
+    return ce[0, 0], D, bad
+
+
+_SMALL_FWD_KERNEL = _KERNELS[("_index_blocks", False, False, False)]
+_SMALL_GRAD_KERNEL = _KERNELS[("_index_blocks", True, False, False)]
+_TARGET_STATS_KERNEL = _KERNELS["_target_stats"]
+_small_rows_fwd = _kernel(_small_rows_fwd)
+_small_rows_grad = _kernel(_small_rows_grad)
+# Compiled entry points by (function, logits dtype, target dtype): the Numba dispatcher's type
+# resolution of the arguments, done once.
+_SMALL_ENTRIES = {}
+
+
+def _small_entry(fn, x, t, args):
+    key = (fn, x.dtype, t.dtype)
+    entry = _SMALL_ENTRIES.get(key)
+    if entry is None:                   # (a plain function under NUMBA_DISABLE_JIT)
+        entry = (fn.compile(tuple(map(fn.typeof_pyval, args))) if hasattr(fn, "compile")
+                 else fn)
+        _SMALL_ENTRIES[key] = entry
+    return entry
+
+
+def small_rows_forward(x, t, w, weight_sum, ignore_index, g):
+    """(sum of the losses, D, count, first bad position or -1) as index_loss(x.reshape(N, C,
+    1), t.reshape(N, 1), w, LossOptions(weight_sum=weight_sum), ignore_index, None, g, 0,
+    per_position=False, fuse_stats=True) and total() give them, for fastce.api's lean path:
+    C-contiguous (N, C) float32/float64 logits, C-contiguous (N,) int64/int32 targets, w the
+    logits' dtype, g float64 (1,), ignore_index a Python int in int64's range.  The same
+    kernel and arguments, so the same bits.  None unless N <= BLOCK and C <= SMALL_C."""
+    N, C = x.shape
+    if C > SMALL_C or N > BLOCK:
         return None
-    tv = t2.reshape(1, N)
-    nblk = blocks_per_row(N)
-    ce, junk, part = np.zeros((1, nblk)), np.zeros((2, nblk)), np.zeros((3, nblk))
-    args = (x3, tv.view(np.uint8), tv.itemsize, w, opts, ignore_index, g, 0,
-            _no_grad(x3.dtype), False, ce, junk[0:1], junk[1:2], _NO_LSE[2], part, True, 0, 1)
-    key = (x3.dtype, tv.dtype, w.dtype, g.dtype, tuple(map(type, opts)))
-    entry = _SMALL_FORWARD.get(key)
-    if entry is None:
-        kernel = _KERNELS[("_index_blocks", False, False, False)]
-        # (a plain function under NUMBA_DISABLE_JIT)
-        entry = (kernel.compile(tuple(map(kernel.typeof_pyval, args)))
-                 if hasattr(kernel, "compile") else kernel)
-        _SMALL_FORWARD[key] = entry
-    entry(*args)
-    if nblk == 1:                       # (_sum_stats and total, without their NumPy calls)
-        d, cnt, bad = part.reshape(3).tolist()
-        return ce.item(), d, int(cnt), int(bad)
-    return (CPUBackend.total(ce),) + _sum_stats(part)
+    args = (x, t, w, ignore_index, g, weight_sum)
+    return _small_entry(_small_rows_fwd, x, t, args)(*args)
+
+
+def small_rows_loss_grad(x, t, w, weight_sum, ignore_index, g, mean):
+    """(sum of the losses, D, first bad position or -1, gradient (N, C)) as target_stats and
+    index_loss give them to fastce.api's general path for loss+grad (grad_scale 1/D for the
+    mean, else 1), on small_rows_forward's inputs; the gradient is None when a target is bad.
+    None unless N <= BLOCK and C <= SMALL_C."""
+    N, C = x.shape
+    if C > SMALL_C or N > BLOCK:
+        return None
+    grad = np.empty((N, C), x.dtype)
+    args = (x, t, w, ignore_index, g, weight_sum, mean, grad)
+    total, D, bad = _small_entry(_small_rows_grad, x, t, args)(*args)
+    return total, D, bad, (None if bad >= 0 else grad)
 
 
 def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=True,
@@ -2164,6 +2220,7 @@ class CPUBackend:
     target_stats = staticmethod(target_stats)
     index_loss = staticmethod(index_loss)
     small_rows_forward = staticmethod(small_rows_forward)
+    small_rows_loss_grad = staticmethod(small_rows_loss_grad)
     prob_loss = staticmethod(prob_loss)
     softmax_family = staticmethod(softmax_family)
     lse_weighted = staticmethod(lse_weighted)

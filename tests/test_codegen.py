@@ -6,7 +6,9 @@ Whether LLVM vectorises a loop depends on the kernel's structure and on its cost
 loop that falls back to scalar code still gives the right answers, only 4-8x slower.  So each
 CPU name compiles the kernel in its own subprocess (Numba reads NUMBA_CPU_NAME once, at import)
 with a fresh NUMBA_CACHE_DIR (code loaded from the cache cannot be inspected, and would have
-been compiled for another CPU), and the assembly is checked for the exp's instructions.
+been compiled for another CPU), and the assembly is checked for the exp's instructions.  The
+kernels are compiled there for the signatures that a native run of the public API gave, and
+never run: AVX-512 code would stop an AVX2 host with SIGILL.
 """
 from __future__ import annotations
 
@@ -26,17 +28,25 @@ ROOT = Path(__file__).resolve().parents[1]
 # the named CPU this host's features (AVX-512 code under the name haswell).
 TARGETS = {"haswell": ("ymm",), "skylake-avx512": ("ymm", "zmm")}
 
-# Compiles the forward kernel of each layout through the public API (whatever their argument
-# lists) and prints {kernel: {dtype: assembly}} of their forward variants.
-_SCRIPT = r"""
-import json, sys
+# Step 1, native code: calls the forward kernel of each layout through the public API
+# (whatever their argument lists) and pickles {(kernel key, label): signature} of the calls.
+_SIGNATURES = r"""
+import pickle, sys
 import numpy as np
 import fastce
-from fastce import cpu
+from fastce import cpu, shards
 rng = np.random.default_rng(0)
 out = {}
+
+
+def record(key, label, dtype):
+    sig = [s for s in cpu._KERNELS[key].signatures if str(s[0].dtype) == dtype]
+    assert len(sig) == 1, (key, cpu._KERNELS[key].signatures)
+    out[(key, label)] = sig[0]
+
+
 for dt in ("float32", "float64"):
-    rows = rng.standard_normal((64, 2048)).astype(dt)               
+    rows = rng.standard_normal((64, 2048)).astype(dt)
     probs = rng.random((64, 2048)).astype(dt)
     fastce.cross_entropy(rows, np.arange(64) % 2048)                 # _index_rows
     fastce.cross_entropy(rows, probs / probs.sum(1, keepdims=True))  # _prob_blocks
@@ -45,42 +55,59 @@ for dt in ("float32", "float64"):
     fastce.cross_entropy(rng.standard_normal((8192, 10)).astype(dt),
                          rng.integers(0, 10, 8192))                  # the same, rows
     for name in ("_index_rows", "_prob_blocks", "_index_blocks"):
-        disp = cpu._KERNELS[(name, False, False) + ((False,) if name != "_prob_blocks" else ())]
-        sig = [s for s in disp.signatures if str(s[0].dtype) == dt]
-        assert len(sig) == 1, (name, disp.signatures)
-        out.setdefault(name, {})[dt] = disp.inspect_asm(sig[0])
+        record((name, False, False) + ((False,) if name != "_prob_blocks" else ()), dt, dt)
+    # the shard statistics kernel (Dask's class chunks), on a class-chunk view as Dask hands it
+    shards.shard_stats(rows[:, :1000], np.arange(64) % 2048, 0, 2048)
+    record("_shard_stats_rows", dt, dt)
 # bfloat16 rows (uint16 bits): the forward and the gradient variant (bf16 out)
 import ml_dtypes
 xb = rng.standard_normal((64, 2048)).astype(ml_dtypes.bfloat16)
 fastce.cross_entropy(xb, np.arange(64) % 2048)
 fastce.cross_entropy_with_grad(xb, np.arange(64) % 2048)
 for grad in (False, True):
-    disp = cpu._KERNELS[("_index_rows", grad, False, False)]
-    sig = [s for s in disp.signatures if str(s[0].dtype) == "uint16"]
-    assert len(sig) == 1, disp.signatures
-    out.setdefault("bf16_rows", {})["grad" if grad else "fwd"] = disp.inspect_asm(sig[0])
-# the shard statistics kernel (Dask's class chunks), on a class-chunk view as Dask hands it
-from fastce import shards
-for dt in ("float32", "float64"):
-    rows = rng.standard_normal((64, 2048)).astype(dt)
-    shards.shard_stats(rows[:, :1000], np.arange(64) % 2048, 0, 2048)
-    disp = cpu._KERNELS["_shard_stats_rows"]
-    sig = [s for s in disp.signatures if str(s[0].dtype) == dt]
-    assert len(sig) == 1, disp.signatures
-    out.setdefault("_shard_stats_rows", {})[dt] = disp.inspect_asm(sig[0])
+    record(("_index_rows", grad, False, False), "grad" if grad else "fwd", "uint16")
+with open(sys.argv[1], "wb") as f:
+    pickle.dump(out, f)
+"""
+
+# Step 2, under the CPU name: compiles those signatures without running them (AVX-512 code
+# cannot run on an AVX2 host) and prints {kernel: {label: assembly}}.
+_ASSEMBLY = r"""
+import json, pickle, sys
+from fastce import _shard_kernels, cpu
+_shard_kernels._register()          # (the shard kernels are registered on first use)
+with open(sys.argv[1], "rb") as f:
+    sigs = pickle.load(f)
+out = {}
+for (key, label), sig in sigs.items():
+    disp = cpu._KERNELS[key]
+    disp.compile(sig)
+    name = key if isinstance(key, str) else key[0]
+    if key in (("_index_rows", False, False, False), ("_index_rows", True, False, False)) \
+            and label in ("fwd", "grad"):
+        name = "bf16_rows"
+    out.setdefault(name, {})[label] = disp.inspect_asm(sig)
 json.dump(out, sys.stdout)
 """
 
 
-def _asm(cpu_name, tmp_path):
-    env = dict(os.environ)
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]),
-               NUMBA_CPU_NAME=cpu_name, NUMBA_CPU_FEATURES="",
-               NUMBA_CACHE_DIR=str(tmp_path / "numba_cache"))
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True,
+def _run(script, args, env, cache):
+    env = dict(env, NUMBA_CACHE_DIR=str(cache))
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
                           text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return proc.stdout
+
+
+def _asm(cpu_name, tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.pop("NUMBA_CPU_NAME", None)
+    env.pop("NUMBA_CPU_FEATURES", None)
+    sigs = tmp_path / "signatures.pickle"
+    _run(_SIGNATURES, [str(sigs)], env, tmp_path / "native_cache")
+    env.update(NUMBA_CPU_NAME=cpu_name, NUMBA_CPU_FEATURES="")
+    return json.loads(_run(_ASSEMBLY, [str(sigs)], env, tmp_path / "numba_cache"))
 
 
 _INSN = re.compile(r"^\s+(v[a-z0-9]+)\s+([^\n#]*)", re.M)

@@ -2,11 +2,19 @@
 bitwise the general path's results and errors (class_axis=1 forces the general path)."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import fastce
 from fastce import api
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _general(monkeypatch):
@@ -105,21 +113,54 @@ def test_lean_inputs_not_modified_and_grad_fresh():
     assert g1 is not g2 and not np.shares_memory(g1, g2) and g1.flags.writeable
 
 
-def test_small_rows_forward_serves_small_serial_calls_only():
+def test_small_rows_forward_serves_one_block_of_few_classes_only():
     """The entry-point forward takes the W3 kind of call (and is the general kernel's bits,
-    see above); more classes or enough work for threads decline to index_loss."""
+    see above): one compiled entry per (logits, target) dtype pair, and the block kernel
+    compiled once for it and the general path alike; more classes or more than one block's
+    rows decline to index_loss."""
     from fastce import cpu
-    from fastce.options import LossOptions
 
-    def call(N, C, weight_sum=None):
-        x = np.zeros((N, C, 1), np.float32)
-        t = np.zeros((N, 1), np.int64)
-        opts = LossOptions(weight_sum=float(C) if weight_sum is None else weight_sum)
-        return cpu.small_rows_forward(x, t, np.ones(C, np.float32), opts, -100, np.ones(1))
+    def call(N, C, tdtype=np.int64):
+        x = np.zeros((N, C), np.float32)
+        t = np.zeros(N, tdtype)
+        return cpu.small_rows_forward(x, t, np.ones(C, np.float32), float(C), -100, np.ones(1))
 
-    for weight_sum in (10, None):       # an int field types the options differently
-        total, D, count, bad = call(256, 10, weight_sum)
-        assert total == pytest.approx(256 * np.log(10)) and (D, count, bad) == (256.0, 256, -1)
-    assert len({k for k in cpu._SMALL_FORWARD if k[0] == np.float32 and k[1] == np.int64}) >= 2
+    for tdtype in (np.int64, np.int32):
+        total, D, count, bad = call(256, 10, tdtype)
+        assert total == pytest.approx(256 * np.log(10)) and (D, count, bad) == (256, 256, -1)
+    f32, i64, i32 = np.dtype(np.float32), np.dtype(np.int64), np.dtype(np.int32)
+    assert {(cpu._small_rows_fwd, f32, i64), (cpu._small_rows_fwd, f32, i32)} <= set(
+        cpu._SMALL_ENTRIES)
     assert call(256, cpu.SMALL_C + 1) is None
-    assert call(cpu.SERIAL_BELOW // 10 + 1, 10) is None
+    assert call(cpu.BLOCK + 1, 10) is None
+
+
+_SAME_KERNELS = r"""
+import json
+import numpy as np
+import fastce
+from fastce import cpu
+kernels = [cpu._KERNELS[k] for k in (("_index_blocks", False, False, False),
+                                     ("_index_blocks", True, False, False), "_target_stats")]
+x = np.random.default_rng(0).standard_normal((300, 10)).astype(np.float32)
+t = np.arange(300) % 10
+lean = [fastce.cross_entropy(x, t), fastce.cross_entropy_with_grad(x, t)[0]]
+after_lean = [len(k.signatures) for k in kernels]
+w = np.full(10, 1.0, np.float32)      # a weight array takes the general path
+general = [fastce.cross_entropy(x, t, weight=w), fastce.cross_entropy_with_grad(x, t, weight=w)[0]]
+print(json.dumps([after_lean, [len(k.signatures) for k in kernels],
+                  [float(v) for v in lean], [float(v) for v in general]]))
+"""
+
+
+def test_lean_calls_compile_the_general_paths_kernels(tmp_path):
+    """The lean path's compiled calls give the kernels the general path's argument types: in
+    a fresh process and cache, the general path then compiles no kernel of its own."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _SAME_KERNELS], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    after_lean, after_general, lean, general = json.loads(proc.stdout)
+    assert after_lean == [1, 1, 1] and after_general == after_lean
+    assert lean == general
