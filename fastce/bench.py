@@ -7,16 +7,17 @@ Everything here is importable (the asv suite and the tests use it):
 - ``WORKLOADS`` / ``make_workload``: the benchmark problems W1-W3 (full and ``quick`` sizes).
 - ``implementations``: {(library, op): callable} for one workload; torch and JAX are optional
   and simply absent when not importable.
-- ``measure_side_by_side``: medians of several libraries timed round-robin (warm-up excluded).
+- ``measure_side_by_side``: medians of several libraries timed in rounds (warm-up excluded).
 - ``run_bench`` / ``run_demo``: the two command-line reports.
 - ``run_softmax_bench`` (workload ``SOFTMAX``): logsumexp / softmax / log_softmax against
   ``scipy.special``, and fastce's axis=-1, tuple and None forms on the same elements.
 
 Timings are medians of samples; each sample runs a callable ``number`` times, with ``number``
 chosen so that a sample lasts at least ``MIN_SAMPLE_S`` (so microsecond calls are measured
-reliably).  Libraries are timed round-robin, one sample each per round, so that a noisy
-machine disturbs them alike, each sample after a pause of ``SETTLE_S`` (the thread pools of the
-library timed before it go idle).
+reliably).  Libraries are timed in rounds, one sample each per round, so that a noisy machine
+disturbs them alike; each round takes them in another order (seeded: the same orders in every
+run), so that none always follows the same library, and each sample comes after a pause of
+``SETTLE_S`` (the thread pools of the library timed before it go idle).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import argparse
 import gc
 import math
 import os
+import random
 import sys
 import time
 import tracemalloc
@@ -425,7 +427,7 @@ def measure(fn, repeats=5, warmup=1, max_time=None):
 
 
 def measure_side_by_side(fns, repeats=5, warmup=1, max_time=None, progress=None):
-    """{key: median seconds per call}, the callables timed round-robin after a warm-up.
+    """{key: median seconds per call}, the callables timed in rounds after a warm-up.
 
     ``max_time`` (seconds) stops adding rounds once spent (at least 3 rounds are kept).
     """
@@ -440,9 +442,17 @@ def measure_side_by_side(fns, repeats=5, warmup=1, max_time=None, progress=None)
         numbers[key] = _calibrate(fn)
     samples = {key: [] for key in fns}
     start = time.perf_counter()
+    # Each round in its own order (a fixed seed: the same orders in every run), so that no
+    # library is always timed right after the same one: a call timed after JAX's
+    # value_and_grad took 1.4x its time after anything else (W1 loss+grad, 2-core EPYC), and
+    # with one fixed order that penalty fell on the same row in every round.
+    order = list(fns)
+    rng = random.Random(0)
     for r in range(repeats):
-        for key, fn in fns.items():
-            samples[key].append(_sample(fn, numbers[key]))
+        if r:
+            rng.shuffle(order)
+        for key in order:
+            samples[key].append(_sample(fns[key], numbers[key]))
         if progress:
             progress(f"round {r + 1}/{repeats}")
         if max_time is not None and r >= 2 and time.perf_counter() - start > max_time:

@@ -71,6 +71,27 @@ def test_numpy_baseline_matches_fastce(name):
     assert e["loss_rel"] < 1e-5 and e["grad_rel"] < 1e-5
 
 
+def test_side_by_side_rounds_vary_the_order(monkeypatch):
+    """Every callable gets one sample per round, and the rounds take them in different orders
+    (the same in every run), so that no row always follows the same library."""
+    monkeypatch.setattr(bench, "SETTLE_S", 0.0)
+    monkeypatch.setattr(bench, "_calibrate", lambda fn: 1)
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abcd"}
+    for _ in range(2):
+        calls.clear()
+        times = bench.measure_side_by_side(fns, repeats=6, warmup=0)
+        assert set(times) == set("abcd")
+        rounds = ["".join(calls[i:i + 4]) for i in range(0, 24, 4)]
+        assert all(sorted(r) == list("abcd") for r in rounds)
+        assert rounds[0] == "abcd" and len(set(rounds)) > 2
+        predecessors = {r[r.index("b") - 1] for r in rounds if r.index("b")}
+        assert len(predecessors) > 1
+        if _ == 0:
+            first = rounds
+    assert rounds == first
+
+
 def test_goals_evaluation():
     times = {("W1", "forward", "fastce"): 1.0, ("W1", "forward", "jax"): 2.0,
              ("W1", "forward", "exp roof"): 0.5, ("W1", "loss+grad", "fastce-out"): 0.9,
