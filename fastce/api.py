@@ -450,13 +450,14 @@ def _lean_rows(input, target, reduction, ignore_index, want_grad):
     be = cpu_backend()
     consts = _LEAN_CONSTS.get((C, dtype))
     if consts is None:
-        consts = (be.ones(C, dtype), be.ones(1, np.float64), LossOptions(weight_sum=float(C)))
+        consts = (be.ones(C, dtype), be.ones(1, np.float64), LossOptions(weight_sum=float(C)),
+                  be.ones(C, np.float64))
         if len(_LEAN_CONSTS) < _LEAN_CONSTS_MAX and C * dtype.itemsize <= _LEAN_CONSTS_BYTES:
             _LEAN_CONSTS[(C, dtype)] = consts
-    w, one, fwd_opts = consts
+    w, one, fwd_opts, w64 = consts
     mean = reduction == "mean"
     if not want_grad:
-        out = be.small_rows_forward(input, target, w, fwd_opts.weight_sum, ignore_index, one)
+        out = be.small_rows_forward(input, target, w, fwd_opts, ignore_index, one)
         if out is None:
             x3, t2 = input.reshape(N, C, 1), target.reshape(N, 1)
             ce, _, _, (D, count, bad) = be.index_loss(x3, t2, w, fwd_opts, ignore_index, None,
@@ -465,13 +466,13 @@ def _lean_rows(input, target, reduction, ignore_index, want_grad):
             out = (None if bad >= 0 else be.total(ce), D, count, bad)
         total, D, _, bad = out
         if bad >= 0:
-            raise _bad_target_error(be, target, int(bad), C, ignore_index)
+            raise _bad_target_error(be, target, bad, C, ignore_index)
         return dtype.type(_div(total, D) if mean else total), None
-    out = be.small_rows_loss_grad(input, target, w, fwd_opts.weight_sum, ignore_index, one, mean)
+    out = be.small_rows_loss_grad(input, target, w, w64, ignore_index, one, mean)
     if out is not None:
         total, D, bad, grad = out
         if bad >= 0:
-            raise _bad_target_error(be, target, int(bad), C, ignore_index)
+            raise _bad_target_error(be, target, bad, C, ignore_index)
         return dtype.type(_div(total, D) if mean else total), grad
     x3, t2 = input.reshape(N, C, 1), target.reshape(N, 1)
     D, count, bad = be.target_stats(t2, w, ignore_index, C)

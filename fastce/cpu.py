@@ -1875,97 +1875,86 @@ def _bf16_bits(a):
 
 
 # The lean path's kernel calls (fastce.api._lean_rows: a classifier's small (N, C) logits, no
-# options).  Each runs the kernels the general path runs, with the arguments it gives them
-# (so the same compiled code and the same bits), from one compiled function of few arguments:
-# the options are built there rather than unboxed from a Python tuple (~1.4 us a call), and
-# the flags and integers are typed from run-time values, as the general path's are.
-def _small_rows_fwd(x, t, w, ignore_index, g, weight_sum):
-    """The block kernel's forward on C-contiguous (N, C) logits and (N,) targets, N <= BLOCK
-    (one block): (sum of the losses, D, count, first bad position or -1)."""
-    N, C = x.shape
-    no, zero, one = N < 0, np.int64(0), np.int64(1)
-    opts = LossOptions(1.0, 0.0, weight_sum, 0.0, 1.0, 0.0, 0.0, no, no)
-    ce, zl, hit, part = np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((3, 1))
-    tk = np.int64(t.itemsize)
-    _SMALL_FWD_KERNEL(x.reshape((N, C, 1)), t.view(np.uint8).reshape((1, N * tk)), tk, w, opts,
-                      ignore_index, g, zero, np.empty((1, 1, 1), x.dtype), no, ce, zl, hit,
-                      np.empty((0, 0)), part, not no, zero, one)
-    return ce[0, 0], part[0, 0], part[1, 0], part[2, 0]
-
-
-@njit(error_model="numpy")
-def _ieee_div(a, b):
-    return a / b                        # no fast-math: api._div's IEEE quotient, bit for bit
-
-
-def _small_rows_grad(x, t, w, ignore_index, g, weight_sum, mean, grad):
-    """The target pre-pass, then the block kernel's loss+grad into ``grad`` (N, C), as
-    _small_rows_fwd; (sum of the losses, D, first bad position or -1), and no gradient
-    written when a target is bad."""
-    N, C = x.shape
-    no, zero, one = N < 0, np.int64(0), np.int64(1)
-    tk = np.int64(t.itemsize)
-    tb = t.view(np.uint8).reshape((1, N * tk))
-    stats = np.empty((3, 1))
-    _TARGET_STATS_KERNEL(tb, tk, np.ones(C), ignore_index, np.int64(C), stats, zero, one)
-    D, bad = stats[0, 0], stats[2, 0]
-    if bad >= 0:
-        return 0.0, D, bad
-    scale = _ieee_div(1.0, D) if mean else 1.0
-    opts = LossOptions(1.0, 0.0, weight_sum, 0.0, scale, 0.0, 0.0, no, no)
-    ce, zl, hit = np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((1, 1))
-    _SMALL_GRAD_KERNEL(x.reshape((N, C, 1)), tb, tk, w, opts, ignore_index, g, zero,
-                       grad.reshape((N, C, 1)), no, ce, zl, hit, np.empty((0, 0)),
-                       np.empty((3, 0)), not no, zero, one)
-    return ce[0, 0], D, bad
-
-
-_SMALL_FWD_KERNEL = _KERNELS[("_index_blocks", False, False, False)]
-_SMALL_GRAD_KERNEL = _KERNELS[("_index_blocks", True, False, False)]
-_TARGET_STATS_KERNEL = _KERNELS["_target_stats"]
-_small_rows_fwd = _kernel(_small_rows_fwd)
-_small_rows_grad = _kernel(_small_rows_grad)
-# Compiled entry points by (function, logits dtype, target dtype): the Numba dispatcher's type
-# resolution of the arguments, done once.
+# options): the kernels and arguments of the general path (so the same compiled code and the
+# same bits), called through their compiled entry points, by dtypes (the Numba dispatcher's
+# type resolution of 18 arguments, ~3 us a call, is done once), with the fewest NumPy calls.
+# (A compiled wrapper calling the kernels would save ~1 us more a call, but Numba optimises and
+# emits a kernel again inside each function that calls it: +2 s on the first call.)
 _SMALL_ENTRIES = {}
+_FWD_BLOCKS = ("_index_blocks", False, False, False)
+_GRAD_BLOCKS = ("_index_blocks", True, False, False)
+_small_out = threading.local()
 
 
-def _small_entry(fn, x, t, args):
-    key = (fn, x.dtype, t.dtype)
-    entry = _SMALL_ENTRIES.get(key)
+def _small_sums():
+    """This thread's (6, 1) float64 buffer for the block's sums (ce, z-loss, hits) and target
+    statistics, with its views as the kernels take them: every call writes all six before it
+    returns, and its caller reads them at once, so one buffer per thread serves every call."""
+    bufs = getattr(_small_out, "bufs", None)
+    if bufs is None:
+        out = np.zeros((6, 1))
+        bufs = _small_out.bufs = (out, out[0:1], out[1:2], out[2:3], out[3:6])
+    return bufs
+
+
+_U8 = np.dtype(np.uint8)
+
+
+def _entry(name, key, args):
+    """Kernel ``name``'s compiled entry point for ``args``, whose types ``key`` (dtype numbers)
+    decides."""
+    entry = _SMALL_ENTRIES.get((name, key))
     if entry is None:                   # (a plain function under NUMBA_DISABLE_JIT)
-        entry = (fn.compile(tuple(map(fn.typeof_pyval, args))) if hasattr(fn, "compile")
-                 else fn)
-        _SMALL_ENTRIES[key] = entry
+        kernel = _KERNELS[name]
+        entry = (kernel.compile(tuple(map(kernel.typeof_pyval, args)))
+                 if hasattr(kernel, "compile") else kernel)
+        _SMALL_ENTRIES[(name, key)] = entry
     return entry
 
 
-def small_rows_forward(x, t, w, weight_sum, ignore_index, g):
+def small_rows_forward(x, t, w, opts, ignore_index, g):
     """(sum of the losses, D, count, first bad position or -1) as index_loss(x.reshape(N, C,
-    1), t.reshape(N, 1), w, LossOptions(weight_sum=weight_sum), ignore_index, None, g, 0,
-    per_position=False, fuse_stats=True) and total() give them, for fastce.api's lean path:
-    C-contiguous (N, C) float32/float64 logits, C-contiguous (N,) int64/int32 targets, w the
-    logits' dtype, g float64 (1,), ignore_index a Python int in int64's range.  The same
-    kernel and arguments, so the same bits.  None unless N <= BLOCK and C <= SMALL_C."""
+    1), t.reshape(N, 1), w, opts, ignore_index, None, g, 0, per_position=False,
+    fuse_stats=True) and total() give them, for fastce.api's lean path: C-contiguous (N, C)
+    float32/float64 logits, C-contiguous (N,) int64/int32 targets, w the logits' dtype, g
+    float64 (1,), opts LossOptions(weight_sum=float(C)), ignore_index a Python int in int64's
+    range.  None unless N <= BLOCK and C <= SMALL_C (one block, one thread)."""
     N, C = x.shape
     if C > SMALL_C or N > BLOCK:
         return None
-    args = (x, t, w, ignore_index, g, weight_sum)
-    return _small_entry(_small_rows_fwd, x, t, args)(*args)
+    out, ce, zl, hit, stats = _small_sums()
+    tk = t.itemsize
+    args = (x.reshape(N, C, 1), t.view(_U8).reshape(1, N * tk), tk, w, opts, ignore_index, g,
+            0, _no_grad(x.dtype), False, ce, zl, hit, _NO_LSE[2], stats, True, 0, 1)
+    _entry(_FWD_BLOCKS, (x.dtype.num, t.dtype.num), args)(*args)
+    total, _, _, d, cnt, bad = out[:, 0].tolist()
+    return total, d, int(cnt), int(bad)
 
 
-def small_rows_loss_grad(x, t, w, weight_sum, ignore_index, g, mean):
+def small_rows_loss_grad(x, t, w, w64, ignore_index, g, mean):
     """(sum of the losses, D, first bad position or -1, gradient (N, C)) as target_stats and
     index_loss give them to fastce.api's general path for loss+grad (grad_scale 1/D for the
-    mean, else 1), on small_rows_forward's inputs; the gradient is None when a target is bad.
-    None unless N <= BLOCK and C <= SMALL_C."""
+    mean, else 1), on small_rows_forward's inputs and w64, w as float64; no gradient (None)
+    when a target is bad.  None unless N <= BLOCK and C <= SMALL_C."""
     N, C = x.shape
     if C > SMALL_C or N > BLOCK:
         return None
+    tk = t.itemsize
+    tb = t.view(_U8).reshape(1, N * tk)
+    out, ce, zl, hit, stats = _small_sums()
+    args = (tb, tk, w64, ignore_index, C, stats, 0, 1)
+    _entry("_target_stats", t.dtype.num, args)(*args)
+    D, _, bad = out[3:6, 0].tolist()
+    if bad >= 0:
+        return 0.0, D, int(bad), None
+    # api._div(1.0, D): Python's IEEE quotient, and +inf for D = 0 (all targets ignored)
+    scale = (1.0 / D if D != 0.0 else math.inf) if mean else 1.0
+    opts = LossOptions(1.0, 0.0, float(C), 0.0, scale, 0.0, 0.0, False, False)
     grad = np.empty((N, C), x.dtype)
-    args = (x, t, w, ignore_index, g, weight_sum, mean, grad)
-    total, D, bad = _small_entry(_small_rows_grad, x, t, args)(*args)
-    return total, D, bad, (None if bad >= 0 else grad)
+    args = (x.reshape(N, C, 1), tb, tk, w, opts, ignore_index, g, 0, grad.reshape(N, C, 1),
+            False, ce, zl, hit, _NO_LSE[2], _NO_STATS, True, 0, 1)
+    _entry(_GRAD_BLOCKS, (x.dtype.num, t.dtype.num), args)(*args)
+    return float(out[0, 0]), D, -1, grad
 
 
 def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=True,

@@ -115,21 +115,22 @@ def test_lean_inputs_not_modified_and_grad_fresh():
 
 def test_small_rows_forward_serves_one_block_of_few_classes_only():
     """The entry-point forward takes the W3 kind of call (and is the general kernel's bits,
-    see above): one compiled entry per (logits, target) dtype pair, and the block kernel
-    compiled once for it and the general path alike; more classes or more than one block's
-    rows decline to index_loss."""
+    see above): one compiled entry per (logits, target) dtype pair; more classes or more
+    than one block's rows decline to index_loss."""
     from fastce import cpu
+    from fastce.options import LossOptions
 
     def call(N, C, tdtype=np.int64):
         x = np.zeros((N, C), np.float32)
         t = np.zeros(N, tdtype)
-        return cpu.small_rows_forward(x, t, np.ones(C, np.float32), float(C), -100, np.ones(1))
+        return cpu.small_rows_forward(x, t, np.ones(C, np.float32),
+                                      LossOptions(weight_sum=float(C)), -100, np.ones(1))
 
     for tdtype in (np.int64, np.int32):
         total, D, count, bad = call(256, 10, tdtype)
         assert total == pytest.approx(256 * np.log(10)) and (D, count, bad) == (256, 256, -1)
-    f32, i64, i32 = np.dtype(np.float32), np.dtype(np.int64), np.dtype(np.int32)
-    assert {(cpu._small_rows_fwd, f32, i64), (cpu._small_rows_fwd, f32, i32)} <= set(
+    f32, i64, i32 = (np.dtype(d).num for d in (np.float32, np.int64, np.int32))
+    assert {(cpu._FWD_BLOCKS, (f32, i64)), (cpu._FWD_BLOCKS, (f32, i32))} <= set(
         cpu._SMALL_ENTRIES)
     assert call(256, cpu.SMALL_C + 1) is None
     assert call(cpu.BLOCK + 1, 10) is None
