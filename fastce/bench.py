@@ -623,8 +623,9 @@ def run_bench(workloads=("W1", "W2", "W3"), quick=False, repeats=None, out=sys.s
     times, exact, memory = {}, {}, None
     print(f"fastce {fastce.__version__} benchmark{' (--quick sizes)' if quick else ''}: "
           f"{_environment()}", file=out)
-    print(f"medians of {repeats} samples per library (round-robin, warm-up excluded); "
-          f"ratio = fastce time / that library's time (< 1: fastce faster)", file=out)
+    print(f"medians of {repeats} samples per library (in rounds, each in its own seeded order; "
+          f"warm-up excluded); ratio = fastce time / that library's time (< 1: fastce faster)",
+          file=out)
     name_, width, reg = cpu_target()
     print(f"LLVM CPU {name_}, vector width {width} bits, widest register in compiled loops "
           f"{reg} (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES choose them)", file=out)
