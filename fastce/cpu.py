@@ -1385,6 +1385,10 @@ _NO_REASSOC = dict(fastmath=FASTMATH - {"reassoc"}, error_model="numpy")
 # Elements per task when few long rows are split (axis=None): 64 KiB of float32, enough work
 # per task to hide the scheduling cost, small enough to split a 1M-class row 64 ways.
 CHUNK = 16384
+# Rows fewer than this are split into chunks, whatever the thread count (the price of
+# machine-independent bits: on 2 cores, 4-7 rows of 50k-200k float32 take ~1.5x the row
+# kernel's time this way; with more than 8 threads, 8 rows or more leave some idle).
+SPLIT_ROWS_BELOW = 8
 
 
 @njit(**_NO_REASSOC)
@@ -2022,9 +2026,12 @@ def prob_loss(x3, p3, w, opts, grad, g, g_stride, lse_out=None):
 
 
 def _n_chunks(N, C):
-    """Chunks per row for the split-row kernels: 1 (the row kernel) unless the rows are too few
-    to keep every thread busy and long enough to split."""
-    if C < 2 * CHUNK or N >= 2 * num_threads():
+    """Chunks per row for the split-row kernels: 1 (the row kernel) unless the rows are few
+    (below SPLIT_ROWS_BELOW) and long enough to split.  A fixed threshold, not the thread
+    count: the two paths round differently, and the softmax family's bits must not depend on
+    the machine (before stop 16, (2, 100000) float32 softmax differed by ~1e-7 between 1 and 2
+    threads)."""
+    if C < 2 * CHUNK or N >= SPLIT_ROWS_BELOW:
         return 1
     return -(-C // CHUNK)
 

@@ -95,6 +95,26 @@ def test_any_number_of_threads_gives_the_same_bits(monkeypatch):
                 np.testing.assert_array_equal(a, b)
 
 
+def test_softmax_family_bits_do_not_depend_on_the_thread_count(monkeypatch):
+    """Few long rows are split into chunks by a fixed rule, not by the thread count: the row
+    and chunked paths round differently, and (2, 100000) float32 softmax once differed by
+    ~1e-7 between 1 and 2 threads."""
+    from fastce import cpu
+    rng = np.random.default_rng(5)
+    xs = [rng.standard_normal((n, 2 * cpu.CHUNK + 5)).astype(np.float32) * 4
+          for n in (1, 2, 5, cpu.SPLIT_ROWS_BELOW - 1, cpu.SPLIT_ROWS_BELOW)]
+    b = rng.random(xs[1].shape)
+    results = {}
+    for n in (1, 2, 3, 7):
+        monkeypatch.setattr(cpu, "num_threads", lambda n=n: n)
+        results[n] = [f(x, axis=1) for x in xs
+                      for f in (fastce.softmax, fastce.log_softmax, fastce.logsumexp)]
+        results[n].append(fastce.logsumexp(xs[1], axis=1, b=b))
+    for n in (2, 3, 7):
+        for got, want in zip(results[n], results[1]):
+            np.testing.assert_array_equal(got, want)
+
+
 def test_thread_count_follows_numba():
     code = ("import numba, fastce.cpu as c; a = c.num_threads(); numba.set_num_threads(1); "
             "print(a, c.num_threads())")
