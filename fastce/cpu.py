@@ -1882,18 +1882,22 @@ def _bf16_bits(a):
 # options): the kernels and arguments of the general path (so the same compiled code and the
 # same bits), called through their compiled entry points, by dtypes (the Numba dispatcher's
 # type resolution of 18 arguments, ~3 us a call, is done once), with the fewest NumPy calls.
-# (A compiled wrapper calling the kernels would save ~1 us more a call, but Numba optimises and
-# emits a kernel again inside each function that calls it: +2 s on the first call.)
+# (A compiled wrapper calling the kernels saved ~2.7 us more a call (W3, EPYC), but Numba
+# optimises and emits a kernel again inside each function that calls it: +2 s on a first call.)
 _SMALL_ENTRIES = {}
 _FWD_BLOCKS = ("_index_blocks", False, False, False)
 _GRAD_BLOCKS = ("_index_blocks", True, False, False)
 _small_out = threading.local()
 
 
-def _small_sums():
-    """This thread's (6, 1) float64 buffer for the block's sums (ce, z-loss, hits) and target
-    statistics, with its views as the kernels take them: every call writes all six before it
-    returns, and its caller reads them at once, so one buffer per thread serves every call."""
+def _small_sums(nblk):
+    """A (6, nblk) float64 buffer for the blocks' sums (ce, z-loss, hits) and target statistics,
+    with its views as the kernels take them.  One block (the common case): this thread's own
+    buffer, since every call writes all six before it returns and its caller reads them at
+    once."""
+    if nblk > 1:
+        out = np.zeros((6, nblk))
+        return out, out[0:1], out[1:2], out[2:3], out[3:6]
     bufs = getattr(_small_out, "bufs", None)
     if bufs is None:
         out = np.zeros((6, 1))
@@ -1922,15 +1926,19 @@ def small_rows_forward(x, t, w, opts, ignore_index, g):
     fuse_stats=True) and total() give them, for fastce.api's lean path: C-contiguous (N, C)
     float32/float64 logits, C-contiguous (N,) int64/int32 targets, w the logits' dtype, g
     float64 (1,), opts LossOptions(weight_sum=float(C)), ignore_index a Python int in int64's
-    range.  None unless N <= BLOCK and C <= SMALL_C (one block, one thread)."""
+    range.  None unless C <= SMALL_C and the call runs in one thread (N * C < SERIAL_BELOW,
+    launch's rule: the same block partition)."""
     N, C = x.shape
-    if C > SMALL_C or N > BLOCK:
+    if C > SMALL_C or N * C >= SERIAL_BELOW:
         return None
-    out, ce, zl, hit, stats = _small_sums()
+    nblk = blocks_per_row(N)
+    out, ce, zl, hit, stats = _small_sums(nblk)
     tk = t.itemsize
     args = (x.reshape(N, C, 1), t.view(_U8).reshape(1, N * tk), tk, w, opts, ignore_index, g,
             0, _no_grad(x.dtype), False, ce, zl, hit, _NO_LSE[2], stats, True, 0, 1)
     _entry(_FWD_BLOCKS, (x.dtype.num, t.dtype.num), args)(*args)
+    if nblk > 1:
+        return (CPUBackend.total(ce),) + _sum_stats(stats)
     total, _, _, d, cnt, bad = out[:, 0].tolist()
     return total, d, int(cnt), int(bad)
 
@@ -1939,18 +1947,19 @@ def small_rows_loss_grad(x, t, w, w64, ignore_index, g, mean):
     """(sum of the losses, D, first bad position or -1, gradient (N, C)) as target_stats and
     index_loss give them to fastce.api's general path for loss+grad (grad_scale 1/D for the
     mean, else 1), on small_rows_forward's inputs and w64, w as float64; no gradient (None)
-    when a target is bad.  None unless N <= BLOCK and C <= SMALL_C."""
+    when a target is bad.  None unless small_rows_forward would take the call."""
     N, C = x.shape
-    if C > SMALL_C or N > BLOCK:
+    if C > SMALL_C or N * C >= SERIAL_BELOW:
         return None
+    nblk = blocks_per_row(N)
     tk = t.itemsize
     tb = t.view(_U8).reshape(1, N * tk)
-    out, ce, zl, hit, stats = _small_sums()
+    out, ce, zl, hit, stats = _small_sums(nblk)
     args = (tb, tk, w64, ignore_index, C, stats, 0, 1)
     _entry("_target_stats", t.dtype.num, args)(*args)
-    D, _, bad = out[3:6, 0].tolist()
+    D, _, bad = _sum_stats(stats)
     if bad >= 0:
-        return 0.0, D, int(bad), None
+        return 0.0, D, bad, None
     # api._div(1.0, D): Python's IEEE quotient, and +inf for D = 0 (all targets ignored)
     scale = (1.0 / D if D != 0.0 else math.inf) if mean else 1.0
     opts = LossOptions(1.0, 0.0, float(C), 0.0, scale, 0.0, 0.0, False, False)
@@ -1958,7 +1967,7 @@ def small_rows_loss_grad(x, t, w, w64, ignore_index, g, mean):
     args = (x.reshape(N, C, 1), tb, tk, w, opts, ignore_index, g, 0, grad.reshape(N, C, 1),
             False, ce, zl, hit, _NO_LSE[2], _NO_STATS, True, 0, 1)
     _entry(_GRAD_BLOCKS, (x.dtype.num, t.dtype.num), args)(*args)
-    return float(out[0, 0]), D, -1, grad
+    return CPUBackend.total(ce), D, -1, grad
 
 
 def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=True,

@@ -65,16 +65,19 @@ def test_lean_all_ignored_is_nan_like_torch(monkeypatch):
 
 @pytest.mark.parametrize("C", [10, 1000])
 @pytest.mark.parametrize("with_grad", [False, True])
-def test_lean_bad_targets_raise_as_general(monkeypatch, C, with_grad):
-    x = np.zeros((6, C), np.float32)
-    t = np.array([0, 1, C, 2, 3, 4])
+@pytest.mark.parametrize("N, bad_at", [(6, 2), (1300, 1100)])     # one block; the third
+def test_lean_bad_targets_raise_as_general(monkeypatch, C, with_grad, N, bad_at):
+    x = np.zeros((N, C), np.float32)
+    t = np.arange(N) % 5
+    t[bad_at] = C
+    t[bad_at + 3] = -7                  # a later bad target is not the one reported
     call = fastce.cross_entropy_with_grad if with_grad else fastce.cross_entropy
     with pytest.raises(ValueError) as lean:
         call(x, t)
     _general(monkeypatch)
     with pytest.raises(ValueError) as general:
         call(x, t)
-    assert str(lean.value) == str(general.value) and f"{C}" in str(lean.value)
+    assert str(lean.value) == str(general.value) and f"({bad_at},)" in str(lean.value)
 
 
 @pytest.mark.parametrize("kwargs", [dict(softcap=0.0), dict(label_smoothing=1.5),
@@ -115,8 +118,8 @@ def test_lean_inputs_not_modified_and_grad_fresh():
 
 def test_small_rows_forward_serves_one_block_of_few_classes_only():
     """The entry-point forward takes the W3 kind of call (and is the general kernel's bits,
-    see above): one compiled entry per (logits, target) dtype pair; more classes or more
-    than one block's rows decline to index_loss."""
+    see above): one compiled entry per (logits, target) dtype pair, one block or several;
+    more classes or enough work for threads decline to index_loss."""
     from fastce import cpu
     from fastce.options import LossOptions
 
@@ -132,8 +135,11 @@ def test_small_rows_forward_serves_one_block_of_few_classes_only():
     f32, i64, i32 = (np.dtype(d).num for d in (np.float32, np.int64, np.int32))
     assert {(cpu._FWD_BLOCKS, (f32, i64)), (cpu._FWD_BLOCKS, (f32, i32))} <= set(
         cpu._SMALL_ENTRIES)
+    total, D, count, bad = call(3 * cpu.BLOCK + 7, 10)      # four blocks
+    assert total == pytest.approx((3 * cpu.BLOCK + 7) * np.log(10)) and bad == -1
+    assert (D, count) == (3 * cpu.BLOCK + 7, 3 * cpu.BLOCK + 7)
     assert call(256, cpu.SMALL_C + 1) is None
-    assert call(cpu.BLOCK + 1, 10) is None
+    assert call(cpu.SERIAL_BELOW // 10 + 1, 10) is None
 
 
 _SAME_KERNELS = r"""
