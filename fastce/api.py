@@ -14,6 +14,7 @@ import numpy as np
 
 from .dispatch import backend_for, cpu_backend, is_dask_array
 from .options import LossOptions
+from .options import ieee_div as _div
 
 __all__ = [
     "cross_entropy", "cross_entropy_backward", "cross_entropy_with_grad", "CrossEntropyLoss",
@@ -290,13 +291,6 @@ def index_denominators(target, weight, ignore_index, C, dtype):
     (fastce.linear's chunks, fastce.shards) and divide by the whole batch's."""
     D, count = check_index_target(target, weight, ignore_index, C, dtype)
     return D, float(count)
-
-
-def _div(a: float, b: float) -> float:
-    """IEEE a / b for Python floats (x/0 -> +-inf, 0/0 -> nan), as torch's mean of nothing."""
-    if b == 0.0:
-        return math.nan if (a == 0.0 or a != a) else math.copysign(math.inf, a)
-    return a / b
 
 
 # ---------------------------------------------------------------------------------------------

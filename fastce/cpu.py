@@ -38,7 +38,7 @@ from numba.extending import intrinsic, overload, register_jitable
 
 from . import _alloc
 from . import elementwise as ew
-from .options import LossOptions
+from .options import LossOptions, ieee_div
 
 __all__ = ["index_loss", "prob_loss", "target_stats", "softmax_family", "launch"]
 
@@ -1920,22 +1920,31 @@ def _entry(name, key, args):
     return entry
 
 
+def _small_call(x, t):
+    """(nblk, the targets' bytes (1, N * tk), tk, sums buffer and views) of a lean call, or
+    None unless C <= SMALL_C and it runs in one thread (N * C < SERIAL_BELOW, launch's rule:
+    the general path's block partition)."""
+    N, C = x.shape
+    if C > SMALL_C or N * C >= SERIAL_BELOW:
+        return None
+    nblk = blocks_per_row(N)
+    tk = t.itemsize
+    return nblk, t.view(_U8).reshape(1, N * tk), tk, _small_sums(nblk)
+
+
 def small_rows_forward(x, t, w, opts, ignore_index, g):
     """(sum of the losses, D, count, first bad position or -1) as index_loss(x.reshape(N, C,
     1), t.reshape(N, 1), w, opts, ignore_index, None, g, 0, per_position=False,
     fuse_stats=True) and total() give them, for fastce.api's lean path: C-contiguous (N, C)
     float32/float64 logits, C-contiguous (N,) int64/int32 targets, w the logits' dtype, g
     float64 (1,), opts LossOptions(weight_sum=float(C)), ignore_index a Python int in int64's
-    range.  None unless C <= SMALL_C and the call runs in one thread (N * C < SERIAL_BELOW,
-    launch's rule: the same block partition)."""
-    N, C = x.shape
-    if C > SMALL_C or N * C >= SERIAL_BELOW:
+    range.  None unless _small_call takes it."""
+    call = _small_call(x, t)
+    if call is None:
         return None
-    nblk = blocks_per_row(N)
-    out, ce, zl, hit, stats = _small_sums(nblk)
-    tk = t.itemsize
-    args = (x.reshape(N, C, 1), t.view(_U8).reshape(1, N * tk), tk, w, opts, ignore_index, g,
-            0, _no_grad(x.dtype), False, ce, zl, hit, _NO_LSE[2], stats, True, 0, 1)
+    nblk, tb, tk, (out, ce, zl, hit, stats) = call
+    args = (x.reshape(x.shape + (1,)), tb, tk, w, opts, ignore_index, g, 0, _no_grad(x.dtype),
+            False, ce, zl, hit, _NO_LSE[2], stats, True, 0, 1)
     _entry(_FWD_BLOCKS, (x.dtype.num, t.dtype.num), args)(*args)
     if nblk > 1:
         return (CPUBackend.total(ce),) + _sum_stats(stats)
@@ -1947,22 +1956,19 @@ def small_rows_loss_grad(x, t, w, w64, ignore_index, g, mean):
     """(sum of the losses, D, first bad position or -1, gradient (N, C)) as target_stats and
     index_loss give them to fastce.api's general path for loss+grad (grad_scale 1/D for the
     mean, else 1), on small_rows_forward's inputs and w64, w as float64; no gradient (None)
-    when a target is bad.  None unless small_rows_forward would take the call."""
-    N, C = x.shape
-    if C > SMALL_C or N * C >= SERIAL_BELOW:
+    when a target is bad.  None unless _small_call takes it."""
+    call = _small_call(x, t)
+    if call is None:
         return None
-    nblk = blocks_per_row(N)
-    tk = t.itemsize
-    tb = t.view(_U8).reshape(1, N * tk)
-    out, ce, zl, hit, stats = _small_sums(nblk)
+    _, tb, tk, (_, ce, zl, hit, stats) = call
+    N, C = x.shape
     args = (tb, tk, w64, ignore_index, C, stats, 0, 1)
     _entry("_target_stats", t.dtype.num, args)(*args)
     D, _, bad = _sum_stats(stats)
     if bad >= 0:
         return 0.0, D, bad, None
-    # api._div(1.0, D): Python's IEEE quotient, and +inf for D = 0 (all targets ignored)
-    scale = (1.0 / D if D != 0.0 else math.inf) if mean else 1.0
-    opts = LossOptions(1.0, 0.0, float(C), 0.0, scale, 0.0, 0.0, False, False)
+    opts = LossOptions(1.0, 0.0, float(C), 0.0, ieee_div(1.0, D) if mean else 1.0, 0.0, 0.0,
+                       False, False)
     grad = np.empty((N, C), x.dtype)
     args = (x.reshape(N, C, 1), tb, tk, w, opts, ignore_index, g, 0, grad.reshape(N, C, 1),
             False, ce, zl, hit, _NO_LSE[2], _NO_STATS, True, 0, 1)

@@ -11,9 +11,18 @@ non-ignored targets (the z-loss mean's denominator).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
-__all__ = ["LossOptions", "ShardOptions"]
+__all__ = ["LossOptions", "ShardOptions", "ieee_div"]
+
+
+def ieee_div(a: float, b: float) -> float:
+    """IEEE a / b for Python floats (x/0 -> +-inf, 0/0 -> nan), as torch's mean of nothing:
+    the means' divisions by D and Dz, and grad_scale = 1/D, on every backend's host side."""
+    if b == 0.0:
+        return math.nan if (a == 0.0 or a != a) else math.copysign(math.inf, a)
+    return a / b
 
 
 class LossOptions(NamedTuple):

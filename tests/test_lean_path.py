@@ -171,3 +171,34 @@ def test_lean_calls_compile_the_general_paths_kernels(tmp_path):
     after_lean, after_general, lean, general = json.loads(proc.stdout)
     assert after_lean == [1, 1, 1] and after_general == after_lean
     assert lean == general
+
+
+def test_lean_calls_from_many_threads_keep_their_own_results():
+    """The lean path's one-block sums live in a buffer per thread (the kernels release the
+    GIL, so a shared one would mix concurrent calls' results)."""
+    from concurrent.futures import ThreadPoolExecutor
+    rng = np.random.default_rng(11)
+    cases = [(rng.standard_normal((256, 10)).astype(np.float32) * (1 + i), rng.integers(0, 10, 256))
+             for i in range(6)]
+    cases[3][1][17] = 99                # a bad target: must raise in its own thread only
+    want = []
+    for i, (x, t) in enumerate(cases):
+        want.append(None if i == 3 else (fastce.cross_entropy(x, t),
+                                         fastce.cross_entropy_with_grad(x, t)))
+
+    def work(k):
+        i = k % len(cases)
+        x, t = cases[i]
+        try:
+            return i, (fastce.cross_entropy(x, t), fastce.cross_entropy_with_grad(x, t))
+        except ValueError:
+            return i, None
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(work, range(600)))
+    for i, got in results:
+        if want[i] is None:
+            assert got is None
+            continue
+        assert got[0] == want[i][0] and got[1][0] == want[i][1][0]
+        np.testing.assert_array_equal(got[1][1], want[i][1][1])
