@@ -408,7 +408,7 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
 
 
 _LEAN_LOGITS = (np.dtype(np.float32), np.dtype(np.float64))
-_LEAN_TARGETS = (np.dtype(np.int64), np.dtype(np.int32))
+_LEAN_TARGETS = (np.dtype(np.int64), np.dtype(np.int32), np.dtype(np.uint8))   # the kernels' bytes
 # Per (C, dtype): the unit weights, the unit upstream gradient and the forward's options (all
 # read-only), for the small C that the lean path serves most (np.iinfo's properties and the
 # cached-ones lookup cost ~2 us a call).
@@ -424,23 +424,34 @@ def _no_options(label_smoothing, softcap, z_loss):
             and type(z_loss) in (float, int) and z_loss == 0)
 
 
-def _lean_rows(input, target, reduction, ignore_index, want_grad):
-    """The common small call (a classifier's (N, C) float32/float64 logits, int64/int32 targets,
-    no weights or other options, mean/sum) in a few microseconds of Python: the checks that
-    can fail here are the ones _cross_entropy would make, in a cheaper form, and the kernel
-    calls are the same, so results are bitwise those of the general path.  None: not this
-    case (the caller takes the general path, which raises for bad arguments)."""
-    if not (type(input) is np.ndarray and type(target) is np.ndarray and input.ndim == 2
-            and target.ndim == 1 and type(ignore_index) is int
+def _lean_call(input, target, reduction, ignore_index, want_grad):
+    """The common call ((N, C) or (N, C, d1, ...) C-contiguous float32/float64 logits, int64,
+    int32 or uint8 targets, no weights or other options, mean/sum) in a few microseconds of
+    Python: the checks that can fail here are the ones _cross_entropy would make, in a cheaper
+    form, and the kernel calls are the general path's, so results are bitwise the same.  None:
+    not this case (the caller takes the general path, which raises for bad arguments)."""
+    if not (type(input) is np.ndarray and type(target) is np.ndarray and type(ignore_index) is int
             and (reduction == "mean" or reduction == "sum")):
         return None
+    shape = input.shape
+    if len(shape) == 2:
+        N, C = shape
+        S = 1
+        if target.ndim != 1 or target.shape[0] != N:
+            return None
+        t = target
+    elif len(shape) > 2 and target.shape == shape[:1] + shape[2:]:
+        N, C = shape[0], shape[1]
+        S = math.prod(shape[2:])
+        t = target.reshape(N) if S == 1 else target.reshape(N, S)
+    else:
+        return None
     dtype = input.dtype
-    N, C = input.shape
     if (dtype not in _LEAN_LOGITS or target.dtype not in _LEAN_TARGETS or N == 0 or C == 0
-            or target.shape[0] != N or not input.flags.c_contiguous
-            or not target.flags.c_contiguous
+            or S == 0 or not input.flags.c_contiguous or not target.flags.c_contiguous
             or not _INT64_MIN <= ignore_index <= _INT64_MAX):
         return None
+    x3 = input[..., None] if len(shape) == 2 else input.reshape(N, C, S)
     be = cpu_backend()
     consts = _LEAN_CONSTS.get((C, dtype))
     if consts is None:
@@ -450,33 +461,15 @@ def _lean_rows(input, target, reduction, ignore_index, want_grad):
             _LEAN_CONSTS[(C, dtype)] = consts
     w, one, fwd_opts, w64 = consts
     mean = reduction == "mean"
-    if not want_grad:
-        out = be.small_rows_forward(input, target, w, fwd_opts, ignore_index, one)
-        if out is None:
-            x3, t2 = input.reshape(N, C, 1), target.reshape(N, 1)
-            ce, _, _, (D, count, bad) = be.index_loss(x3, t2, w, fwd_opts, ignore_index, None,
-                                                      one, 0, per_position=False,
-                                                      fuse_stats=True)
-            out = (None if bad >= 0 else be.total(ce), D, count, bad)
-        total, D, _, bad = out
-        if bad >= 0:
-            raise _bad_target_error(be, target, bad, C, ignore_index)
-        return dtype.type(_div(total, D) if mean else total), None
-    out = be.small_rows_loss_grad(input, target, w, w64, ignore_index, one, mean)
-    if out is not None:
-        total, D, bad, grad = out
-        if bad >= 0:
-            raise _bad_target_error(be, target, bad, C, ignore_index)
-        return dtype.type(_div(total, D) if mean else total), grad
-    x3, t2 = input.reshape(N, C, 1), target.reshape(N, 1)
-    D, count, bad = be.target_stats(t2, w, ignore_index, C)
+    if want_grad:
+        out = be.lean_loss_grad(x3, t, w, w64, ignore_index, one, mean)
+    else:
+        out = be.lean_forward(x3, t, w, w64, fwd_opts, ignore_index, one)
+    total, D, bad, grad = out if want_grad else (out[0], out[1], out[3], None)
     if bad >= 0:
         raise _bad_target_error(be, target, bad, C, ignore_index)
-    grad = be.empty((N, C, 1), dtype)
-    opts = LossOptions(weight_sum=float(C), grad_scale=_div(1.0, D) if mean else 1.0)
-    ce, _, _, _ = be.index_loss(x3, t2, w, opts, ignore_index, grad, one, 0, per_position=False)
-    total = be.total(ce)
-    return be.scalar(_div(total, D) if mean else total, dtype), grad.reshape(N, C)
+    loss = dtype.type(_div(total, D) if mean else total)
+    return loss, (grad.reshape(shape) if want_grad else None)
 
 
 def _loss(be, ce, zls, hit, reduction, D, Dz, loss_shape, dtype, raw):
@@ -555,7 +548,7 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
     """
     if (weight is None and class_axis is None and _no_options(label_smoothing, softcap, z_loss)
             and not (return_z_loss or return_token_accuracy or return_lse)):
-        lean = _lean_rows(input, target, reduction, ignore_index, want_grad=False)
+        lean = _lean_call(input, target, reduction, ignore_index, want_grad=False)
         if lean is not None:
             return lean[0]
     if is_dask_array(input) or is_dask_array(target):
@@ -608,7 +601,7 @@ def cross_entropy_with_grad(input, target, weight=None, *, grad_output=None, ign
     if (weight is None and grad_output is None and out is None and class_axis is None
             and _no_options(label_smoothing, softcap, z_loss)
             and not (return_z_loss or return_token_accuracy or return_lse)):
-        lean = _lean_rows(input, target, reduction, ignore_index, want_grad=True)
+        lean = _lean_call(input, target, reduction, ignore_index, want_grad=True)
         if lean is not None:
             return lean
     if is_dask_array(input) or is_dask_array(target):

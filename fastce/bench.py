@@ -4,7 +4,7 @@ Everything here is importable (the asv suite and the tests use it):
 
 - ``numpy_cross_entropy`` / ``numpy_cross_entropy_with_grad``: a plain, log-softmax based NumPy
   implementation (the baseline a NumPy user would write), class axis 1, weights, ignore_index.
-- ``WORKLOADS`` / ``make_workload``: the benchmark problems W1-W3 (full and ``quick`` sizes).
+- ``WORKLOADS`` / ``make_workload``: the benchmark problems W1-W5 (full and ``quick`` sizes).
 - ``implementations``: {(library, op): callable} for one workload; torch and JAX are optional
   and simply absent when not importable.
 - ``measure_side_by_side``: medians of several libraries timed in rounds (warm-up excluded).
@@ -123,6 +123,11 @@ WORKLOADS = {
                    np.uint8, 255, 0.10, True),
     "W3": Workload("W3", "small classifier", (256, 10), (256, 10), np.int64, -100, 0.0,
                    False, unit="us", torch_one_thread=True),
+    # Per-call cost beyond W3's few classes: the rows kernel, and strided logits
+    "W4": Workload("W4", "mid-size classifier", (64, 1000), (64, 1000), np.int64, -100, 0.0,
+                   False, unit="us", torch_one_thread=True),
+    "W5": Workload("W5", "small segmentation batch", (2, 21, 32, 32), (2, 21, 32, 32),
+                   np.uint8, 255, 0.10, False, unit="us", torch_one_thread=True),
 }
 
 
@@ -823,9 +828,9 @@ def run_demo(out=sys.stdout, repeats=5, shape=DEMO_SHAPE):
     for op, r in res.items():
         print(f"  {op:<11}{r[FASTCE] * 1e3:>8.2f} ms{r[NUMPY] * 1e3:>8.2f} ms"
               f"{r[NUMPY] / r[FASTCE]:>9.1f}x{x.nbytes / r[FASTCE] / 1e9:>13.2f}", file=out)
-    print("\nMore: python -m fastce bench [--quick] [--workloads W1,W2,W3,LIN,COLD] [--repeats K];"
-          "\n      python -m fastce warmup [--dtypes float32,float64] [--layouts rows,strided]",
-          file=out)
+    print("\nMore: python -m fastce bench [--quick] [--workloads W1,...,W5,LIN,COLD] "
+          "[--repeats K];\n      python -m fastce warmup [--dtypes float32,float64] "
+          "[--layouts rows,strided]", file=out)
     return res
 
 
@@ -833,9 +838,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m fastce",
                                      description="fastce demo (default) and benchmarks")
     sub = parser.add_subparsers(dest="command")
-    b = sub.add_parser("bench", help="fastce vs NumPy, torch and JAX on W1-W3")
+    b = sub.add_parser("bench", help="fastce vs NumPy, torch and JAX on W1-W5")
     b.add_argument("--quick", action="store_true", help="small sizes: finishes in seconds")
-    b.add_argument("--workloads", default="W1,W2,W3,LIN,SOFTMAX,TORCH,JAX",
+    b.add_argument("--workloads", default="W1,W2,W3,W4,W5,LIN,SOFTMAX,TORCH,JAX",
                    help="comma-separated subset of " + ",".join(WORKLOADS) + ",LIN,SOFTMAX,"
                    "TORCH,JAX,DASK,COLD (LIN: the fused linear cross-entropy against the unfused "
                    "path; SOFTMAX: logsumexp / softmax / log_softmax against scipy.special, and "

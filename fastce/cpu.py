@@ -1760,11 +1760,19 @@ def _executor():
 def launch(name, work, *args):
     """Run kernel ``name`` (a name, or (name, want_grad, has_cap[, want_hits]) for the loss
     kernels' variants) on ``args``; ``work`` (element count) decides whether its tasks are split over threads."""
-    kernel = _KERNELS[name]
-    nparts = 1 if work < SERIAL_BELOW or getattr(_task, "serial", False) else num_threads()
+    return run_parts(_KERNELS[name], n_parts(work), *args)
+
+
+def n_parts(work):
+    """How many parts a kernel call of ``work`` elements runs in (1: in the caller's thread)."""
+    return 1 if work < SERIAL_BELOW or getattr(_task, "serial", False) else num_threads()
+
+
+def run_parts(fn, nparts, *args):
+    """fn(*args, part, nparts) for every part (see in_parts); one part: here, directly."""
     if nparts <= 1:
-        return kernel(*args, 0, 1)
-    in_parts(kernel, nparts, *args)
+        return fn(*args, 0, 1)
+    in_parts(fn, nparts, *args)
 
 
 def in_parts(fn, nparts, *args):
@@ -1878,30 +1886,31 @@ def _bf16_bits(a):
     return a.view(np.uint16) if is_bfloat16(a.dtype) else a
 
 
-# The lean path's kernel calls (fastce.api._lean_rows: a classifier's small (N, C) logits, no
-# options): the kernels and arguments of the general path (so the same compiled code and the
-# same bits), called through their compiled entry points, by dtypes (the Numba dispatcher's
-# type resolution of 18 arguments, ~3 us a call, is done once), with the fewest NumPy calls.
-# (A compiled wrapper calling the kernels saved ~2.7 us more a call (W3, EPYC), but Numba
-# optimises and emits a kernel again inside each function that calls it: +2 s on a first call.)
-_SMALL_ENTRIES = {}
+# The lean path's kernel calls (fastce.api._lean_call: small logits of any layout, no options):
+# the kernels and arguments of the general path (so the same compiled code and the same bits),
+# called through their compiled entry points, by dtypes (Numba's dispatcher would resolve the
+# types of 14-18 arguments on every call, ~3 us), with the fewest NumPy calls.  (A compiled
+# wrapper calling the kernels saved ~2.7 us more a call (W3, EPYC), but Numba optimises and
+# emits a kernel again inside each function that calls it: +2 s on a first call.)
+_LEAN_ENTRIES = {}
 _FWD_BLOCKS = ("_index_blocks", False, False, False)
 _GRAD_BLOCKS = ("_index_blocks", True, False, False)
-_small_out = threading.local()
+_FWD_ROWS = ("_index_rows", False, False, False)
+_GRAD_ROWS = ("_index_rows", True, False, False)
+_lean_out = threading.local()
 
 
-def _small_sums(nblk):
-    """A (6, nblk) float64 buffer for the blocks' sums (ce, z-loss, hits) and target statistics,
-    with its views as the kernels take them.  One block (the common case): this thread's own
-    buffer, since every call writes all six before it returns and its caller reads them at
-    once."""
+def _lean_sums(nblk):
+    """A (6, nblk) float64 buffer for the blocks' sums (ce, z-loss, hits) and target statistics:
+    (its first column, then its views as the kernels take them).  One block (the common case):
+    this thread's own buffer, since every call writes what it reads back before it returns."""
     if nblk > 1:
         out = np.zeros((6, nblk))
-        return out, out[0:1], out[1:2], out[2:3], out[3:6]
-    bufs = getattr(_small_out, "bufs", None)
+        return out[:, 0], out[0:1], out[1:2], out[2:3], out[3:6]
+    bufs = getattr(_lean_out, "bufs", None)
     if bufs is None:
         out = np.zeros((6, 1))
-        bufs = _small_out.bufs = (out, out[0:1], out[1:2], out[2:3], out[3:6])
+        bufs = _lean_out.bufs = (out[:, 0], out[0:1], out[1:2], out[2:3], out[3:6])
     return bufs
 
 
@@ -1911,68 +1920,95 @@ _U8 = np.dtype(np.uint8)
 def _entry(name, key, args):
     """Kernel ``name``'s compiled entry point for ``args``, whose types ``key`` (dtype numbers)
     decides."""
-    entry = _SMALL_ENTRIES.get((name, key))
+    entry = _LEAN_ENTRIES.get((name, key))
     if entry is None:                   # (a plain function under NUMBA_DISABLE_JIT)
         kernel = _KERNELS[name]
         entry = (kernel.compile(tuple(map(kernel.typeof_pyval, args)))
                  if hasattr(kernel, "compile") else kernel)
-        _SMALL_ENTRIES[(name, key)] = entry
+        _LEAN_ENTRIES[(name, key)] = entry
     return entry
 
 
-def _small_call(x, t):
-    """(nblk, the targets' bytes (1, N * tk), tk, sums buffer and views) of a lean call, or
-    None unless C <= SMALL_C and it runs in one thread (N * C < SERIAL_BELOW, launch's rule:
-    the general path's block partition)."""
-    N, C = x.shape
-    if C > SMALL_C or N * C >= SERIAL_BELOW:
-        return None
-    nblk = blocks_per_row(N)
-    tk = t.itemsize
-    return nblk, t.view(_U8).reshape(1, N * tk), tk, _small_sums(nblk)
+def _lean_call(x3, t):
+    """(nblk, the targets' bytes, tk, sums buffer and views) of a lean call.  x3 (N, C, S); t
+    its targets, (N,) for rows (S == 1), else (N, S)."""
+    N, C, S = x3.shape
+    if S == 1:                          # rows: the targets as one row of blocks (_stats_view)
+        return blocks_per_row(N), t.view(_U8)[None], t.itemsize, _lean_sums(blocks_per_row(N))
+    nblk = N * blocks_per_row(S)
+    return nblk, t.view(_U8), t.itemsize, _lean_sums(nblk)
 
 
-def small_rows_forward(x, t, w, opts, ignore_index, g):
-    """(sum of the losses, D, count, first bad position or -1) as index_loss(x.reshape(N, C,
-    1), t.reshape(N, 1), w, opts, ignore_index, None, g, 0, per_position=False,
-    fuse_stats=True) and total() give them, for fastce.api's lean path: C-contiguous (N, C)
-    float32/float64 logits, C-contiguous (N,) int64/int32 targets, w the logits' dtype, g
-    float64 (1,), opts LossOptions(weight_sum=float(C)), ignore_index a Python int in int64's
-    range.  None unless _small_call takes it."""
-    call = _small_call(x, t)
-    if call is None:
-        return None
-    nblk, tb, tk, (out, ce, zl, hit, stats) = call
-    args = (x.reshape(x.shape + (1,)), tb, tk, w, opts, ignore_index, g, 0, _no_grad(x.dtype),
-            False, ce, zl, hit, _NO_LSE[2], stats, True, 0, 1)
-    _entry(_FWD_BLOCKS, (x.dtype.num, t.dtype.num), args)(*args)
+def _lean_run(name, key, nparts, *args):
+    """Kernel ``name`` on ``args`` (part and nparts appended) through its entry point, in
+    ``nparts`` parts as launch runs it."""
+    entry = _entry(name, key, args + (0, 1))
+    run_parts(entry, nparts, *args)
+
+
+def _lean_stats(tb, tk, w64, ignore_index, C, stats, key, nparts):
+    """target_stats through its entry point: (D, count, first bad position or -1)."""
+    _lean_run("_target_stats", key, nparts, tb, tk, w64, ignore_index, C, stats)
+    return _sum_stats(stats)
+
+
+def _lean_row_losses(variant, x3, t, w, opts, ignore_index, g, grad2, nparts):
+    """The rows kernel (rows of more than SMALL_C classes) through its entry point: the
+    per-row losses (N,), the gradient into grad2 in the gradient variant."""
+    N, C, _ = x3.shape
+    ce, zl, hit = np.empty((3, N))
+    _lean_run(variant, x3.dtype.num, nparts, x3.reshape(N, C),
+              t if t.dtype == np.int64 else t.astype(np.int64), w, opts, ignore_index, g, 0,
+              grad2, ce, zl, hit, _NO_LSE[1])
+    return ce
+
+
+def lean_forward(x3, t, w, w64, opts, ignore_index, g):
+    """(sum of the losses, D, count, first bad position or -1) as index_loss(x3, t as (N, S),
+    w, opts, ignore_index, None, g, 0, per_position=False, fuse_stats=True) and total() give
+    them, for fastce.api's lean path: C-contiguous (N, C, S) float32/float64 logits and (see
+    _lean_call) int64, int32 or uint8 targets, w the logits' dtype and w64 float64 unit
+    weights, g float64 (1,), opts LossOptions(weight_sum=float(C)), ignore_index a Python int
+    in int64's range.  The sum is None when a target is bad."""
+    nblk, tb, tk, (first, ce, zl, hit, stats) = _lean_call(x3, t)
+    N, C, S = x3.shape
+    nparts = n_parts(x3.size)
+    if S == 1 and C > SMALL_C:          # the rows kernel, after the target pre-pass
+        D, count, bad = _lean_stats(tb, tk, w64, ignore_index, C, stats, t.dtype.num,
+                                    n_parts(N))
+        if bad >= 0:
+            return None, D, count, bad
+        ce = _lean_row_losses(_FWD_ROWS, x3, t, w, opts, ignore_index, g,
+                              _no_grad(x3.dtype)[0], nparts)
+        return CPUBackend.total(ce), D, count, -1
+    _lean_run(_FWD_BLOCKS, (x3.dtype.num, t.dtype.num), nparts, x3, tb, tk, w, opts,
+              ignore_index, g, 0, _no_grad(x3.dtype), False, ce, zl, hit, _NO_LSE[2], stats,
+              S == 1)
     if nblk > 1:
         return (CPUBackend.total(ce),) + _sum_stats(stats)
-    total, _, _, d, cnt, bad = out[:, 0].tolist()
+    total, _, _, d, cnt, bad = first.tolist()
     return total, d, int(cnt), int(bad)
 
 
-def small_rows_loss_grad(x, t, w, w64, ignore_index, g, mean):
-    """(sum of the losses, D, first bad position or -1, gradient (N, C)) as target_stats and
-    index_loss give them to fastce.api's general path for loss+grad (grad_scale 1/D for the
-    mean, else 1), on small_rows_forward's inputs and w64, w as float64; no gradient (None)
-    when a target is bad.  None unless _small_call takes it."""
-    call = _small_call(x, t)
-    if call is None:
-        return None
-    _, tb, tk, (_, ce, zl, hit, stats) = call
-    N, C = x.shape
-    args = (tb, tk, w64, ignore_index, C, stats, 0, 1)
-    _entry("_target_stats", t.dtype.num, args)(*args)
-    D, _, bad = _sum_stats(stats)
+def lean_loss_grad(x3, t, w, w64, ignore_index, g, mean):
+    """(sum of the losses, D, first bad position or -1, gradient (N, C, S)) as target_stats
+    and index_loss give them to the general path for loss+grad (grad_scale 1/D for the mean,
+    else 1), on lean_forward's inputs; no gradient (None) when a target is bad."""
+    _, tb, tk, (_, ce, zl, hit, stats) = _lean_call(x3, t)
+    N, C, S = x3.shape
+    D, _, bad = _lean_stats(tb, tk, w64, ignore_index, C, stats, t.dtype.num, n_parts(N * S))
     if bad >= 0:
         return 0.0, D, bad, None
     opts = LossOptions(1.0, 0.0, float(C), 0.0, ieee_div(1.0, D) if mean else 1.0, 0.0, 0.0,
                        False, False)
-    grad = np.empty((N, C), x.dtype)
-    args = (x.reshape(N, C, 1), tb, tk, w, opts, ignore_index, g, 0, grad.reshape(N, C, 1),
-            False, ce, zl, hit, _NO_LSE[2], _NO_STATS, True, 0, 1)
-    _entry(_GRAD_BLOCKS, (x.dtype.num, t.dtype.num), args)(*args)
+    grad = _alloc.empty((N, C, S), x3.dtype)
+    nparts = n_parts(x3.size)
+    if S == 1 and C > SMALL_C:
+        ce = _lean_row_losses(_GRAD_ROWS, x3, t, w, opts, ignore_index, g, grad.reshape(N, C),
+                              nparts)
+    else:
+        _lean_run(_GRAD_BLOCKS, (x3.dtype.num, t.dtype.num), nparts, x3, tb, tk, w, opts,
+                  ignore_index, g, 0, grad, False, ce, zl, hit, _NO_LSE[2], _NO_STATS, S == 1)
     return CPUBackend.total(ce), D, -1, grad
 
 
@@ -2230,8 +2266,8 @@ class CPUBackend:
 
     target_stats = staticmethod(target_stats)
     index_loss = staticmethod(index_loss)
-    small_rows_forward = staticmethod(small_rows_forward)
-    small_rows_loss_grad = staticmethod(small_rows_loss_grad)
+    lean_forward = staticmethod(lean_forward)
+    lean_loss_grad = staticmethod(lean_loss_grad)
     prob_loss = staticmethod(prob_loss)
     softmax_family = staticmethod(softmax_family)
     lse_weighted = staticmethod(lse_weighted)

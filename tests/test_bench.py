@@ -56,7 +56,7 @@ def test_python_m_fastce_demo():
 # ---------------------------------------------------------------------------------------------
 # The NumPy baseline and the benchmark helpers
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["W1", "W2", "W3"])
+@pytest.mark.parametrize("name", ["W1", "W2", "W3", "W4", "W5"])
 def test_numpy_baseline_matches_fastce(name):
     p = bench.make_workload(name, quick=True)
     loss, grad = bench.numpy_cross_entropy_with_grad(p.x, p.target, p.weight, p.ignore_index)

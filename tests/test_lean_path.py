@@ -1,5 +1,6 @@
-"""The lean path for small common calls (fastce.api._lean_rows): taken when it should be, and
-bitwise the general path's results and errors (class_axis=1 forces the general path)."""
+"""The lean path for small common calls (fastce.api._lean_call): taken when it should be, and
+bitwise the general path's results and errors, for every layout (rows of few or many classes,
+strided (N, C, d1, ...) logits)."""
 from __future__ import annotations
 
 import json
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _general(monkeypatch):
     """Make the lean path decline, so calls take _cross_entropy."""
-    monkeypatch.setattr(api, "_lean_rows", lambda *a, **k: None)
+    monkeypatch.setattr(api, "_lean_call", lambda *a, **k: None)
 
 
 def _taken(monkeypatch):
@@ -29,16 +30,24 @@ def _taken(monkeypatch):
     monkeypatch.setattr(api, "_cross_entropy", boom)
 
 
-@pytest.mark.parametrize("shape", [(256, 10), (7, 3), (1500, 10), (33, 100), (5, 1000)])
+# rows of few classes (the block kernel, one block or several), of many classes (the rows
+# kernel after the target pre-pass), strided logits (one block per row of positions or
+# several), and the (N, C, 1, 1) spelling of rows
+_SHAPES = [(256, 10), (7, 3), (1500, 10), (33, 100), (5, 1000), (2, 21, 8, 8), (3, 5, 700),
+           (1, 40, 1030), (2, 3, 4, 5, 6), (60, 50, 1, 1), (9, 4, 1),
+           (9000, 10), (70, 1000), (3, 21, 40, 40)]     # (the last three: threads)
+
+
+@pytest.mark.parametrize("shape", _SHAPES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("tdtype", [np.int64, np.int32])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_lean_matches_general_bitwise(monkeypatch, shape, dtype, tdtype, reduction):
     rng = np.random.default_rng(hash((shape, reduction)) % 2**32)
     x = (rng.standard_normal(shape) * 4).astype(dtype)
-    t = rng.integers(0, shape[1], shape[0]).astype(tdtype)
-    t[::3] = -100
-    x[0, 0] = np.inf if shape[0] > 1 else x[0, 0]
+    t = rng.integers(0, shape[1], shape[:1] + shape[2:]).astype(tdtype)
+    t.reshape(-1)[::3] = -100
+    x.reshape(-1)[0] = np.inf if x.size > shape[1] else x.reshape(-1)[0]
     with monkeypatch.context() as m:
         _taken(m)
         loss = fastce.cross_entropy(x, t, reduction=reduction)
@@ -50,8 +59,26 @@ def test_lean_matches_general_bitwise(monkeypatch, shape, dtype, tdtype, reducti
     for got, exp in ((loss, want), (loss2, want2)):
         assert type(got) is type(exp) and got.dtype == exp.dtype
         assert np.array_equal(got, exp, equal_nan=True)
-    assert grad.dtype == want_g.dtype and grad.shape == x.shape
+    assert grad.dtype == want_g.dtype and grad.shape == x.shape and grad.flags.c_contiguous
     assert np.array_equal(grad, want_g, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(300, 10), (40, 100), (2, 21, 16, 16)])
+def test_lean_uint8_targets_match_general_bitwise(monkeypatch, shape):
+    """Segmentation's uint8 targets with ignore_index=255 (the kernels read their bytes)."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    t = rng.integers(0, shape[1], shape[:1] + shape[2:]).astype(np.uint8)
+    t.reshape(-1)[::4] = 255
+    with monkeypatch.context() as m:
+        _taken(m)
+        got = [fastce.cross_entropy(x, t, ignore_index=255),
+               *fastce.cross_entropy_with_grad(x, t, ignore_index=255)]
+    _general(monkeypatch)
+    want = [fastce.cross_entropy(x, t, ignore_index=255),
+            *fastce.cross_entropy_with_grad(x, t, ignore_index=255)]
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and np.shape(a) == np.shape(b) and np.array_equal(a, b)
 
 
 def test_lean_all_ignored_is_nan_like_torch(monkeypatch):
@@ -65,7 +92,7 @@ def test_lean_all_ignored_is_nan_like_torch(monkeypatch):
 
 @pytest.mark.parametrize("C", [10, 1000])
 @pytest.mark.parametrize("with_grad", [False, True])
-@pytest.mark.parametrize("N, bad_at", [(6, 2), (1300, 1100)])     # one block; the third
+@pytest.mark.parametrize("N, bad_at", [(6, 2), (1300, 1100), (50, 40)])   # one block; the third
 def test_lean_bad_targets_raise_as_general(monkeypatch, C, with_grad, N, bad_at):
     x = np.zeros((N, C), np.float32)
     t = np.arange(N) % 5
@@ -78,6 +105,23 @@ def test_lean_bad_targets_raise_as_general(monkeypatch, C, with_grad, N, bad_at)
     with pytest.raises(ValueError) as general:
         call(x, t)
     assert str(lean.value) == str(general.value) and f"({bad_at},)" in str(lean.value)
+
+
+@pytest.mark.parametrize("with_grad", [False, True])
+@pytest.mark.parametrize("shape, bad_at", [((2, 21, 8, 8), (1, 3, 4)), ((3, 4, 1200), (2, 700))])
+def test_lean_strided_bad_targets_raise_as_general(monkeypatch, with_grad, shape, bad_at):
+    x = np.zeros(shape, np.float32)
+    t = np.zeros(shape[:1] + shape[2:], np.int32)
+    t[bad_at] = -3
+    call = fastce.cross_entropy_with_grad if with_grad else fastce.cross_entropy
+    with monkeypatch.context() as m:
+        _taken(m)
+        with pytest.raises(ValueError) as lean:
+            call(x, t)
+    _general(monkeypatch)
+    with pytest.raises(ValueError) as general:
+        call(x, t)
+    assert str(lean.value) == str(general.value) and str(bad_at) in str(lean.value)
 
 
 @pytest.mark.parametrize("kwargs", [dict(softcap=0.0), dict(label_smoothing=1.5),
@@ -94,7 +138,7 @@ def test_declined_inputs_take_the_general_path(monkeypatch):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((8, 6)).astype(np.float32)
     t = rng.integers(0, 6, 8)
-    cases = [(x.astype(">f4"), t), (np.asfortranarray(x), t), (x, t.astype(np.uint8)),
+    cases = [(x.astype(">f4"), t), (np.asfortranarray(x), t), (x, t.astype(np.int16)),
              (x, np.repeat(t, 2)[::2]), (x.astype(np.float16), t)]
     want = fastce.cross_entropy(x.astype(np.float64), t)
     calls = []
@@ -116,30 +160,31 @@ def test_lean_inputs_not_modified_and_grad_fresh():
     assert g1 is not g2 and not np.shares_memory(g1, g2) and g1.flags.writeable
 
 
-def test_small_rows_forward_serves_one_block_of_few_classes_only():
-    """The entry-point forward takes the W3 kind of call (and is the general kernel's bits,
-    see above): one compiled entry per (logits, target) dtype pair, one block or several;
-    more classes or enough work for threads decline to index_loss."""
+def test_lean_forward_serves_one_thread_calls_of_every_layout():
+    """The entry-point forward: one compiled entry per kernel and dtype pair, one block or
+    several, rows of few classes (block kernel) or many (rows kernel), strided logits."""
     from fastce import cpu
     from fastce.options import LossOptions
 
-    def call(N, C, tdtype=np.int64):
-        x = np.zeros((N, C), np.float32)
-        t = np.zeros(N, tdtype)
-        return cpu.small_rows_forward(x, t, np.ones(C, np.float32),
-                                      LossOptions(weight_sum=float(C)), -100, np.ones(1))
+    def call(shape, tdtype=np.int64):
+        C = shape[1]
+        x = np.zeros(shape, np.float32)
+        x3 = x.reshape(shape[0], C, -1)
+        t = np.zeros(shape[:1] + (() if x3.shape[2] == 1 else (x3.shape[2],)), tdtype)
+        return cpu.lean_forward(x3, t, np.ones(C, np.float32), np.ones(C),
+                                LossOptions(weight_sum=float(C)), -100, np.ones(1))
 
     for tdtype in (np.int64, np.int32):
-        total, D, count, bad = call(256, 10, tdtype)
+        total, D, count, bad = call((256, 10), tdtype)
         assert total == pytest.approx(256 * np.log(10)) and (D, count, bad) == (256, 256, -1)
     f32, i64, i32 = (np.dtype(d).num for d in (np.float32, np.int64, np.int32))
     assert {(cpu._FWD_BLOCKS, (f32, i64)), (cpu._FWD_BLOCKS, (f32, i32))} <= set(
-        cpu._SMALL_ENTRIES)
-    total, D, count, bad = call(3 * cpu.BLOCK + 7, 10)      # four blocks
-    assert total == pytest.approx((3 * cpu.BLOCK + 7) * np.log(10)) and bad == -1
-    assert (D, count) == (3 * cpu.BLOCK + 7, 3 * cpu.BLOCK + 7)
-    assert call(256, cpu.SMALL_C + 1) is None
-    assert call(cpu.SERIAL_BELOW // 10 + 1, 10) is None
+        cpu._LEAN_ENTRIES)
+    for shape in ((3 * cpu.BLOCK + 7, 10), (4, 3, 3 * cpu.BLOCK + 7), (40, 100)):
+        total, D, count, bad = call(shape)      # several blocks; strided; the rows kernel
+        n = shape[0] * (shape[2] if len(shape) > 2 else 1)
+        assert total == pytest.approx(n * np.log(shape[1])) and (D, count, bad) == (n, n, -1)
+    assert (cpu._FWD_ROWS, f32) in cpu._LEAN_ENTRIES
 
 
 _SAME_KERNELS = r"""
@@ -148,15 +193,22 @@ import numpy as np
 import fastce
 from fastce import cpu
 kernels = [cpu._KERNELS[k] for k in (("_index_blocks", False, False, False),
-                                     ("_index_blocks", True, False, False), "_target_stats")]
-x = np.random.default_rng(0).standard_normal((300, 10)).astype(np.float32)
-t = np.arange(300) % 10
-lean = [fastce.cross_entropy(x, t), fastce.cross_entropy_with_grad(x, t)[0]]
+                                     ("_index_blocks", True, False, False), "_target_stats",
+                                     ("_index_rows", False, False, False),
+                                     ("_index_rows", True, False, False))]
+rng = np.random.default_rng(0)
+cases = [(rng.standard_normal((300, 10)).astype(np.float32), np.arange(300) % 10),
+         (rng.standard_normal((30, 100)).astype(np.float32), np.arange(30, dtype=np.int32)),
+         (rng.standard_normal((2, 5, 7, 9)).astype(np.float32), np.zeros((2, 7, 9), np.int32))]
+lean = [float(f(x, t) if f is fastce.cross_entropy else f(x, t)[0])
+        for x, t in cases for f in (fastce.cross_entropy, fastce.cross_entropy_with_grad)]
 after_lean = [len(k.signatures) for k in kernels]
-w = np.full(10, 1.0, np.float32)      # a weight array takes the general path
-general = [fastce.cross_entropy(x, t, weight=w), fastce.cross_entropy_with_grad(x, t, weight=w)[0]]
-print(json.dumps([after_lean, [len(k.signatures) for k in kernels],
-                  [float(v) for v in lean], [float(v) for v in general]]))
+general = []                            # a weight array takes the general path
+for x, t in cases:
+    w = np.full(x.shape[1], 1.0, np.float32)
+    general += [float(fastce.cross_entropy(x, t, weight=w)),
+                float(fastce.cross_entropy_with_grad(x, t, weight=w)[0])]
+print(json.dumps([after_lean, [len(k.signatures) for k in kernels], lean, general]))
 """
 
 
@@ -169,7 +221,7 @@ def test_lean_calls_compile_the_general_paths_kernels(tmp_path):
                           text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     after_lean, after_general, lean, general = json.loads(proc.stdout)
-    assert after_lean == [1, 1, 1] and after_general == after_lean
+    assert after_lean == [1, 1, 1, 1, 1] and after_general == after_lean
     assert lean == general
 
 

@@ -110,8 +110,9 @@ class Throughput:
 
 class Workloads:
     """The benchmark workloads W1 (LM logits, 10% ignored), W2 (segmentation, uint8 targets,
-    ignore_index=255, class weights) and W3 (small classifier)."""
-    params = [["W1", "W2", "W3"], OPS]
+    ignore_index=255, class weights), W3 (small classifier) and the per-call sizes W4 (64 x 1000
+    classifier) and W5 (a small segmentation batch, uint8 targets)."""
+    params = [["W1", "W2", "W3", "W4", "W5"], OPS]
     param_names = ["workload", "op"]
     timeout = 300
     warmup_time = 0
