@@ -424,12 +424,13 @@ def _no_options(label_smoothing, softcap, z_loss):
             and type(z_loss) in (float, int) and z_loss == 0)
 
 
-def _lean_call(input, target, reduction, ignore_index, want_grad):
+def _lean_call(input, target, weight, reduction, ignore_index, want_grad):
     """The common call ((N, C) or (N, C, d1, ...) C-contiguous float32/float64 logits, int64,
-    int32 or uint8 targets, no weights or other options, mean/sum) in a few microseconds of
-    Python: the checks that can fail here are the ones _cross_entropy would make, in a cheaper
-    form, and the kernel calls are the general path's, so results are bitwise the same.  None:
-    not this case (the caller takes the general path, which raises for bad arguments)."""
+    int32 or uint8 targets, class weights of the logits' dtype or none, no other options,
+    mean/sum) in a few microseconds of Python: the checks that can fail here are the ones
+    _cross_entropy would make, in a cheaper form, and the kernel calls are the general path's,
+    so results are bitwise the same.  None: not this case (the caller takes the general path,
+    which raises for bad arguments)."""
     if not (type(input) is np.ndarray and type(target) is np.ndarray and type(ignore_index) is int
             and (reduction == "mean" or reduction == "sum")):
         return None
@@ -460,9 +461,21 @@ def _lean_call(input, target, reduction, ignore_index, want_grad):
         if len(_LEAN_CONSTS) < _LEAN_CONSTS_MAX and C * dtype.itemsize <= _LEAN_CONSTS_BYTES:
             _LEAN_CONSTS[(C, dtype)] = consts
     w, one, fwd_opts, w64 = consts
+    W = float(C)
+    if weight is not None:
+        # (the general path's cast is then a no-op; a read-only array would compile the kernels
+        # once more, and a non-finite sum takes the general path's checks)
+        if not (type(weight) is np.ndarray and weight.dtype == dtype and weight.shape == (C,)
+                and weight.flags.c_contiguous and weight.flags.writeable):
+            return None
+        W = be.total(weight)
+        if not math.isfinite(W):
+            return None
+        w, w64 = weight, weight.astype(np.float64)
+        fwd_opts = LossOptions(weight_sum=W)
     mean = reduction == "mean"
     if want_grad:
-        out = be.lean_loss_grad(x3, t, w, w64, ignore_index, one, mean)
+        out = be.lean_loss_grad(x3, t, w, w64, W, ignore_index, one, mean)
     else:
         out = be.lean_forward(x3, t, w, w64, fwd_opts, ignore_index, one)
     total, D, bad, grad = out if want_grad else (out[0], out[1], out[3], None)
@@ -546,9 +559,9 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
     Returns a NumPy scalar (CuPy 0-d array on the GPU) of the input's dtype for mean/sum, an
     array of the target's shape for "none".
     """
-    if (weight is None and class_axis is None and _no_options(label_smoothing, softcap, z_loss)
+    if (class_axis is None and _no_options(label_smoothing, softcap, z_loss)
             and not (return_z_loss or return_token_accuracy or return_lse)):
-        lean = _lean_call(input, target, reduction, ignore_index, want_grad=False)
+        lean = _lean_call(input, target, weight, reduction, ignore_index, want_grad=False)
         if lean is not None:
             return lean[0]
     if is_dask_array(input) or is_dask_array(target):
@@ -598,10 +611,10 @@ def cross_entropy_with_grad(input, target, weight=None, *, grad_output=None, ign
     With return_z_loss / return_token_accuracy / return_lse the first item is a
     ``CrossEntropyOutput``.
     """
-    if (weight is None and grad_output is None and out is None and class_axis is None
+    if (grad_output is None and out is None and class_axis is None
             and _no_options(label_smoothing, softcap, z_loss)
             and not (return_z_loss or return_token_accuracy or return_lse)):
-        lean = _lean_call(input, target, reduction, ignore_index, want_grad=True)
+        lean = _lean_call(input, target, weight, reduction, ignore_index, want_grad=True)
         if lean is not None:
             return lean
     if is_dask_array(input) or is_dask_array(target):

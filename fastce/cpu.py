@@ -1967,9 +1967,10 @@ def lean_forward(x3, t, w, w64, opts, ignore_index, g):
     """(sum of the losses, D, count, first bad position or -1) as index_loss(x3, t as (N, S),
     w, opts, ignore_index, None, g, 0, per_position=False, fuse_stats=True) and total() give
     them, for fastce.api's lean path: C-contiguous (N, C, S) float32/float64 logits and (see
-    _lean_call) int64, int32 or uint8 targets, w the logits' dtype and w64 float64 unit
-    weights, g float64 (1,), opts LossOptions(weight_sum=float(C)), ignore_index a Python int
-    in int64's range.  The sum is None when a target is bad."""
+    _lean_call) int64, int32 or uint8 targets, w the class weights in the logits' dtype (ones
+    without weights) and w64 the same as float64, g float64 (1,), opts
+    LossOptions(weight_sum=W), W the weights' sum, ignore_index a Python int in int64's range.
+    The sum is None when a target is bad."""
     nblk, tb, tk, (first, ce, zl, hit, stats) = _lean_call(x3, t)
     N, C, S = x3.shape
     nparts = n_parts(x3.size)
@@ -1990,17 +1991,18 @@ def lean_forward(x3, t, w, w64, opts, ignore_index, g):
     return total, d, int(cnt), int(bad)
 
 
-def lean_loss_grad(x3, t, w, w64, ignore_index, g, mean):
+def lean_loss_grad(x3, t, w, w64, W, ignore_index, g, mean):
     """(sum of the losses, D, first bad position or -1, gradient (N, C, S)) as target_stats
     and index_loss give them to the general path for loss+grad (grad_scale 1/D for the mean,
-    else 1), on lean_forward's inputs; no gradient (None) when a target is bad."""
+    else 1), on lean_forward's inputs and W, the weights' sum; no gradient (None) when a
+    target is bad."""
     _, tb, tk, (_, ce, zl, hit, stats) = _lean_call(x3, t)
     N, C, S = x3.shape
     D, _, bad = _lean_stats(tb, tk, w64, ignore_index, C, stats, t.dtype.num, n_parts(N * S))
     if bad >= 0:
         return 0.0, D, bad, None
-    opts = LossOptions(1.0, 0.0, float(C), 0.0, ieee_div(1.0, D) if mean else 1.0, 0.0, 0.0,
-                       False, False)
+    opts = LossOptions(1.0, 0.0, W, 0.0, ieee_div(1.0, D) if mean else 1.0, 0.0, 0.0, False,
+                       False)
     grad = _alloc.empty((N, C, S), x3.dtype)
     nparts = n_parts(x3.size)
     if S == 1 and C > SMALL_C:

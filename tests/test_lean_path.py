@@ -81,6 +81,51 @@ def test_lean_uint8_targets_match_general_bitwise(monkeypatch, shape):
         assert a.dtype == b.dtype and np.shape(a) == np.shape(b) and np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("shape", [(256, 10), (40, 100), (3, 21, 9, 9), (2, 7, 2000)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lean_class_weights_match_general_bitwise(monkeypatch, shape, dtype):
+    """The seed's weighted mean (divided by the targets' weights) through the lean path."""
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
+    t = rng.integers(0, shape[1], shape[:1] + shape[2:])
+    t.reshape(-1)[::5] = -100
+    w = rng.uniform(0.1, 3.0, shape[1]).astype(dtype)
+    calls = [lambda: fastce.cross_entropy(x, t, w),
+             lambda: fastce.cross_entropy(x, t, w, reduction="sum"),
+             lambda: fastce.cross_entropy_with_grad(x, t, w),
+             lambda: fastce.cross_entropy_with_grad(x, t, w, reduction="sum")]
+    with monkeypatch.context() as m:
+        _taken(m)
+        got = [c() for c in calls]
+    _general(monkeypatch)
+    want = [c() for c in calls]
+    for a, b in zip(got, want):
+        for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            assert u.dtype == v.dtype and np.shape(u) == np.shape(v)
+            assert np.array_equal(u, v, equal_nan=True)
+
+
+def test_weights_the_lean_path_declines_give_the_general_results(monkeypatch):
+    """Weights of another dtype, read-only, strided, or with a non-finite sum take the general
+    path (which casts, copies or checks them)."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((16, 6)).astype(np.float32)
+    t = rng.integers(0, 6, 16)
+    w = rng.uniform(0.5, 2.0, 6).astype(np.float32)
+    ro = w.copy()
+    ro.flags.writeable = False
+    cases = [w.astype(np.float64), ro, np.repeat(w, 2)[::2], w.tolist(),
+             np.array([1, 2, np.inf, 1, 1, 1], np.float32)]
+    calls = []
+    real = api._cross_entropy
+    monkeypatch.setattr(api, "_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for wi in cases[:4]:
+        assert fastce.cross_entropy(x, t, wi) == pytest.approx(float(fastce.cross_entropy(x, t, w)),
+                                                               rel=1e-6)
+    fastce.cross_entropy(x, t, cases[4])
+    assert len(calls) == len(cases)
+
+
 def test_lean_all_ignored_is_nan_like_torch(monkeypatch):
     x = np.zeros((4, 5), np.float32)
     t = np.full(4, -100)
@@ -203,11 +248,10 @@ cases = [(rng.standard_normal((300, 10)).astype(np.float32), np.arange(300) % 10
 lean = [float(f(x, t) if f is fastce.cross_entropy else f(x, t)[0])
         for x, t in cases for f in (fastce.cross_entropy, fastce.cross_entropy_with_grad)]
 after_lean = [len(k.signatures) for k in kernels]
-general = []                            # a weight array takes the general path
+general = []                            # class_axis takes the general path
 for x, t in cases:
-    w = np.full(x.shape[1], 1.0, np.float32)
-    general += [float(fastce.cross_entropy(x, t, weight=w)),
-                float(fastce.cross_entropy_with_grad(x, t, weight=w)[0])]
+    general += [float(fastce.cross_entropy(x, t, class_axis=1)),
+                float(fastce.cross_entropy_with_grad(x, t, class_axis=1)[0])]
 print(json.dumps([after_lean, [len(k.signatures) for k in kernels], lean, general]))
 """
 
