@@ -26,6 +26,7 @@ target pre-pass first, over the same partition (the same denominator to the last
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import threading
@@ -59,6 +60,9 @@ BLOCK = 512
 # more than the whole loss of a problem this small (W3, 256 x 10, runs serial).
 SERIAL_BELOW = 1 << 16
 SMALL_C = 32                   # rows of at most this many classes take _index_blocks
+# Chunks per thread of a split call, claimed dynamically (see in_parts): more balance a late or
+# slow thread, each costs a kernel call.
+CHUNKS_PER_PART = 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1776,14 +1780,30 @@ def run_parts(fn, nparts, *args):
 
 
 def in_parts(fn, nparts, *args):
-    """fn(*args, part, nparts) for every part: parts 1.. on the thread pool, part 0 here
-    (fn must release the GIL to run in parallel: Numba's nogil kernels, NumPy's ufuncs)."""
-    futures = [_executor().submit(fn, *args, part, nparts) for part in range(1, nparts)]
+    """fn(*args, chunk, nchunks) for every chunk of a fixed partition of the work into
+    CHUNKS_PER_PART * nparts chunks, each run once, claimed one at a time by this thread and
+    by the nparts - 1 pool workers it wakes (fn must release the GIL to run in parallel: Numba's
+    nogil kernels, NumPy's ufuncs).  An idle worker can take hundreds of microseconds to wake
+    (a 2-core EPYC VM: ~0.45 ms, so that a call of 0.1 ms split in two fixed halves took
+    0.5 ms); a late worker finds the chunks taken and costs the call nothing.  Chunks are
+    fixed task ranges (task_range), so which thread runs one does not change its results."""
+    nchunks = CHUNKS_PER_PART * nparts
+    next_chunk = itertools.count().__next__         # (atomic: called holding the GIL)
+
+    def work():
+        chunk = next_chunk()
+        while chunk < nchunks:
+            fn(*args, chunk, nchunks)
+            chunk = next_chunk()
+
+    futures = [_executor().submit(work) for _ in range(1, nparts)]
     try:
-        fn(*args, 0, nparts)
+        work()
     finally:
-        for f in futures:
-            f.result()
+        next_chunk = lambda: nchunks                # (after an error: start no more chunks)
+        for future in futures:
+            if not future.cancel():     # a worker started: wait for it (and its errors)
+                future.result()
 
 
 # ---------------------------------------------------------------------------------------------

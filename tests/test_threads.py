@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -180,3 +182,35 @@ def test_serial_keeps_the_kernels_on_the_calling_thread(monkeypatch):
     np.testing.assert_array_equal(other, split[0])
     assert not getattr(cpu._task, "serial", False)
     assert dask_backend._per_chunk(len, 3) is not len and dask_backend._per_chunk(len, 2) is len
+
+
+def test_split_calls_do_not_wait_for_a_late_worker(monkeypatch):
+    """in_parts: the calling thread runs every chunk no worker has claimed, and returns without
+    waiting for a worker that has not started (an idle vCPU can take ~0.5 ms to wake)."""
+    from fastce import cpu
+    gate = threading.Event()
+    pool = ThreadPoolExecutor(1)
+    pool.submit(gate.wait)              # its only worker is busy: it starts nothing new
+    monkeypatch.setattr(cpu, "_executor", lambda: pool)
+    ran = []
+    cpu.in_parts(lambda tag, chunk, n: ran.append((threading.get_ident(), chunk, n)), 2, "x")
+    n = 2 * cpu.CHUNKS_PER_PART
+    assert sorted(c for _, c, _ in ran) == list(range(n)) and {m for _, _, m in ran} == {n}
+    assert {i for i, _, _ in ran} == {threading.get_ident()}
+    gate.set()
+    pool.shutdown(wait=True)
+    assert len(ran) == n                # the withdrawn share never ran
+
+
+def test_split_calls_run_each_chunk_once_on_any_thread():
+    from fastce import cpu
+    ran = []
+
+    def fn(chunk, n):
+        time.sleep(0.002)               # (releases the GIL: the workers take chunks too)
+        ran.append((threading.get_ident(), chunk))
+
+    for nparts in (2, 3, 5):
+        del ran[:]
+        cpu.in_parts(fn, nparts)
+        assert sorted(c for _, c in ran) == list(range(nparts * cpu.CHUNKS_PER_PART))
