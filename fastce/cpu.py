@@ -30,6 +30,7 @@ import itertools
 import math
 import os
 import threading
+import time
 
 import numba
 import numpy as np
@@ -1769,7 +1770,33 @@ def launch(name, work, *args):
 
 def n_parts(work):
     """How many parts a kernel call of ``work`` elements runs in (1: in the caller's thread)."""
-    return 1 if work < SERIAL_BELOW or getattr(_task, "serial", False) else num_threads()
+    if work < SERIAL_BELOW or getattr(_task, "serial", False):
+        return 1
+    n = num_threads()
+    return n if n > 1 and work >= _split_threshold() else 1
+
+
+# Where the pool is slow to answer (a VM's idle vCPU can take ~0.1-0.5 ms to wake), splitting a
+# call pays off only for more work than SERIAL_BELOW: the split must save at least two round
+# trips to the pool.  Measured once per process, on the first call large enough to split.
+ELEMENTS_PER_SECOND = 1e9       # a kernel's serial speed, roughly (~1 ns a logit: rows, EPYC)
+_split_below = None
+
+
+def _split_threshold():
+    """SERIAL_BELOW, or more: 2 x the pool's round trip (median of 5 empty tasks) x
+    ELEMENTS_PER_SECOND.  (2-core EPYC VM: 0.07-0.16 ms, ~0.3 M logits; bare metal: tens of
+    microseconds, SERIAL_BELOW.)"""
+    global _split_below
+    if _split_below is None:
+        pool = _executor()
+        trips = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            pool.submit(int).result()
+            trips.append(time.perf_counter() - t0)
+        _split_below = max(SERIAL_BELOW, int(2 * sorted(trips)[2] * ELEMENTS_PER_SECOND))
+    return _split_below
 
 
 def run_parts(fn, nparts, *args):

@@ -138,7 +138,7 @@ def _scale_in_place(out, g, axis=None):
         gv = np.asarray(g, out.dtype)
     else:
         gv = np.expand_dims(np.asarray(g, out.dtype), axis)
-    n = _cpu.num_threads() if out.size >= _cpu.SERIAL_BELOW and out.shape[0] > 1 else 1
+    n = _cpu.n_parts(out.size) if out.shape[0] > 1 else 1
     _cpu.in_parts(_scale_part, n, out, gv)
 
 

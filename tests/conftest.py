@@ -79,3 +79,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None and not HAVE_GPU:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _split_at_serial_below(monkeypatch):
+    """Calls of SERIAL_BELOW logits or more are split over threads, as on a machine whose pool
+    answers fast: the tests' shapes exercise the split kernels whatever this machine's pool
+    round trip (cpu._split_threshold, tested in test_threads.py)."""
+    from fastce import cpu
+    monkeypatch.setattr(cpu, "_split_below", cpu.SERIAL_BELOW)

@@ -7,7 +7,7 @@ import sys
 import textwrap
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -214,3 +214,29 @@ def test_split_calls_run_each_chunk_once_on_any_thread():
         del ran[:]
         cpu.in_parts(fn, nparts)
         assert sorted(c for _, c in ran) == list(range(nparts * cpu.CHUNKS_PER_PART))
+
+
+def test_split_threshold_grows_with_the_pools_round_trip(monkeypatch):
+    """A pool slow to answer (a VM's idle vCPU) moves the split threshold up, once; a fast
+    one leaves it at SERIAL_BELOW; either way the results are the same bits."""
+    from fastce import cpu
+
+    class SlowPool:
+        def submit(self, fn, *args):
+            f = Future()
+            time.sleep(0.002)           # a 2 ms round trip
+            f.set_result(fn(*args))
+            return f
+
+    monkeypatch.setattr(cpu, "_split_below", None)
+    monkeypatch.setattr(cpu, "_executor", lambda: SlowPool())
+    monkeypatch.setattr(cpu, "num_threads", lambda: 2)
+    assert cpu.n_parts(cpu.SERIAL_BELOW - 1) == 1 and cpu._split_below is None
+    assert cpu.n_parts(cpu.SERIAL_BELOW) == 1
+    assert cpu._split_below >= 2 * 0.002 * cpu.ELEMENTS_PER_SECOND
+    assert cpu.n_parts(cpu._split_below) == 2
+    monkeypatch.setattr(cpu, "_split_below", None)
+    monkeypatch.setattr(cpu, "ELEMENTS_PER_SECOND", 1.0)        # as if the pool were instant
+    assert cpu.n_parts(cpu.SERIAL_BELOW) == 2 and cpu._split_below == cpu.SERIAL_BELOW
+    monkeypatch.setattr(cpu, "num_threads", lambda: 1)
+    assert cpu.n_parts(10 * cpu.SERIAL_BELOW) == 1
