@@ -1778,15 +1778,17 @@ def n_parts(work):
 
 # Where the pool is slow to answer (a VM's idle vCPU can take ~0.1-0.5 ms to wake), splitting a
 # call pays off only for more work than SERIAL_BELOW: the split must save at least two round
-# trips to the pool.  Measured once per process, on the first call large enough to split.
+# trips to the pool.  Measured once per process, on the first call large enough to split, and
+# capped (a pool busy with another caller's chunks at that moment would measure them too).
 ELEMENTS_PER_SECOND = 1e9       # a kernel's serial speed, roughly (~1 ns a logit: rows, EPYC)
+SPLIT_BELOW_MAX = 1 << 21       # ~2 ms of serial work: split calls always pay off there
 _split_below = None
 
 
 def _split_threshold():
-    """SERIAL_BELOW, or more: 2 x the pool's round trip (median of 5 empty tasks) x
-    ELEMENTS_PER_SECOND.  (2-core EPYC VM: 0.07-0.16 ms, ~0.3 M logits; bare metal: tens of
-    microseconds, SERIAL_BELOW.)"""
+    """SERIAL_BELOW, or more, up to SPLIT_BELOW_MAX: 2 x the pool's round trip (median of 5
+    empty tasks) x ELEMENTS_PER_SECOND.  (2-core EPYC VM: 0.07-0.16 ms, ~0.3 M logits; bare
+    metal: tens of microseconds, SERIAL_BELOW.)"""
     global _split_below
     if _split_below is None:
         pool = _executor()
@@ -1795,7 +1797,8 @@ def _split_threshold():
             t0 = time.perf_counter()
             pool.submit(int).result()
             trips.append(time.perf_counter() - t0)
-        _split_below = max(SERIAL_BELOW, int(2 * sorted(trips)[2] * ELEMENTS_PER_SECOND))
+        below = int(2 * sorted(trips)[2] * ELEMENTS_PER_SECOND)
+        _split_below = min(max(SERIAL_BELOW, below), SPLIT_BELOW_MAX)
     return _split_below
 
 

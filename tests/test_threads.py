@@ -224,7 +224,7 @@ def test_split_threshold_grows_with_the_pools_round_trip(monkeypatch):
     class SlowPool:
         def submit(self, fn, *args):
             f = Future()
-            time.sleep(0.002)           # a 2 ms round trip
+            time.sleep(0.0005)          # a 0.5 ms round trip
             f.set_result(fn(*args))
             return f
 
@@ -233,8 +233,11 @@ def test_split_threshold_grows_with_the_pools_round_trip(monkeypatch):
     monkeypatch.setattr(cpu, "num_threads", lambda: 2)
     assert cpu.n_parts(cpu.SERIAL_BELOW - 1) == 1 and cpu._split_below is None
     assert cpu.n_parts(cpu.SERIAL_BELOW) == 1
-    assert cpu._split_below >= 2 * 0.002 * cpu.ELEMENTS_PER_SECOND
+    assert 2 * 0.0005 * cpu.ELEMENTS_PER_SECOND <= cpu._split_below <= cpu.SPLIT_BELOW_MAX
     assert cpu.n_parts(cpu._split_below) == 2
+    monkeypatch.setattr(cpu, "_split_below", None)
+    monkeypatch.setattr(cpu, "ELEMENTS_PER_SECOND", 1e15)      # a pool busy with long chunks
+    assert cpu.n_parts(cpu.SPLIT_BELOW_MAX) == 2 and cpu._split_below == cpu.SPLIT_BELOW_MAX
     monkeypatch.setattr(cpu, "_split_below", None)
     monkeypatch.setattr(cpu, "ELEMENTS_PER_SECOND", 1.0)        # as if the pool were instant
     assert cpu.n_parts(cpu.SERIAL_BELOW) == 2 and cpu._split_below == cpu.SERIAL_BELOW
