@@ -440,11 +440,9 @@ def _lean_call(input, target, weight, reduction, ignore_index, want_grad):
         S = 1
         if target.ndim != 1 or target.shape[0] != N:
             return None
-        t = target
     elif len(shape) > 2 and target.shape == shape[:1] + shape[2:]:
         N, C = shape[0], shape[1]
         S = math.prod(shape[2:])
-        t = target.reshape(N) if S == 1 else target.reshape(N, S)
     else:
         return None
     dtype = input.dtype
@@ -452,7 +450,10 @@ def _lean_call(input, target, weight, reduction, ignore_index, want_grad):
             or S == 0 or not input.flags.c_contiguous or not target.flags.c_contiguous
             or not _INT64_MIN <= ignore_index <= _INT64_MAX):
         return None
-    x3 = input[..., None] if len(shape) == 2 else input.reshape(N, C, S)
+    if len(shape) == 2:
+        x3, t = input[..., None], target
+    else:
+        x3, t = input.reshape(N, C, S), target.reshape(N) if S == 1 else target.reshape(N, S)
     be = cpu_backend()
     consts = _LEAN_CONSTS.get((C, dtype))
     if consts is None:

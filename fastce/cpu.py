@@ -1980,13 +1980,17 @@ def _entry(name, key, args):
 
 
 def _lean_call(x3, t):
-    """(nblk, the targets' bytes, tk, sums buffer and views) of a lean call.  x3 (N, C, S); t
-    its targets, (N,) for rows (S == 1), else (N, S)."""
+    """(entry key, nblk, the targets' bytes, tk, sums buffer and views) of a lean call.  x3 (N,
+    C, S); t its targets, (N,) for rows (S == 1), else (N, S).  The key holds what decides the
+    kernels' argument types: the dtypes, and whether x3 and t are writeable (Numba types a
+    read-only array apart: the entry must be the one the dispatcher would pick)."""
     N, C, S = x3.shape
+    key = (x3.dtype.num, t.dtype.num, x3.flags.writeable, t.flags.writeable)
     if S == 1:                          # rows: the targets as one row of blocks (_stats_view)
-        return blocks_per_row(N), t.view(_U8)[None], t.itemsize, _lean_sums(blocks_per_row(N))
+        nblk = blocks_per_row(N)
+        return key, nblk, t.view(_U8)[None], t.itemsize, _lean_sums(nblk)
     nblk = N * blocks_per_row(S)
-    return nblk, t.view(_U8), t.itemsize, _lean_sums(nblk)
+    return key, nblk, t.view(_U8), t.itemsize, _lean_sums(nblk)
 
 
 def _lean_run(name, key, nparts, *args):
@@ -2002,12 +2006,12 @@ def _lean_stats(tb, tk, w64, ignore_index, C, stats, key, nparts):
     return _sum_stats(stats)
 
 
-def _lean_row_losses(variant, x3, t, w, opts, ignore_index, g, grad2, nparts):
+def _lean_row_losses(variant, key, x3, t, w, opts, ignore_index, g, grad2, nparts):
     """The rows kernel (rows of more than SMALL_C classes) through its entry point: the
     per-row losses (N,), the gradient into grad2 in the gradient variant."""
     N, C, _ = x3.shape
     ce, zl, hit = np.empty((3, N))
-    _lean_run(variant, x3.dtype.num, nparts, x3.reshape(N, C),
+    _lean_run(variant, key, nparts, x3.reshape(N, C),
               t if t.dtype == np.int64 else t.astype(np.int64), w, opts, ignore_index, g, 0,
               grad2, ce, zl, hit, _NO_LSE[1])
     return ce
@@ -2021,18 +2025,17 @@ def lean_forward(x3, t, w, w64, opts, ignore_index, g):
     without weights) and w64 the same as float64, g float64 (1,), opts
     LossOptions(weight_sum=W), W the weights' sum, ignore_index a Python int in int64's range.
     The sum is None when a target is bad."""
-    nblk, tb, tk, (first, ce, zl, hit, stats) = _lean_call(x3, t)
+    key, nblk, tb, tk, (first, ce, zl, hit, stats) = _lean_call(x3, t)
     N, C, S = x3.shape
     nparts = n_parts(x3.size)
     if S == 1 and C > SMALL_C:          # the rows kernel, after the target pre-pass
-        D, count, bad = _lean_stats(tb, tk, w64, ignore_index, C, stats, t.dtype.num,
-                                    n_parts(N))
+        D, count, bad = _lean_stats(tb, tk, w64, ignore_index, C, stats, key, n_parts(N))
         if bad >= 0:
             return None, D, count, bad
-        ce = _lean_row_losses(_FWD_ROWS, x3, t, w, opts, ignore_index, g,
+        ce = _lean_row_losses(_FWD_ROWS, key, x3, t, w, opts, ignore_index, g,
                               _no_grad(x3.dtype)[0], nparts)
         return CPUBackend.total(ce), D, count, -1
-    _lean_run(_FWD_BLOCKS, (x3.dtype.num, t.dtype.num), nparts, x3, tb, tk, w, opts,
+    _lean_run(_FWD_BLOCKS, key, nparts, x3, tb, tk, w, opts,
               ignore_index, g, 0, _no_grad(x3.dtype), False, ce, zl, hit, _NO_LSE[2], stats,
               S == 1)
     if nblk > 1:
@@ -2046,9 +2049,9 @@ def lean_loss_grad(x3, t, w, w64, W, ignore_index, g, mean):
     and index_loss give them to the general path for loss+grad (grad_scale 1/D for the mean,
     else 1), on lean_forward's inputs and W, the weights' sum; no gradient (None) when a
     target is bad."""
-    _, tb, tk, (_, ce, zl, hit, stats) = _lean_call(x3, t)
+    key, _, tb, tk, (_, ce, zl, hit, stats) = _lean_call(x3, t)
     N, C, S = x3.shape
-    D, _, bad = _lean_stats(tb, tk, w64, ignore_index, C, stats, t.dtype.num, n_parts(N * S))
+    D, _, bad = _lean_stats(tb, tk, w64, ignore_index, C, stats, key, n_parts(N * S))
     if bad >= 0:
         return 0.0, D, bad, None
     opts = LossOptions(1.0, 0.0, W, 0.0, ieee_div(1.0, D) if mean else 1.0, 0.0, 0.0, False,
@@ -2056,10 +2059,10 @@ def lean_loss_grad(x3, t, w, w64, W, ignore_index, g, mean):
     grad = _alloc.empty((N, C, S), x3.dtype)
     nparts = n_parts(x3.size)
     if S == 1 and C > SMALL_C:
-        ce = _lean_row_losses(_GRAD_ROWS, x3, t, w, opts, ignore_index, g, grad.reshape(N, C),
-                              nparts)
+        ce = _lean_row_losses(_GRAD_ROWS, key, x3, t, w, opts, ignore_index, g,
+                              grad.reshape(N, C), nparts)
     else:
-        _lean_run(_GRAD_BLOCKS, (x3.dtype.num, t.dtype.num), nparts, x3, tb, tk, w, opts,
+        _lean_run(_GRAD_BLOCKS, key, nparts, x3, tb, tk, w, opts,
                   ignore_index, g, 0, grad, False, ce, zl, hit, _NO_LSE[2], _NO_STATS, S == 1)
     return CPUBackend.total(ce), D, -1, grad
 

@@ -223,13 +223,13 @@ def test_lean_forward_serves_one_thread_calls_of_every_layout():
         total, D, count, bad = call((256, 10), tdtype)
         assert total == pytest.approx(256 * np.log(10)) and (D, count, bad) == (256, 256, -1)
     f32, i64, i32 = (np.dtype(d).num for d in (np.float32, np.int64, np.int32))
-    assert {(cpu._FWD_BLOCKS, (f32, i64)), (cpu._FWD_BLOCKS, (f32, i32))} <= set(
-        cpu._LEAN_ENTRIES)
+    assert {(cpu._FWD_BLOCKS, (f32, i64, True, True)),
+            (cpu._FWD_BLOCKS, (f32, i32, True, True))} <= set(cpu._LEAN_ENTRIES)
     for shape in ((3 * cpu.BLOCK + 7, 10), (4, 3, 3 * cpu.BLOCK + 7), (40, 100)):
         total, D, count, bad = call(shape)      # several blocks; strided; the rows kernel
         n = shape[0] * (shape[2] if len(shape) > 2 else 1)
         assert total == pytest.approx(n * np.log(shape[1])) and (D, count, bad) == (n, n, -1)
-    assert (cpu._FWD_ROWS, f32) in cpu._LEAN_ENTRIES
+    assert (cpu._FWD_ROWS, (f32, i64, True, True)) in cpu._LEAN_ENTRIES
 
 
 _SAME_KERNELS = r"""
@@ -267,6 +267,37 @@ def test_lean_calls_compile_the_general_paths_kernels(tmp_path):
     after_lean, after_general, lean, general = json.loads(proc.stdout)
     assert after_lean == [1, 1, 1, 1, 1] and after_general == after_lean
     assert lean == general
+
+
+_READ_ONLY = r"""
+import json
+import numpy as np
+import fastce
+from fastce import cpu
+x = np.random.default_rng(0).standard_normal((64, 10)).astype(np.float32)
+t = np.arange(64) % 10
+ro = x.copy()
+ro.flags.writeable = False
+kernel = cpu._KERNELS[("_index_blocks", False, False, False)]
+lean = [float(fastce.cross_entropy(ro, t)), float(fastce.cross_entropy(x, t))]
+after_lean = len(kernel.signatures)
+general = [float(fastce.cross_entropy(ro, t, class_axis=1)),
+           float(fastce.cross_entropy(x, t, class_axis=1))]
+print(json.dumps([after_lean, len(kernel.signatures), lean, general]))
+"""
+
+
+def test_lean_calls_of_read_only_logits_use_the_general_paths_signature(tmp_path):
+    """Numba types a read-only array apart: read-only logits (np.asarray of a JAX array) and
+    writeable ones each get the entry the dispatcher would pick, so the general path compiles
+    nothing more (with one entry per dtype, the first call's decided for both)."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _READ_ONLY], env=env, capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    after_lean, after_general, lean, general = json.loads(proc.stdout)
+    assert after_lean == 2 and after_general == 2 and lean == general
 
 
 def test_lean_calls_from_many_threads_keep_their_own_results():
