@@ -30,7 +30,8 @@ from numba import njit
 
 from . import _alloc, cpu
 from .cpu import FASTMATH, LOG2E, cast_like, exp2_nonpos, exp2_nonpos_exact, fmaximum, softcap_fast
-from .cpu import _row_exp_sum_store, _seg_exp_acc, _seg_max, _seg_softcap   # shared passes
+from .cpu import (_block_max, _row_exp_sum_store, _seg_exp_acc,  # shared passes
+                  _seg_softcap)
 from .cpu import _softcap_grad_factor, block_bounds, blocks_per_row, task_range
 from .options import ShardOptions
 
@@ -213,9 +214,10 @@ def _stats_strided(x, tl, p, w, opts, out, part, nparts):
         has_cap, capf, inv_capf = _caps(opts, x)
         scratch = np.empty((4, L), x.dtype)
         m, ms, acc, sc = scratch[0], scratch[1], scratch[2], scratch[3]
-        m[:] = -_INF
-        for c in range(C):
-            _seg_max(x[n, c, s0:s0 + L], m)
+        if C:
+            _block_max(x[n], s0, m, ms)     # (ms: scratch until below)
+        else:
+            m[:] = -_INF
         if has_cap:
             _seg_softcap(m, capf, inv_capf, ms)
         else:
