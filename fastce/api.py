@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -409,13 +410,16 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
 
 _LEAN_LOGITS = (np.dtype(np.float32), np.dtype(np.float64))
 _LEAN_TARGETS = (np.dtype(np.int64), np.dtype(np.int32), np.dtype(np.uint8))   # the kernels' bytes
-# Per (C, dtype): the unit weights, the unit upstream gradient and the forward's options (all
-# read-only), for the small C that the lean path serves most (np.iinfo's properties and the
-# cached-ones lookup cost ~2 us a call).
+# Per (C, dtype): the unit weights, their float64 copy, the forward's options and their sum
+# (all read-only), for the C that the lean path serves most.
 _LEAN_CONSTS = {}
 _LEAN_CONSTS_MAX = 64
 _LEAN_CONSTS_BYTES = 1 << 16
 _INT64_MIN, _INT64_MAX = int(_INT64.min), int(_INT64.max)
+# Each thread's plans (cpu.LeanPlan, or None for a problem that is not lean), by problem.
+_lean_local = threading.local()
+_LEAN_PLANS_MAX = 32
+_NO_PLAN = object()
 
 
 def _no_options(label_smoothing, softcap, z_loss):
@@ -424,16 +428,19 @@ def _no_options(label_smoothing, softcap, z_loss):
             and type(z_loss) in (float, int) and z_loss == 0)
 
 
-def _lean_call(input, target, weight, reduction, ignore_index, want_grad):
-    """The common call ((N, C) or (N, C, d1, ...) C-contiguous float32/float64 logits, int64,
-    int32 or uint8 targets, class weights of the logits' dtype or none, no other options,
-    mean/sum) in a few microseconds of Python: the checks that can fail here are the ones
-    _cross_entropy would make, in a cheaper form, and the kernel calls are the general path's,
-    so results are bitwise the same.  None: not this case (the caller takes the general path,
-    which raises for bad arguments)."""
-    if not (type(input) is np.ndarray and type(target) is np.ndarray and type(ignore_index) is int
-            and (reduction == "mean" or reduction == "sum")):
-        return None
+def _unit_consts(C, dtype):
+    """(unit weights, as float64, LossOptions of the unweighted forward, their sum C)."""
+    consts = _LEAN_CONSTS.get((C, dtype))
+    if consts is None:
+        consts = (np.ones(C, dtype), np.ones(C), LossOptions(weight_sum=float(C)), float(C))
+        if len(_LEAN_CONSTS) < _LEAN_CONSTS_MAX and C * dtype.itemsize <= _LEAN_CONSTS_BYTES:
+            _LEAN_CONSTS[(C, dtype)] = consts
+    return consts
+
+
+def _lean_plan(input, target, xw, tw):
+    """The cpu.LeanPlan of a lean call's problem ((N, C) or (N, C, d1, ...) float32/float64
+    logits, targets of _LEAN_TARGETS of the matching shape, nothing empty), else None."""
     shape = input.shape
     if len(shape) == 2:
         N, C = shape
@@ -441,49 +448,66 @@ def _lean_call(input, target, weight, reduction, ignore_index, want_grad):
         if target.ndim != 1 or target.shape[0] != N:
             return None
     elif len(shape) > 2 and target.shape == shape[:1] + shape[2:]:
-        N, C = shape[0], shape[1]
-        S = math.prod(shape[2:])
+        N, C, S = shape[0], shape[1], math.prod(shape[2:])
     else:
         return None
+    if (input.dtype not in _LEAN_LOGITS or target.dtype not in _LEAN_TARGETS or N == 0
+            or C == 0 or S == 0):
+        return None
+    consts = _unit_consts(C, input.dtype)
+    return cpu_backend().lean_plan((N, C, S), input.dtype, target.dtype, xw, tw,
+                                   len(shape) == 2,
+                                   consts if (C, input.dtype) in _LEAN_CONSTS else None)
+
+
+def _lean_call(input, target, weight, reduction, ignore_index, want_grad):
+    """The common call ((N, C) or (N, C, d1, ...) C-contiguous float32/float64 logits, int64,
+    int32 or uint8 targets, class weights of the logits' dtype or none, no other options,
+    mean/sum) in a few microseconds of Python: the checks that can fail here are the ones
+    _cross_entropy would make, in a cheaper form, and the kernel calls are the general path's,
+    so results are bitwise the same.  The problem's plan (cpu.LeanPlan: its kernels' entry
+    points and fixed arguments) is made on its first call in each thread.  None: not this case
+    (the caller takes the general path, which raises for bad arguments)."""
+    if not (type(input) is np.ndarray and type(target) is np.ndarray and type(ignore_index) is int
+            and (reduction == "mean" or reduction == "sum")):
+        return None
+    xf, tf = input.flags, target.flags
+    if not (xf.c_contiguous and tf.c_contiguous and _INT64_MIN <= ignore_index <= _INT64_MAX):
+        return None
+    key = (input.shape, target.shape, input.dtype, target.dtype, xf.writeable, tf.writeable)
+    plans = getattr(_lean_local, "plans", None)
+    if plans is None:
+        plans = _lean_local.plans = {}
+    plan = plans.get(key, _NO_PLAN)
+    if plan is _NO_PLAN:
+        if len(plans) >= _LEAN_PLANS_MAX:
+            plans.clear()
+        plan = plans[key] = _lean_plan(input, target, xf.writeable, tf.writeable)
+    if plan is None:
+        return None
+    C = plan.shape3[1]
     dtype = input.dtype
-    if (dtype not in _LEAN_LOGITS or target.dtype not in _LEAN_TARGETS or N == 0 or C == 0
-            or S == 0 or not input.flags.c_contiguous or not target.flags.c_contiguous
-            or not _INT64_MIN <= ignore_index <= _INT64_MAX):
-        return None
-    if len(shape) == 2:
-        x3, t = input[..., None], target
-    else:
-        x3, t = input.reshape(N, C, S), target.reshape(N) if S == 1 else target.reshape(N, S)
-    be = cpu_backend()
-    consts = _LEAN_CONSTS.get((C, dtype))
-    if consts is None:
-        consts = (be.ones(C, dtype), be.ones(1, np.float64), LossOptions(weight_sum=float(C)),
-                  be.ones(C, np.float64))
-        if len(_LEAN_CONSTS) < _LEAN_CONSTS_MAX and C * dtype.itemsize <= _LEAN_CONSTS_BYTES:
-            _LEAN_CONSTS[(C, dtype)] = consts
-    w, one, fwd_opts, w64 = consts
-    W = float(C)
+    w, w64, fwd_opts, W = plan.unit or _unit_consts(C, dtype)
     if weight is not None:
         # (the general path's cast is then a no-op; a read-only array would compile the kernels
         # once more, and a non-finite sum takes the general path's checks)
         if not (type(weight) is np.ndarray and weight.dtype == dtype and weight.shape == (C,)
                 and weight.flags.c_contiguous and weight.flags.writeable):
             return None
-        W = be.total(weight)
+        W = cpu_backend().total(weight)
         if not math.isfinite(W):
             return None
         w, w64 = weight, weight.astype(np.float64)
         fwd_opts = LossOptions(weight_sum=W)
     mean = reduction == "mean"
     if want_grad:
-        out = be.lean_loss_grad(x3, t, w, w64, W, ignore_index, one, mean)
+        total, D, bad, grad = plan.loss_grad(input, target, w, w64, W, ignore_index, mean)
     else:
-        out = be.lean_forward(x3, t, w, w64, fwd_opts, ignore_index, one)
-    total, D, bad, grad = out if want_grad else (out[0], out[1], out[3], None)
+        total, D, _, bad = plan.forward(input, target, w, w64, fwd_opts, ignore_index)
     if bad >= 0:
-        raise _bad_target_error(be, target, bad, C, ignore_index)
-    loss = dtype.type(_div(total, D) if mean else total)
-    return loss, (grad.reshape(shape) if want_grad else None)
+        raise _bad_target_error(cpu_backend(), target, bad, C, ignore_index)
+    loss = plan.scalar(_div(total, D) if mean else total)
+    return loss, (grad.reshape(input.shape) if want_grad else None)
 
 
 def _loss(be, ce, zls, hit, reduction, D, Dz, loss_shape, dtype, raw):

@@ -1950,40 +1950,28 @@ def _bf16_bits(a):
     return a.view(np.uint16) if is_bfloat16(a.dtype) else a
 
 
-# The lean path's kernel calls (fastce.api._lean_call: small logits of any layout, no options):
-# the kernels and arguments of the general path (so the same compiled code and the same bits),
-# called through their compiled entry points, by dtypes (Numba's dispatcher would resolve the
-# types of 14-18 arguments on every call, ~3 us), with the fewest NumPy calls.  (A compiled
-# wrapper calling the kernels saved ~2.7 us more a call (W3, EPYC), but Numba optimises and
-# emits a kernel again inside each function that calls it: +2 s on a first call.)
+# The lean path (fastce.api._lean_call: small common calls of any layout, no options): the
+# general path's kernels and arguments (so the same compiled code and the same bits), called
+# through their compiled entry points (Numba's dispatcher would resolve the types of 14-18
+# arguments on every call, ~3 us) by a LeanPlan holding every argument that does not change
+# between calls.  (A compiled wrapper calling the kernels saved ~2.7 us more a call (W3,
+# EPYC), but Numba optimises and emits a kernel again inside each function that calls it: +2 s
+# on a first call.)
 _LEAN_ENTRIES = {}
 _FWD_BLOCKS = ("_index_blocks", False, False, False)
 _GRAD_BLOCKS = ("_index_blocks", True, False, False)
 _FWD_ROWS = ("_index_rows", False, False, False)
 _GRAD_ROWS = ("_index_rows", True, False, False)
-_lean_out = threading.local()
-
-
-def _lean_sums(nblk):
-    """A (6, nblk) float64 buffer for the blocks' sums (ce, z-loss, hits) and target statistics:
-    (its first column, then its views as the kernels take them).  One block (the common case):
-    this thread's own buffer, since every call writes what it reads back before it returns."""
-    if nblk > 1:
-        out = np.zeros((6, nblk))
-        return out[:, 0], out[0:1], out[1:2], out[2:3], out[3:6]
-    bufs = getattr(_lean_out, "bufs", None)
-    if bufs is None:
-        out = np.zeros((6, 1))
-        bufs = _lean_out.bufs = (out[:, 0], out[0:1], out[1:2], out[2:3], out[3:6])
-    return bufs
-
-
 _U8 = np.dtype(np.uint8)
+_I64 = np.dtype(np.int64)
+# A plan keeps the rows kernel's per-row outputs up to this many rows (larger calls allocate
+# them: their kernels take far longer than the allocation).
+_PLAN_ROWS_MAX = 1 << 12
 
 
 def _entry(name, key, args):
-    """Kernel ``name``'s compiled entry point for ``args``, whose types ``key`` (dtype numbers)
-    decides."""
+    """Kernel ``name``'s compiled entry point for ``args``, whose types ``key`` (dtype numbers
+    and writeable flags) decides."""
     entry = _LEAN_ENTRIES.get((name, key))
     if entry is None:                   # (a plain function under NUMBA_DISABLE_JIT)
         kernel = _KERNELS[name]
@@ -1993,92 +1981,116 @@ def _entry(name, key, args):
     return entry
 
 
-def _lean_call(x3, t):
-    """(entry key, nblk, the targets' bytes, tk, sums buffer and views) of a lean call.  x3 (N,
-    C, S); t its targets, (N,) for rows (S == 1), else (N, S).  The key holds what decides the
-    kernels' argument types: the dtypes, and whether x3 and t are writeable (Numba types a
-    read-only array apart: the entry must be the one the dispatcher would pick)."""
-    N, C, S = x3.shape
-    key = (x3.dtype.num, t.dtype.num, x3.flags.writeable, t.flags.writeable)
-    if S == 1:                          # rows: the targets as one row of blocks (_stats_view)
-        nblk = blocks_per_row(N)
-        return key, nblk, t.view(_U8)[None], t.itemsize, _lean_sums(nblk)
-    nblk = N * blocks_per_row(S)
-    return key, nblk, t.view(_U8), t.itemsize, _lean_sums(nblk)
+class LeanPlan:
+    """The kernel calls of one lean problem (see fastce.api._lean_call): C-contiguous logits
+    viewed as (N, C, S) = ``shape3`` from (N, C) (``flat``) or (N, C, d1, ...), targets (N,) or
+    (N, d1, ...) of ``tdtype``; ``xw``, ``tw``: whether they are writeable (Numba types a
+    read-only array apart: the entry points must be those the dispatcher would pick).
 
+    fastce.api keeps one plan per problem and thread: the sums buffers below are the thread's
+    own, written by the kernels and read back within each call."""
 
-def _lean_run(name, key, nparts, *args):
-    """Kernel ``name`` on ``args`` (part and nparts appended) through its entry point, in
-    ``nparts`` parts as launch runs it."""
-    entry = _entry(name, key, args + (0, 1))
-    run_parts(entry, nparts, *args)
+    def __init__(self, shape3, xdtype, tdtype, xw, tw, flat, unit=None):
+        N, C, S = shape3
+        self.unit = unit        # fastce.api's unit weights and options, when it caches them
+        self.shape3, self.flat, self.work = shape3, flat, N * C * S
+        self.rows = S == 1 and C > SMALL_C      # the rows kernel, after the target pre-pass
+        self.tk = tdtype.itemsize               # the targets reach the kernels as bytes
+        self.tshape = (1, N * self.tk) if S == 1 else (N, S * self.tk)
+        self.nblk = blocks_per_row(N) if S == 1 else N * blocks_per_row(S)
+        self.key = (xdtype.num, tdtype.num, xw, tw)
+        sums = np.zeros((6, self.nblk))         # the blocks' sums and target statistics
+        self.first = sums[:, 0]
+        self.ce, self.zl, self.hit, self.stats = sums[0:1], sums[1:2], sums[2:3], sums[3:6]
+        self.row_sums = np.empty((3, N)) if self.rows and N <= _PLAN_ROWS_MAX else None
+        self.no_grad = _no_grad(xdtype)
+        self.one = np.ones(1)                   # the upstream gradient
+        self.result = np.empty(1, xdtype)
+        self.entries = {}
+        # the block kernels' arguments after (x3, tb, tk, w, opts, ignore_index)
+        rows = S == 1                   # rows of few classes: the block kernel transposes them
+        self.fwd_tail = (self.one, 0, self.no_grad, False, self.ce, self.zl, self.hit,
+                         _NO_LSE[2], self.stats, rows)
+        self.grad_tail = (self.ce, self.zl, self.hit, _NO_LSE[2], _NO_STATS, rows)
 
+    def views(self, x, t):
+        """The logits (N, C, S) and the targets' bytes as the block kernels take them."""
+        if self.flat:
+            return x[..., None], t.view(_U8)[None]
+        return x.reshape(self.shape3), t.view(_U8).reshape(self.tshape)
 
-def _lean_stats(tb, tk, w64, ignore_index, C, stats, key, nparts):
-    """target_stats through its entry point: (D, count, first bad position or -1)."""
-    _lean_run("_target_stats", key, nparts, tb, tk, w64, ignore_index, C, stats)
-    return _sum_stats(stats)
+    def scalar(self, value):
+        """``value`` as a NumPy scalar of the logits' dtype (cheaper than dtype.type)."""
+        self.result[0] = value
+        return self.result[0]
 
+    def _run(self, name, nparts, args):
+        entry = self.entries.get(name)
+        if entry is None:
+            entry = self.entries[name] = _entry(name, self.key, args + (0, 1))
+        if nparts == 1:
+            entry(*args, 0, 1)
+        else:
+            in_parts(entry, nparts, *args)
 
-def _lean_row_losses(variant, key, x3, t, w, opts, ignore_index, g, grad2, nparts):
-    """The rows kernel (rows of more than SMALL_C classes) through its entry point: the
-    per-row losses (N,), the gradient into grad2 in the gradient variant."""
-    N, C, _ = x3.shape
-    ce, zl, hit = np.empty((3, N))
-    _lean_run(variant, key, nparts, x3.reshape(N, C),
-              t if t.dtype == np.int64 else t.astype(np.int64), w, opts, ignore_index, g, 0,
-              grad2, ce, zl, hit, _NO_LSE[1])
-    return ce
+    def _target_stats(self, tb, w64, ignore_index):
+        """target_stats through its entry point: (D, count, first bad position or -1)."""
+        N, C, S = self.shape3
+        self._run("_target_stats", n_parts(N * S),
+                  (tb, self.tk, w64, ignore_index, C, self.stats))
+        return _sum_stats(self.stats)
 
+    def _row_losses(self, variant, x3, t, w, opts, ignore_index, grad2):
+        """The rows kernel: the per-row losses (N,), the gradient into grad2 in the gradient
+        variant."""
+        N, C, _ = self.shape3
+        ce, zl, hit = self.row_sums if self.row_sums is not None else np.empty((3, N))
+        t = t.reshape(N)
+        self._run(variant, n_parts(self.work),
+                  (x3.reshape(N, C), t if t.dtype == _I64 else t.astype(_I64), w, opts,
+                   ignore_index, self.one, 0, grad2, ce, zl, hit, _NO_LSE[1]))
+        return ce
 
-def lean_forward(x3, t, w, w64, opts, ignore_index, g):
-    """(sum of the losses, D, count, first bad position or -1) as index_loss(x3, t as (N, S),
-    w, opts, ignore_index, None, g, 0, per_position=False, fuse_stats=True) and total() give
-    them, for fastce.api's lean path: C-contiguous (N, C, S) float32/float64 logits and (see
-    _lean_call) int64, int32 or uint8 targets, w the class weights in the logits' dtype (ones
-    without weights) and w64 the same as float64, g float64 (1,), opts
-    LossOptions(weight_sum=W), W the weights' sum, ignore_index a Python int in int64's range.
-    The sum is None when a target is bad."""
-    key, nblk, tb, tk, (first, ce, zl, hit, stats) = _lean_call(x3, t)
-    N, C, S = x3.shape
-    nparts = n_parts(x3.size)
-    if S == 1 and C > SMALL_C:          # the rows kernel, after the target pre-pass
-        D, count, bad = _lean_stats(tb, tk, w64, ignore_index, C, stats, key, n_parts(N))
+    def forward(self, x, t, w, w64, opts, ignore_index):
+        """(sum of the losses, D, count, first bad position or -1) as index_loss(x3, t2, w,
+        opts, ignore_index, None, g, 0, per_position=False, fuse_stats=True) and total() give
+        them: w the class weights in the logits' dtype (ones without weights), w64 the same as
+        float64, opts LossOptions(weight_sum=W), W the weights' sum, ignore_index a Python int
+        in int64's range.  The sum is None when a target is bad."""
+        x3, tb = self.views(x, t)
+        if self.rows:
+            D, count, bad = self._target_stats(tb, w64, ignore_index)
+            if bad >= 0:
+                return None, D, count, bad
+            ce = self._row_losses(_FWD_ROWS, x3, t, w, opts, ignore_index, self.no_grad[0])
+            return CPUBackend.total(ce), D, count, -1
+        self._run(_FWD_BLOCKS, n_parts(self.work),
+                  (x3, tb, self.tk, w, opts, ignore_index) + self.fwd_tail)
+        if self.nblk > 1:
+            return (CPUBackend.total(self.ce),) + _sum_stats(self.stats)
+        total, _, _, d, cnt, bad = self.first.tolist()
+        return total, d, int(cnt), int(bad)
+
+    def loss_grad(self, x, t, w, w64, W, ignore_index, mean):
+        """(sum of the losses, D, first bad position or -1, gradient (N, C, S)) as target_stats
+        and index_loss give them to the general path for loss+grad (grad_scale 1/D for the
+        mean, else 1), on forward's arguments; no gradient (None) when a target is bad."""
+        x3, tb = self.views(x, t)
+        D, _, bad = self._target_stats(tb, w64, ignore_index)
         if bad >= 0:
-            return None, D, count, bad
-        ce = _lean_row_losses(_FWD_ROWS, key, x3, t, w, opts, ignore_index, g,
-                              _no_grad(x3.dtype)[0], nparts)
-        return CPUBackend.total(ce), D, count, -1
-    _lean_run(_FWD_BLOCKS, key, nparts, x3, tb, tk, w, opts,
-              ignore_index, g, 0, _no_grad(x3.dtype), False, ce, zl, hit, _NO_LSE[2], stats,
-              S == 1)
-    if nblk > 1:
-        return (CPUBackend.total(ce),) + _sum_stats(stats)
-    total, _, _, d, cnt, bad = first.tolist()
-    return total, d, int(cnt), int(bad)
-
-
-def lean_loss_grad(x3, t, w, w64, W, ignore_index, g, mean):
-    """(sum of the losses, D, first bad position or -1, gradient (N, C, S)) as target_stats
-    and index_loss give them to the general path for loss+grad (grad_scale 1/D for the mean,
-    else 1), on lean_forward's inputs and W, the weights' sum; no gradient (None) when a
-    target is bad."""
-    key, _, tb, tk, (_, ce, zl, hit, stats) = _lean_call(x3, t)
-    N, C, S = x3.shape
-    D, _, bad = _lean_stats(tb, tk, w64, ignore_index, C, stats, key, n_parts(N * S))
-    if bad >= 0:
-        return 0.0, D, bad, None
-    opts = LossOptions(1.0, 0.0, W, 0.0, ieee_div(1.0, D) if mean else 1.0, 0.0, 0.0, False,
-                       False)
-    grad = _alloc.empty((N, C, S), x3.dtype)
-    nparts = n_parts(x3.size)
-    if S == 1 and C > SMALL_C:
-        ce = _lean_row_losses(_GRAD_ROWS, key, x3, t, w, opts, ignore_index, g,
-                              grad.reshape(N, C), nparts)
-    else:
-        _lean_run(_GRAD_BLOCKS, key, nparts, x3, tb, tk, w, opts,
-                  ignore_index, g, 0, grad, False, ce, zl, hit, _NO_LSE[2], _NO_STATS, S == 1)
-    return CPUBackend.total(ce), D, -1, grad
+            return 0.0, D, bad, None
+        opts = LossOptions(1.0, 0.0, W, 0.0, ieee_div(1.0, D) if mean else 1.0, 0.0, 0.0, False,
+                           False)
+        grad = _alloc.empty(self.shape3, x3.dtype)
+        if self.rows:
+            N, C, _ = self.shape3
+            ce = self._row_losses(_GRAD_ROWS, x3, t, w, opts, ignore_index, grad.reshape(N, C))
+        else:
+            self._run(_GRAD_BLOCKS, n_parts(self.work),
+                      (x3, tb, self.tk, w, opts, ignore_index, self.one, 0, grad, False)
+                      + self.grad_tail)
+            ce = self.ce
+        return CPUBackend.total(ce), D, -1, grad
 
 
 def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=True,
@@ -2335,8 +2347,7 @@ class CPUBackend:
 
     target_stats = staticmethod(target_stats)
     index_loss = staticmethod(index_loss)
-    lean_forward = staticmethod(lean_forward)
-    lean_loss_grad = staticmethod(lean_loss_grad)
+    lean_plan = LeanPlan
     prob_loss = staticmethod(prob_loss)
     softmax_family = staticmethod(softmax_family)
     lse_weighted = staticmethod(lse_weighted)

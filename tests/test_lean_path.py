@@ -205,19 +205,21 @@ def test_lean_inputs_not_modified_and_grad_fresh():
     assert g1 is not g2 and not np.shares_memory(g1, g2) and g1.flags.writeable
 
 
-def test_lean_forward_serves_one_thread_calls_of_every_layout():
-    """The entry-point forward: one compiled entry per kernel and dtype pair, one block or
-    several, rows of few classes (block kernel) or many (rows kernel), strided logits."""
+def test_lean_plans_serve_one_thread_calls_of_every_layout():
+    """A plan's forward through the entry points: one compiled entry per kernel and dtype pair,
+    one block or several, rows of few classes (block kernel) or many (rows kernel), strided
+    logits."""
     from fastce import cpu
     from fastce.options import LossOptions
 
     def call(shape, tdtype=np.int64):
         C = shape[1]
         x = np.zeros(shape, np.float32)
-        x3 = x.reshape(shape[0], C, -1)
-        t = np.zeros(shape[:1] + (() if x3.shape[2] == 1 else (x3.shape[2],)), tdtype)
-        return cpu.lean_forward(x3, t, np.ones(C, np.float32), np.ones(C),
-                                LossOptions(weight_sum=float(C)), -100, np.ones(1))
+        N, S = shape[0], x.size // (shape[0] * C)
+        t = np.zeros(shape[:1] + shape[2:], tdtype)
+        plan = cpu.LeanPlan((N, C, S), x.dtype, t.dtype, True, True, len(shape) == 2)
+        return plan.forward(x, t, np.ones(C, np.float32), np.ones(C),
+                            LossOptions(weight_sum=float(C)), -100)
 
     for tdtype in (np.int64, np.int32):
         total, D, count, bad = call((256, 10), tdtype)
@@ -225,11 +227,33 @@ def test_lean_forward_serves_one_thread_calls_of_every_layout():
     f32, i64, i32 = (np.dtype(d).num for d in (np.float32, np.int64, np.int32))
     assert {(cpu._FWD_BLOCKS, (f32, i64, True, True)),
             (cpu._FWD_BLOCKS, (f32, i32, True, True))} <= set(cpu._LEAN_ENTRIES)
-    for shape in ((3 * cpu.BLOCK + 7, 10), (4, 3, 3 * cpu.BLOCK + 7), (40, 100)):
+    for shape in ((3 * cpu.BLOCK + 7, 10), (4, 3, 3 * cpu.BLOCK + 7), (40, 100), (6, 40, 1, 1)):
         total, D, count, bad = call(shape)      # several blocks; strided; the rows kernel
-        n = shape[0] * (shape[2] if len(shape) > 2 else 1)
+        n = shape[0] * (shape[2] if len(shape) == 3 else 1)
         assert total == pytest.approx(n * np.log(shape[1])) and (D, count, bad) == (n, n, -1)
     assert (cpu._FWD_ROWS, (f32, i64, True, True)) in cpu._LEAN_ENTRIES
+
+
+def test_lean_plans_are_per_problem_bounded_and_not_fooled_by_byte_order(monkeypatch):
+    """Each thread keeps at most _LEAN_PLANS_MAX plans, keyed by everything the kernels' types
+    and views depend on: a byte-swapped copy of the same logits (same shape, same dtype number)
+    is no lean problem, and gets the general path's (converted) result."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((40, 7)).astype(np.float32)
+    t = rng.integers(0, 7, 40)
+    want = fastce.cross_entropy(x, t)
+    swapped = x.astype(x.dtype.newbyteorder())
+    assert fastce.cross_entropy(swapped, t) == want
+    assert fastce.cross_entropy(x, t) == want
+    plans = api._lean_local.plans
+    key = lambda a: (a.shape, t.shape, a.dtype, t.dtype, True, True)   # noqa: E731
+    assert plans[key(swapped)] is None and plans[key(x)] is not None
+    for n in range(1, 2 * api._LEAN_PLANS_MAX):
+        fastce.cross_entropy(x[:n], t[:n])
+        assert len(api._lean_local.plans) <= api._LEAN_PLANS_MAX
+    with monkeypatch.context() as m:
+        _taken(m)
+        assert fastce.cross_entropy(x, t) == want
 
 
 _SAME_KERNELS = r"""
