@@ -463,13 +463,13 @@ def _lean_plan(input, target, xw, tw):
 def _lean_call(input, target, weight, reduction, ignore_index, want_grad):
     """The common call ((N, C) or (N, C, d1, ...) C-contiguous float32/float64 logits, int64,
     int32 or uint8 targets, class weights of the logits' dtype or none, no other options,
-    mean/sum) in a few microseconds of Python: the checks that can fail here are the ones
+    any reduction) in a few microseconds of Python: the checks that can fail here are the ones
     _cross_entropy would make, in a cheaper form, and the kernel calls are the general path's,
     so results are bitwise the same.  The problem's plan (cpu.LeanPlan: its kernels' entry
     points and fixed arguments) is made on its first call in each thread.  None: not this case
     (the caller takes the general path, which raises for bad arguments)."""
     if not (type(input) is np.ndarray and type(target) is np.ndarray and type(ignore_index) is int
-            and (reduction == "mean" or reduction == "sum")):
+            and (reduction == "mean" or reduction == "sum" or reduction == "none")):
         return None
     xf, tf = input.flags, target.flags
     if not (xf.c_contiguous and tf.c_contiguous and _INT64_MIN <= ignore_index <= _INT64_MAX):
@@ -500,13 +500,17 @@ def _lean_call(input, target, weight, reduction, ignore_index, want_grad):
         w, w64 = weight, weight.astype(np.float64)
         fwd_opts = LossOptions(weight_sum=W)
     mean = reduction == "mean"
+    per = reduction == "none"
     if want_grad:
-        total, D, bad, grad = plan.loss_grad(input, target, w, w64, W, ignore_index, mean)
+        total, D, bad, grad = plan.loss_grad(input, target, w, w64, W, ignore_index, mean, per)
     else:
-        total, D, _, bad = plan.forward(input, target, w, w64, fwd_opts, ignore_index)
+        total, D, _, bad = plan.forward(input, target, w, w64, fwd_opts, ignore_index, per)
     if bad >= 0:
         raise _bad_target_error(cpu_backend(), target, bad, C, ignore_index)
-    loss = plan.scalar(_div(total, D) if mean else total)
+    if per:         # (as the general path's finish_per_position)
+        loss = total.reshape(target.shape).astype(dtype, copy=False)
+    else:
+        loss = plan.scalar(_div(total, D) if mean else total)
     return loss, (grad.reshape(input.shape) if want_grad else None)
 
 

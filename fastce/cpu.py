@@ -2040,30 +2040,45 @@ class LeanPlan:
                   (tb, self.tk, w64, ignore_index, C, self.stats))
         return _sum_stats(self.stats)
 
-    def _row_losses(self, variant, x3, t, w, opts, ignore_index, grad2):
-        """The rows kernel: the per-row losses (N,), the gradient into grad2 in the gradient
-        variant."""
+    def _row_losses(self, variant, x3, t, w, opts, ignore_index, grad2, fresh):
+        """The rows kernel: the per-row losses (N,) (a new array when ``fresh``, else maybe
+        the plan's buffer), the gradient into grad2 in the gradient variant."""
         N, C, _ = self.shape3
-        ce, zl, hit = self.row_sums if self.row_sums is not None else np.empty((3, N))
+        ce, zl, hit = (self.row_sums if self.row_sums is not None and not fresh
+                       else np.empty((3, N)))
         t = t.reshape(N)
         self._run(variant, n_parts(self.work),
                   (x3.reshape(N, C), t if t.dtype == _I64 else t.astype(_I64), w, opts,
                    ignore_index, self.one, 0, grad2, ce, zl, hit, _NO_LSE[1]))
         return ce
 
-    def forward(self, x, t, w, w64, opts, ignore_index):
+    def _per_position(self):
+        """New float64 per-position losses, and scratch for the z-loss and hits, shaped as the
+        block kernels write them ((1, N) for rows, (N, S))."""
+        shape = (self.tshape[0], self.tshape[1] // self.tk)
+        return np.empty(shape), np.empty((2,) + shape)
+
+    def forward(self, x, t, w, w64, opts, ignore_index, per_position=False):
         """(sum of the losses, D, count, first bad position or -1) as index_loss(x3, t2, w,
         opts, ignore_index, None, g, 0, per_position=False, fuse_stats=True) and total() give
         them: w the class weights in the logits' dtype (ones without weights), w64 the same as
         float64, opts LossOptions(weight_sum=W), W the weights' sum, ignore_index a Python int
-        in int64's range.  The sum is None when a target is bad."""
+        in int64's range.  The sum is None when a target is bad.  per_position: a new float64
+        array of each position's loss in place of the sum (reduction="none")."""
         x3, tb = self.views(x, t)
         if self.rows:
             D, count, bad = self._target_stats(tb, w64, ignore_index)
             if bad >= 0:
                 return None, D, count, bad
-            ce = self._row_losses(_FWD_ROWS, x3, t, w, opts, ignore_index, self.no_grad[0])
-            return CPUBackend.total(ce), D, count, -1
+            ce = self._row_losses(_FWD_ROWS, x3, t, w, opts, ignore_index, self.no_grad[0],
+                                  per_position)
+            return (ce if per_position else CPUBackend.total(ce)), D, count, -1
+        if per_position:
+            ce, zh = self._per_position()
+            self._run(_FWD_BLOCKS, n_parts(self.work),
+                      (x3, tb, self.tk, w, opts, ignore_index, self.one, 0, self.no_grad, True,
+                       ce, zh[0], zh[1], _NO_LSE[2], self.stats, self.fwd_tail[-1]))
+            return (ce,) + _sum_stats(self.stats)
         self._run(_FWD_BLOCKS, n_parts(self.work),
                   (x3, tb, self.tk, w, opts, ignore_index) + self.fwd_tail)
         if self.nblk > 1:
@@ -2071,10 +2086,11 @@ class LeanPlan:
         total, _, _, d, cnt, bad = self.first.tolist()
         return total, d, int(cnt), int(bad)
 
-    def loss_grad(self, x, t, w, w64, W, ignore_index, mean):
+    def loss_grad(self, x, t, w, w64, W, ignore_index, mean, per_position=False):
         """(sum of the losses, D, first bad position or -1, gradient (N, C, S)) as target_stats
         and index_loss give them to the general path for loss+grad (grad_scale 1/D for the
-        mean, else 1), on forward's arguments; no gradient (None) when a target is bad."""
+        mean, else 1), on forward's arguments; no gradient (None) when a target is bad.
+        per_position: the per-position losses in place of the sum, as in forward."""
         x3, tb = self.views(x, t)
         D, _, bad = self._target_stats(tb, w64, ignore_index)
         if bad >= 0:
@@ -2084,13 +2100,19 @@ class LeanPlan:
         grad = _alloc.empty(self.shape3, x3.dtype)
         if self.rows:
             N, C, _ = self.shape3
-            ce = self._row_losses(_GRAD_ROWS, x3, t, w, opts, ignore_index, grad.reshape(N, C))
+            ce = self._row_losses(_GRAD_ROWS, x3, t, w, opts, ignore_index, grad.reshape(N, C),
+                                  per_position)
+        elif per_position:
+            ce, zh = self._per_position()
+            self._run(_GRAD_BLOCKS, n_parts(self.work),
+                      (x3, tb, self.tk, w, opts, ignore_index, self.one, 0, grad, True, ce,
+                       zh[0], zh[1]) + self.grad_tail[3:])
         else:
             self._run(_GRAD_BLOCKS, n_parts(self.work),
                       (x3, tb, self.tk, w, opts, ignore_index, self.one, 0, grad, False)
                       + self.grad_tail)
             ce = self.ce
-        return CPUBackend.total(ce), D, -1, grad
+        return (ce if per_position else CPUBackend.total(ce)), D, -1, grad
 
 
 def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=True,

@@ -41,7 +41,7 @@ _SHAPES = [(256, 10), (7, 3), (1500, 10), (33, 100), (5, 1000), (2, 21, 8, 8), (
 @pytest.mark.parametrize("shape", _SHAPES)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("tdtype", [np.int64, np.int32])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_lean_matches_general_bitwise(monkeypatch, shape, dtype, tdtype, reduction):
     rng = np.random.default_rng(hash((shape, reduction)) % 2**32)
     x = (rng.standard_normal(shape) * 4).astype(dtype)
@@ -57,8 +57,11 @@ def test_lean_matches_general_bitwise(monkeypatch, shape, dtype, tdtype, reducti
         want = fastce.cross_entropy(x, t, reduction=reduction)
         want2, want_g = fastce.cross_entropy_with_grad(x, t, reduction=reduction)
     for got, exp in ((loss, want), (loss2, want2)):
-        assert type(got) is type(exp) and got.dtype == exp.dtype
+        assert type(got) is type(exp) and got.dtype == exp.dtype and got.shape == exp.shape
         assert np.array_equal(got, exp, equal_nan=True)
+    if reduction == "none":             # new arrays, not a buffer the next call reuses
+        again = fastce.cross_entropy(x, t, reduction=reduction)
+        assert not np.shares_memory(again, loss) and np.array_equal(loss, want, equal_nan=True)
     assert grad.dtype == want_g.dtype and grad.shape == x.shape and grad.flags.c_contiguous
     assert np.array_equal(grad, want_g, equal_nan=True)
 
@@ -93,7 +96,9 @@ def test_lean_class_weights_match_general_bitwise(monkeypatch, shape, dtype):
     calls = [lambda: fastce.cross_entropy(x, t, w),
              lambda: fastce.cross_entropy(x, t, w, reduction="sum"),
              lambda: fastce.cross_entropy_with_grad(x, t, w),
-             lambda: fastce.cross_entropy_with_grad(x, t, w, reduction="sum")]
+             lambda: fastce.cross_entropy_with_grad(x, t, w, reduction="sum"),
+             lambda: fastce.cross_entropy(x, t, w, reduction="none"),
+             lambda: fastce.cross_entropy_with_grad(x, t, w, reduction="none")]
     with monkeypatch.context() as m:
         _taken(m)
         got = [c() for c in calls]
