@@ -1460,12 +1460,10 @@ def _softmax_strided(x, mode, out, lse_out, part, nparts):
     lo, hi = task_range(N * nblk, part, nparts)
     for task in range(lo, hi):
         n, s0, L = block_bounds(np.int64(task), nblk, S)
-        xs = x[n, :, s0:s0 + L]
         log2e = cast_like(LOG2E, x)
-        m = xs[0].copy()
-        for c in range(1, C):
-            for j in range(L):
-                m[j] = fmaximum(m[j], xs[c, j])
+        mm = np.empty((2, L), x.dtype)
+        m = mm[0]
+        _block_max(x[n], s0, m, mm[1])
         ssum = np.zeros_like(m)
         if mode == 2:       # softmax: one exp per entry, stored, then scaled by 1 / sum
             for c in range(C):

@@ -1,6 +1,7 @@
 """Codegen regression: the exp loops of the forward kernels (rows, small-C rows, strided blocks,
-probability targets, the shard statistics of Dask's class chunks) compile to packed vector code in the data's precision on AVX2 (``haswell``)
-and AVX-512 (``skylake-avx512``) alike.
+probability targets, the shard statistics of Dask's class chunks, strided softmax) compile to
+packed vector code in the data's precision on AVX2 (``haswell``) and AVX-512
+(``skylake-avx512``) alike, and the AVX2 code holds no masked stores.
 
 Whether LLVM vectorises a loop depends on the kernel's structure and on its cost model, and a
 loop that falls back to scalar code still gives the right answers, only 4-8x slower.  So each
@@ -56,6 +57,9 @@ for dt in ("float32", "float64"):
                          rng.integers(0, 10, 8192))                  # the same, rows
     for name in ("_index_rows", "_prob_blocks", "_index_blocks"):
         record((name, False, False) + ((False,) if name != "_prob_blocks" else ()), dt, dt)
+    # the softmax family's strided kernel (softmax over axis 1 of (N, C, S))
+    fastce.softmax(rng.standard_normal((2, 21, 64)).astype(dt), axis=1)
+    record("_softmax_strided", dt, dt)
     # the shard statistics kernel (Dask's class chunks), on a class-chunk view as Dask hands it
     shards.shard_stats(rows[:, :1000], np.arange(64) % 2048, 0, 2048)
     record("_shard_stats_rows", dt, dt)
@@ -211,7 +215,7 @@ def test_forward_exp_loops_are_packed(cpu_name, tmp_path):
     kernels = _asm(cpu_name, tmp_path)
     bf16 = kernels.pop("bf16_rows")
     assert sorted(kernels) == ["_index_blocks", "_index_rows", "_prob_blocks",
-                               "_shard_stats_rows"]
+                               "_shard_stats_rows", "_softmax_strided"]
     regs = TARGETS[cpu_name]
     for variant, text in bf16.items():
         # bfloat16 rows: float32 exps, and the widening (bits << 16) packed too, as is the
