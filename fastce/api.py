@@ -438,43 +438,48 @@ def _unit_consts(C, dtype):
     return consts
 
 
-def _lean_plan(input, target, xw, tw):
-    """The cpu.LeanPlan of a lean call's problem ((N, C) or (N, C, d1, ...) float32/float64
-    logits, targets of _LEAN_TARGETS of the matching shape, nothing empty), else None."""
+def _lean_plan(input, target, axis, xw, tw):
+    """The cpu.LeanPlan of a lean call's problem (float32/float64 logits of two or more axes,
+    classes along ``axis``, targets of _LEAN_TARGETS of the matching shape, nothing empty),
+    else None."""
     shape = input.shape
-    if len(shape) == 2:
-        N, C = shape
-        S = 1
-        if target.ndim != 1 or target.shape[0] != N:
-            return None
-    elif len(shape) > 2 and target.shape == shape[:1] + shape[2:]:
-        N, C, S = shape[0], shape[1], math.prod(shape[2:])
-    else:
+    if len(shape) < 2 or target.shape != shape[:axis] + shape[axis + 1:]:
         return None
+    N, C, S = math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
     if (input.dtype not in _LEAN_LOGITS or target.dtype not in _LEAN_TARGETS or N == 0
             or C == 0 or S == 0):
         return None
     consts = _unit_consts(C, input.dtype)
     return cpu_backend().lean_plan((N, C, S), input.dtype, target.dtype, xw, tw,
-                                   len(shape) == 2,
+                                   len(shape) == 2 and axis == 1,
                                    consts if (C, input.dtype) in _LEAN_CONSTS else None)
 
 
-def _lean_call(input, target, weight, reduction, ignore_index, want_grad):
-    """The common call ((N, C) or (N, C, d1, ...) C-contiguous float32/float64 logits, int64,
-    int32 or uint8 targets, class weights of the logits' dtype or none, no other options,
-    any reduction) in a few microseconds of Python: the checks that can fail here are the ones
-    _cross_entropy would make, in a cheaper form, and the kernel calls are the general path's,
-    so results are bitwise the same.  The problem's plan (cpu.LeanPlan: its kernels' entry
-    points and fixed arguments) is made on its first call in each thread.  None: not this case
-    (the caller takes the general path, which raises for bad arguments)."""
+def _lean_call(input, target, weight, reduction, ignore_index, class_axis, want_grad,
+               grad_output=None, out=None):
+    """The common call (C-contiguous float32/float64 logits of two or more axes, int64, int32
+    or uint8 targets, class weights of the logits' dtype or none, no other options, any
+    reduction, class axis, upstream gradient, and ``out`` that shares no memory with the
+    arguments) in a few microseconds of Python: the checks that can fail here are the ones
+    _cross_entropy would make, in a cheaper form or the same function, and the kernel calls are
+    the general path's, so results are bitwise the same.  The problem's plan (cpu.LeanPlan: its
+    kernels' entry points and fixed arguments) is made on its first call in each thread.
+    (loss, gradient or None); None: not this case (the caller takes the general path, which
+    raises for bad arguments)."""
     if not (type(input) is np.ndarray and type(target) is np.ndarray and type(ignore_index) is int
             and (reduction == "mean" or reduction == "sum" or reduction == "none")):
         return None
     xf, tf = input.flags, target.flags
     if not (xf.c_contiguous and tf.c_contiguous and _INT64_MIN <= ignore_index <= _INT64_MAX):
         return None
-    key = (input.shape, target.shape, input.dtype, target.dtype, xf.writeable, tf.writeable)
+    if class_axis is None:
+        axis = 1
+    elif type(class_axis) is int and -input.ndim <= class_axis < input.ndim:
+        axis = class_axis % input.ndim
+    else:
+        return None
+    key = (input.shape, target.shape, input.dtype, target.dtype, xf.writeable, tf.writeable,
+           axis)
     plans = getattr(_lean_local, "plans", None)
     if plans is None:
         plans = _lean_local.plans = {}
@@ -482,7 +487,7 @@ def _lean_call(input, target, weight, reduction, ignore_index, want_grad):
     if plan is _NO_PLAN:
         if len(plans) >= _LEAN_PLANS_MAX:
             plans.clear()
-        plan = plans[key] = _lean_plan(input, target, xf.writeable, tf.writeable)
+        plan = plans[key] = _lean_plan(input, target, axis, xf.writeable, tf.writeable)
     if plan is None:
         return None
     C = plan.shape3[1]
@@ -502,7 +507,22 @@ def _lean_call(input, target, weight, reduction, ignore_index, want_grad):
     mean = reduction == "mean"
     per = reduction == "none"
     if want_grad:
-        total, D, bad, grad = plan.loss_grad(input, target, w, w64, W, ignore_index, mean, per)
+        g, g_stride = None, 0
+        if grad_output is not None:
+            g, g_stride = _check_grad_output(cpu_backend(), grad_output, reduction,
+                                             target.shape)
+            if not (g.flags.c_contiguous and g.flags.writeable):
+                g = g.copy()            # (the kernels' argument type: see cpu._writeable)
+        if out is not None and not (
+                type(out) is np.ndarray and out.dtype == dtype and out.shape == input.shape
+                and out.flags.c_contiguous and out.flags.writeable
+                and not np.may_share_memory(out, input)
+                and not np.may_share_memory(out, target)
+                and (weight is None or not np.may_share_memory(out, weight))
+                and (g is None or not np.may_share_memory(out, g))):
+            return None                 # (the general path checks, copies or works in place)
+        total, D, bad, grad = plan.loss_grad(input, target, w, w64, W, ignore_index, mean, per,
+                                             g, g_stride, out)
     else:
         total, D, _, bad = plan.forward(input, target, w, w64, fwd_opts, ignore_index, per)
     if bad >= 0:
@@ -511,7 +531,9 @@ def _lean_call(input, target, weight, reduction, ignore_index, want_grad):
         loss = total.reshape(target.shape).astype(dtype, copy=False)
     else:
         loss = plan.scalar(_div(total, D) if mean else total)
-    return loss, (grad.reshape(input.shape) if want_grad else None)
+    if not want_grad:
+        return loss, None
+    return loss, (out if out is not None else grad.reshape(input.shape))
 
 
 def _loss(be, ce, zls, hit, reduction, D, Dz, loss_shape, dtype, raw):
@@ -588,9 +610,9 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
     Returns a NumPy scalar (CuPy 0-d array on the GPU) of the input's dtype for mean/sum, an
     array of the target's shape for "none".
     """
-    if (class_axis is None and _no_options(label_smoothing, softcap, z_loss)
+    if (_no_options(label_smoothing, softcap, z_loss)
             and not (return_z_loss or return_token_accuracy or return_lse)):
-        lean = _lean_call(input, target, weight, reduction, ignore_index, want_grad=False)
+        lean = _lean_call(input, target, weight, reduction, ignore_index, class_axis, False)
         if lean is not None:
             return lean[0]
     if is_dask_array(input) or is_dask_array(target):
@@ -617,6 +639,11 @@ def cross_entropy_backward(input, target, grad_output=None, weight=None, *, igno
     a scalar for mean/sum, an array of the loss's shape for "none"; None means ones.
     ``out``: a C-contiguous array of the input's shape and dtype to write the gradient into; it
     may be ``input`` itself (the logits are overwritten by their gradient, saving memory)."""
+    if _no_options(label_smoothing, softcap, z_loss):
+        lean = _lean_call(input, target, weight, reduction, ignore_index, class_axis, True,
+                          grad_output, out)
+        if lean is not None:
+            return lean[1]
     if is_dask_array(input) or is_dask_array(target):
         from . import dask_backend
         return dask_backend.cross_entropy(
@@ -640,10 +667,10 @@ def cross_entropy_with_grad(input, target, weight=None, *, grad_output=None, ign
     With return_z_loss / return_token_accuracy / return_lse the first item is a
     ``CrossEntropyOutput``.
     """
-    if (grad_output is None and out is None and class_axis is None
-            and _no_options(label_smoothing, softcap, z_loss)
+    if (_no_options(label_smoothing, softcap, z_loss)
             and not (return_z_loss or return_token_accuracy or return_lse)):
-        lean = _lean_call(input, target, weight, reduction, ignore_index, want_grad=True)
+        lean = _lean_call(input, target, weight, reduction, ignore_index, class_axis, True,
+                          grad_output, out)
         if lean is not None:
             return lean
     if is_dask_array(input) or is_dask_array(target):

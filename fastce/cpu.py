@@ -2038,16 +2038,17 @@ class LeanPlan:
                   (tb, self.tk, w64, ignore_index, C, self.stats))
         return _sum_stats(self.stats)
 
-    def _row_losses(self, variant, x3, t, w, opts, ignore_index, grad2, fresh):
+    def _row_losses(self, variant, x3, t, w, opts, ignore_index, grad2, fresh, g, g_stride):
         """The rows kernel: the per-row losses (N,) (a new array when ``fresh``, else maybe
-        the plan's buffer), the gradient into grad2 in the gradient variant."""
+        the plan's buffer), the gradient into grad2 in the gradient variant (upstream gradient
+        g[i * g_stride])."""
         N, C, _ = self.shape3
         ce, zl, hit = (self.row_sums if self.row_sums is not None and not fresh
                        else np.empty((3, N)))
         t = t.reshape(N)
         self._run(variant, n_parts(self.work),
                   (x3.reshape(N, C), t if t.dtype == _I64 else t.astype(_I64), w, opts,
-                   ignore_index, self.one, 0, grad2, ce, zl, hit, _NO_LSE[1]))
+                   ignore_index, g, g_stride, grad2, ce, zl, hit, _NO_LSE[1]))
         return ce
 
     def _per_position(self):
@@ -2069,7 +2070,7 @@ class LeanPlan:
             if bad >= 0:
                 return None, D, count, bad
             ce = self._row_losses(_FWD_ROWS, x3, t, w, opts, ignore_index, self.no_grad[0],
-                                  per_position)
+                                  per_position, self.one, 0)
             return (ce if per_position else CPUBackend.total(ce)), D, count, -1
         if per_position:
             ce, zh = self._per_position()
@@ -2084,30 +2085,36 @@ class LeanPlan:
         total, _, _, d, cnt, bad = self.first.tolist()
         return total, d, int(cnt), int(bad)
 
-    def loss_grad(self, x, t, w, w64, W, ignore_index, mean, per_position=False):
+    def loss_grad(self, x, t, w, w64, W, ignore_index, mean, per_position=False, g=None,
+                  g_stride=0, out=None):
         """(sum of the losses, D, first bad position or -1, gradient (N, C, S)) as target_stats
         and index_loss give them to the general path for loss+grad (grad_scale 1/D for the
         mean, else 1), on forward's arguments; no gradient (None) when a target is bad.
-        per_position: the per-position losses in place of the sum, as in forward."""
+        per_position: the per-position losses in place of the sum, as in forward.  g: the
+        upstream gradient as _check_grad_output gives it, g[position * g_stride] (None: 1).
+        out: the gradient's buffer (C-contiguous, the logits' shape and dtype, sharing no
+        memory with any argument), else a new array."""
         x3, tb = self.views(x, t)
         D, _, bad = self._target_stats(tb, w64, ignore_index)
         if bad >= 0:
             return 0.0, D, bad, None
+        if g is None:
+            g = self.one
         opts = LossOptions(1.0, 0.0, W, 0.0, ieee_div(1.0, D) if mean else 1.0, 0.0, 0.0, False,
                            False)
-        grad = _alloc.empty(self.shape3, x3.dtype)
+        grad = _alloc.empty(self.shape3, x3.dtype) if out is None else out.reshape(self.shape3)
         if self.rows:
             N, C, _ = self.shape3
             ce = self._row_losses(_GRAD_ROWS, x3, t, w, opts, ignore_index, grad.reshape(N, C),
-                                  per_position)
+                                  per_position, g, g_stride)
         elif per_position:
             ce, zh = self._per_position()
             self._run(_GRAD_BLOCKS, n_parts(self.work),
-                      (x3, tb, self.tk, w, opts, ignore_index, self.one, 0, grad, True, ce,
+                      (x3, tb, self.tk, w, opts, ignore_index, g, g_stride, grad, True, ce,
                        zh[0], zh[1]) + self.grad_tail[3:])
         else:
             self._run(_GRAD_BLOCKS, n_parts(self.work),
-                      (x3, tb, self.tk, w, opts, ignore_index, self.one, 0, grad, False)
+                      (x3, tb, self.tk, w, opts, ignore_index, g, g_stride, grad, False)
                       + self.grad_tail)
             ce = self.ce
         return (ce if per_position else CPUBackend.total(ce)), D, -1, grad

@@ -66,6 +66,76 @@ def test_lean_matches_general_bitwise(monkeypatch, shape, dtype, tdtype, reducti
     assert np.array_equal(grad, want_g, equal_nan=True)
 
 
+def _same(got, want):
+    for u, v in zip(got if isinstance(got, tuple) else (got,),
+                    want if isinstance(want, tuple) else (want,)):
+        assert type(u) is type(v) and u.dtype == v.dtype and np.shape(u) == np.shape(v)
+        assert np.array_equal(u, v, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape, class_axis", [((256, 10), 1), ((40, 100), -1), ((2, 21, 8, 8), 1),
+                                               ((3, 7, 50), -1), ((5, 3, 4), 0), ((4, 6, 9), -2)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_lean_class_axis_grad_output_and_out_match_general_bitwise(monkeypatch, shape,
+                                                                   class_axis, reduction):
+    """What the adapters pass (fastce.torch: class_axis=1, out= a new buffer, grad_output a
+    float; fastce.jax: class_axis=-1, read-only logits) through the lean path: bitwise the
+    general path's results, the gradient written into ``out`` itself."""
+    rng = np.random.default_rng(abs(hash((shape, class_axis, reduction))) % 2**32)
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    axis = class_axis % len(shape)
+    C = shape[axis]
+    t = rng.integers(0, C, shape[:axis] + shape[axis + 1:])
+    t.reshape(-1)[::4] = -100
+    ro = x.copy()
+    ro.flags.writeable = False
+    go = (rng.standard_normal(t.shape) if reduction == "none" else 0.75)
+    go32 = np.asarray(go, np.float32)
+    kw = dict(reduction=reduction, class_axis=class_axis)
+
+    def calls(out):
+        return [lambda: fastce.cross_entropy(x, t, **kw),
+                lambda: fastce.cross_entropy(ro, t, **kw),
+                lambda: fastce.cross_entropy_with_grad(x, t, **kw),
+                lambda: fastce.cross_entropy_with_grad(ro, t, grad_output=go, **kw),
+                lambda: fastce.cross_entropy_with_grad(x, t, grad_output=go32, out=out, **kw),
+                lambda: fastce.cross_entropy_backward(x, t, go, out=out, **kw),
+                lambda: fastce.cross_entropy_backward(ro, t, go32, **kw)]
+
+    out = np.full_like(x, np.nan)
+    with monkeypatch.context() as m:
+        _taken(m)
+        got = [c() for c in calls(out)]
+    assert got[4][1] is out and got[5] is out
+    got[4] = (got[4][0], got[4][1].copy())
+    _general(monkeypatch)
+    want = [c() for c in calls(np.full_like(x, np.nan))]
+    for a, b in zip(got, want):
+        _same(a, b)
+
+
+def test_out_sharing_memory_takes_the_general_path(monkeypatch):
+    """out= the logits (in place), or overlapping them, the targets or the weights: the general
+    path, which computes in place or reads through copies."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((32, 6)).astype(np.float32)
+    t = rng.integers(0, 6, 32)
+    w = rng.uniform(0.5, 2, 6).astype(np.float32)
+    want_loss, want_grad = fastce.cross_entropy_with_grad(x, t, w)
+    calls = []
+    real = api._cross_entropy
+    monkeypatch.setattr(api, "_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    xi = x.copy()
+    loss, grad = fastce.cross_entropy_with_grad(xi, t, w, out=xi)
+    assert grad is xi and loss == want_loss and np.array_equal(grad, want_grad)
+    big = np.zeros(2 * x.size, np.float32)
+    big[:x.size] = x.reshape(-1)
+    view = big[:x.size].reshape(x.shape)
+    loss, grad = fastce.cross_entropy_with_grad(view, t, w, out=big[3:3 + x.size].reshape(x.shape))
+    assert loss == want_loss and np.array_equal(grad, want_grad)
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("shape", [(300, 10), (40, 100), (2, 21, 16, 16)])
 def test_lean_uint8_targets_match_general_bitwise(monkeypatch, shape):
     """Segmentation's uint8 targets with ignore_index=255 (the kernels read their bytes)."""
@@ -251,7 +321,7 @@ def test_lean_plans_are_per_problem_bounded_and_not_fooled_by_byte_order(monkeyp
     assert fastce.cross_entropy(swapped, t) == want
     assert fastce.cross_entropy(x, t) == want
     plans = api._lean_local.plans
-    key = lambda a: (a.shape, t.shape, a.dtype, t.dtype, True, True)   # noqa: E731
+    key = lambda a: (a.shape, t.shape, a.dtype, t.dtype, True, True, 1)   # noqa: E731
     assert plans[key(swapped)] is None and plans[key(x)] is not None
     for n in range(1, 2 * api._LEAN_PLANS_MAX):
         fastce.cross_entropy(x[:n], t[:n])
@@ -277,10 +347,11 @@ cases = [(rng.standard_normal((300, 10)).astype(np.float32), np.arange(300) % 10
 lean = [float(f(x, t) if f is fastce.cross_entropy else f(x, t)[0])
         for x, t in cases for f in (fastce.cross_entropy, fastce.cross_entropy_with_grad)]
 after_lean = [len(k.signatures) for k in kernels]
-general = []                            # class_axis takes the general path
+general = []
+fastce.api._lean_call = lambda *a, **k: None        # the general path from here on
 for x, t in cases:
-    general += [float(fastce.cross_entropy(x, t, class_axis=1)),
-                float(fastce.cross_entropy_with_grad(x, t, class_axis=1)[0])]
+    general += [float(fastce.cross_entropy(x, t)),
+                float(fastce.cross_entropy_with_grad(x, t)[0])]
 print(json.dumps([after_lean, [len(k.signatures) for k in kernels], lean, general]))
 """
 
@@ -310,8 +381,8 @@ ro.flags.writeable = False
 kernel = cpu._KERNELS[("_index_blocks", False, False, False)]
 lean = [float(fastce.cross_entropy(ro, t)), float(fastce.cross_entropy(x, t))]
 after_lean = len(kernel.signatures)
-general = [float(fastce.cross_entropy(ro, t, class_axis=1)),
-           float(fastce.cross_entropy(x, t, class_axis=1))]
+fastce.api._lean_call = lambda *a, **k: None        # the general path from here on
+general = [float(fastce.cross_entropy(ro, t)), float(fastce.cross_entropy(x, t))]
 print(json.dumps([after_lean, len(kernel.signatures), lean, general]))
 """
 
