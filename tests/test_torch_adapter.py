@@ -186,6 +186,33 @@ def test_fused_retain_graph_and_scaled_backward():
     _close(g3, 0.5 * ref)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("kw", [dict(), dict(reduction="none"), dict(label_smoothing=0.1),
+                                dict(reduction="sum", weight=True), dict(z_loss=1e-3)])
+def test_eager_calls_match_the_custom_ops_bitwise(monkeypatch, fused, kw):
+    """Eager calls run the custom ops' bodies in a torch.autograd.Function (no custom-op
+    dispatch); the ops themselves stay for torch.compile, tracing and functorch: both routes
+    give the same bits, loss and gradient."""
+    x, t, C = _problem((16, 7), seed=3)
+    kw = dict(kw)
+    if kw.pop("weight", False):
+        kw["weight"] = torch.rand(C, dtype=F64) + 0.5
+
+    def run():
+        xa = x.clone().requires_grad_(True)
+        loss = ft.cross_entropy(xa, t, fused=fused, **kw)
+        (g,) = torch.autograd.grad(loss, xa, torch.rand(loss.shape, dtype=F64,
+                                                        generator=torch.Generator().manual_seed(2)))
+        return loss.detach(), g, loss.grad_fn
+
+    eager_loss, eager_grad, fn = run()
+    assert type(fn).__name__.startswith("_EagerCrossEntropy")
+    monkeypatch.setattr(ft, "_eager", lambda *a: False)
+    op_loss, op_grad, fn = run()
+    assert not type(fn).__name__.startswith("_EagerCrossEntropy")
+    assert torch.equal(eager_loss, op_loss) and torch.equal(eager_grad, op_grad)
+
+
 def test_backward_accumulates_into_leaf_grad():
     x, t, _ = _problem((8, 6))
     xa = x.clone().requires_grad_(True)
