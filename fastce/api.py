@@ -420,6 +420,8 @@ _INT64_MIN, _INT64_MAX = int(_INT64.min), int(_INT64.max)
 _lean_local = threading.local()
 _LEAN_PLANS_MAX = 32
 _NO_PLAN = object()
+# upstream gradients the lean path checks itself (others: the general path's backend checks)
+_LEAN_GRAD_OUTPUTS = (float, int, np.ndarray, np.float32, np.float64)
 
 
 def _no_options(label_smoothing, softcap, z_loss):
@@ -455,20 +457,27 @@ def _lean_plan(input, target, axis, xw, tw):
                                    consts if (C, input.dtype) in _LEAN_CONSTS else None)
 
 
-def _lean_call(input, target, weight, reduction, ignore_index, class_axis, want_grad,
-               grad_output=None, out=None):
+def _lean_call(input, target, weight, reduction, ignore_index, class_axis, label_smoothing,
+               softcap, z_loss, want_grad, grad_output=None, out=None):
     """The common call (C-contiguous float32/float64 logits of two or more axes, int64, int32
-    or uint8 targets, class weights of the logits' dtype or none, no other options, any
-    reduction, class axis, upstream gradient, and ``out`` that shares no memory with the
-    arguments) in a few microseconds of Python: the checks that can fail here are the ones
-    _cross_entropy would make, in a cheaper form or the same function, and the kernel calls are
-    the general path's, so results are bitwise the same.  The problem's plan (cpu.LeanPlan: its
-    kernels' entry points and fixed arguments) is made on its first call in each thread.
-    (loss, gradient or None); None: not this case (the caller takes the general path, which
-    raises for bad arguments)."""
+    or uint8 targets, class weights of the logits' dtype or none, any class axis, reduction,
+    label smoothing, softcap, z-loss and upstream gradient, and ``out`` that shares no memory
+    with the arguments; no extra outputs) in a few microseconds of Python: the checks that can
+    fail here are the ones _cross_entropy would make, in the same order, in a cheaper form or
+    through the same function, and the kernel calls are the general path's, so results and
+    errors are bitwise the same.  The problem's plan (cpu.LeanPlan: its kernels' entry points
+    and fixed arguments) is made on its first call in each thread.  (loss, gradient or None);
+    None: not this case (the caller takes the general path, which raises for bad arguments)."""
     if not (type(input) is np.ndarray and type(target) is np.ndarray and type(ignore_index) is int
-            and (reduction == "mean" or reduction == "sum" or reduction == "none")):
+            and (weight is None or type(weight) is np.ndarray)
+            and (grad_output is None or type(grad_output) in _LEAN_GRAD_OUTPUTS)):
         return None
+    if _no_options(label_smoothing, softcap, z_loss):
+        if not (reduction == "mean" or reduction == "sum" or reduction == "none"):
+            return None
+        eps = cap = zl = 0.0
+    else:
+        eps, cap, zl = check_options(reduction, label_smoothing, softcap, z_loss)
     xf, tf = input.flags, target.flags
     if not (xf.c_contiguous and tf.c_contiguous and _INT64_MIN <= ignore_index <= _INT64_MAX):
         return None
@@ -492,12 +501,24 @@ def _lean_call(input, target, weight, reduction, ignore_index, class_axis, want_
         return None
     C = plan.shape3[1]
     dtype = input.dtype
+    g, g_stride = None, 0
+    if want_grad and grad_output is not None:
+        g, g_stride = _check_grad_output(cpu_backend(), grad_output, reduction, target.shape)
+        if not (g.flags.c_contiguous and g.flags.writeable):
+            g = g.copy()                # (the kernels' argument type: see cpu._writeable)
+    if out is not None and not (
+            want_grad and type(out) is np.ndarray and out.dtype == dtype
+            and out.shape == input.shape and out.flags.c_contiguous and out.flags.writeable
+            and not np.may_share_memory(out, input) and not np.may_share_memory(out, target)
+            and (weight is None or not np.may_share_memory(out, weight))
+            and (g is None or not np.may_share_memory(out, g))):
+        return None                     # (the general path checks, copies or works in place)
     w, w64, fwd_opts, W = plan.unit or _unit_consts(C, dtype)
     if weight is not None:
         # (the general path's cast is then a no-op; a read-only array would compile the kernels
         # once more, and a non-finite sum takes the general path's checks)
-        if not (type(weight) is np.ndarray and weight.dtype == dtype and weight.shape == (C,)
-                and weight.flags.c_contiguous and weight.flags.writeable):
+        if not (weight.dtype == dtype and weight.shape == (C,) and weight.flags.c_contiguous
+                and weight.flags.writeable):
             return None
         W = cpu_backend().total(weight)
         if not math.isfinite(W):
@@ -506,31 +527,26 @@ def _lean_call(input, target, weight, reduction, ignore_index, class_axis, want_
         fwd_opts = LossOptions(weight_sum=W)
     mean = reduction == "mean"
     per = reduction == "none"
+    grad = None
     if want_grad:
-        g, g_stride = None, 0
-        if grad_output is not None:
-            g, g_stride = _check_grad_output(cpu_backend(), grad_output, reduction,
-                                             target.shape)
-            if not (g.flags.c_contiguous and g.flags.writeable):
-                g = g.copy()            # (the kernels' argument type: see cpu._writeable)
-        if out is not None and not (
-                type(out) is np.ndarray and out.dtype == dtype and out.shape == input.shape
-                and out.flags.c_contiguous and out.flags.writeable
-                and not np.may_share_memory(out, input)
-                and not np.may_share_memory(out, target)
-                and (weight is None or not np.may_share_memory(out, weight))
-                and (g is None or not np.may_share_memory(out, g))):
-            return None                 # (the general path checks, copies or works in place)
-        total, D, bad, grad = plan.loss_grad(input, target, w, w64, W, ignore_index, mean, per,
-                                             g, g_stride, out)
+        ce, zls, D, count, bad, grad = plan.loss_grad(input, target, w, w64, ignore_index,
+                                                      (eps, cap, zl, W), mean, per, g,
+                                                      g_stride, out)
     else:
-        total, D, _, bad = plan.forward(input, target, w, w64, fwd_opts, ignore_index, per)
+        if eps or cap or zl:
+            fwd_opts = LossOptions.make(label_smoothing=eps, C=C, weight_sum=W, softcap=cap,
+                                        z_loss=zl)
+        ce, zls, D, count, bad = plan.forward(input, target, w, w64, fwd_opts, ignore_index,
+                                              per)
     if bad >= 0:
         raise _bad_target_error(cpu_backend(), target, bad, C, ignore_index)
     if per:         # (as the general path's finish_per_position)
-        loss = total.reshape(target.shape).astype(dtype, copy=False)
-    else:
-        loss = plan.scalar(_div(total, D) if mean else total)
+        loss = (ce + zls if zl else ce).reshape(target.shape).astype(dtype, copy=False)
+    else:           # (as _loss)
+        value = _div(ce, D) if mean else ce
+        if zl:
+            value = value + (_div(zls, float(count)) if mean else zls)
+        loss = plan.scalar(value)
     if not want_grad:
         return loss, None
     return loss, (out if out is not None else grad.reshape(input.shape))
@@ -610,9 +626,9 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
     Returns a NumPy scalar (CuPy 0-d array on the GPU) of the input's dtype for mean/sum, an
     array of the target's shape for "none".
     """
-    if (_no_options(label_smoothing, softcap, z_loss)
-            and not (return_z_loss or return_token_accuracy or return_lse)):
-        lean = _lean_call(input, target, weight, reduction, ignore_index, class_axis, False)
+    if not (return_z_loss or return_token_accuracy or return_lse):
+        lean = _lean_call(input, target, weight, reduction, ignore_index, class_axis,
+                          label_smoothing, softcap, z_loss, False)
         if lean is not None:
             return lean[0]
     if is_dask_array(input) or is_dask_array(target):
@@ -639,11 +655,10 @@ def cross_entropy_backward(input, target, grad_output=None, weight=None, *, igno
     a scalar for mean/sum, an array of the loss's shape for "none"; None means ones.
     ``out``: a C-contiguous array of the input's shape and dtype to write the gradient into; it
     may be ``input`` itself (the logits are overwritten by their gradient, saving memory)."""
-    if _no_options(label_smoothing, softcap, z_loss):
-        lean = _lean_call(input, target, weight, reduction, ignore_index, class_axis, True,
-                          grad_output, out)
-        if lean is not None:
-            return lean[1]
+    lean = _lean_call(input, target, weight, reduction, ignore_index, class_axis,
+                      label_smoothing, softcap, z_loss, True, grad_output, out)
+    if lean is not None:
+        return lean[1]
     if is_dask_array(input) or is_dask_array(target):
         from . import dask_backend
         return dask_backend.cross_entropy(
@@ -667,10 +682,9 @@ def cross_entropy_with_grad(input, target, weight=None, *, grad_output=None, ign
     With return_z_loss / return_token_accuracy / return_lse the first item is a
     ``CrossEntropyOutput``.
     """
-    if (_no_options(label_smoothing, softcap, z_loss)
-            and not (return_z_loss or return_token_accuracy or return_lse)):
-        lean = _lean_call(input, target, weight, reduction, ignore_index, class_axis, True,
-                          grad_output, out)
+    if not (return_z_loss or return_token_accuracy or return_lse):
+        lean = _lean_call(input, target, weight, reduction, ignore_index, class_axis,
+                          label_smoothing, softcap, z_loss, True, grad_output, out)
         if lean is not None:
             return lean
     if is_dask_array(input) or is_dask_array(target):

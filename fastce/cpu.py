@@ -1956,10 +1956,11 @@ def _bf16_bits(a):
 # EPYC), but Numba optimises and emits a kernel again inside each function that calls it: +2 s
 # on a first call.)
 _LEAN_ENTRIES = {}
-_FWD_BLOCKS = ("_index_blocks", False, False, False)
-_GRAD_BLOCKS = ("_index_blocks", True, False, False)
-_FWD_ROWS = ("_index_rows", False, False, False)
-_GRAD_ROWS = ("_index_rows", True, False, False)
+# (kernel, want_grad, softcap) -> the variant's name in _KERNELS (no token hits)
+_LEAN_VARIANTS = {(k, grad, cap): (k, grad, cap, False) for k in ("_index_blocks", "_index_rows")
+                  for grad in (False, True) for cap in (False, True)}
+_FWD_BLOCKS = _LEAN_VARIANTS[("_index_blocks", False, False)]
+_FWD_ROWS = _LEAN_VARIANTS[("_index_rows", False, False)]
 _U8 = np.dtype(np.uint8)
 _I64 = np.dtype(np.int64)
 # A plan keeps the rows kernel's per-row outputs up to this many rows (larger calls allocate
@@ -2038,86 +2039,102 @@ class LeanPlan:
                   (tb, self.tk, w64, ignore_index, C, self.stats))
         return _sum_stats(self.stats)
 
-    def _row_losses(self, variant, x3, t, w, opts, ignore_index, grad2, fresh, g, g_stride):
-        """The rows kernel: the per-row losses (N,) (a new array when ``fresh``, else maybe
-        the plan's buffer), the gradient into grad2 in the gradient variant (upstream gradient
-        g[i * g_stride])."""
+    def _row_losses(self, name, x3, t, w, opts, ignore_index, grad2, fresh, g, g_stride):
+        """The rows kernel ``name``: the per-row losses and z-loss terms (N,) each (new arrays
+        when ``fresh``, else maybe the plan's buffers), the gradient into grad2 in the gradient
+        variants (upstream gradient g[i * g_stride])."""
         N, C, _ = self.shape3
         ce, zl, hit = (self.row_sums if self.row_sums is not None and not fresh
                        else np.empty((3, N)))
         t = t.reshape(N)
-        self._run(variant, n_parts(self.work),
+        self._run(name, n_parts(self.work),
                   (x3.reshape(N, C), t if t.dtype == _I64 else t.astype(_I64), w, opts,
                    ignore_index, g, g_stride, grad2, ce, zl, hit, _NO_LSE[1]))
-        return ce
+        return ce, zl
 
     def _per_position(self):
-        """New float64 per-position losses, and scratch for the z-loss and hits, shaped as the
-        block kernels write them ((1, N) for rows, (N, S))."""
+        """New float64 per-position losses and z-loss terms, and scratch for the hits, shaped
+        as the block kernels write them ((1, N) for rows, (N, S))."""
         shape = (self.tshape[0], self.tshape[1] // self.tk)
-        return np.empty(shape), np.empty((2,) + shape)
+        return np.empty((3,) + shape)
 
     def forward(self, x, t, w, w64, opts, ignore_index, per_position=False):
-        """(sum of the losses, D, count, first bad position or -1) as index_loss(x3, t2, w,
-        opts, ignore_index, None, g, 0, per_position=False, fuse_stats=True) and total() give
-        them: w the class weights in the logits' dtype (ones without weights), w64 the same as
-        float64, opts LossOptions(weight_sum=W), W the weights' sum, ignore_index a Python int
-        in int64's range.  The sum is None when a target is bad.  per_position: a new float64
-        array of each position's loss in place of the sum (reduction="none")."""
+        """(losses, z-loss terms, D, count, first bad position or -1) as index_loss(x3, t2, w,
+        opts, ignore_index, None, g, 0, per_position, fuse_stats=True) and total() give them:
+        w the class weights in the logits' dtype (ones without weights), w64 the same as
+        float64, opts the forward's LossOptions, ignore_index a Python int in int64's range.
+        The losses and terms are their sums, or new float64 arrays per position
+        (``per_position``: reduction="none"); None when a target is bad."""
         x3, tb = self.views(x, t)
+        cap = opts.softcap > 0.0
         if self.rows:
             D, count, bad = self._target_stats(tb, w64, ignore_index)
             if bad >= 0:
-                return None, D, count, bad
-            ce = self._row_losses(_FWD_ROWS, x3, t, w, opts, ignore_index, self.no_grad[0],
-                                  per_position, self.one, 0)
-            return (ce if per_position else CPUBackend.total(ce)), D, count, -1
+                return None, None, D, count, bad
+            ce, zl = self._row_losses(_LEAN_VARIANTS[("_index_rows", False, cap)], x3, t, w,
+                                      opts, ignore_index, self.no_grad[0], per_position,
+                                      self.one, 0)
+            if per_position:
+                return ce, zl, D, count, -1
+            return CPUBackend.total(ce), CPUBackend.total(zl), D, count, -1
+        name = _LEAN_VARIANTS[("_index_blocks", False, cap)]
         if per_position:
-            ce, zh = self._per_position()
-            self._run(_FWD_BLOCKS, n_parts(self.work),
+            pos = self._per_position()
+            self._run(name, n_parts(self.work),
                       (x3, tb, self.tk, w, opts, ignore_index, self.one, 0, self.no_grad, True,
-                       ce, zh[0], zh[1], _NO_LSE[2], self.stats, self.fwd_tail[-1]))
-            return (ce,) + _sum_stats(self.stats)
-        self._run(_FWD_BLOCKS, n_parts(self.work),
+                       pos[0], pos[1], pos[2], _NO_LSE[2], self.stats, self.fwd_tail[-1]))
+            return (pos[0], pos[1]) + _sum_stats(self.stats)
+        self._run(name, n_parts(self.work),
                   (x3, tb, self.tk, w, opts, ignore_index) + self.fwd_tail)
         if self.nblk > 1:
-            return (CPUBackend.total(self.ce),) + _sum_stats(self.stats)
-        total, _, _, d, cnt, bad = self.first.tolist()
-        return total, d, int(cnt), int(bad)
+            return ((CPUBackend.total(self.ce), CPUBackend.total(self.zl))
+                    + _sum_stats(self.stats))
+        total, zsum, _, d, cnt, bad = self.first.tolist()
+        return total, zsum, d, int(cnt), int(bad)
 
-    def loss_grad(self, x, t, w, w64, W, ignore_index, mean, per_position=False, g=None,
+    def loss_grad(self, x, t, w, w64, ignore_index, options, mean, per_position=False, g=None,
                   g_stride=0, out=None):
-        """(sum of the losses, D, first bad position or -1, gradient (N, C, S)) as target_stats
-        and index_loss give them to the general path for loss+grad (grad_scale 1/D for the
-        mean, else 1), on forward's arguments; no gradient (None) when a target is bad.
-        per_position: the per-position losses in place of the sum, as in forward.  g: the
-        upstream gradient as _check_grad_output gives it, g[position * g_stride] (None: 1).
-        out: the gradient's buffer (C-contiguous, the logits' shape and dtype, sharing no
-        memory with any argument), else a new array."""
+        """(losses, z-loss terms, D, count, first bad position or -1, gradient (N, C, S)) as
+        target_stats and index_loss give them to the general path for loss+grad, on forward's
+        arguments and ``options`` (label_smoothing, softcap, z_loss, the weights' sum), the
+        gradient's scales following from D, count and ``mean``; no gradient (None) when a
+        target is bad.  g: the upstream gradient as _check_grad_output gives it,
+        g[position * g_stride] (None: 1).  out: the gradient's buffer (C-contiguous, the
+        logits' shape and dtype, sharing no memory with any argument), else a new array."""
         x3, tb = self.views(x, t)
-        D, _, bad = self._target_stats(tb, w64, ignore_index)
+        D, count, bad = self._target_stats(tb, w64, ignore_index)
         if bad >= 0:
-            return 0.0, D, bad, None
+            return None, None, D, count, bad, None
         if g is None:
             g = self.one
-        opts = LossOptions(1.0, 0.0, W, 0.0, ieee_div(1.0, D) if mean else 1.0, 0.0, 0.0, False,
-                           False)
+        eps, cap, zl, W = options
+        Dz = float(count)
+        opts = LossOptions.make(label_smoothing=eps, C=self.shape3[1], weight_sum=W, softcap=cap,
+                                grad_scale=ieee_div(1.0, D) if mean else 1.0,
+                                z_grad=2.0 * zl * (ieee_div(1.0, Dz) if mean else 1.0),
+                                z_loss=zl)
         grad = _alloc.empty(self.shape3, x3.dtype) if out is None else out.reshape(self.shape3)
         if self.rows:
             N, C, _ = self.shape3
-            ce = self._row_losses(_GRAD_ROWS, x3, t, w, opts, ignore_index, grad.reshape(N, C),
-                                  per_position, g, g_stride)
-        elif per_position:
-            ce, zh = self._per_position()
-            self._run(_GRAD_BLOCKS, n_parts(self.work),
-                      (x3, tb, self.tk, w, opts, ignore_index, g, g_stride, grad, True, ce,
-                       zh[0], zh[1]) + self.grad_tail[3:])
+            ce, zls = self._row_losses(_LEAN_VARIANTS[("_index_rows", True, cap > 0.0)], x3, t,
+                                       w, opts, ignore_index, grad.reshape(N, C), per_position,
+                                       g, g_stride)
         else:
-            self._run(_GRAD_BLOCKS, n_parts(self.work),
-                      (x3, tb, self.tk, w, opts, ignore_index, g, g_stride, grad, False)
-                      + self.grad_tail)
-            ce = self.ce
-        return (ce if per_position else CPUBackend.total(ce)), D, -1, grad
+            name = _LEAN_VARIANTS[("_index_blocks", True, cap > 0.0)]
+            if per_position:
+                pos = self._per_position()
+                ce, zls = pos[0], pos[1]
+                self._run(name, n_parts(self.work),
+                          (x3, tb, self.tk, w, opts, ignore_index, g, g_stride, grad, True, ce,
+                           zls, pos[2]) + self.grad_tail[3:])
+            else:
+                self._run(name, n_parts(self.work),
+                          (x3, tb, self.tk, w, opts, ignore_index, g, g_stride, grad, False)
+                          + self.grad_tail)
+                ce, zls = self.ce, self.zl
+        if not per_position:
+            ce, zls = CPUBackend.total(ce), CPUBackend.total(zls)
+        return ce, zls, D, count, -1, grad
 
 
 def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=True,

@@ -114,6 +114,51 @@ def test_lean_class_axis_grad_output_and_out_match_general_bitwise(monkeypatch, 
         _same(a, b)
 
 
+@pytest.mark.parametrize("shape", [(256, 10), (40, 100), (2, 21, 8, 8), (3, 5, 700)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [dict(label_smoothing=0.1), dict(z_loss=1e-3),
+                                     dict(softcap=4.0), dict(label_smoothing=0.2, z_loss=0.01,
+                                                             softcap=3.0)])
+def test_lean_options_match_general_bitwise(monkeypatch, shape, reduction, options):
+    """Label smoothing, z-loss and softcap (its kernel variants) through the lean path, with
+    and without class weights, forward, loss+grad and backward: the general path's bits."""
+    rng = np.random.default_rng(abs(hash((shape, reduction, str(options)))) % 2**32)
+    x = (rng.standard_normal(shape) * 4).astype(np.float32)
+    t = rng.integers(0, shape[1], shape[:1] + shape[2:])
+    t.reshape(-1)[::3] = -100
+    w = rng.uniform(0.2, 2.0, shape[1]).astype(np.float32)
+    go = rng.standard_normal(t.shape) if reduction == "none" else 1.5
+    kw = dict(reduction=reduction, **options)
+    calls = [lambda: fastce.cross_entropy(x, t, **kw),
+             lambda: fastce.cross_entropy(x, t, w, **kw),
+             lambda: fastce.cross_entropy_with_grad(x, t, **kw),
+             lambda: fastce.cross_entropy_with_grad(x, t, w, grad_output=go, **kw),
+             lambda: fastce.cross_entropy_backward(x, t, go, w, **kw)]
+    with monkeypatch.context() as m:
+        _taken(m)
+        got = [c() for c in calls]
+    _general(monkeypatch)
+    want = [c() for c in calls]
+    for a, b in zip(got, want):
+        _same(a, b)
+
+
+def test_lean_option_errors_are_the_general_paths(monkeypatch):
+    x = np.zeros((4, 5), np.float32)
+    t = np.array([0, 1, 2, 9])
+    bad = [dict(label_smoothing=1.5), dict(softcap=-1.0), dict(z_loss=np.nan),
+           dict(label_smoothing=0.1, reduction="avg"), dict(label_smoothing="x"),
+           dict(z_loss=0.1)]            # (the last: a valid option, then the bad target)
+    for kw in bad:
+        with pytest.raises((TypeError, ValueError)) as lean:
+            fastce.cross_entropy_with_grad(x, t, **kw)
+        with monkeypatch.context() as m:
+            _general(m)
+            with pytest.raises(type(lean.value)) as general:
+                fastce.cross_entropy_with_grad(x, t, **kw)
+        assert str(lean.value) == str(general.value)
+
+
 def test_out_sharing_memory_takes_the_general_path(monkeypatch):
     """out= the logits (in place), or overlapping them, the targets or the weights: the general
     path, which computes in place or reads through copies."""
@@ -297,13 +342,14 @@ def test_lean_plans_serve_one_thread_calls_of_every_layout():
                             LossOptions(weight_sum=float(C)), -100)
 
     for tdtype in (np.int64, np.int32):
-        total, D, count, bad = call((256, 10), tdtype)
+        total, zsum, D, count, bad = call((256, 10), tdtype)
         assert total == pytest.approx(256 * np.log(10)) and (D, count, bad) == (256, 256, -1)
+        assert zsum == 0
     f32, i64, i32 = (np.dtype(d).num for d in (np.float32, np.int64, np.int32))
     assert {(cpu._FWD_BLOCKS, (f32, i64, True, True)),
             (cpu._FWD_BLOCKS, (f32, i32, True, True))} <= set(cpu._LEAN_ENTRIES)
     for shape in ((3 * cpu.BLOCK + 7, 10), (4, 3, 3 * cpu.BLOCK + 7), (40, 100), (6, 40, 1, 1)):
-        total, D, count, bad = call(shape)      # several blocks; strided; the rows kernel
+        total, _, D, count, bad = call(shape)   # several blocks; strided; the rows kernel
         n = shape[0] * (shape[2] if len(shape) == 3 else 1)
         assert total == pytest.approx(n * np.log(shape[1])) and (D, count, bad) == (n, n, -1)
     assert (cpu._FWD_ROWS, (f32, i64, True, True)) in cpu._LEAN_ENTRIES
