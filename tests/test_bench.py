@@ -238,6 +238,12 @@ def test_asv_suite_direct_call():
         pt.time_call(shape, op)
         v = pt.track_vs_index_targets(shape, op)
         assert math.isfinite(v) and v > 0
+    pc = mod.PerCall()
+    for args in mod.PerCall.params[0]:
+        for op in mod.OPS:
+            pc.setup(args, op)
+            pc.time_call(args, op)
+    assert math.isfinite(pc.track_vs_plain(args, op)) and mod.PerCall.track_vs_plain.unit == "x"
 
 
 def test_asv_softmax_suite_direct_call():

@@ -12,6 +12,9 @@
 - ``ProbabilityTargets``: time_ of probability (soft) targets on rows and strided logits, and
   track_ of their time as a multiple of class-index targets on the same logits (round-robin):
   they read twice the bytes, so about 2x is the aim.
+- ``PerCall``: time_ of (256, 10) calls with each argument set the lean path serves (options,
+  reduction="none", class_axis, grad_output, out=), and track_ of each as a multiple of the
+  plain call: a call that falls back to the general path shows as ~3-5x.
 
 Every setup builds the arrays and calls fastce once (Numba compiles, or loads its cache) so
 that no timed region includes compilation.
@@ -192,3 +195,53 @@ class ProbabilityTargets:
         return res["prob"] / res["index"]
 
     track_vs_index_targets.unit = "x"
+
+
+# Small calls with the arguments the lean path serves (fastce.api._lean_call): each should cost
+# about the plain call; one that falls back to the general path costs ~25-45 us more.
+PER_CALL_ARGS = {
+    "plain": dict(),
+    "label_smoothing": dict(label_smoothing=0.1),
+    "softcap+z_loss": dict(softcap=30.0, z_loss=1e-4),
+    "reduction=none": dict(reduction="none"),
+    "class_axis=1": dict(class_axis=1),
+    "grad_output": dict(grad_output=0.5),
+    "out=": dict(out=True),
+}
+
+
+class PerCall:
+    """(256, 10) float32 calls, forward and loss+grad, with each argument set: time_, and
+    track_ of the time as a multiple of the plain call's (round-robin)."""
+    params = [list(PER_CALL_ARGS), OPS]
+    param_names = ["args", "op"]
+    timeout = 120
+    warmup_time = 0
+    repeat = (1, 5, 30.0)
+
+    def _fn(self, args, op):
+        kw = dict(PER_CALL_ARGS[args])
+        if op == FORWARD:
+            kw.pop("grad_output", None)
+            kw.pop("out", None)
+            return lambda: fastce.cross_entropy(self.x, self.t, **kw)
+        if kw.pop("out", False):
+            kw["out"] = np.empty_like(self.x)
+        return lambda: fastce.cross_entropy_with_grad(self.x, self.t, **kw)
+
+    def setup(self, args, op):
+        self.x, self.t = _logits((256, 10))
+        self.fn = self._fn(args, op)
+        self.plain = self._fn("plain", op)
+        self.fn()
+        self.plain()
+
+    def time_call(self, args, op):
+        self.fn()
+
+    def track_vs_plain(self, args, op):
+        # (microsecond calls on a noisy machine: more rounds than the large calls need)
+        res = bench.measure_side_by_side({"args": self.fn, "plain": self.plain}, repeats=25)
+        return res["args"] / res["plain"]
+
+    track_vs_plain.unit = "x"
