@@ -25,11 +25,14 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import sys
+import threading
+import weakref
 from functools import partial
 
 import numpy as np
 
-from . import api, cpu, shards
+from . import _alloc, api, cpu, shards
 from .dispatch import is_dask_array
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "SPLIT_EVERY"]
@@ -90,11 +93,122 @@ class _Graph:
             depth += 1
         return level[0]
 
-    def array(self, name, chunks, meta, dtype):
+    def array(self, name, chunks, meta, dtype, cls=None):
         import dask.array as da
         from dask.highlevelgraph import HighLevelGraph
         graph = HighLevelGraph.from_collections(name, self.dsk, dependencies=self.deps)
-        return da.Array(graph, name, chunks=chunks, dtype=dtype, meta=meta)
+        return (cls or da.Array)(graph, name, chunks=chunks, dtype=dtype, meta=meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Row-chunked gradients written into one buffer
+# ---------------------------------------------------------------------------------------------
+class _Slabs:
+    """Gradient chunks that split the first axis only are written into consecutive slices of
+    one buffer per computation, its "slab" (from fastce's buffer pool), so that ``compute()``
+    on a shared-memory scheduler returns the slab itself instead of copying the chunks into a
+    new array (at W1 in 512-row chunks that copy and its page faults took ~2x the in-memory
+    call).  Each chunk index of a slab is handed out once: a task run again (a retry, a second
+    computation of the same graph, two at once) gets a new slab, so no chunk is ever written
+    twice and no earlier result is overwritten.  The slab is held weakly: it lives as long as a
+    chunk of it does.  Tasks on a ``dask.distributed`` worker take no slab (their chunks are
+    sent back as copies; a slab would map the whole gradient on every worker)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.live = {}          # graph key -> (weakref to the slab, chunk indices handed out)
+
+    def claim(self, key, shape, dtype, index, lo, hi):
+        """slab[lo:hi] of the computation's slab for chunk ``index``."""
+        with self.lock:
+            entry = self.live.get(key)
+            slab = entry[0]() if entry is not None else None
+            if slab is None or index in entry[1]:
+                for k in [k for k, e in self.live.items() if e[0]() is None]:
+                    del self.live[k]
+                slab = _alloc.empty(shape, dtype)
+                entry = self.live[key] = (weakref.ref(slab), set())
+            entry[1].add(index)
+            return slab[lo:hi]
+
+
+_SLABS = _Slabs()
+
+
+def _on_cluster_worker():
+    dist = sys.modules.get("distributed")
+    if dist is None:
+        return False
+    try:
+        dist.get_worker()
+    except ValueError:
+        return False
+    return True
+
+
+def _whole_slab(blocks, shape):
+    """The array of ``shape`` whose consecutive slices ``blocks`` are, in order and covering
+    it; None when they are not (chunks from different slabs, a cluster's copies)."""
+    slab = getattr(blocks[0], "base", None)
+    if type(slab) is not np.ndarray or not slab.flags.c_contiguous or slab.shape != shape:
+        return None
+    start = pos = slab.__array_interface__["data"][0]
+    for b in blocks:
+        if (type(b) is not np.ndarray or b.base is not slab or not b.flags.c_contiguous
+                or b.dtype != slab.dtype or b.__array_interface__["data"][0] != pos):
+            return None
+        pos += b.nbytes
+    return slab if pos - start == slab.nbytes else None
+
+
+def _gather_grad(results):
+    """Dask's finalize for a gradient: the chunks' slab itself when they are its slices (see
+    _Slabs); NumPy chunks otherwise copied into a buffer of fastce's pool (reused from call to
+    call: a fresh 524 MB array's page faults cost 2-10x the copy on a VM); else Dask's own
+    concatenation (CuPy chunks)."""
+    from dask.array.core import chunks_from_arrays, finalize, slices_from_chunks
+    from dask.core import flatten
+    blocks = list(flatten(results))
+    if len(blocks) < 2 or any(type(b) is not np.ndarray for b in blocks):
+        return finalize(results)
+    chunks = chunks_from_arrays(results)
+    if len(chunks) != blocks[0].ndim:
+        return finalize(results)
+    shape = tuple(map(sum, chunks))
+    whole = _whole_slab(blocks, shape)
+    if whole is not None:
+        return whole
+    out = _alloc.empty(shape, blocks[0].dtype)
+    for index, b in zip(slices_from_chunks(chunks), blocks):
+        out[index] = b
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _gradient_type():
+    import dask.array as da
+
+    class PooledGradient(da.Array):
+        """A NumPy-chunked gradient whose ``compute()`` returns its chunks' slab without a
+        copy when it can, else copies them into a pool buffer (see _gather_grad); any other
+        use is a plain Dask array's (``persist()`` gives one)."""
+
+        __slots__ = ()
+
+        def __dask_postcompute__(self):
+            return _gather_grad, ()
+
+    PooledGradient.__qualname__ = "PooledGradient"      # picklable by name, a module global
+    globals()["PooledGradient"] = PooledGradient
+    return PooledGradient
+
+
+def _slab_plan(x, s):
+    """Whether the gradient's chunks may be slices of one slab: NumPy float32/float64
+    chunks split along the first axis only, the class axis another one."""
+    return (s.want_grad and x.ndim >= 2 and s.axis != 0 and x.numblocks[0] > 1
+            and all(n == 1 for n in x.numblocks[1:]) and type(x._meta) is np.ndarray
+            and s.dtype in (np.dtype(np.float32), np.dtype(np.float64)))
 
 
 def _sum_tuples(parts):
@@ -189,13 +303,16 @@ def _grad_value(g):
 
 
 def _block_whole(x, t, w, dn, g, *, opts, reduction, want_loss, want_grad, want_hit, want_z,
-                 want_lse):
+                 want_lse, slab=None):
     """One chunk holding every class: the in-memory implementation with global denominators.
     Returns {"sums": (ce, z, hits) float64 sums, "per": per-position loss ("none"), "z":
-    per-position z-loss ("none"), "lse", "grad"}."""
+    per-position z-loss ("none"), "lse", "grad"}.  ``slab``: (graph key, gradient shape and
+    dtype, chunk index, first and end row) to write the gradient into (see _Slabs)."""
     kw = dict(opts)
     if reduction == "mean":
         kw["denominators"] = dn
+    if want_grad and slab is not None and type(x) is np.ndarray and not _on_cluster_worker():
+        kw["out"] = _SLABS.claim(*slab)
     r = {}
     if reduction == "none":
         loss, grad, stats = api._cross_entropy(
@@ -441,14 +558,20 @@ def _per_chunk(fn, n_chunks):
     return _on_one_thread(fn) if n_chunks >= cpu.num_threads() else fn
 
 
-def _whole_class_tasks(G, s, blocks, wkey, dn, res, grad_name):
+def _whole_class_tasks(G, s, x, blocks, wkey, dn, res, grad_name):
     """One chunk along the classes: each block runs the in-memory implementation."""
     fn = _per_chunk(partial(_block_whole, opts=s.opts, reduction=s.reduction,
                             want_loss=s.want_loss, want_grad=s.want_grad, want_hit=s.want_hit,
                             want_z=s.want_z_none, want_lse=s.return_lse),
                     len(blocks.grid))
+    rows = np.cumsum((0,) + x.chunks[0]) if s.slab else None
     for b in blocks.grid:
-        G.dsk[(res,) + b] = (fn, blocks.x(b, 0), blocks.t(b, 0), wkey, dn, blocks.g(b))
+        task = (fn, blocks.x(b, 0), blocks.t(b, 0), wkey, dn, blocks.g(b))
+        if s.slab:
+            i = b[0]
+            task = (partial(fn, slab=(grad_name, tuple(x.shape), s.dtype, i, int(rows[i]),
+                                      int(rows[i + 1]))),) + task[1:]
+        G.dsk[(res,) + b] = task
         if s.want_grad:
             G.dsk[(grad_name,) + blocks.x(b, 0)[1:]] = (operator.getitem, (res,) + b, "grad")
 
@@ -529,7 +652,9 @@ def _ce_arrays(G, s, x, names, grad_name):
     scalar = ((), _meta(x, 0, s.dtype))
     results = {}
     if s.want_grad:
-        results["grad"] = G.array(grad_name, x.chunks, x._meta.astype(s.dtype), s.dtype)
+        numpy = type(x._meta) is np.ndarray
+        results["grad"] = G.array(grad_name, x.chunks, x._meta.astype(s.dtype), s.dtype,
+                                  cls=_gradient_type() if numpy else None)
     for what in ("loss", "z"):
         if what in names:
             chunks, meta = per_position if s.reduction == "none" else scalar
@@ -579,8 +704,9 @@ def cross_entropy(input, target, weight, grad_output, *, ignore_index, reduction
     blocks = _Blocks(x, t, s, g_none, gkey)
     res = G.name("chunk")
     grad_name = G.name("grad") if want_grad else None
+    s.slab = x.numblocks[s.axis] == 1 and _slab_plan(x, s)
     if x.numblocks[s.axis] == 1:
-        _whole_class_tasks(G, s, blocks, wkey, dn, res, grad_name)
+        _whole_class_tasks(G, s, x, blocks, wkey, dn, res, grad_name)
     else:
         _class_chunk_tasks(G, s, x, blocks, wkey, dn, res, grad_name)
     names = _ce_outputs(G, s, res, blocks.grid, dn)

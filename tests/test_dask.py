@@ -199,6 +199,11 @@ def _slow(a):
     return a
 
 
+def _slabs_held():
+    from fastce import dask_backend
+    return len(dask_backend._SLABS.live)
+
+
 def test_local_cluster_processes_and_worker_killed():
     """Two worker processes give the threaded scheduler's bits; a worker killed while the
     graph runs is replaced by its nanny, its tasks rerun, and the result is unchanged."""
@@ -218,6 +223,10 @@ def test_local_cluster_processes_and_worker_killed():
         got = client.compute(lazy, sync=True)
         assert np.float32(got[0].loss).tobytes() == np.float32(want[0].loss).tobytes()
         np.testing.assert_array_equal(got[1], want[1])
+        rows = fastce.cross_entropy_backward(da.from_array(x, chunks=(12, 40)), dt, None, w)
+        np.testing.assert_array_equal(client.compute(rows, sync=True),
+                                      fastce.cross_entropy_backward(x, t, None, w))
+        assert set(client.run(_slabs_held).values()) == {0}     # workers take no slab
         pids = client.run(os.getpid)
         futs = client.compute([lazy[0].loss, lazy[0].token_accuracy, lazy[1]])
         deadline = time.time() + 20
@@ -267,3 +276,77 @@ def test_class_chunked_gradient_rescales_the_stored_exps(monkeypatch):
     assert sorted(used) == sorted([(20, 11), (20, 1), (20, 18)] * 2)
     np.testing.assert_allclose(loss, ref, rtol=2e-6)
     np.testing.assert_allclose(grad, rgrad, rtol=0, atol=2e-6 * float(np.abs(rgrad).max()))
+
+
+def test_row_chunked_gradient_is_computed_into_one_buffer():
+    """compute() of a gradient chunked along the first axis returns the buffer its chunks were
+    written into (no concatenated copy); a second computation, a persisted copy and two
+    computations at once never share or overwrite an earlier result."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastce import dask_backend as db
+    rng = np.random.default_rng(15)
+    x, t, w = _index_case(rng, (4, 8, 33), 2, np.float64)      # (4, 8) positions, 33 classes
+    ref_loss, ref = fastce.cross_entropy_with_grad(x, t, w, class_axis=-1)
+    dx, dt = da.from_array(x, chunks=(1, 8, 33)), da.from_array(t, chunks=(1, 8))
+    loss, lgrad = fastce.cross_entropy_with_grad(dx, dt, w, class_axis=-1)
+    assert type(lgrad).__name__ == "PooledGradient"
+    for scheduler in ("threads", "sync"):
+        got_loss, g1 = dask.compute(loss, lgrad, scheduler=scheduler)
+        assert got_loss == ref_loss
+        np.testing.assert_array_equal(g1, ref)
+        assert g1.flags.c_contiguous and g1.flags.writeable
+        assert db._SLABS.live[lgrad.name][0]() is g1          # the chunks' own buffer
+        g2 = lgrad.compute(scheduler=scheduler)
+        assert not np.shares_memory(g1, g2)
+        g1[...] = 7.0                                          # the caller owns its result
+        np.testing.assert_array_equal(g2, ref)
+    (persisted,) = dask.persist(lgrad, scheduler="threads")
+    assert type(persisted) is da.Array                          # compute() of it copies
+    whole = persisted.compute(scheduler="threads")
+    assert not np.shares_memory(whole, persisted.blocks[0].compute(scheduler="sync"))
+    np.testing.assert_array_equal(whole, ref)
+    with ThreadPoolExecutor(3) as pool:
+        runs = list(pool.map(lambda _: lgrad.compute(scheduler="threads"), range(6)))
+    for i, g in enumerate(runs):
+        np.testing.assert_array_equal(g, ref)
+        assert not any(np.shares_memory(g, h) for h in runs[i + 1:])
+    # A gradient of the buffer pool's size: the slab is a pool mapping (huge pages).
+    from fastce import _alloc
+    xb = rng.standard_normal((64, _alloc.POOL_MIN // 256)).astype(np.float32)
+    tb = rng.integers(0, xb.shape[1], 64)
+    lazy = fastce.cross_entropy_backward(da.from_array(xb, chunks=(16, -1)),
+                                         da.from_array(tb, chunks=16), None)
+    gb = lazy.compute(scheduler="threads")
+    assert db._SLABS.live[lazy.name][0]() is gb and gb.base is not None
+    np.testing.assert_array_equal(gb, fastce.cross_entropy_backward(xb, tb))
+    # Other chunkings (classes, a second axis): no slab, the chunks copied into one array.
+    for chunks, tchunks in (((2, 8, 11), (2, 8)), ((2, 4, 33), (2, 4))):
+        other = fastce.cross_entropy_backward(da.from_array(x, chunks=chunks),
+                                              da.from_array(t, chunks=tchunks), None, w,
+                                              class_axis=-1)
+        g = other.compute(scheduler="threads")
+        assert other.name not in db._SLABS.live and g.flags.c_contiguous
+        np.testing.assert_allclose(g, ref, rtol=0, atol=1e-15)
+
+
+def test_slab_claims_and_tiling():
+    """Each chunk index of a slab is handed out once (a task run again writes elsewhere), and
+    only chunks that tile one buffer in order are returned as that buffer."""
+    from fastce import dask_backend as db
+    slabs = db._Slabs()
+    a = slabs.claim("k", (6, 4), np.float32, 0, 0, 3)
+    b = slabs.claim("k", (6, 4), np.float32, 1, 3, 6)
+    assert a.base is b.base and db._whole_slab([a, b], (6, 4)) is a.base
+    assert db._whole_slab([a, b], (3, 8)) is None                # not the slab's shape
+    again = slabs.claim("k", (6, 4), np.float32, 1, 3, 6)       # a retry: a new slab
+    assert again.base is not a.base
+    assert db._whole_slab([a, again], (6, 4)) is None
+    assert db._whole_slab([b, a], (6, 4)) is None                # out of order
+    assert db._whole_slab([a], (6, 4)) is None                   # not covering it
+    assert db._whole_slab([np.zeros((3, 4)), np.zeros((3, 4))], (6, 4)) is None
+    gathered = db._gather_grad([[a], [again]])                   # Dask's concatenation
+    assert gathered.shape == (6, 4) and not np.shares_memory(gathered, a)
+    del a, b, again, gathered
+    slabs.claim("other", (2, 2), np.float64, 0, 0, 1)            # dead entries are dropped
+    assert list(slabs.live) == ["other"]
