@@ -781,7 +781,8 @@ def _linear_grad_arrays(G, h, V, names):
     """The lazy gradients (hidden, classifier, bias or None)."""
     ghn, gcn, gbn = names
     H, dtype = h.shape[1], np.dtype(h.dtype)
-    return (G.array(ghn, h.chunks, _meta(h, 2, dtype), dtype),
+    pooled = _gradient_type() if type(h._meta) is np.ndarray else None
+    return (G.array(ghn, h.chunks, _meta(h, 2, dtype), dtype, cls=pooled),
             G.array(gcn, ((V,), (H,)), _meta(h, 2, dtype), dtype),
             G.array(gbn, ((V,),), _meta(h, 1, dtype), dtype) if gbn is not None else None)
 

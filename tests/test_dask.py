@@ -160,6 +160,7 @@ def test_linear_cross_entropy_rows():
         loss = fastce.linear_cross_entropy(dh, c, dt, b, **opts)
         lazy = fastce.linear_cross_entropy_with_grad(dh, c, dt, b, **opts)
         assert lazy[1].chunks == ((12, 12, 12, 12, 2), (16,))
+        assert type(lazy[1]).__name__ == "PooledGradient"      # compute(): pool buffer
         got = dask.compute(loss, lazy)
         ref = fastce.linear_cross_entropy_with_grad(h, c, t, b, **opts)
         _compare(got[0], ref[0], 3e-6)
