@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import os
 import sys
 import threading
 import weakref
@@ -135,6 +136,17 @@ class _Slabs:
 _SLABS = _Slabs()
 
 
+def _reset_slabs_in_child():
+    # A forked child (Dask's processes scheduler) has none of the parent's other threads: the
+    # lock may have been held by one of them; its slabs are the parent's to hand out.
+    _SLABS.lock = threading.Lock()
+    _SLABS.live = {}
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_slabs_in_child)
+
+
 def _on_cluster_worker():
     dist = sys.modules.get("distributed")
     if dist is None:
@@ -165,7 +177,8 @@ def _gather_grad(results):
     """Dask's finalize for a gradient: the chunks' slab itself when they are its slices (see
     _Slabs); NumPy chunks otherwise copied into a buffer of fastce's pool (reused from call to
     call: a fresh 524 MB array's page faults cost 2-10x the copy on a VM); else Dask's own
-    concatenation (CuPy chunks)."""
+    concatenation (CuPy chunks).  As with Dask's single-chunk arrays, results of one
+    ``dask.compute`` call may share memory (the gradient twice, or a slice of it beside it)."""
     from dask.array.core import chunks_from_arrays, finalize, slices_from_chunks
     from dask.core import flatten
     blocks = list(flatten(results))

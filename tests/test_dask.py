@@ -302,6 +302,11 @@ def test_row_chunked_gradient_is_computed_into_one_buffer():
         assert not np.shares_memory(g1, g2)
         g1[...] = 7.0                                          # the caller owns its result
         np.testing.assert_array_equal(g2, ref)
+    twice = dask.compute(lgrad, lgrad, lgrad[1:3], scheduler="threads")
+    for g, r in zip(twice, (ref, ref, ref[1:3])):
+        np.testing.assert_array_equal(g, r)
+    # the processes scheduler: the chunks come back as copies, gathered into one array
+    np.testing.assert_array_equal(lgrad.compute(scheduler="processes", num_workers=2), ref)
     (persisted,) = dask.persist(lgrad, scheduler="threads")
     assert type(persisted) is da.Array                          # compute() of it copies
     whole = persisted.compute(scheduler="threads")
