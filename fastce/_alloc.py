@@ -160,6 +160,11 @@ def set_pool_bytes(max_bytes):
     return old
 
 
+def may_hold(nbytes):
+    """Whether a buffer of ``nbytes`` is within the pool's cap (False when the pool is off)."""
+    return 0 < nbytes <= _POOL.max_bytes
+
+
 def pool_info():
     """{"max_bytes", "held_bytes", "free_bytes", "buffers"} of the pool, now."""
     with _POOL.lock:

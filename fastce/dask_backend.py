@@ -112,15 +112,21 @@ class _Slabs:
     call).  Each chunk index of a slab is handed out once: a task run again (a retry, a second
     computation of the same graph, two at once) gets a new slab, so no chunk is ever written
     twice and no earlier result is overwritten.  The slab is held weakly: it lives as long as a
-    chunk of it does.  Tasks on a ``dask.distributed`` worker take no slab (their chunks are
-    sent back as copies; a slab would map the whole gradient on every worker)."""
+    chunk of it does, and stays resident as long, so only gradients within the pool's cap (1 GiB
+    by default, ``set_pool_bytes``) get one: a larger one streamed chunk by chunk (``da.store``
+    of a gradient larger than memory) keeps a buffer per chunk, freed once stored.  Tasks on a
+    ``dask.distributed`` worker take no slab (their chunks are sent back as copies; a slab
+    would map the whole gradient on every worker)."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.live = {}          # graph key -> (weakref to the slab, chunk indices handed out)
 
     def claim(self, key, shape, dtype, index, lo, hi):
-        """slab[lo:hi] of the computation's slab for chunk ``index``."""
+        """slab[lo:hi] of the computation's slab for chunk ``index``; None for a gradient
+        beyond the pool's cap."""
+        if not _alloc.may_hold(math.prod(shape) * np.dtype(dtype).itemsize):
+            return None
         with self.lock:
             entry = self.live.get(key)
             slab = entry[0]() if entry is not None else None
@@ -325,7 +331,9 @@ def _block_whole(x, t, w, dn, g, *, opts, reduction, want_loss, want_grad, want_
     if reduction == "mean":
         kw["denominators"] = dn
     if want_grad and slab is not None and type(x) is np.ndarray and not _on_cluster_worker():
-        kw["out"] = _SLABS.claim(*slab)
+        out = _SLABS.claim(*slab)
+        if out is not None:
+            kw["out"] = out
     r = {}
     if reduction == "none":
         loss, grad, stats = api._cross_entropy(

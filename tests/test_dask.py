@@ -326,6 +326,16 @@ def test_row_chunked_gradient_is_computed_into_one_buffer():
     gb = lazy.compute(scheduler="threads")
     assert db._SLABS.live[lazy.name][0]() is gb and gb.base is not None
     np.testing.assert_array_equal(gb, fastce.cross_entropy_backward(xb, tb))
+    # Beyond the pool's cap (here: the pool off), a buffer per chunk, gathered by a copy.
+    old = fastce.set_pool_bytes(0)
+    try:
+        lazy = fastce.cross_entropy_backward(dx, dt, None, w, class_axis=-1)
+        g = lazy.compute(scheduler="threads")
+        assert lazy.name not in db._SLABS.live
+        np.testing.assert_array_equal(g, fastce.cross_entropy_backward(x, t, None, w,
+                                                                       class_axis=-1))
+    finally:
+        fastce.set_pool_bytes(old)
     # Other chunkings (classes, a second axis): no slab, the chunks copied into one array.
     for chunks, tchunks in (((2, 8, 11), (2, 8)), ((2, 4, 33), (2, 4))):
         other = fastce.cross_entropy_backward(da.from_array(x, chunks=chunks),
