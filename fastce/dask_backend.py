@@ -725,7 +725,7 @@ def cross_entropy(input, target, weight, grad_output, *, ignore_index, reduction
     blocks = _Blocks(x, t, s, g_none, gkey)
     res = G.name("chunk")
     grad_name = G.name("grad") if want_grad else None
-    s.slab = x.numblocks[s.axis] == 1 and _slab_plan(x, s)
+    s.slab = _slab_plan(x, s)          # implies one chunk along the classes
     if x.numblocks[s.axis] == 1:
         _whole_class_tasks(G, s, x, blocks, wkey, dn, res, grad_name)
     else:
