@@ -12,9 +12,10 @@ __all__ = ["is_device_array", "is_dask_array", "backend_for", "cpu_backend"]
 
 
 def is_dask_array(a) -> bool:
-    """True for a ``dask.array.Array`` (recognised by its type: dask is never imported here)."""
-    t = type(a)
-    return t.__name__ == "Array" and t.__module__.partition(".")[0] == "dask"
+    """True for a ``dask.array.Array`` or a subclass (fastce's own lazy gradients are one),
+    recognised by its type: dask is never imported here."""
+    return any(t.__name__ == "Array" and t.__module__.partition(".")[0] == "dask"
+               for t in type(a).__mro__)
 
 
 def is_device_array(a) -> bool:

@@ -326,6 +326,12 @@ def test_row_chunked_gradient_is_computed_into_one_buffer():
     gb = lazy.compute(scheduler="threads")
     assert db._SLABS.live[lazy.name][0]() is gb and gb.base is not None
     np.testing.assert_array_equal(gb, fastce.cross_entropy_backward(xb, tb))
+    # The lazy gradient is a Dask array to fastce too: lazy through another call, or an error.
+    again = fastce.cross_entropy(lgrad, dt, class_axis=-1)
+    assert isinstance(again, da.Array)
+    assert again.compute() == fastce.cross_entropy(ref, t, class_axis=-1)
+    with pytest.raises(TypeError, match="Dask array"):
+        fastce.logsumexp(lgrad)
     # Beyond the pool's cap (here: the pool off), a buffer per chunk, gathered by a copy.
     old = fastce.set_pool_bytes(0)
     try:
