@@ -116,7 +116,8 @@ class _Slabs:
     by default, ``set_pool_bytes``) get one: a larger one streamed chunk by chunk (``da.store``
     of a gradient larger than memory) keeps a buffer per chunk, freed once stored.  Tasks on a
     ``dask.distributed`` worker take no slab (their chunks are sent back as copies; a slab
-    would map the whole gradient on every worker)."""
+    would map the whole gradient on every worker).  A result computed from part of the
+    gradient (``grad[:k].compute()``) is a view of its chunk, so it keeps the whole slab."""
 
     def __init__(self):
         self.lock = threading.Lock()
