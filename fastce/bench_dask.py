@@ -7,8 +7,9 @@ mergeable-statistics path of ``fastce.shards``).  Each Dask call builds its grap
 it on the threaded scheduler.  Loss+grad three ways: ``compute()`` (one 524 MB array: row
 chunks are written into slices of it, class chunks copied into it), ``persist()`` (the
 gradient stays chunked in memory, how Dask arrays are kept), and ``da.store`` into a
-preallocated array (as into a memmap or Zarr store).  Reported: the median time (round-robin samples) as a ratio to the
-in-memory call, and the peak NumPy memory of the forward (tracemalloc) in chunks.
+preallocated array (as into a memmap or Zarr store).  Reported: the median time (round-robin
+samples) as a ratio to the in-memory call, and the peak NumPy memory of the forward
+(tracemalloc) in chunks.
 
 Then the rows chunking on a ``dask.distributed.LocalCluster`` of 2 single-threaded worker
 processes, the logits read by the workers from a ``.npy`` memory map (a file; no 524 MB
@@ -89,9 +90,9 @@ def run(quick=False, repeats=None, out=sys.stdout, progress=None, num_workers=No
         print(f"    [{'PASS' if ok else 'FAIL'}] {name} {op}: {r:.2f}x", file=out)
     print(f"  (loss+grad: '{FWDBWD}' computes the gradient into one array (row chunks are "
           f"written into it; class chunks are copied into it), '{PERSIST}' keeps it chunked "
-          f"in memory, '{STORE}' writes its chunks "
-          f"with dask.array.store into a preallocated array, as to a memmap or Zarr store; all "
-          f"against the in-memory loss+grad)", file=out)
+          f"in memory, '{STORE}' writes its chunks with dask.array.store into a preallocated "
+          f"array, as to a memmap or Zarr store; all against the in-memory loss+grad)",
+          file=out)
     cluster = _cluster(p, rows, repeats, out, progress, quick)
     return {"times": times, "ratios": results, "memory": mem, "exactness": exact,
             "cluster": cluster}

@@ -155,6 +155,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def _on_cluster_worker():
+    """Whether this task runs on a dask.distributed worker (never imports distributed)."""
     dist = sys.modules.get("distributed")
     if dist is None:
         return False
