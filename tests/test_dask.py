@@ -326,6 +326,12 @@ def test_row_chunked_gradient_is_computed_into_one_buffer():
     gb = lazy.compute(scheduler="threads")
     assert db._SLABS.live[lazy.name][0]() is gb and gb.base is not None
     np.testing.assert_array_equal(gb, fastce.cross_entropy_backward(xb, tb))
+    # class chunks of that size: copied into a pool buffer (a mapping), not a fresh array
+    lazy = fastce.cross_entropy_backward(da.from_array(xb, chunks=(32, xb.shape[1] // 2)),
+                                         da.from_array(tb, chunks=32), None)
+    gc = lazy.compute(scheduler="threads")
+    assert lazy.name not in db._SLABS.live and type(gc.base).__name__ == "mmap"
+    np.testing.assert_allclose(gc, gb, rtol=0, atol=1e-7)
     # The lazy gradient is a Dask array to fastce too: lazy through another call, or an error.
     again = fastce.cross_entropy(lgrad, dt, class_axis=-1)
     assert isinstance(again, da.Array)
