@@ -43,6 +43,20 @@ def test_a_dropped_buffer_is_reused_and_a_live_one_never(pool):
     assert all(not np.shares_memory(c, h) for h in held)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.uint16])
+def test_buffers_start_half_a_page_from_other_arrays(pool, dtype):
+    """Pool buffers start 2 KiB into a page, away from NumPy's and malloc's large arrays
+    (a few bytes into theirs): copies between two arrays at the same place in their pages
+    run ~3x slower (4K aliasing)."""
+    shape = (_alloc.POOL_MIN // np.dtype(dtype).itemsize // 1024, 1024)
+    for _ in range(2):                              # a new mapping, then a reused one
+        a = _alloc.empty(shape, dtype)
+        assert _addr(a) % 4096 == 2048 and _addr(a) % 64 == 0
+        assert a.flags.c_contiguous and a.flags.writeable and a.shape == shape
+        a[-1, -1] = 1                               # the mapping covers the whole array
+        del a
+
+
 def test_small_buffers_and_object_dtypes_bypass_the_pool(pool):
     before = fastce.pool_info()["buffers"]
     assert _alloc.empty((10, 10), np.float32).flags.owndata
@@ -58,7 +72,7 @@ def test_the_cap_holds_and_zero_releases_the_free_buffers(pool):
     assert info["held_bytes"] <= 20 << 20 and info["buffers"] == 2
     assert all(k.shape == SHAPE and k.flags.writeable and k.flags.c_contiguous for k in keep)
     del keep
-    assert fastce.pool_info()["free_bytes"] == 16 << 20
+    assert fastce.pool_info()["free_bytes"] == 2 * ((16 << 20) // 2 + _alloc._OFFSET)
     assert fastce.set_pool_bytes(0) == 20 << 20
     assert fastce.pool_info()["held_bytes"] == 0
     with pytest.raises(ValueError, match=">= 0"):
