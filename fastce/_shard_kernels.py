@@ -109,10 +109,11 @@ def _caps(opts, like):
 # ---------------------------------------------------------------------------------------------
 # Statistics (opts: fastce.options.ShardOptions)
 # ---------------------------------------------------------------------------------------------
-def _stats_rows(xf, ld, N, C, tl, p, w, opts, out, ex, part, nparts):
-    """ex: (N, C) to store each exp(s_c - m) in (no softcap), for grad_rows_stored; or a
-    (0, 1) placeholder."""
-    store = ex.shape[0] == N
+def _stats_rows(xf, ld, N, C, tl, p, w, opts, out, ex, eld, part, nparts):
+    """Row i of the shard is xf[i * ld : i * ld + C].  ex: where to store each exp(s_c - m)
+    (no softcap), for grad_rows_stored, row i at ex[i * eld : i * eld + C]; or an empty
+    placeholder."""
+    store = ex.shape[0] > 0
     lo, hi = task_range(N, part, nparts)
     for i in range(lo, hi):
         row = xf[i * ld:i * ld + C]
@@ -122,7 +123,7 @@ def _stats_rows(xf, ld, N, C, tl, p, w, opts, out, ex, part, nparts):
         ms = _capped(m, has_cap, capf, inv_capf)
         if ms > -_INF and ms < _INF:
             if store:
-                acc = _row_exp_sum_store(row, ms, log2e, ex[i])
+                acc = _row_exp_sum_store(row, ms, log2e, ex[i * eld:i * eld + C])
             elif has_cap:
                 acc = _exp_sum_cap(row, ms, log2e, capf, inv_capf)
             else:
@@ -130,7 +131,7 @@ def _stats_rows(xf, ld, N, C, tl, p, w, opts, out, ex, part, nparts):
         else:
             acc = ms - ms
             if store:           # every exp is 0 (ms = -inf); else the gradient row is NaN
-                ex[i, :] = 0
+                ex[i * eld:i * eld + C] = 0
         out[0, i] = np.float64(ms)
         out[1, i] = _sumexp_of(ms, acc)
         ti = tl[i]
@@ -312,13 +313,13 @@ def _grad_rows(xf, ld, N, C, tl, p, w, opts, coef, grad, part, nparts):
             gr[ti] -= cast_like(beta * f, row)
 
 
-def _grad_rows_stored(ex, tl, w, coef, ms, part, nparts):
+def _grad_rows_stored(ex, eld, N, C, tl, w, coef, ms, part, nparts):
     """_grad_rows (index targets, no softcap) in place on the exps that _stats_rows stored
-    relative to the shard's max ms: exp(s_c - a) = ex_c exp(ms - a), so no exp per element."""
-    N, C = ex.shape
+    (row i at ex[i * eld : i * eld + C]) relative to the shard's max ms:
+    exp(s_c - a) = ex_c exp(ms - a), so no exp per element."""
     lo, hi = task_range(N, part, nparts)
     for i in range(lo, hi):
-        gr = ex[i]
+        gr = ex[i * eld:i * eld + C]
         if coef[4, i] == 0.0:
             gr[:] = 0
             continue
@@ -384,30 +385,43 @@ def _dummy(dtype):
     return a
 
 
-def _rows_of(x2):
-    """(flat, ld): the rows of the 2-D x2 as one contiguous 1-D span of memory and the
-    distance between row starts (elements).  No copy when only the rows are strided, as in a
-    class chunk x[:, c0:c1] of a C-contiguous array (Dask's chunks of an in-memory array): the
-    span is x2's own memory from its first element to its last."""
+def _span(x2, writeable=False):
+    """(flat, ld): the rows of the 2-D x2 as one contiguous 1-D span of its memory, from its
+    first element to its last, and the distance between row starts (elements); None unless
+    only the rows are strided, as in a class chunk x[:, c0:c1] of a C-contiguous array (Dask's
+    chunks of an in-memory array, or a tile of a gradient slab)."""
     N, C = x2.shape
     it = x2.itemsize
     if x2.flags.c_contiguous:
         return x2.reshape(-1), C
-    if x2.strides[1] == it and x2.strides[0] % it == 0 and x2.strides[0] >= C * it:
+    if (N > 0 and (C == 1 or x2.strides[1] == it) and x2.strides[0] % it == 0
+            and x2.strides[0] >= C * it):
         ld = x2.strides[0] // it
         return np.lib.stride_tricks.as_strided(x2, shape=((N - 1) * ld + C,), strides=(it,),
-                                               writeable=False), ld
-    return np.ascontiguousarray(x2).reshape(-1), C
+                                               writeable=writeable), ld
+    return None
+
+
+def _rows_of(x2):
+    """_span of the logits x2, or of a contiguous copy of them."""
+    span = _span(x2)
+    return span if span is not None else (np.ascontiguousarray(x2).reshape(-1), x2.shape[1])
 
 
 _NO_EXPS = {}
 
 
-def _no_exps(dtype):
-    a = _NO_EXPS.get(np.dtype(dtype))
-    if a is None:
-        a = _NO_EXPS[np.dtype(dtype)] = np.zeros((0, 1), dtype)
-    return a
+def _exps_span(exps, dtype):
+    """(flat, ld) of the (N, C) exps to write (see _span), or an empty placeholder."""
+    if exps is None:
+        a = _NO_EXPS.get(np.dtype(dtype))
+        if a is None:
+            a = _NO_EXPS[np.dtype(dtype)] = np.zeros(0, dtype)
+        return a, 0
+    span = _span(exps, writeable=True)
+    if span is None or not exps.flags.writeable:
+        raise ValueError("fastce: exps must be a writeable array whose rows are contiguous")
+    return span
 
 
 def stats(x3, tl, p3, w, keep, smooth_c, cap, want_dev, want_argmax, exps=None):
@@ -424,9 +438,9 @@ def stats(x3, tl, p3, w, keep, smooth_c, cap, want_dev, want_argmax, exps=None):
     if S == 1:
         p2 = p.reshape(p.shape[0], p.shape[1])
         xf, ld = _rows_of(x3.reshape(N, C))
-        ex = _no_exps(x3.dtype) if exps is None else exps
+        ex, eld = _exps_span(exps, x3.dtype)
         cpu.launch(names["stats_rows"], x3.size, xf, ld, N, C, tl.reshape(N), p2, w, opts,
-                   out.reshape(K_STATS, N), ex)
+                   out.reshape(K_STATS, N), ex, eld)
     else:
         cpu.launch(names["stats_strided"], x3.size, x3, tl, p, w, opts, out)
     return out
@@ -454,7 +468,8 @@ def grad_stored(exps, tl, w, coef, ms):
     """The gradient of a rows-layout shard (index targets, no softcap), written over the
     (N, C) exps that stats(..., exps=) stored; ms: the shard's (N,) max from those stats."""
     names = _register()
-    N = exps.shape[0]
-    cpu.launch(names["grad_rows_stored"], exps.size, exps, tl.reshape(N), w,
+    N, C = exps.shape
+    ex, eld = _exps_span(exps, exps.dtype)
+    cpu.launch(names["grad_rows_stored"], exps.size, ex, eld, N, C, tl.reshape(N), w,
                coef.reshape(coef.shape[0], N), np.ascontiguousarray(ms, np.float64).reshape(N))
     return exps

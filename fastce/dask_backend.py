@@ -123,9 +123,9 @@ class _Slabs:
         self.lock = threading.Lock()
         self.live = {}          # graph key -> (weakref to the slab, chunk indices handed out)
 
-    def claim(self, key, shape, dtype, index, lo, hi):
-        """slab[lo:hi] of the computation's slab for chunk ``index``; None for a gradient
-        beyond the pool's cap."""
+    def claim(self, key, shape, dtype, index, region):
+        """slab[region] (a tuple of slices) of the computation's slab for chunk ``index``;
+        None for a gradient beyond the pool's cap."""
         if not _alloc.may_hold(math.prod(shape) * np.dtype(dtype).itemsize):
             return None
         with self.lock:
@@ -137,7 +137,7 @@ class _Slabs:
                 slab = _alloc.empty(shape, dtype)
                 entry = self.live[key] = (weakref.ref(slab), set())
             entry[1].add(index)
-            return slab[lo:hi]
+            return slab[region]
 
 
 _SLABS = _Slabs()
@@ -166,19 +166,32 @@ def _on_cluster_worker():
     return True
 
 
-def _whole_slab(blocks, shape):
-    """The array of ``shape`` whose consecutive slices ``blocks`` are, in order and covering
-    it; None when they are not (chunks from different slabs, a cluster's copies)."""
-    slab = getattr(blocks[0], "base", None)
-    if type(slab) is not np.ndarray or not slab.flags.c_contiguous or slab.shape != shape:
+def _whole_slab(blocks, chunks):
+    """The array that the ``blocks`` (in Dask's order, chunked by ``chunks``) are the slices
+    of, each at its own place, covering it; None when they are not (chunks from different
+    slabs, a cluster's copies)."""
+    from dask.array.core import slices_from_chunks
+    slab = next((getattr(b, "base", None) for b in blocks if b.size), None)
+    if (type(slab) is not np.ndarray or not slab.flags.c_contiguous
+            or slab.shape != tuple(map(sum, chunks))):
         return None
-    start = pos = slab.__array_interface__["data"][0]
-    for b in blocks:
-        if (type(b) is not np.ndarray or b.base is not slab or not b.flags.c_contiguous
-                or b.dtype != slab.dtype or b.__array_interface__["data"][0] != pos):
+    indices = slices_from_chunks(chunks)
+    if len(indices) != len(blocks):
+        return None
+    start = slab.__array_interface__["data"][0]
+    for index, b in zip(indices, blocks):
+        at = start + sum(i.start * st for i, st in zip(index, slab.strides))
+        if (type(b) is not np.ndarray or b.dtype != slab.dtype
+                or b.shape != tuple(i.stop - i.start for i in index)):
             return None
-        pos += b.nbytes
-    return slab if pos - start == slab.nbytes else None
+        if b.size == 0:                 # an empty chunk covers nothing, wherever it lies
+            continue
+        if (b.base is not slab
+                or any(n > 1 and st != sst for n, st, sst in zip(b.shape, b.strides,
+                                                                 slab.strides))
+                or b.__array_interface__["data"][0] != at):
+            return None
+    return slab
 
 
 def _gather_grad(results):
@@ -195,11 +208,10 @@ def _gather_grad(results):
     chunks = chunks_from_arrays(results)
     if len(chunks) != blocks[0].ndim:
         return finalize(results)
-    shape = tuple(map(sum, chunks))
-    whole = _whole_slab(blocks, shape)
+    whole = _whole_slab(blocks, chunks)
     if whole is not None:
         return whole
-    out = _alloc.empty(shape, blocks[0].dtype)
+    out = _alloc.empty(tuple(map(sum, chunks)), blocks[0].dtype)
     for index, b in zip(slices_from_chunks(chunks), blocks):
         out[index] = b
     return out
@@ -225,11 +237,34 @@ def _gradient_type():
 
 
 def _slab_plan(x, s):
-    """Whether the gradient's chunks may be slices of one slab: NumPy float32/float64
-    chunks split along the first axis only, the class axis another one."""
-    return (s.want_grad and x.ndim >= 2 and s.axis != 0 and x.numblocks[0] > 1
-            and all(n == 1 for n in x.numblocks[1:]) and type(x._meta) is np.ndarray
-            and s.dtype in (np.dtype(np.float32), np.dtype(np.float64)))
+    """Whether the gradient's chunks may be slices of one slab (NumPy float32/float64 chunks):
+    - one chunk along the classes (not the first axis), the first axis split, no other: each
+      chunk task writes its gradient into its rows of the slab;
+    - class chunks along the last axis, no axis split but the first and the classes, class
+      indices, no softcap: each statistics task stores its exps into its tile of the slab
+      (see shards._keeps_exps), which the chunk's gradient task rescales in place."""
+    if not (s.want_grad and x.ndim >= 2 and type(x._meta) is np.ndarray
+            and s.dtype in (np.dtype(np.float32), np.dtype(np.float64))):
+        return False
+    if x.numblocks[s.axis] == 1:
+        return (s.axis != 0 and x.numblocks[0] > 1
+                and all(n == 1 for n in x.numblocks[1:]))
+    return (s.axis == x.ndim - 1 and s.kind == "index" and s.cap == 0.0
+            and all(n == 1 for n in x.numblocks[1:-1]))
+
+
+def _slab_arg(name, x, s, index, region):
+    """The ``slab`` argument of a chunk task: (graph key, gradient shape and dtype, chunk
+    index, its slices of the slab)."""
+    return (name, tuple(x.shape), s.dtype, index, region)
+
+
+def _claim_slab(x, slab):
+    """The chunk's slice of its computation's slab (see _Slabs), or None (no plan, a
+    distributed worker, beyond the pool's cap)."""
+    if slab is None or type(x) is not np.ndarray or _on_cluster_worker():
+        return None
+    return _SLABS.claim(*slab)
 
 
 def _sum_tuples(parts):
@@ -332,10 +367,9 @@ def _block_whole(x, t, w, dn, g, *, opts, reduction, want_loss, want_grad, want_
     kw = dict(opts)
     if reduction == "mean":
         kw["denominators"] = dn
-    if want_grad and slab is not None and type(x) is np.ndarray and not _on_cluster_worker():
-        out = _SLABS.claim(*slab)
-        if out is not None:
-            kw["out"] = out
+    out = _claim_slab(x, slab) if want_grad else None
+    if out is not None:
+        kw["out"] = out
     r = {}
     if reduction == "none":
         loss, grad, stats = api._cross_entropy(
@@ -378,8 +412,13 @@ def _block_finalize(st, t, w, *, ignore_index, z_loss, reduction, want_hit, want
     return r
 
 
-def _block_stats_exps(x, t, w, *, c0, C, opts, argmax):
-    return shards._shard_stats_exps(x, t, c0, C, w, argmax=argmax, **opts)
+def _block_stats_exps(x, t, w, *, c0, C, opts, argmax, slab=None):
+    """(statistics, exps) of a class chunk (see shards._shard_stats_exps); the exps are
+    stored into the chunk's tile of its slab when it has one (see _slab_plan)."""
+    tile = _claim_slab(x, slab)
+    if tile is not None:
+        tile = tile.reshape(-1, tile.shape[-1])     # a view: see _slab_plan
+    return shards._shard_stats_exps(x, t, c0, C, w, argmax=argmax, out=tile, **opts)
 
 
 def _block_grad_exps(own, x, t, st, w, dn, g, *, c0, C, opts, reduction):
@@ -587,13 +626,13 @@ def _whole_class_tasks(G, s, x, blocks, wkey, dn, res, grad_name):
                             want_loss=s.want_loss, want_grad=s.want_grad, want_hit=s.want_hit,
                             want_z=s.want_z_none, want_lse=s.return_lse),
                     len(blocks.grid))
-    rows = np.cumsum((0,) + x.chunks[0]) if s.slab else None
+    rows = np.cumsum((0,) + x.chunks[0])
     for b in blocks.grid:
         task = (fn, blocks.x(b, 0), blocks.t(b, 0), wkey, dn, blocks.g(b))
         if s.slab:
             i = b[0]
-            task = (partial(fn, slab=(grad_name, tuple(x.shape), s.dtype, i, int(rows[i]),
-                                      int(rows[i + 1]))),) + task[1:]
+            region = (slice(int(rows[i]), int(rows[i + 1])),)
+            task = (partial(fn, slab=_slab_arg(grad_name, x, s, i, region)),) + task[1:]
         G.dsk[(res,) + b] = task
         if s.want_grad:
             G.dsk[(grad_name,) + blocks.x(b, 0)[1:]] = (operator.getitem, (res,) + b, "grad")
@@ -617,10 +656,17 @@ def _class_chunk_tasks(G, s, x, blocks, wkey, dn, res, grad_name):
                   reduction=s.reduction, want_hit=s.want_hit, want_z=s.want_z_none,
                   want_lse=s.return_lse, dtype=s.dtype)
     sname = G.name("stats")
+    rows = np.cumsum((0,) + x.chunks[0])
+    middle = (slice(None),) * (x.ndim - 2)
     for b in blocks.grid:
         skeys = [(sname,) + b + (k,) for k in range(nk)]
         for k in range(nk):
-            G.dsk[skeys[k]] = (stats[k], blocks.x(b, k), blocks.t(b, k), wkey)
+            fn = stats[k]
+            if s.slab:
+                region = ((slice(int(rows[b[0]]), int(rows[b[0] + 1])),) + middle
+                          + (slice(int(ci[k]), int(ci[k + 1])),))
+                fn = partial(fn, slab=_slab_arg(grad_name, x, s, b + (k,), region))
+            G.dsk[skeys[k]] = (fn, blocks.x(b, k), blocks.t(b, k), wkey)
         own = skeys
         if s.want_grad:                 # (statistics, exps) pairs: merge the statistics
             skeys = [(sname + "-only",) + b + (k,) for k in range(nk)]
@@ -727,7 +773,7 @@ def cross_entropy(input, target, weight, grad_output, *, ignore_index, reduction
     blocks = _Blocks(x, t, s, g_none, gkey)
     res = G.name("chunk")
     grad_name = G.name("grad") if want_grad else None
-    s.slab = _slab_plan(x, s)          # implies one chunk along the classes
+    s.slab = _slab_plan(x, s)
     if x.numblocks[s.axis] == 1:
         _whole_class_tasks(G, s, x, blocks, wkey, dn, res, grad_name)
     else:

@@ -304,15 +304,25 @@ def _keeps_exps(sh):
 
 
 def _shard_stats_exps(input, target, c0, num_classes, weight=None, *, ignore_index=-100,
-                      label_smoothing=0.0, softcap=None, class_axis=None, argmax=False):
+                      label_smoothing=0.0, softcap=None, class_axis=None, argmax=False,
+                      out=None):
     """(shard_stats(...), exps): when the shard's gradient will be wanted, the statistics pass
     also stores exp(s_c - m) (m: the shard's max), gradient-sized, so that
     ``_shard_grad_exps`` rescales them in place instead of reading the logits and computing
     every exp again (the in-memory loss+grad kernel's trick, across the merge).  exps is None
-    where the shard cannot (see _keeps_exps)."""
+    where the shard cannot (see _keeps_exps); else ``out`` (an (N, Cs) array of the logits'
+    dtype whose rows are contiguous, where the gradient is wanted), or a new buffer."""
     sh = _Shard(input, target, c0, num_classes, weight, ignore_index, label_smoothing, softcap,
                 class_axis)
-    exps = _alloc.empty((sh.N, sh.Cs), sh.dtype) if _keeps_exps(sh) else None
+    exps = None
+    if _keeps_exps(sh):
+        if out is None:
+            exps = _alloc.empty((sh.N, sh.Cs), sh.dtype)
+        elif tuple(out.shape) != (sh.N, sh.Cs) or out.dtype != sh.dtype:
+            raise ValueError(f"fastce: out must be a {(sh.N, sh.Cs)} {sh.dtype} array, got "
+                             f"{tuple(out.shape)} {out.dtype}")
+        else:
+            exps = out
     return _to_stats(sh, _shard_stats(sh, argmax, exps), argmax), exps
 
 

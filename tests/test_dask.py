@@ -326,12 +326,14 @@ def test_row_chunked_gradient_is_computed_into_one_buffer():
     gb = lazy.compute(scheduler="threads")
     assert db._SLABS.live[lazy.name][0]() is gb and gb.base is not None
     np.testing.assert_array_equal(gb, fastce.cross_entropy_backward(xb, tb))
-    # class chunks of that size: copied into a pool buffer (a mapping), not a fresh array
+    # class chunks of that size under softcap (no stored exps, so no slab): copied into a
+    # pool buffer (a mapping), not a fresh array
     lazy = fastce.cross_entropy_backward(da.from_array(xb, chunks=(32, xb.shape[1] // 2)),
-                                         da.from_array(tb, chunks=32), None)
+                                         da.from_array(tb, chunks=32), None, softcap=30.0)
     gc = lazy.compute(scheduler="threads")
     assert lazy.name not in db._SLABS.live and type(gc.base).__name__ == "mmap"
-    np.testing.assert_allclose(gc, gb, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(gc, fastce.cross_entropy_backward(xb, tb, softcap=30.0),
+                               rtol=0, atol=1e-7)
     # The lazy gradient is a Dask array to fastce too: lazy through another call, or an error.
     again = fastce.cross_entropy(lgrad, dt, class_axis=-1)
     assert isinstance(again, da.Array)
@@ -348,33 +350,86 @@ def test_row_chunked_gradient_is_computed_into_one_buffer():
                                                                        class_axis=-1))
     finally:
         fastce.set_pool_bytes(old)
-    # Other chunkings (classes, a second axis): no slab, the chunks copied into one array.
-    for chunks, tchunks in (((2, 8, 11), (2, 8)), ((2, 4, 33), (2, 4))):
-        other = fastce.cross_entropy_backward(da.from_array(x, chunks=chunks),
-                                              da.from_array(t, chunks=tchunks), None, w,
-                                              class_axis=-1)
-        g = other.compute(scheduler="threads")
-        assert other.name not in db._SLABS.live and g.flags.c_contiguous
-        np.testing.assert_allclose(g, ref, rtol=0, atol=1e-15)
+    # A second axis split: no slab, the chunks copied into one array.
+    other = fastce.cross_entropy_backward(da.from_array(x, chunks=(2, 4, 33)),
+                                          da.from_array(t, chunks=(2, 4)), None, w,
+                                          class_axis=-1)
+    g = other.compute(scheduler="threads")
+    assert other.name not in db._SLABS.live and g.flags.c_contiguous
+    np.testing.assert_array_equal(g, ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, chunks", [((40, 30), (20, (11, 1, 18))),
+                                           ((40, 30), (40, 7)),
+                                           ((4, 8, 33), (2, 8, (16, 17))),
+                                           ((13, 9), ((5, 0, 8), 4))])
+def test_class_chunked_gradient_is_computed_into_one_buffer(dtype, shape, chunks):
+    """Class chunks along the last axis: each statistics task stores its exps into its tile of
+    one buffer, which the gradient tasks rescale in place and compute() returns; the same bits
+    as with a buffer per chunk (the pool off), never shared with another computation."""
+    from fastce import dask_backend as db
+    rng = np.random.default_rng(16)
+    x, t, w = _index_case(rng, shape, len(shape) - 1, dtype)
+    dx = da.from_array(x, chunks=chunks)
+    dt = da.from_array(t, chunks=chunks[:-1])
+    kw = dict(class_axis=-1, label_smoothing=0.05)
+    loss, lgrad = fastce.cross_entropy_with_grad(dx, dt, w, **kw)
+    old = fastce.set_pool_bytes(0)
+    try:
+        ref_loss, ref = dask.compute(loss, lgrad, scheduler="threads")
+        assert lgrad.name not in db._SLABS.live
+    finally:
+        fastce.set_pool_bytes(old)
+    r_loss, r_grad = fastce.cross_entropy_with_grad(x, t, w, **kw)
+    np.testing.assert_allclose(ref_loss, r_loss, rtol=5e-6)
+    np.testing.assert_allclose(ref, r_grad, rtol=0, atol=5e-6 * float(np.abs(r_grad).max()))
+    runs = []
+    for scheduler in ("threads", "sync", "threads"):
+        got_loss, g = dask.compute(loss, lgrad, scheduler=scheduler)
+        assert got_loss == ref_loss
+        np.testing.assert_array_equal(g, ref)
+        assert db._SLABS.live[lgrad.name][0]() is g and g.flags.c_contiguous
+        assert not any(np.shares_memory(g, h) for h in runs)
+        runs.append(g)
+    # softcap needs the logits again for its derivative: no stored exps, no slab
+    capped = fastce.cross_entropy_backward(dx, dt, None, w, softcap=5.0, **kw)
+    g = capped.compute(scheduler="threads")
+    assert capped.name not in db._SLABS.live
+    np.testing.assert_allclose(g, fastce.cross_entropy_backward(x, t, None, w, softcap=5.0,
+                                                                **kw),
+                               rtol=0, atol=5e-6 * float(np.abs(r_grad).max()))
 
 
 def test_slab_claims_and_tiling():
     """Each chunk index of a slab is handed out once (a task run again writes elsewhere), and
-    only chunks that tile one buffer in order are returned as that buffer."""
+    only chunks that tile one buffer, each at its own place, are returned as that buffer."""
     from fastce import dask_backend as db
     slabs = db._Slabs()
-    a = slabs.claim("k", (6, 4), np.float32, 0, 0, 3)
-    b = slabs.claim("k", (6, 4), np.float32, 1, 3, 6)
-    assert a.base is b.base and db._whole_slab([a, b], (6, 4)) is a.base
-    assert db._whole_slab([a, b], (3, 8)) is None                # not the slab's shape
-    again = slabs.claim("k", (6, 4), np.float32, 1, 3, 6)       # a retry: a new slab
+    rows = ((3, 3), (4,))
+    a = slabs.claim("k", (6, 4), np.float32, 0, (slice(0, 3),))
+    b = slabs.claim("k", (6, 4), np.float32, 1, (slice(3, 6),))
+    assert a.base is b.base and db._whole_slab([a, b], rows) is a.base
+    assert db._whole_slab([a, b], ((3,), (8,))) is None          # not the slab's shape
+    again = slabs.claim("k", (6, 4), np.float32, 1, (slice(3, 6),))    # a retry: a new slab
     assert again.base is not a.base
-    assert db._whole_slab([a, again], (6, 4)) is None
-    assert db._whole_slab([b, a], (6, 4)) is None                # out of order
-    assert db._whole_slab([a], (6, 4)) is None                   # not covering it
-    assert db._whole_slab([np.zeros((3, 4)), np.zeros((3, 4))], (6, 4)) is None
+    assert db._whole_slab([a, again], rows) is None
+    assert db._whole_slab([b, a], rows) is None                  # out of order
+    assert db._whole_slab([a], rows) is None                     # not covering it
+    assert db._whole_slab([np.zeros((3, 4)), np.zeros((3, 4))], rows) is None
     gathered = db._gather_grad([[a], [again]])                   # Dask's concatenation
     assert gathered.shape == (6, 4) and not np.shares_memory(gathered, a)
-    del a, b, again, gathered
-    slabs.claim("other", (2, 2), np.float64, 0, 0, 1)            # dead entries are dropped
+    # tiles: a 2 x 2 grid of (3, 2) blocks, in Dask's order (row-major over the grid)
+    grid = ((3, 3), (2, 2))
+    tiles = [slabs.claim("t", (6, 4), np.float64, (i, j), (slice(3 * i, 3 * i + 3),
+                                                         slice(2 * j, 2 * j + 2)))
+             for i in range(2) for j in range(2)]
+    assert db._whole_slab(tiles, grid) is tiles[0].base
+    assert db._whole_slab([tiles[0], tiles[2], tiles[1], tiles[3]], grid) is None
+    assert db._whole_slab(tiles, ((3, 3), (1, 3))) is None       # not where they lie
+    assert db._whole_slab([t.copy() for t in tiles], grid) is None
+    wide = slabs.claim("w", (6, 4), np.float64, 0, (slice(0, 3),))
+    assert db._whole_slab([wide[:, :2], wide[:, 2:]] + tiles[2:], grid) is None
+    del a, b, again, gathered, tiles, wide
+    slabs.claim("other", (2, 2), np.float64, 0, (slice(0, 1),))  # dead entries are dropped
     assert list(slabs.live) == ["other"]
