@@ -4,8 +4,8 @@ in-memory call.
 W1 (4096, 32000) float32 logits (524 MB) are wrapped with ``dask.array.from_array`` in ~64 MB
 chunks: rows only (512 x 32000), and rows x classes (1024 x 16000: the class chunks take the
 mergeable-statistics path of ``fastce.shards``).  Each Dask call builds its graph and computes
-it on the threaded scheduler.  Loss+grad three ways: ``compute()`` (one 524 MB array: row
-chunks are written into slices of it, class chunks copied into it), ``persist()`` (the
+it on the threaded scheduler.  Loss+grad three ways: ``compute()`` (one 524 MB array that
+the chunk tasks write into: row chunks as slices, class chunks as tiles), ``persist()`` (the
 gradient stays chunked in memory, how Dask arrays are kept), and ``da.store`` into a
 preallocated array (as into a memmap or Zarr store).  Reported: the median time (round-robin
 samples) as a ratio to the in-memory call, and the peak NumPy memory of the forward
@@ -88,10 +88,11 @@ def run(quick=False, repeats=None, out=sys.stdout, progress=None, num_workers=No
     print("  goals: rows <= 1.3x, rows x classes <= 1.6x the in-memory time:", file=out)
     for (name, op), (_, r, ok) in results.items():
         print(f"    [{'PASS' if ok else 'FAIL'}] {name} {op}: {r:.2f}x", file=out)
-    print(f"  (loss+grad: '{FWDBWD}' computes the gradient into one array (row chunks are "
-          f"written into it; class chunks are copied into it), '{PERSIST}' keeps it chunked "
-          f"in memory, '{STORE}' writes its chunks with dask.array.store into a preallocated "
-          f"array, as to a memmap or Zarr store; all against the in-memory loss+grad)",
+    print(f"  (loss+grad: '{FWDBWD}' computes the gradient into one array (the chunk tasks "
+          f"write into it: row chunks as slices, class chunks as tiles), '{PERSIST}' keeps "
+          f"it chunked in memory, '{STORE}' writes its chunks with dask.array.store into a "
+          f"preallocated array, as to a memmap or Zarr store; all against the in-memory "
+          f"loss+grad)",
           file=out)
     cluster = _cluster(p, rows, repeats, out, progress, quick)
     return {"times": times, "ratios": results, "memory": mem, "exactness": exact,

@@ -105,11 +105,11 @@ class _Graph:
 # Row-chunked gradients written into one buffer
 # ---------------------------------------------------------------------------------------------
 class _Slabs:
-    """Gradient chunks that split the first axis only are written into consecutive slices of
-    one buffer per computation, its "slab" (from fastce's buffer pool), so that ``compute()``
-    on a shared-memory scheduler returns the slab itself instead of copying the chunks into a
-    new array (at W1 in 512-row chunks that copy and its page faults took ~2x the in-memory
-    call).  Each chunk index of a slab is handed out once: a task run again (a retry, a second
+    """Gradient chunks are written into their own places in one buffer per computation, its
+    "slab" (from fastce's buffer pool; see _slab_plan for the chunkings), so that
+    ``compute()`` on a shared-memory scheduler returns the slab itself instead of copying the
+    chunks into a new array (at W1 in 512-row chunks that copy and its page faults took ~2x
+    the in-memory call).  Each chunk index of a slab is handed out once: a task run again (a retry, a second
     computation of the same graph, two at once) gets a new slab, so no chunk is ever written
     twice and no earlier result is overwritten.  The slab is held weakly: it lives as long as a
     chunk of it does, and stays resident as long, so only gradients within the pool's cap (1 GiB
