@@ -102,22 +102,23 @@ class _Graph:
 
 
 # ---------------------------------------------------------------------------------------------
-# Row-chunked gradients written into one buffer
+# Gradients written into one buffer
 # ---------------------------------------------------------------------------------------------
 class _Slabs:
     """Gradient chunks are written into their own places in one buffer per computation, its
-    "slab" (from fastce's buffer pool; see _slab_plan for the chunkings), so that
-    ``compute()`` on a shared-memory scheduler returns the slab itself instead of copying the
-    chunks into a new array (at W1 in 512-row chunks that copy and its page faults took ~2x
-    the in-memory call).  Each chunk index of a slab is handed out once: a task run again (a retry, a second
+    "slab" (from fastce's buffer pool; see _slab_plan for the chunkings), so that ``compute()``
+    on a shared-memory scheduler returns the slab itself instead of copying the chunks into a
+    new array (at W1 in 512-row chunks that copy and its page faults took ~2x the in-memory
+    call).  Each chunk index of a slab is handed out once: a task run again (a retry, a second
     computation of the same graph, two at once) gets a new slab, so no chunk is ever written
     twice and no earlier result is overwritten.  The slab is held weakly: it lives as long as a
-    chunk of it does, and stays resident as long, so only gradients within the pool's cap (1 GiB
-    by default, ``set_pool_bytes``) get one: a larger one streamed chunk by chunk (``da.store``
-    of a gradient larger than memory) keeps a buffer per chunk, freed once stored.  Tasks on a
-    ``dask.distributed`` worker take no slab (their chunks are sent back as copies; a slab
-    would map the whole gradient on every worker).  A result computed from part of the
-    gradient (``grad[:k].compute()``) is a view of its chunk, so it keeps the whole slab."""
+    chunk of it does, and stays resident as long, so only gradients within the pool's cap
+    (1 GiB by default, ``set_pool_bytes``) get one: a larger one streamed chunk by chunk
+    (``da.store`` of a gradient larger than memory) keeps a buffer per chunk, freed once
+    stored.  Tasks on a ``dask.distributed`` worker take no slab (their chunks are sent back as
+    copies; a slab would map the whole gradient on every worker).  A result computed from part
+    of the gradient (``grad[:k].compute()``) is a view of its chunk, so it keeps the whole
+    slab."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -262,7 +263,8 @@ def _slab_arg(name, x, s, index, region):
 def _claim_slab(x, slab):
     """The chunk's slice of its computation's slab (see _Slabs), or None (no plan, a
     distributed worker, beyond the pool's cap)."""
-    if slab is None or type(x) is not np.ndarray or _on_cluster_worker():
+    if (slab is None or type(x) is not np.ndarray or x.dtype != slab[2]
+            or _on_cluster_worker()):
         return None
     return _SLABS.claim(*slab)
 
