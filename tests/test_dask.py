@@ -433,3 +433,47 @@ def test_slab_claims_and_tiling():
     del a, b, again, gathered, tiles, wide
     slabs.claim("other", (2, 2), np.float64, 0, (slice(0, 1),))  # dead entries are dropped
     assert list(slabs.live) == ["other"]
+
+
+def _claim_pool_slab():
+    """In a forked child: claim a chunk of a pool-sized slab (the slab registry's lock and the
+    pool's), write it; exit 0."""
+    from fastce import _alloc
+    from fastce import dask_backend as db
+    rows = _alloc.POOL_MIN // 4 // 1024
+    part = db._SLABS.claim("forked", (rows, 1024), np.float32, 0, (slice(0, 2),))
+    part[...] = 1.0
+    os._exit(0 if part.shape == (2, 1024) else 1)
+
+
+@pytest.mark.skipif(not hasattr(os, "register_at_fork"), reason="needs os.fork")
+def test_slabs_and_pool_work_in_a_child_forked_while_another_thread_holds_their_locks():
+    """Dask's processes scheduler forks; a lock held by another thread at that moment stays
+    held forever in the child unless it is replaced after the fork."""
+    import multiprocessing
+    import threading
+
+    from fastce import _alloc
+    from fastce import dask_backend as db
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with db._SLABS.lock, _alloc._POOL.lock:
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert held.wait(10)
+        child = multiprocessing.get_context("fork").Process(target=_claim_pool_slab)
+        child.start()
+        child.join(60)
+        alive = child.is_alive()
+        if alive:
+            child.kill()
+            child.join()
+    finally:
+        release.set()
+        holder.join()
+    assert not alive and child.exitcode == 0
