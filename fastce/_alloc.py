@@ -167,8 +167,9 @@ def set_pool_bytes(max_bytes):
 
 
 def may_hold(nbytes):
-    """Whether a buffer of ``nbytes`` is within the pool's cap (False when the pool is off)."""
-    return 0 < nbytes <= _POOL.max_bytes
+    """Whether a buffer of ``nbytes`` (and its offset) is within the pool's cap (False when the
+    pool is off)."""
+    return 0 < nbytes and nbytes + _OFFSET <= _POOL.max_bytes
 
 
 def pool_info():

@@ -57,6 +57,18 @@ def test_buffers_start_half_a_page_from_other_arrays(pool, dtype):
         del a
 
 
+def test_may_hold_says_whether_the_pool_takes_the_buffer(pool):
+    """may_hold (what the Dask backend asks before planning a slab) counts the offset too."""
+    nbytes = _alloc.POOL_MIN
+    for cap, pooled in ((nbytes + _alloc._OFFSET, True), (nbytes, False)):
+        fastce.set_pool_bytes(0)
+        fastce.set_pool_bytes(cap)
+        assert _alloc.may_hold(nbytes) is pooled
+        a = _alloc.empty((nbytes // 4,), np.float32)
+        assert fastce.pool_info()["buffers"] == (1 if pooled else 0)
+        del a
+
+
 def test_small_buffers_and_object_dtypes_bypass_the_pool(pool):
     before = fastce.pool_info()["buffers"]
     assert _alloc.empty((10, 10), np.float32).flags.owndata
