@@ -319,7 +319,7 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
     if x.shape[axis] == 0 or math.prod(loss_shape) == 0:
         loss, grad, stats = _empty_problem(be, x, int(x.shape[axis]), t, kind, weight,
                                            ignore_index, reduction, loss_shape, input,
-                                           want_grad, want_stats or want_lse, out)
+                                           want_grad, want_stats or want_lse, out, raw)
         if want_lse:        # log of an empty sum (no classes), or no positions
             stats = stats + (be.wrap(be.full(loss_shape, -math.inf, _loss_dtype(x.dtype)), input),)
         return loss, grad, stats
@@ -343,13 +343,13 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
         t2 = be.cast(t, _loss_dtype(x3.dtype)).reshape(N, C, S)
         D = Dz = float(N * S)
         count = N * S
-    if denominators is not None:
-        D, Dz = denominators
+    # (D, Dz): this call's own denominators; (mD, mDz): those the mean divides by.
+    mD, mDz = denominators if denominators is not None else (D, Dz)
 
     mean = reduction == "mean"
     # Gradient coefficients (the forward's kernels ignore them; its D may not be known yet).
-    inv_D = (_div(1.0, D) if mean else 1.0) if want_grad else 1.0
-    z2 = 2.0 * zl * (_div(1.0, Dz) if mean else 1.0) if want_grad else 0.0
+    inv_D = (_div(1.0, mD) if mean else 1.0) if want_grad else 1.0
+    z2 = 2.0 * zl * (_div(1.0, mDz) if mean else 1.0) if want_grad else 0.0
     grad = None
     in_place = False
     if o is not None:
@@ -382,8 +382,7 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
             if bad >= 0:
                 raise _bad_target_error(be, t, bad, C, ignore_index)
             Dz = float(count)
-            if denominators is not None:
-                D, Dz = denominators
+            mD, mDz = denominators if denominators is not None else (D, Dz)
     else:
         ce, zls = be.prob_loss(x3, t2, w, opts, grad, g, g_stride, lse_out=lse)
         hit = None
@@ -391,7 +390,9 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
     loss = None
     if want_loss:
         loss = _loss(be, ce, zls if zl else None, hit if want_stats else None, reduction,
-                     D, Dz, loss_shape, in_dtype, raw)
+                     mD, mDz, loss_shape, in_dtype, raw)
+        if raw:
+            loss = loss + (D, Dz)
     if grad is not None:
         grad = out if out is not None else be.cast(grad.reshape(x.shape), x.dtype)
     stats = None
@@ -400,7 +401,7 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
             zpart = be.cast(zls.reshape(loss_shape), in_dtype)
         else:
             zs = be.total(zls)
-            zpart = be.scalar(_div(zs, Dz) if mean else zs, in_dtype)
+            zpart = be.scalar(_div(zs, mDz) if mean else zs, in_dtype)
         acc = _div(be.total(hit), count) if (hit is not None and count) else math.nan
         stats = (be.wrap(zpart, input), acc)
         if want_lse:
@@ -557,7 +558,8 @@ def _loss(be, ce, zls, hit, reduction, D, Dz, loss_shape, dtype, raw):
     ``hit`` None unless token hits were asked for."""
     if raw:
         # fastce.dask_backend: a chunk's float64 sums (ce, z-loss, token hits), reduced over
-        # the chunks by the caller, which divides by the whole batch's denominators.
+        # the chunks by the caller, which divides by the whole batch's denominators (the
+        # caller appends the chunk's own (D, Dz), which add up to them).
         return (be.total(ce), 0.0 if zls is None else be.total(zls),
                 0.0 if hit is None else be.total(hit))
     if reduction == "none":
@@ -572,9 +574,11 @@ def _loss(be, ce, zls, hit, reduction, D, Dz, loss_shape, dtype, raw):
 
 
 def _empty_problem(be, x, C, t, kind, weight, ignore_index, reduction, loss_shape, input,
-                   want_grad, want_stats, out):
+                   want_grad, want_stats, out, raw=False):
     """No positions, or no classes (then every target must be ignored): torch's answers (mean
-    nan, sum 0, empty or zero arrays), with no kernel launched and nothing of size C made."""
+    nan, sum 0, empty or zero arrays), with no kernel launched and nothing of size C made.
+    ``raw``: the sums and denominators of _cross_entropy's raw result instead (no target
+    counts: each is ignored; probability targets count every position)."""
     if weight is not None:
         check_weight_meta(be.asarray(weight), C)
     n = math.prod(loss_shape)
@@ -585,7 +589,9 @@ def _empty_problem(be, x, C, t, kind, weight, ignore_index, reduction, loss_shap
             raise _bad_target_error(be, t, bad, C, ignore_index)
     # Probability targets over no classes: each element's loss is an empty sum, 0.
     value = 0.0 if (reduction == "sum" or (kind == "prob" and n)) else math.nan
-    if reduction == "none":
+    if raw and reduction != "none":
+        loss = (0.0, 0.0, 0.0) + ((float(n),) * 2 if kind == "prob" else (0.0, 0.0))
+    elif reduction == "none":
         loss = be.zeros(loss_shape, _loss_dtype(x.dtype))
     else:
         loss = be.scalar(value, _loss_dtype(x.dtype))

@@ -79,16 +79,21 @@ class _Graph:
             return (g_scalar.name,)
         return g_scalar
 
-    def tree(self, keys, combine, what):
-        """Reduce ``keys`` (in order) with ``combine(list)`` in a fixed tree; the root key."""
+    def tree(self, keys, combine, what, leaf=None, leaf_args=()):
+        """Reduce ``keys`` (in order) with ``combine(list)`` in a fixed tree; the root key.
+        ``leaf(list, *leaf_args)``, when given, makes the first level instead, from the values
+        of ``keys`` themselves (so that no task per key is needed to compute or pick out what
+        is reduced); it returns what ``combine`` would have."""
         level = list(keys)
         name = self.name(what)
         depth = 0
         while len(level) > 1 or depth == 0:
             nxt = []
+            first = leaf is not None and depth == 0
             for i in range(0, len(level), SPLIT_EVERY):
                 key = (name, depth, i // SPLIT_EVERY)
-                self.dsk[key] = (combine, level[i:i + SPLIT_EVERY])
+                self.dsk[key] = ((leaf, level[i:i + SPLIT_EVERY]) + tuple(leaf_args) if first
+                                 else (combine, level[i:i + SPLIT_EVERY]))
                 nxt.append(key)
             level = nxt
             depth += 1
@@ -356,18 +361,29 @@ def _block_denoms(t, w, *, C, ignore_index, dtype):
                                       dtype=dtype)
 
 
+def _group_denoms(ts, w, **kw):
+    """The summed denominators of a few target chunks, in order (a tree's leaf)."""
+    return _sum_tuples([_block_denoms(t, w, **kw) for t in ts])
+
+
+def _group_sums(results):
+    """The summed "sums" of a few chunk results, in order (a tree's leaf)."""
+    return _sum_tuples([r["sums"] for r in results])
+
+
 def _grad_value(g):
     return 1.0 if g is None else g
 
 
 def _block_whole(x, t, w, dn, g, *, opts, reduction, want_loss, want_grad, want_hit, want_z,
                  want_lse, slab=None):
-    """One chunk holding every class: the in-memory implementation with global denominators.
-    Returns {"sums": (ce, z, hits) float64 sums, "per": per-position loss ("none"), "z":
+    """One chunk holding every class: the in-memory implementation with global denominators
+    (``dn``; None: the forward, which needs none).  Returns {"sums": (ce, z, hits, D, Dz),
+    float64 sums and the chunk's own denominators, "per": per-position loss ("none"), "z":
     per-position z-loss ("none"), "lse", "grad"}.  ``slab``: (graph key, gradient shape and
     dtype, chunk index, first and end row) to write the gradient into (see _Slabs)."""
     kw = dict(opts)
-    if reduction == "mean":
+    if reduction == "mean" and dn is not None:
         kw["denominators"] = dn
     out = _claim_slab(x, slab) if want_grad else None
     if out is not None:
@@ -399,12 +415,15 @@ def _block_stats(x, t, w, *, c0, C, opts, argmax):
     return shards.shard_stats(x, t, c0, C, w, argmax=argmax, **opts)
 
 
-def _block_finalize(st, t, w, *, ignore_index, z_loss, reduction, want_hit, want_z, want_lse,
-                    dtype):
+def _block_finalize(st, t, w, *, C, ignore_index, z_loss, reduction, want_hit, want_z,
+                    want_lse, dtype):
+    """A position block's results from its merged statistics; "sums" as _block_whole's."""
     p = shards.finalize_parts(st, t, w, ignore_index=ignore_index, z_loss=z_loss,
                               want_hit=want_hit)
+    dn = ((float(p.ce.size),) * 2 if t is None else
+          _block_denoms(t, w, C=C, ignore_index=ignore_index, dtype=_compute_dtype(dtype)))
     r = {"sums": (float(p.ce.sum()), float(p.z.sum()) if p.z is not None else 0.0,
-                  float(p.hit.sum()) if p.hit is not None else 0.0)}
+                  float(p.hit.sum()) if p.hit is not None else 0.0) + tuple(dn)}
     if reduction == "none":
         r["per"] = (p.ce + p.z if p.z is not None else p.ce).astype(dtype)
         if want_z:
@@ -431,8 +450,10 @@ def _block_grad_exps(own, x, t, st, w, dn, g, *, c0, C, opts, reduction):
 
 
 def _final(total, dn, g_unused=None, *, reduction, z_loss, dtype, what):
-    ce, zs, hits = total
-    D, Dz = dn
+    """A 0-d result from the chunks' summed (ce, z, hits, D, Dz) and the denominators ``dn``
+    (None: the summed ones, the same numbers in the same tree)."""
+    ce, zs, hits = total[:3]
+    D, Dz = dn if dn is not None else total[3:5]
     mean = reduction == "mean"
     if what == "acc":
         return np.asarray(api._div(hits, Dz) if Dz else math.nan, dtype=np.float64)
@@ -484,12 +505,12 @@ def _token_of(value):
 
 
 def _denominators(G, t, grid, wkey, *, C, ignore_index, dtype):
-    """Key of the whole batch's (weight sum, count): per target chunk, then a fixed tree."""
-    fn = partial(_block_denoms, C=C, ignore_index=ignore_index, dtype=dtype)
-    name = G.name("denoms")
-    for b in grid:
-        G.dsk[(name,) + b] = (fn, (t.name,) + b, wkey)
-    return _tree_of(G, name, grid, _sum_tuples, "denominators")
+    """Key of the whole batch's (weight sum, count): per target chunk, summed in a fixed tree
+    whose leaves compute their chunks' own (a task per SPLIT_EVERY chunks, not one each: on
+    Dask's threaded scheduler a task costs ~0.2 ms, ten times a chunk's denominators)."""
+    leaf = partial(_group_denoms, C=C, ignore_index=ignore_index, dtype=dtype)
+    return G.tree([(t.name,) + b for b in grid], _sum_tuples, "denominators", leaf=leaf,
+                  leaf_args=(wkey,))
 
 
 def _project(G, what, res, grid, getter, *args, suffix=()):
@@ -654,7 +675,7 @@ def _class_chunk_tasks(G, s, x, blocks, wkey, dn, res, grad_name):
              for k in range(nk)]
     grads = [_per_chunk(partial(_block_grad_exps, c0=int(ci[k]), C=s.C, opts=s.opts,
                                 reduction=s.reduction), n) for k in range(nk)]
-    fin = partial(_block_finalize, ignore_index=s.ignore_index, z_loss=s.zl,
+    fin = partial(_block_finalize, C=s.C, ignore_index=s.ignore_index, z_loss=s.zl,
                   reduction=s.reduction, want_hit=s.want_hit, want_z=s.want_z_none,
                   want_lse=s.return_lse, dtype=s.dtype)
     sname = G.name("stats")
@@ -691,8 +712,7 @@ def _ce_reduced(G, s, res, grid, dn):
     wants = {"loss": s.want_loss and s.reduction != "none",
              "z": s.return_z_loss and not s.want_z_none, "acc": s.want_hit}
     if any(wants.values()):
-        sums = _project(G, "sums", res, grid, operator.getitem, "sums")
-        total = _tree_of(G, sums, grid, _sum_tuples, "total")
+        total = G.tree([(res,) + b for b in grid], _sum_tuples, "total", leaf=_group_sums)
         fin = dict(reduction=s.reduction, z_loss=s.zl, dtype=s.dtype)
         for what, name in (("loss", "loss"), ("z", "zloss"), ("acc", "acc")):
             if wants[what]:
@@ -771,7 +791,8 @@ def cross_entropy(input, target, weight, grad_output, *, ignore_index, reduction
     G.deps += [x, t]
     wkey = G.data(weight, "weight")
     gkey = G.grad_output(g_scalar, g_none)
-    dn = _ce_denominators(G, s, t, wkey)
+    # The gradient needs the denominators first; the forward sums its chunks' own.
+    dn = _ce_denominators(G, s, t, wkey) if want_grad else None
     blocks = _Blocks(x, t, s, g_none, gkey)
     res = G.name("chunk")
     grad_name = G.name("grad") if want_grad else None

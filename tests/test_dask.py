@@ -188,6 +188,30 @@ def test_errors_and_laziness():
         fastce.cross_entropy(dx, da.from_array(t[:5], chunks=4))
 
 
+@pytest.mark.parametrize("chunks", [((10, 0, 30), 30), ((0, 40), 30), ((10, 0, 30), (7, 23))])
+def test_forward_sums_its_chunks_denominators_and_empty_chunks_count_nothing(chunks):
+    """The forward's graph has no denominator tasks (each chunk's call counts its own targets,
+    summed in the tree of the losses): the same bits as loss+grad, whose denominators come
+    first, and those of the in-memory call to rounding; a chunk of no rows adds nothing (it
+    crashed before)."""
+    rng = np.random.default_rng(16)
+    x, t, w = _index_case(rng, (40, 30), 1)
+    dx, dt = da.from_array(x, chunks=chunks), da.from_array(t, chunks=(chunks[0],))
+    for kw in (dict(), dict(reduction="sum"),
+               dict(z_loss=1e-2, return_z_loss=True, return_token_accuracy=True)):
+        fwd = fastce.cross_entropy(dx, dt, w, **kw)
+        lazy, _ = fastce.cross_entropy_with_grad(dx, dt, w, **kw)
+        keys = dict((fwd.loss if isinstance(fwd, tuple) else fwd).__dask_graph__())
+        assert not any("denom" in str(k) for k in keys), sorted(map(str, keys))
+        got, with_grad = dask.compute(fwd, lazy)
+        ref = fastce.cross_entropy(x, t, w, **kw)
+        for a, b, c in zip(*(v if isinstance(v, tuple) else (v,) for v in (got, with_grad, ref))):
+            if c is None:                           # (lse, not asked for)
+                continue
+            assert np.float32(a).tobytes() == np.float32(b).tobytes(), kw
+            assert float(a) == pytest.approx(float(c), rel=1e-5), kw
+
+
 def test_import_fastce_does_not_import_dask():
     code = "import sys, fastce; assert not any(m.split('.')[0] in ('dask', 'distributed') " \
            "for m in sys.modules), sorted(m for m in sys.modules if 'dask' in m)"
