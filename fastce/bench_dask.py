@@ -4,10 +4,11 @@ in-memory call.
 W1 (4096, 32000) float32 logits (524 MB) are wrapped with ``dask.array.from_array`` in ~64 MB
 chunks: rows only (512 x 32000), and rows x classes (1024 x 16000: the class chunks take the
 mergeable-statistics path of ``fastce.shards``).  Each Dask call builds its graph and computes
-it on the threaded scheduler.  Loss+grad three ways: ``compute()`` (one 524 MB array that
+it on the threaded scheduler.  Loss+grad four ways: ``compute()`` (one 524 MB array that
 the chunk tasks write into: row chunks as slices, class chunks as tiles), ``persist()`` (the
-gradient stays chunked in memory, how Dask arrays are kept), and ``da.store`` into a
-preallocated array (as into a memmap or Zarr store).  Reported: the median time (round-robin
+gradient stays chunked in memory, how Dask arrays are kept), ``da.store`` into a
+preallocated array (as into a memmap or Zarr store), and ``out=`` that preallocated array
+(the chunk tasks write into it).  Reported: the median time (round-robin
 samples) as a ratio to the in-memory call, and the peak NumPy memory of the forward
 (tracemalloc) in chunks.
 
@@ -28,7 +29,8 @@ from .bench import FWD, FWDBWD, make_workload, measure_side_by_side, peak_extra_
 
 STORE = "l+g stored"
 PERSIST = "l+g persist"
-OPS = (FWD, FWDBWD, PERSIST, STORE)
+INTO = "l+g out="
+OPS = (FWD, FWDBWD, PERSIST, STORE, INTO)
 GOALS = {(name, op): goal for name, goal in (("rows", 1.3), ("rows x classes", 1.6))
          for op in OPS}
 
@@ -58,6 +60,8 @@ def run(quick=False, repeats=None, out=sys.stdout, progress=None, num_workers=No
                                 dask.persist(*fastce.cross_entropy_with_grad(dx, dt, **kw),
                                              **sched))
         fns[(name, STORE)] = (lambda dx=dx, dt=dt: _store(dask, da, dx, dt, kw, sched))
+        fns[(name, INTO)] = (lambda dx=dx, dt=dt: dask.compute(
+            *fastce.cross_entropy_with_grad(dx, dt, out=_out(dx), **kw), **sched))
     # exactness first (and the warm-up: compilation)
     ref = fastce.cross_entropy(x, t, **kw)
     exact = {name: abs(float(fns[(name, FWD)]()) - float(ref)) / abs(float(ref))
@@ -91,25 +95,12 @@ def run(quick=False, repeats=None, out=sys.stdout, progress=None, num_workers=No
     print(f"  (loss+grad: '{FWDBWD}' computes the gradient into one array (the chunk tasks "
           f"write into it: row chunks as slices, class chunks as tiles), '{PERSIST}' keeps "
           f"it chunked in memory, '{STORE}' writes its chunks with dask.array.store into a "
-          f"preallocated array, as to a memmap or Zarr store; all against the in-memory "
-          f"loss+grad)",
+          f"preallocated array, as to a memmap or Zarr store, '{INTO}' has the chunk tasks "
+          f"write into that array; all against the in-memory loss+grad)",
           file=out)
     cluster = _cluster(p, rows, repeats, out, progress, quick)
     return {"times": times, "ratios": results, "memory": mem, "exactness": exact,
             "cluster": cluster}
-
-
-class NpyFile:
-    """A .npy file as a Dask source: pickles as its path (a memory map would pickle its
-    data), each chunk read by whichever worker computes it."""
-
-    def __init__(self, path):
-        self.path = path
-        a = np.load(path, mmap_mode="r")
-        self.shape, self.dtype, self.ndim = a.shape, a.dtype, a.ndim
-
-    def __getitem__(self, index):
-        return np.array(np.load(self.path, mmap_mode="r")[index])
 
 
 def _cluster(p, rows, repeats, out, progress, quick):
@@ -124,13 +115,15 @@ def _cluster(p, rows, repeats, out, progress, quick):
     import tempfile
 
     import dask.array as da
+
+    from .dask_backend import from_npy
     x, t, kw = p.x, p.target, p.kwargs
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "logits.npy")
         np.save(path, x)
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                           dashboard_address=None) as cluster, Client(cluster) as client:
-            dx = da.from_array(NpyFile(path), chunks=(rows, x.shape[1]))
+            dx = from_npy(path, chunks=(rows, x.shape[1]))
             dt = da.from_array(t, chunks=rows)
 
             def loss_grad():
@@ -158,9 +151,14 @@ def _cluster(p, rows, repeats, out, progress, quick):
 _OUT = {}
 
 
-def _store(dask, da, dx, dt, kw, sched):
+def _out(dx):
+    """The preallocated gradient array of the store and out= rows, reused from call to call."""
     out = _OUT.get(dx.shape)
     if out is None:
         out = _OUT[dx.shape] = np.empty(dx.shape, dx.dtype)
+    return out
+
+
+def _store(dask, da, dx, dt, kw, sched):
     loss, grad = fastce.cross_entropy_with_grad(dx, dt, **kw)
-    return dask.compute(loss, da.store(grad, out, lock=False, compute=False), **sched)
+    return dask.compute(loss, da.store(grad, _out(dx), lock=False, compute=False), **sched)

@@ -28,6 +28,7 @@ import operator
 import os
 import sys
 import threading
+import uuid
 import weakref
 from functools import partial
 
@@ -36,7 +37,7 @@ import numpy as np
 from . import _alloc, api, cpu, shards
 from .dispatch import is_dask_array
 
-__all__ = ["cross_entropy", "linear_cross_entropy", "SPLIT_EVERY"]
+__all__ = ["cross_entropy", "linear_cross_entropy", "from_npy", "NpyFile", "SPLIT_EVERY"]
 
 SPLIT_EVERY = 8
 _FLOATS = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
@@ -223,6 +224,81 @@ def _gather_grad(results):
     return out
 
 
+def _gathered_into(results, out):
+    """Dask's finalize for a gradient computed into the caller's out=: out itself (each chunk
+    task wrote its place in it)."""
+    return out
+
+
+def _check_out(out, x, s):
+    """The caller's out= for a Dask gradient: a writeable C-contiguous NumPy array (a memmap:
+    the gradient streamed to its file) of the logits' shape and dtype, apart from the logits'
+    memory, for NumPy chunks; None without one."""
+    if out is None:
+        return None
+    if not s.want_grad:
+        raise TypeError("fastce: out= is for the gradient")
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"fastce: out= of a Dask gradient must be a NumPy array (or memmap), "
+                        f"got {type(out).__name__}")
+    if type(x._meta) is not np.ndarray:
+        raise TypeError("fastce: out= needs NumPy chunks (the chunk tasks write into it)")
+    if _default_is_distributed():
+        raise RuntimeError(_LOCAL_ONLY)
+    api._check_out(cpu.BACKEND, out, x)
+    if s.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"fastce: out= of a Dask gradient needs float32 or float64 logits, got "
+                         f"{s.dtype}")
+    file = getattr(out, "filename", None)
+    if (any(np.may_share_memory(out, a) for a in _graph_arrays(x))
+            or (file and any(_same_file(file, f.path) for f in _graph_arrays(x, NpyFile)))):
+        raise ValueError("fastce: out= overlaps the logits' memory (the Dask gradient is not "
+                         "computed in place)")
+    return out
+
+
+def _same_file(a, b):
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _graph_arrays(x, kind=np.ndarray):
+    """The NumPy arrays (or other ``kind``) held in x's graph: its chunks or the array they
+    are read from, as ``da.from_array`` stores them, one call deep in tasks."""
+    for layer in x.__dask_graph__().layers.values():
+        if not isinstance(layer, dict) and type(layer).__name__ != "MaterializedLayer":
+            continue
+        for v in layer.values():
+            if isinstance(v, kind):
+                yield v
+            elif isinstance(v, tuple):
+                yield from (a for a in v if isinstance(a, kind))
+
+
+class NpyFile:
+    """A ``.npy`` file as the source of a Dask array (see from_npy): pickles as its path, and
+    each chunk is a view of a memory map of the file opened by the task that reads it."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        a = np.load(self.path, mmap_mode="r")
+        self.shape, self.dtype, self.ndim = a.shape, a.dtype, a.ndim
+
+    def __getitem__(self, index):
+        return np.asarray(np.load(self.path, mmap_mode="r")[index])
+
+
+def from_npy(path, chunks="auto"):
+    """A Dask array over the ``.npy`` file at ``path`` that reads each chunk only when a task
+    needs it, on whichever worker runs the task.  (``da.from_array(np.load(path,
+    mmap_mode="r"))`` reads the whole file into memory at once since Dask 2024.12: from_array
+    copies its argument, dask/dask#11850.)"""
+    import dask.array as da
+    return da.from_array(NpyFile(path), chunks=chunks)
+
+
 @functools.lru_cache(maxsize=None)
 def _gradient_type():
     import dask.array as da
@@ -232,10 +308,11 @@ def _gradient_type():
         copy when it can, else copies them into a pool buffer (see _gather_grad); any other
         use is a plain Dask array's (``persist()`` gives one)."""
 
-        __slots__ = ()
+        __slots__ = ("_fastce_out",)       # the caller's out= array, or None
 
         def __dask_postcompute__(self):
-            return _gather_grad, ()
+            out = getattr(self, "_fastce_out", None)
+            return (_gather_grad, ()) if out is None else (_gathered_into, (out,))
 
     PooledGradient.__qualname__ = "PooledGradient"      # picklable by name, a module global
     globals()["PooledGradient"] = PooledGradient
@@ -261,17 +338,60 @@ def _slab_plan(x, s):
 
 def _slab_arg(name, x, s, index, region):
     """The ``slab`` argument of a chunk task: (graph key, gradient shape and dtype, chunk
-    index, its slices of the slab)."""
+    index, its slices of the slab); with out=, its place there (an _Into)."""
+    if s.out is not None:
+        return _Into(s.out, region)
     return (name, tuple(x.shape), s.dtype, index, region)
 
 
 def _claim_slab(x, slab):
     """The chunk's slice of its computation's slab (see _Slabs), or None (no plan, a
-    distributed worker, beyond the pool's cap)."""
+    distributed worker, beyond the pool's cap); its place in the caller's ``out=`` (_Into)."""
+    if isinstance(slab, _Into):
+        return slab.view(x)
     if (slab is None or type(x) is not np.ndarray or x.dtype != slab[2]
             or _on_cluster_worker()):
         return None
     return _SLABS.claim(*slab)
+
+
+class _Into:
+    """A gradient chunk's place ``out[region]`` in the caller's ``out=`` array (in place of a
+    slab: any chunking).  Only a task of the process that built the graph can write there: a
+    worker process or a ``dask.distributed`` worker would write into a copy, so it raises."""
+
+    __slots__ = ("out", "region", "pid")
+
+    def __init__(self, out, region):
+        self.out, self.region, self.pid = out, region, os.getpid()
+
+    def view(self, x):
+        if os.getpid() != self.pid or _on_cluster_worker():
+            raise RuntimeError(_LOCAL_ONLY)
+        return self.out[self.region]
+
+
+_LOCAL_ONLY = ("fastce: a Dask gradient with out= is computed into the caller's array, so it "
+               "runs on a local scheduler only (threads or sync); use dask.array.store to write "
+               "a gradient from other workers")
+
+
+def _default_is_distributed():
+    """Whether dask computes on a dask.distributed Client by default here (which would send
+    out= to its workers as copies)."""
+    from dask.base import get_scheduler
+    owner = getattr(get_scheduler(), "__self__", None)
+    return owner is not None and type(owner).__module__.startswith("distributed")
+
+
+def _deliver(grad, dest):
+    """The chunk's gradient at its place ``dest`` (None: where it is): copied there unless it
+    was computed there."""
+    if dest is None or (grad.__array_interface__["data"][0] == dest.__array_interface__["data"][0]
+                        and grad.strides == dest.strides):
+        return grad
+    np.copyto(dest, grad.reshape(dest.shape))
+    return dest
 
 
 def _sum_tuples(parts):
@@ -385,9 +505,9 @@ def _block_whole(x, t, w, dn, g, *, opts, reduction, want_loss, want_grad, want_
     kw = dict(opts)
     if reduction == "mean" and dn is not None:
         kw["denominators"] = dn
-    out = _claim_slab(x, slab) if want_grad else None
-    if out is not None:
-        kw["out"] = out
+    dest = _claim_slab(x, slab) if want_grad else None
+    if dest is not None and dest.flags.c_contiguous:
+        kw["out"] = dest                    # computed in its place (else copied there below)
     r = {}
     if reduction == "none":
         loss, grad, stats = api._cross_entropy(
@@ -407,7 +527,7 @@ def _block_whole(x, t, w, dn, g, *, opts, reduction, want_loss, want_grad, want_
             raw=True, **kw)
     if want_lse:
         r["lse"] = stats[2]
-    r["grad"] = grad
+    r["grad"] = _deliver(grad, dest) if want_grad else grad
     return r
 
 
@@ -442,11 +562,13 @@ def _block_stats_exps(x, t, w, *, c0, C, opts, argmax, slab=None):
     return shards._shard_stats_exps(x, t, c0, C, w, argmax=argmax, out=tile, **opts)
 
 
-def _block_grad_exps(own, x, t, st, w, dn, g, *, c0, C, opts, reduction):
-    """The chunk's gradient from its own (statistics, exps) and the merged statistics."""
+def _block_grad_exps(own, x, t, st, w, dn, g, *, c0, C, opts, reduction, slab=None):
+    """The chunk's gradient from its own (statistics, exps) and the merged statistics; copied
+    into its place in the caller's out= (``slab``, an _Into) when its exps were not there."""
     local, exps = own
-    return shards._shard_grad_exps(exps, local, x, t, c0, C, st, w, grad_output=g,
+    grad = shards._shard_grad_exps(exps, local, x, t, c0, C, st, w, grad_output=g,
                                    reduction=reduction, denominators=dn, **opts)
+    return _deliver(grad, _claim_slab(x, slab))
 
 
 def _final(total, dn, g_unused=None, *, reduction, z_loss, dtype, what):
@@ -561,6 +683,11 @@ class _Blocks:
         return (self.g_none.name,) + b if self.g_none is not None else self.gkey
 
 
+def _region(x, key):
+    """The slices of x's block ``key`` (a chunk's key: name, then its block indices)."""
+    return tuple(slice(int(sum(c[:i])), int(sum(c[:i + 1]))) for c, i in zip(x.chunks, key[1:]))
+
+
 def _positions(chunks, axis):
     return tuple(c for i, c in enumerate(chunks) if i != axis)
 
@@ -649,13 +776,11 @@ def _whole_class_tasks(G, s, x, blocks, wkey, dn, res, grad_name):
                             want_loss=s.want_loss, want_grad=s.want_grad, want_hit=s.want_hit,
                             want_z=s.want_z_none, want_lse=s.return_lse),
                     len(blocks.grid))
-    rows = np.cumsum((0,) + x.chunks[0])
     for b in blocks.grid:
         task = (fn, blocks.x(b, 0), blocks.t(b, 0), wkey, dn, blocks.g(b))
-        if s.slab:
-            i = b[0]
-            region = (slice(int(rows[i]), int(rows[i + 1])),)
-            task = (partial(fn, slab=_slab_arg(grad_name, x, s, i, region)),) + task[1:]
+        if s.slab or s.out is not None:
+            slab = _slab_arg(grad_name, x, s, b[0], _region(x, blocks.x(b, 0)))
+            task = (partial(fn, slab=slab),) + task[1:]
         G.dsk[(res,) + b] = task
         if s.want_grad:
             G.dsk[(grad_name,) + blocks.x(b, 0)[1:]] = (operator.getitem, (res,) + b, "grad")
@@ -679,16 +804,13 @@ def _class_chunk_tasks(G, s, x, blocks, wkey, dn, res, grad_name):
                   reduction=s.reduction, want_hit=s.want_hit, want_z=s.want_z_none,
                   want_lse=s.return_lse, dtype=s.dtype)
     sname = G.name("stats")
-    rows = np.cumsum((0,) + x.chunks[0])
-    middle = (slice(None),) * (x.ndim - 2)
     for b in blocks.grid:
         skeys = [(sname,) + b + (k,) for k in range(nk)]
         for k in range(nk):
             fn = stats[k]
-            if s.slab:
-                region = ((slice(int(rows[b[0]]), int(rows[b[0] + 1])),) + middle
-                          + (slice(int(ci[k]), int(ci[k + 1])),))
-                fn = partial(fn, slab=_slab_arg(grad_name, x, s, b + (k,), region))
+            if s.slab:              # the exps, then the gradient, in the chunk's tile
+                fn = partial(fn, slab=_slab_arg(grad_name, x, s, b + (k,),
+                                                _region(x, blocks.x(b, k))))
             G.dsk[skeys[k]] = (fn, blocks.x(b, k), blocks.t(b, k), wkey)
         own = skeys
         if s.want_grad:                 # (statistics, exps) pairs: merge the statistics
@@ -700,9 +822,11 @@ def _class_chunk_tasks(G, s, x, blocks, wkey, dn, res, grad_name):
                              wkey)
         if s.want_grad:
             for k in range(nk):
+                fn = grads[k]
+                if s.out is not None and not s.slab:    # computed apart, copied into out
+                    fn = partial(fn, slab=_Into(s.out, _region(x, blocks.x(b, k))))
                 G.dsk[(grad_name,) + blocks.x(b, k)[1:]] = (
-                    grads[k], own[k], blocks.x(b, k), blocks.t(b, k), merged, wkey, dn,
-                    blocks.g(b))
+                    fn, own[k], blocks.x(b, k), blocks.t(b, k), merged, wkey, dn, blocks.g(b))
 
 
 def _ce_reduced(G, s, res, grid, dn):
@@ -746,6 +870,7 @@ def _ce_arrays(G, s, x, names, grad_name):
         numpy = type(x._meta) is np.ndarray
         results["grad"] = G.array(grad_name, x.chunks, x._meta.astype(s.dtype), s.dtype,
                                   cls=_gradient_type() if numpy else None)
+        results["grad"]._fastce_out = s.out
     for what in ("loss", "z"):
         if what in names:
             chunks, meta = per_position if s.reduction == "none" else scalar
@@ -771,9 +896,6 @@ def cross_entropy(input, target, weight, grad_output, *, ignore_index, reduction
                   label_smoothing, softcap, z_loss, class_axis, want_loss, want_grad,
                   return_z_loss=False, return_token_accuracy=False, return_lse=False, out=None):
     """The Dask implementation behind fastce's cross-entropy entry points (lazy results)."""
-    if out is not None:
-        raise TypeError("fastce: out= is not supported for Dask arrays (the gradient is a new "
-                        "Dask array chunked like the logits)")
     x = input
     if not is_dask_array(x):
         raise TypeError(f"fastce: 'target' is a Dask array but 'input' is not "
@@ -785,9 +907,11 @@ def cross_entropy(input, target, weight, grad_output, *, ignore_index, reduction
         class_axis=class_axis, want_loss=want_loss, want_grad=want_grad,
         return_z_loss=return_z_loss, return_token_accuracy=return_token_accuracy,
         return_lse=return_lse)
+    s.out = _check_out(out, x, s)
     G = _Graph(("ce", x.name, t.name, _token_of(weight), s.ignore_index, reduction, s.eps,
                 s.cap, s.zl, s.axis, want_loss, want_grad, return_z_loss,
-                return_token_accuracy, return_lse, _token_of(g_none), _token_of(g_scalar)))
+                return_token_accuracy, return_lse, _token_of(g_none), _token_of(g_scalar),
+                None if out is None else uuid.uuid4().hex))     # (each out= call its own)
     G.deps += [x, t]
     wkey = G.data(weight, "weight")
     gkey = G.grad_output(g_scalar, g_none)

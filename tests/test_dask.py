@@ -178,8 +178,11 @@ def test_errors_and_laziness():
         fastce.cross_entropy(dx, t)
     with pytest.raises(TypeError, match="Dask array"):
         fastce.nll_loss(dx, dt)
-    with pytest.raises(TypeError, match="out="):
-        fastce.cross_entropy_backward(dx, dt, out=x)
+    with pytest.raises(TypeError, match="out= is for the gradient"):
+        from fastce import dask_backend
+        dask_backend.cross_entropy(dx, dt, None, None, ignore_index=-100, reduction="mean",
+                                   label_smoothing=0.0, softcap=None, z_loss=0.0,
+                                   class_axis=None, want_loss=True, want_grad=False, out=x)
     bad = da.from_array(np.full(8, 7), chunks=4)
     lazy = fastce.cross_entropy(dx, bad)           # nothing computed yet
     with pytest.raises(ValueError, match="out of bounds"):
@@ -210,6 +213,101 @@ def test_forward_sums_its_chunks_denominators_and_empty_chunks_count_nothing(chu
                 continue
             assert np.float32(a).tobytes() == np.float32(b).tobytes(), kw
             assert float(a) == pytest.approx(float(c), rel=1e-5), kw
+
+
+OUT_CASES = [       # (shape, chunks, class axis, options): in place, tiles, copies
+    ((40, 30), (10, 30), 1, {}),                            # rows: written in place
+    ((40, 30), (10, (7, 1, 22)), 1, {}),                    # class tiles: exps kept in place
+    ((40, 30), (10, (7, 23)), 1, dict(softcap=3.0)),        # class chunks, copied into out
+    ((4, 5, 6, 7), (2, 5, 3, 7), 1, dict(label_smoothing=0.1)),   # a middle axis split
+    ((4, 6, 13), (2, 3, (6, 7)), 2, {}),                    # class chunks and a middle split
+    ((4, 13, 6), (2, (6, 7), 3), 1, dict(z_loss=1e-3)),     # class chunks not last
+]
+
+
+@pytest.mark.parametrize("shape, chunks, axis, opts", OUT_CASES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gradient_into_out(shape, chunks, axis, opts, dtype):
+    """out=: every chunk's gradient lands in its place in the caller's array (computed there
+    or copied there), the bits of the gradient computed without it; compute() returns out."""
+    rng = np.random.default_rng(17)
+    x, t, w = _index_case(rng, shape, axis, dtype)
+    dx = da.from_array(x, chunks=chunks)
+    dt = da.from_array(t, chunks=tuple(c for i, c in enumerate(dx.chunks) if i != axis))
+    ref_loss, ref = dask.compute(*fastce.cross_entropy_with_grad(dx, dt, w, class_axis=axis,
+                                                                 **opts))
+    for scheduler in ("threads", "sync"):
+        out = np.full(shape, np.nan, dtype)
+        loss, grad = fastce.cross_entropy_with_grad(dx, dt, w, class_axis=axis, out=out, **opts)
+        got_loss, got = dask.compute(loss, grad, scheduler=scheduler)
+        assert got is out and got_loss == ref_loss
+        np.testing.assert_array_equal(out, ref)
+        out[...] = np.nan
+        got = fastce.cross_entropy_backward(dx, dt, None, w, class_axis=axis, out=out,
+                                            **opts).compute(scheduler=scheduler)
+        assert got is out
+        np.testing.assert_array_equal(out, ref)
+
+
+def test_gradient_into_out_checks_its_array_and_scheduler(tmp_path):
+    from fastce import dask_backend as db
+    rng = np.random.default_rng(18)
+    x, t, w = _index_case(rng, (32, 10), 1)
+    path = str(tmp_path / "x.npy")
+    np.save(path, x)
+    src = np.load(path, mmap_mode="r+")
+    dx, dt = da.from_array(x, chunks=(8, 10)), da.from_array(t, chunks=8)
+    bad = [(np.ones((32, 10)), ValueError, "dtype"), (np.ones((10, 32), np.float32).T,
+           ValueError, "C-contiguous"), ([0.0], TypeError, "NumPy"),
+           (np.ones((32, 11), np.float32), ValueError, "shape")]
+    for out, err, match in bad:
+        with pytest.raises(err, match=match):
+            fastce.cross_entropy_with_grad(dx, dt, out=out)
+    with pytest.raises(TypeError, match="NumPy chunks"):
+        fastce.cross_entropy_backward(dx.map_blocks(_AsList, meta=_AsList(x[:0])), dt,
+                                      out=np.empty_like(x))
+    # the logits' own memory (arrays the graph holds, or the file it reads them from)
+    own = np.array(x)
+    held = da.Array({("held", 0, 0): own[:16], ("held", 1, 0): own[16:]}, "held",
+                    chunks=((16, 16), (10,)), dtype=own.dtype)
+    for logits, out in ((held, own), (db.from_npy(path, chunks=(8, 10)), src)):
+        with pytest.raises(ValueError, match="overlaps"):
+            fastce.cross_entropy_with_grad(logits, dt, out=out)
+    # a worker process would write into a copy of out: it raises instead
+    lazy = fastce.cross_entropy_backward(dx, dt, out=np.empty_like(x))
+    with pytest.raises(RuntimeError, match="local scheduler"):
+        lazy.compute(scheduler="processes", num_workers=2)
+
+
+class _AsList(np.ndarray):
+    """A chunk type that is not NumPy's (an ndarray subclass stands in for CuPy's)."""
+
+    def __new__(cls, a):
+        return np.asarray(a).view(cls)
+
+
+def test_from_npy_reads_chunks_lazily(tmp_path):
+    """from_npy: nothing of the file is read when the array is built (da.from_array of a
+    memory map copies the whole file into memory, dask/dask#11850), the values are the file's,
+    and the gradient can be streamed into another file with out=."""
+    from fastce import dask_backend as db
+    rng = np.random.default_rng(19)
+    x, t, w = _index_case(rng, (60, 25), 1)
+    path = str(tmp_path / "logits.npy")
+    np.save(path, x)
+    logits = db.from_npy(path, chunks=(16, (10, 15)))
+    assert logits.shape == x.shape and logits.dtype == x.dtype
+    assert not list(db._graph_arrays(logits))          # no array in the graph: no copy
+    np.testing.assert_array_equal(logits.compute(), x)
+    gfile = np.lib.format.open_memmap(str(tmp_path / "grad.npy"), mode="w+",
+                                      dtype=x.dtype, shape=x.shape)
+    loss, grad = fastce.cross_entropy_with_grad(logits, da.from_array(t, chunks=16), w, out=gfile)
+    dask.compute(loss, grad)
+    gfile.flush()
+    ref_loss, ref = fastce.cross_entropy_with_grad(x, t, w)
+    np.testing.assert_allclose(np.load(str(tmp_path / "grad.npy")), ref, rtol=0,
+                               atol=1e-6 * float(np.abs(ref).max()))
+    assert float(loss.compute()) == pytest.approx(float(ref_loss), rel=1e-6)
 
 
 def test_import_fastce_does_not_import_dask():
@@ -252,6 +350,12 @@ def test_local_cluster_processes_and_worker_killed():
         np.testing.assert_array_equal(client.compute(rows, sync=True),
                                       fastce.cross_entropy_backward(x, t, None, w))
         assert set(client.run(_slabs_held).values()) == {0}     # workers take no slab
+        with pytest.raises(RuntimeError, match="local scheduler"):       # out= is local
+            fastce.cross_entropy_backward(dx, dt, None, w, out=np.empty_like(x))
+        with dask.config.set(scheduler="threads"):      # built for a local scheduler
+            local = fastce.cross_entropy_backward(dx, dt, None, w, out=np.empty_like(x))
+        with pytest.raises(RuntimeError, match="local scheduler"):       # computed on workers
+            client.compute(local, sync=True)
         pids = client.run(os.getpid)
         futs = client.compute([lazy[0].loss, lazy[0].token_accuracy, lazy[1]])
         deadline = time.time() + 20
