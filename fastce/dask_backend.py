@@ -836,7 +836,14 @@ def _ce_reduced(G, s, res, grid, dn):
     wants = {"loss": s.want_loss and s.reduction != "none",
              "z": s.return_z_loss and not s.want_z_none, "acc": s.want_hit}
     if any(wants.values()):
-        total = G.tree([(res,) + b for b in grid], _sum_tuples, "total", leaf=_group_sums)
+        keys = [(res,) + b for b in grid]
+        if s.small_results:         # the tree reads the chunk results themselves
+            total = G.tree(keys, _sum_tuples, "total", leaf=_group_sums)
+        else:
+            # A task per chunk picks its sums where the chunk ran (on a cluster the tree's
+            # leaf would fetch whole chunk results, gradients included, from other workers).
+            sums = _project(G, "sums", res, grid, operator.getitem, "sums")
+            total = _tree_of(G, sums, grid, _sum_tuples, "total")
         fin = dict(reduction=s.reduction, z_loss=s.zl, dtype=s.dtype)
         for what, name in (("loss", "loss"), ("z", "zloss"), ("acc", "acc")):
             if wants[what]:
@@ -925,6 +932,9 @@ def cross_entropy(input, target, weight, grad_output, *, ignore_index, reduction
         _whole_class_tasks(G, s, x, blocks, wkey, dn, res, grad_name)
     else:
         _class_chunk_tasks(G, s, x, blocks, wkey, dn, res, grad_name)
+    # chunk results holding only their sums (no gradient, per-position loss or lse)
+    s.small_results = (s.reduction != "none" and not s.return_lse
+                       and not (want_grad and x.numblocks[s.axis] == 1))
     names = _ce_outputs(G, s, res, blocks.grid, dn)
     return _ce_return(s, _ce_arrays(G, s, x, names, grad_name))
 

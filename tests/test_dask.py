@@ -191,6 +191,25 @@ def test_errors_and_laziness():
         fastce.cross_entropy(dx, da.from_array(t[:5], chunks=4))
 
 
+def test_loss_tree_reads_whole_chunk_results_only_when_they_are_small():
+    """The loss tree's leaves read the chunk results themselves only when those hold just their
+    sums (a forward with mean/sum); with a gradient (or per-position outputs) a task per chunk
+    picks the sums where the chunk ran, so that a cluster never ships gradients to the tree."""
+    from dask.core import get_dependencies
+    rng = np.random.default_rng(20)
+    x, t, w = _index_case(rng, (40, 30), 1)
+    dx, dt = da.from_array(x, chunks=(10, 30)), da.from_array(t, chunks=10)
+    cases = ((fastce.cross_entropy(dx, dt, w), True),
+             (fastce.cross_entropy_with_grad(dx, dt, w)[0], False),
+             (fastce.cross_entropy(dx, dt, w, return_lse=True).loss, False))
+    for loss, direct in cases:
+        graph = dict(loss.__dask_graph__())
+        leaves = [k for k in graph if isinstance(k, tuple) and "-total-" in k[0]
+                  and k[1] == 0]
+        deps = {d[0].split("-")[1] for k in leaves for d in get_dependencies(graph, k)}
+        assert deps == ({"chunk"} if direct else {"sums"}), deps
+
+
 @pytest.mark.parametrize("chunks", [((10, 0, 30), 30), ((0, 40), 30), ((10, 0, 30), (7, 23))])
 def test_forward_sums_its_chunks_denominators_and_empty_chunks_count_nothing(chunks):
     """The forward's graph has no denominator tasks (each chunk's call counts its own targets,
