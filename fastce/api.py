@@ -660,7 +660,9 @@ def cross_entropy_backward(input, target, grad_output=None, weight=None, *, igno
     """d loss / d input, the input's shape and dtype.  ``grad_output`` is the upstream gradient:
     a scalar for mean/sum, an array of the loss's shape for "none"; None means ones.
     ``out``: a C-contiguous array of the input's shape and dtype to write the gradient into; it
-    may be ``input`` itself (the logits are overwritten by their gradient, saving memory)."""
+    may be ``input`` itself (the logits are overwritten by their gradient, saving memory).  For
+    Dask logits (lazy results, see fastce.dask_backend) ``out`` is a NumPy array or memmap
+    that the chunk tasks write into (local schedulers only; not the logits' own memory)."""
     lean = _lean_call(input, target, weight, reduction, ignore_index, class_axis,
                       label_smoothing, softcap, z_loss, True, grad_output, out)
     if lean is not None:
