@@ -501,7 +501,8 @@ def _block_whole(x, t, w, dn, g, *, opts, reduction, want_loss, want_grad, want_
     (``dn``; None: the forward, which needs none).  Returns {"sums": (ce, z, hits, D, Dz),
     float64 sums and the chunk's own denominators, "per": per-position loss ("none"), "z":
     per-position z-loss ("none"), "lse", "grad"}.  ``slab``: (graph key, gradient shape and
-    dtype, chunk index, first and end row) to write the gradient into (see _Slabs)."""
+    dtype, chunk index, its region) to write the gradient into (see _Slabs), or its place in
+    the caller's out= (_Into)."""
     kw = dict(opts)
     if reduction == "mean" and dn is not None:
         kw["denominators"] = dn
@@ -685,7 +686,13 @@ class _Blocks:
 
 def _region(x, key):
     """The slices of x's block ``key`` (a chunk's key: name, then its block indices)."""
-    return tuple(slice(int(sum(c[:i])), int(sum(c[:i + 1]))) for c, i in zip(x.chunks, key[1:]))
+    return tuple(slice(int(b[i]), int(b[i + 1])) for b, i in zip(_bounds(x.chunks), key[1:]))
+
+
+@functools.lru_cache(maxsize=8)
+def _bounds(chunks):
+    """Each axis's chunk boundaries (0, c0, c0 + c1, ...)."""
+    return tuple(np.cumsum((0,) + c) for c in chunks)
 
 
 def _positions(chunks, axis):
@@ -877,7 +884,8 @@ def _ce_arrays(G, s, x, names, grad_name):
         numpy = type(x._meta) is np.ndarray
         results["grad"] = G.array(grad_name, x.chunks, x._meta.astype(s.dtype), s.dtype,
                                   cls=_gradient_type() if numpy else None)
-        results["grad"]._fastce_out = s.out
+        if s.out is not None:
+            results["grad"]._fastce_out = s.out
     for what in ("loss", "z"):
         if what in names:
             chunks, meta = per_position if s.reduction == "none" else scalar
