@@ -559,7 +559,7 @@ def _block_stats_exps(x, t, w, *, c0, C, opts, argmax, slab=None):
     stored into the chunk's tile of its slab when it has one (see _slab_plan)."""
     tile = _claim_slab(x, slab)
     if tile is not None:
-        tile = tile.reshape(-1, tile.shape[-1])     # a view: see _slab_plan
+        tile = tile.reshape(math.prod(tile.shape[:-1]), tile.shape[-1])   # a view: _slab_plan
     return shards._shard_stats_exps(x, t, c0, C, w, argmax=argmax, out=tile, **opts)
 
 
