@@ -537,12 +537,17 @@ def _block_stats(x, t, w, *, c0, C, opts, argmax):
 
 
 def _block_finalize(st, t, w, *, C, ignore_index, z_loss, reduction, want_hit, want_z,
-                    want_lse, dtype):
-    """A position block's results from its merged statistics; "sums" as _block_whole's."""
+                    want_lse, dtype, own_dn):
+    """A position block's results from its merged statistics; "sums" as _block_whole's (its
+    own denominators only when ``own_dn``, the forward's: loss+grad has its tree's already)."""
     p = shards.finalize_parts(st, t, w, ignore_index=ignore_index, z_loss=z_loss,
                               want_hit=want_hit)
-    dn = ((float(p.ce.size),) * 2 if t is None else
-          _block_denoms(t, w, C=C, ignore_index=ignore_index, dtype=_compute_dtype(dtype)))
+    if not own_dn:
+        dn = (0.0, 0.0)
+    elif t is None:                     # probability targets: every position counts once
+        dn = (float(p.ce.size),) * 2
+    else:
+        dn = _block_denoms(t, w, C=C, ignore_index=ignore_index, dtype=_compute_dtype(dtype))
     r = {"sums": (float(p.ce.sum()), float(p.z.sum()) if p.z is not None else 0.0,
                   float(p.hit.sum()) if p.hit is not None else 0.0) + tuple(dn)}
     if reduction == "none":
@@ -809,7 +814,7 @@ def _class_chunk_tasks(G, s, x, blocks, wkey, dn, res, grad_name):
                                 reduction=s.reduction), n) for k in range(nk)]
     fin = partial(_block_finalize, C=s.C, ignore_index=s.ignore_index, z_loss=s.zl,
                   reduction=s.reduction, want_hit=s.want_hit, want_z=s.want_z_none,
-                  want_lse=s.return_lse, dtype=s.dtype)
+                  want_lse=s.return_lse, dtype=s.dtype, own_dn=dn is None)
     sname = G.name("stats")
     for b in blocks.grid:
         skeys = [(sname,) + b + (k,) for k in range(nk)]
