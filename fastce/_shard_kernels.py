@@ -30,8 +30,8 @@ from numba import njit
 
 from . import _alloc, cpu
 from .cpu import FASTMATH, LOG2E, cast_like, exp2_nonpos, exp2_nonpos_exact, fmaximum, softcap_fast
-from .cpu import (_block_max, _row_exp_sum_store, _seg_exp_acc,  # shared passes
-                  _seg_softcap)
+from .cpu import (SUM_GROUP, _block_max, _row_exp_sum_store, _seg_exp_acc,  # shared passes
+                  _seg_flush, _seg_settle, _seg_softcap)
 from .cpu import _softcap_grad_factor, block_bounds, blocks_per_row, task_range
 from .options import ShardOptions
 
@@ -166,12 +166,20 @@ def _block_sumexp(x, n, s0, ms, capf, inv_capf, has_cap, m, acc, sc):
     for j in range(L):
         m[j] = ms[j] if ms[j] > -_INF and ms[j] < _INF else 0
     acc[:] = 0
-    for c in range(x.shape[1]):
+    C = x.shape[1]
+    grouped = C > SUM_GROUP         # (see fastce.cpu.SUM_GROUP)
+    tot = np.zeros(L if grouped else 0)
+    for c in range(C):
         if has_cap:
             _seg_softcap(x[n, c, s0:s0 + L], capf, inv_capf, sc)
             _seg_exp_acc(sc, m, log2e, acc)
         else:
             _seg_exp_acc(x[n, c, s0:s0 + L], m, log2e, acc)
+        if grouped and (c + 1) % SUM_GROUP == 0:
+            _seg_flush(acc, tot)
+    if grouped:
+        _seg_flush(acc, tot)
+        _seg_settle(tot, acc)
 
 
 @njit(**_INLINE)

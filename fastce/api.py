@@ -15,7 +15,7 @@ import numpy as np
 
 from .dispatch import backend_for, cpu_backend, is_dask_array
 from .options import LossOptions
-from .options import ieee_div as _div
+from .options import ieee_div as _div, mean_div as _mean
 
 __all__ = [
     "cross_entropy", "cross_entropy_backward", "cross_entropy_with_grad", "CrossEntropyLoss",
@@ -544,7 +544,7 @@ def _lean_call(input, target, weight, reduction, ignore_index, class_axis, label
     if per:         # (as the general path's finish_per_position)
         loss = (ce + zls if zl else ce).reshape(target.shape).astype(dtype, copy=False)
     else:           # (as _loss)
-        value = _div(ce, D) if mean else ce
+        value = _mean(ce, D) if mean else ce
         if zl:
             value = value + (_div(zls, float(count)) if mean else zls)
         loss = plan.scalar(value)
@@ -566,7 +566,7 @@ def _loss(be, ce, zls, hit, reduction, D, Dz, loss_shape, dtype, raw):
         return be.finish_per_position(ce, zls, loss_shape, dtype)
     mean = reduction == "mean"
     total = be.total(ce)
-    value = _div(total, D) if mean else total
+    value = _mean(total, D) if mean else total
     if zls is not None:
         zsum = be.total(zls)
         value = value + (_div(zsum, Dz) if mean else zsum)

@@ -57,6 +57,12 @@ LOG2E = 1.4426950408889634
 # Positions per task of the block kernels: a block's C segments (C * BLOCK logits, 2 MiB of
 # float32 for C = 1000) stay in L2 between the passes, and its per-position scratch in L1.
 BLOCK = 512
+# The block kernels sum over the classes per position (a strided layout has no other order):
+# in the logits' dtype over SUM_GROUP classes at a time, each group's sums then added into
+# float64 totals.  One float32 accumulator over all C drifts by ~C/2 ulps (C = 256000: 7e-6
+# relative in the loss), a group by ~SUM_GROUP/2; one flush per group costs a pass over the
+# block's positions.  Calls with C <= SUM_GROUP run exactly as without groups.
+SUM_GROUP = 32
 # Logits below which a kernel runs in one thread: waking the pool costs tens of microseconds,
 # more than the whole loss of a problem this small (W3, 256 x 10, runs serial).
 SERIAL_BELOW = 1 << 16
@@ -850,8 +856,9 @@ def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, 
                 ssum = _row_exp_sum(row, msr, log2e)
         r = math.log(np.float64(ssum))
         lse = np.float64(ms) + r
+        rl = _reported_lse(lse, np.float64(ms))
         if lse_out.shape[0]:
-            lse_out[i] = _reported_lse(lse, np.float64(ms))
+            lse_out[i] = rl
         if not valid:
             ce_out[i] = 0.0
             zl_out[i] = 0.0
@@ -861,7 +868,7 @@ def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, 
             continue
         w_t = np.float64(w[ti])
         ce_out[i] = _index_loss(r, np.float64(ms) - s_t, w_t, W, sum_wd, keep, smooth_c)
-        zl_out[i] = _z_term(lse, zl)
+        zl_out[i] = _z_term(rl, zl)
         hit_out[i] = 1 if hit else 0
         if want_grad:
             alpha, beta, gamma = _index_grad_coefs(g[i * g_stride], lse, w_t, W, keep, smooth_c,
@@ -885,6 +892,21 @@ def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, 
 def _seg_copy(src, dst):
     for j in range(src.shape[0]):
         dst[j] = src[j]
+
+
+@njit(**_INLINE)
+def _seg_flush(v, tot):
+    """tot_j += v_j (float64), v_j <- 0: a class group's sums into the totals (SUM_GROUP)."""
+    for j in range(v.shape[0]):
+        tot[j] += np.float64(v[j])
+        v[j] = 0
+
+
+@njit(**_INLINE)
+def _seg_settle(tot, v):
+    """v_j <- tot_j, rounded to v's dtype: the totals back where the sums are read."""
+    for j in range(v.shape[0]):
+        v[j] = tot[j]
 
 
 @njit(**_INLINE)
@@ -979,7 +1001,8 @@ def _seg_index_loss(ms, ssum, st_v, wt_v, valid_v, swd, W, keep, smooth_c, zl, l
         ce[j] = v if valid_v[j] != 0.0 else 0.0
     if zls.shape[0]:
         for j in range(ms.shape[0]):
-            zls[j] = _z_term(lse_v[j], zl) if valid_v[j] != 0.0 else 0.0
+            rl = _reported_lse(lse_v[j], np.float64(ms[j]))
+            zls[j] = _z_term(rl, zl) if valid_v[j] != 0.0 else 0.0
 
 
 @njit(**_INLINE)
@@ -1068,10 +1091,12 @@ def _block_hits(xb, xs0, m, ts, valid_v, first, hit_v):
         hit_v[j] = 1.0 if valid_v[j] != 0.0 and first[j] == np.float64(ts[j]) else 0.0
 
 
-def _block_exp_sums(xb, gb, xs0, w, opts, in_place, ms, ssum, swd, sc, flat, next0, next_len):
+def _block_exp_sums(xb, gb, xs0, w, opts, in_place, ms, ssum, swd, sc, flat, next0, next_len,
+                    tot):
     """Pass 2: ssum_j <- sum_c exp(s_cj - ms_j), stored into gb[c, xs0 + j] in the WANT_GRAD
     variants, and swd_j <- sum_c w_c (ms_j - s_cj) when smoothing (s: the softcapped logits, via
-    the scratch row sc).  next_len > 0: prefetch the next block, class c at flat[next0 + c S]."""
+    the scratch row sc), by groups of SUM_GROUP classes totalled in tot (2, L) float64.
+    next_len > 0: prefetch the next block, class c at flat[next0 + c S]."""
     L = ms.shape[0]
     C = xb.shape[0]
     S = xb.shape[1]
@@ -1083,45 +1108,58 @@ def _block_exp_sums(xb, gb, xs0, w, opts, in_place, ms, ssum, swd, sc, flat, nex
     log2e = cast_like(LOG2E, ms)
     ssum[:] = 0
     swd[:] = 0
-    c_pairs = 0
-    if not has_cap and not (want_grad and in_place):
-        # two classes per sweep of the running sums
-        c_pairs = C - C % 2
-        for c in range(0, c_pairs, 2):
+    grouped = C > SUM_GROUP
+    if grouped:
+        tot[:] = 0
+    for c0 in range(0, C, SUM_GROUP):
+        c1 = min(C, c0 + SUM_GROUP)
+        c_pairs = c0
+        if not has_cap and not (want_grad and in_place):
+            # two classes per sweep of the running sums
+            c_pairs = c1 - (c1 - c0) % 2
+            for c in range(c0, c_pairs, 2):
+                if next_len:
+                    _seg_prefetch(flat, next0 + c * S, next_len)
+                    _seg_prefetch(flat, next0 + (c + 1) * S, next_len)
+                xa = xb[c, xs0:xs0 + L]
+                xc = xb[c + 1, xs0:xs0 + L]
+                if smoothing:
+                    _seg_axpy_dev(w[c], xa, ms, swd)
+                    _seg_axpy_dev(w[c + 1], xc, ms, swd)
+                if want_grad:
+                    _seg_exp_acc_store2(xa, xc, ms, log2e, ssum, gb[c, xs0:xs0 + L],
+                                        gb[c + 1, xs0:xs0 + L])
+                else:
+                    _seg_exp_acc2(xa, xc, ms, log2e, ssum)
+        for c in range(c_pairs, c1):
             if next_len:
                 _seg_prefetch(flat, next0 + c * S, next_len)
-                _seg_prefetch(flat, next0 + (c + 1) * S, next_len)
-            xa = xb[c, xs0:xs0 + L]
-            xc = xb[c + 1, xs0:xs0 + L]
-            if smoothing:
-                _seg_axpy_dev(w[c], xa, ms, swd)
-                _seg_axpy_dev(w[c + 1], xc, ms, swd)
-            if want_grad:
-                _seg_exp_acc_store2(xa, xc, ms, log2e, ssum, gb[c, xs0:xs0 + L],
-                                    gb[c + 1, xs0:xs0 + L])
+            xs = xb[c, xs0:xs0 + L]
+            if has_cap:
+                _seg_softcap(xs, capf, inv_capf, sc)
+                if smoothing:
+                    _seg_axpy_dev(w[c], sc, ms, swd)
+                if want_grad:
+                    _seg_exp_acc_store(sc, ms, log2e, ssum, gb[c, xs0:xs0 + L])
+                else:
+                    _seg_exp_acc(sc, ms, log2e, ssum)
             else:
-                _seg_exp_acc2(xa, xc, ms, log2e, ssum)
-    for c in range(c_pairs, C):
-        if next_len:
-            _seg_prefetch(flat, next0 + c * S, next_len)
-        xs = xb[c, xs0:xs0 + L]
-        if has_cap:
-            _seg_softcap(xs, capf, inv_capf, sc)
+                if smoothing:
+                    _seg_axpy_dev(w[c], xs, ms, swd)
+                if want_grad and in_place:
+                    _seg_exp_acc_inplace(gb[c, xs0:xs0 + L], ms, log2e, ssum)
+                elif want_grad:
+                    _seg_exp_acc_store(xs, ms, log2e, ssum, gb[c, xs0:xs0 + L])
+                else:
+                    _seg_exp_acc(xs, ms, log2e, ssum)
+        if grouped:
+            _seg_flush(ssum, tot[0])
             if smoothing:
-                _seg_axpy_dev(w[c], sc, ms, swd)
-            if want_grad:
-                _seg_exp_acc_store(sc, ms, log2e, ssum, gb[c, xs0:xs0 + L])
-            else:
-                _seg_exp_acc(sc, ms, log2e, ssum)
-        else:
-            if smoothing:
-                _seg_axpy_dev(w[c], xs, ms, swd)
-            if want_grad and in_place:
-                _seg_exp_acc_inplace(gb[c, xs0:xs0 + L], ms, log2e, ssum)
-            elif want_grad:
-                _seg_exp_acc_store(xs, ms, log2e, ssum, gb[c, xs0:xs0 + L])
-            else:
-                _seg_exp_acc(xs, ms, log2e, ssum)
+                _seg_flush(swd, tot[1])
+    if grouped:
+        _seg_settle(tot[0], ssum)
+        if smoothing:
+            _seg_settle(tot[1], swd)
 
 
 def _block_grad_coefs(opts, g, g_off, g_stride, lse_v, ssum, valid_v, wt_v, st_v, scale_v,
@@ -1195,7 +1233,7 @@ def _index_block(x, xn, xs0, L, t, tk, on, os0, w, opts, ignore_index, in_place,
     vx = np.empty((11, L), x.dtype)
     m, ms, sc, ssum, swd = vx[0], vx[1], vx[2], vx[3], vx[4]
     scale_v, gamma_v, valid_v, wt_v, st_v, rv = vx[5], vx[6], vx[7], vx[8], vx[9], vx[10]
-    v64 = np.empty((6, L))
+    v64 = np.empty((8, L))
     lse_v, ce_v, zl_v, first, hit_v, beta_v = v64[0], v64[1], v64[2], v64[3], v64[4], v64[5]
     ti = np.empty((2, L), np.int64)
     ts, tc = ti[0], ti[1]               # the widened targets, and a scratch
@@ -1228,7 +1266,7 @@ def _index_block(x, xn, xs0, L, t, tk, on, os0, w, opts, ignore_index, in_place,
     next_n, next_s0 = (xn, xs0 + L) if xs0 + L < S else (xn + 1, 0)
     next_len = min(L, S - next_s0) if prefetch_next and next_n < x.shape[0] else 0
     _block_exp_sums(xb, gb, xs0, w, opts, in_place, ms, ssum, swd, sc, x.reshape(-1),
-                    next_n * C * S + next_s0, next_len)
+                    next_n * C * S + next_s0, next_len, v64[6:8])
     # Per position: loss and z-loss (vectorised), then the block's sums or per-position values.
     if per_position:
         ce_v = ce_out[on, os0:os0 + L]
@@ -1332,9 +1370,10 @@ def _prob_blocks(x, p, w, opts, g, g_stride, grad, ce_out, zl_out, lse_out, part
                 se = _row_exp_sum(srow, m0, log2e)
             r = math.log(se)
             lse = np.float64(m0) + r
+            rl = _reported_lse(lse, np.float64(m0))
             if lse_out.shape[0]:
-                lse_out[n, 0] = _reported_lse(lse, np.float64(m0))
-            zl_out[n, 0] = _z_term(lse, zl)
+                lse_out[n, 0] = rl
+            zl_out[n, 0] = _z_term(rl, zl)
             ce_out[n, 0] = _prob_loss(r, A0, D0)
             if want_grad:
                 alpha, beta = _prob_grad_coefs(g[n * g_stride], lse, A0, inv_D, z2)
@@ -1362,8 +1401,9 @@ def _prob_blocks(x, p, w, opts, g, g_stride, grad, ce_out, zl_out, lse_out, part
             ms = m
         for j in range(L):
             ssum[j] = 0
-        acc = np.zeros((4, L))         # float64 per position: sum of q, of q (max - s); coefs
-        A, D, scale_v, beta_v = acc[0], acc[1], acc[2], acc[3]
+        acc = np.zeros((5, L))         # float64 per position: sum of q, of q (max - s); coefs;
+        A, D, scale_v, beta_v = acc[0], acc[1], acc[2], acc[3]     # the exp sums' totals
+        grouped = C > SUM_GROUP
         for c in range(C):
             xc = xb[c, s0:s0 + L]
             if has_cap:
@@ -1377,12 +1417,18 @@ def _prob_blocks(x, p, w, opts, g, g_stride, grad, ce_out, zl_out, lse_out, part
                 _seg_exp_acc_store(sc, ms, log2e, ssum, gb[c, s0:s0 + L])
             else:
                 _seg_exp_acc(sc, ms, log2e, ssum)
+            if grouped and (c + 1) % SUM_GROUP == 0:
+                _seg_flush(ssum, acc[4])
+        if grouped:
+            _seg_flush(ssum, acc[4])
+            _seg_settle(acc[4], ssum)
         for j in range(L):
             r = math.log(ssum[j])
             lse = np.float64(ms[j]) + r
+            rl = _reported_lse(lse, np.float64(ms[j]))
             if lse_out.shape[0]:
-                lse_out[n, s0 + j] = _reported_lse(lse, np.float64(ms[j]))
-            zl_out[n, s0 + j] = _z_term(lse, zl)
+                lse_out[n, s0 + j] = rl
+            zl_out[n, s0 + j] = _z_term(rl, zl)
             ce_out[n, s0 + j] = _prob_loss(r, A[j], D[j])
             if want_grad:
                 alpha, beta = _prob_grad_coefs(g[(n * S + s0 + j) * g_stride], lse, A[j], inv_D, z2)
@@ -1468,12 +1514,18 @@ def _softmax_strided(x, mode, out, lse_out, part, nparts):
         m = mm[0]
         _block_max(x[n], s0, m, mm[1])
         ssum = np.zeros_like(m)
-        if mode == 2:       # softmax: one exp per entry, stored, then scaled by 1 / sum
-            for c in range(C):
+        grouped = C > SUM_GROUP
+        tot = np.zeros(L if grouped else 0)
+        for c in range(C):
+            if mode == 2:       # softmax: one exp per entry, stored, then scaled by 1 / sum
                 _seg_exp_acc_store(x[n, c, s0:s0 + L], m, log2e, ssum, out[n, c, s0:s0 + L])
-        else:
-            for c in range(C):
+            else:
                 _seg_exp_acc(x[n, c, s0:s0 + L], m, log2e, ssum)
+            if grouped and (c + 1) % SUM_GROUP == 0:
+                _seg_flush(ssum, tot)
+        if grouped:
+            _seg_flush(ssum, tot)
+            _seg_settle(tot, ssum)
         logs = np.zeros(L, x.dtype)
         inv = np.empty(L, x.dtype)
         for j in range(L):

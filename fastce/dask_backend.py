@@ -588,7 +588,7 @@ def _final(total, dn, g_unused=None, *, reduction, z_loss, dtype, what):
     zv = api._div(zs, Dz) if mean else zs
     if what == "z":
         return np.asarray(zv, dtype=dtype)
-    value = api._div(ce, D) if mean else ce
+    value = api._mean(ce, D) if mean else ce
     if z_loss:
         value = value + zv
     return np.asarray(value, dtype=dtype)

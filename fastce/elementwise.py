@@ -63,7 +63,8 @@ def softcap_grad_factor(s, inv_cap):
 
 
 def z_term(lse, z_loss):
-    """PaLM's z-loss of one element: z_loss * lse^2 (0 when z_loss is 0, whatever lse)."""
+    """PaLM's z-loss of one element: z_loss * lse^2 (0 when z_loss is 0, whatever lse), of the
+    reported lse (see reported_lse: +inf where the max is +-inf, as the spec's)."""
     return z_loss * lse * lse if z_loss != 0.0 else 0.0
 
 

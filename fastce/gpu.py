@@ -276,9 +276,10 @@ def _prob_finish(m, ssum, nan, A, qd, o, want_grad, g, gi, n, s, ce_out, zl_out,
     float64 row state; returns the gradient's (scale, beta): dL/dx_c = (exp(x_c - m) scale -
     beta q_c) (times the softcap factor)."""
     lse, r = _finish_lse_r(m, ssum, nan)
+    rl = lse if nan != 0 else _reported_lse(lse, m)
     if lse_out.shape[0]:
-        lse_out[n, s] = lse if nan != 0 else _reported_lse(lse, m)
-    zl_out[n, s] = _z_term(lse, o.z_loss)
+        lse_out[n, s] = rl
+    zl_out[n, s] = _z_term(rl, o.z_loss)
     ce_out[n, s] = _prob_loss(r, A, qd)
     scale = 0.0
     beta = 0.0
@@ -365,8 +366,9 @@ def _index_steps(F):
         (N, C, S) and the element is (n, s)."""
         has_cap, inv_cap, capf, inv_capf = cap_consts(o.softcap)
         lse, r = _finish_lse_r(m, ssum, nan)
+        rl = lse if nan != 0 else _reported_lse(lse, m)
         if lse_out.shape[0]:
-            lse_out[n, s] = lse if nan != 0 else _reported_lse(lse, m)
+            lse_out[n, s] = rl
         ti = _i8(t[n, s])
         if ti == ignore_index or ti < 0 or ti >= C:
             ce_out[n, s] = 0.0
@@ -376,7 +378,7 @@ def _index_steps(F):
         w_t = _f8(w[ti])
         s_t = _f8(capped(x[n, ti, s], has_cap, capf, inv_capf))
         ce_out[n, s] = _index_loss(r, m - s_t, w_t, o.weight_sum, wdev, o.keep, o.smooth_c)
-        zl_out[n, s] = _z_term(lse, o.z_loss)
+        zl_out[n, s] = _z_term(rl, o.z_loss)
         hit_out[n, s] = 1 if (nan == 0 and ir == ti) else 0
         scale = 0.0
         gamma = 0.0

@@ -14,7 +14,14 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-__all__ = ["LossOptions", "ShardOptions", "ieee_div"]
+__all__ = ["LossOptions", "ShardOptions", "ieee_div", "mean_div"]
+
+
+def mean_div(total: float, D: float) -> float:
+    """The weighted mean total / D, nan where D == 0 (every target ignored or of zero weight)
+    whatever the total: torch's mean with label smoothing is (1 - eps) nll / D + eps smooth / D,
+    whose nll part is then 0 / 0, so a positive smoothing sum does not make it +inf."""
+    return math.nan if D == 0.0 else ieee_div(total, D)
 
 
 def ieee_div(a: float, b: float) -> float:

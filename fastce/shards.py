@@ -434,7 +434,8 @@ def finalize_parts(st, target, weight=None, *, ignore_index=-100, z_loss=0.0,
     keep, smooth_c = 1.0 - st.label_smoothing, st.label_smoothing / C
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         r = xp.log(st.sumexp)
-        lse = st.max + r
+        # the reported lse (elementwise.reported_lse): the max itself where it is +-inf
+        lse = xp.where(xp.isinf(st.max), st.max, st.max + r)
         hit = None
         if st.kind == "index":
             t = be.asarray(target)
@@ -501,7 +502,7 @@ def finalize_stats(stats, target, weight=None, *, ignore_index=-100, reduction="
         zpart = (parts.z if parts.z is not None else xp.zeros(per.shape)).astype(dt)
     else:
         total = _total(xp, parts.ce)
-        value = api._div(total, D) if mean else total
+        value = api._mean(total, D) if mean else total
         zs = _total(xp, parts.z) if parts.z is not None else 0.0
         zv = api._div(zs, Dz) if mean else zs
         if parts.z is not None:

@@ -33,7 +33,9 @@ z-loss (PaLM): ``z_i = z_loss * lse_i**2`` for every element that is not ignored
 divides by the count of such elements, Dz, not by the weights.
 
 Reductions: "none" -> ce_i + z_i with the target's shape; "sum" -> sum_i (ce_i + z_i);
-"mean" -> sum_i ce_i / D + sum_i z_i / Dz.  0/0 is nan, as in torch.
+"mean" -> sum_i ce_i / D + sum_i z_i / Dz.  0/0 is nan, as in torch, and so is the mean when
+D = 0 (every target ignored or of zero weight) whatever the smoothing term adds: torch's mean
+is (1 - eps) sum nll / D + eps / C sum smooth / D, whose first part is then 0/0.
 
 Gradient with respect to the logits (g_i the upstream gradient, D = Dz = 1 for sum/none)::
 
@@ -86,10 +88,12 @@ def softcap_logits(x: np.ndarray, softcap: float | None) -> np.ndarray:
 
 
 def neg_log_softmax(s: np.ndarray, axis: int = 1) -> np.ndarray:
-    """``lse - s_c`` as ``(m - s_c) + log sum exp(s - m)`` (torch's order of operations)."""
+    """``lse - s_c`` as ``(m - s_c) + log sum exp(s - m)`` (torch's order of operations): a row
+    with a ``+inf`` logit is nan throughout (``inf - inf``), as in torch; a row of ``-inf`` is
+    shifted by 0 instead, giving ``inf - inf = nan`` there too."""
     s = np.asarray(s, dtype=np.float64)
     m = np.max(s, axis=axis, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
+    m = np.where(m == -np.inf, 0.0, m)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         return (m - s) + np.log(np.sum(np.exp(s - m), axis=axis, keepdims=True))
 
@@ -167,7 +171,7 @@ def reduce_loss(ce, z, D, Dz, reduction, z_loss=0.0):
     if reduction == "sum":
         return float(np.sum(ce) + np.sum(z))
     with np.errstate(invalid="ignore", divide="ignore"):
-        total = np.float64(np.sum(ce)) / np.float64(D)
+        total = np.float64(np.sum(ce)) / np.float64(D) if D != 0 else np.nan
         if z_loss:
             total = total + np.float64(np.sum(z)) / np.float64(Dz)
     return float(total)
@@ -188,9 +192,9 @@ def grad_logits(x, lse, b, ignored, D, Dz, reduction, grad_output=1.0, *, softca
         g = g[:, None, :] if g.ndim == 2 else g
         zterm = 2.0 * z_loss * lse[:, None, :] / dz if z_loss else 0.0
         grad = g * ((a / d + zterm) * p - b / d)
-        grad = np.where(ignored[:, None, :], 0.0, grad)
         if softcap is not None:
             grad = grad * (1.0 - (s / softcap) ** 2)
+        grad = np.where(ignored[:, None, :], 0.0, grad)      # exactly 0, whatever the logits
     return grad
 
 

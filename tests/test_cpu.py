@@ -179,3 +179,38 @@ def test_token_accuracy_is_compiled_only_when_asked():
         <= set(hits)
     for got, want in acc:
         assert got == pytest.approx(want)
+
+
+@pytest.mark.parametrize("C", [33, 20000])
+def test_strided_float32_sums_over_many_classes_stay_exact(C):
+    """A strided layout sums over the classes per position; float32 sums over thousands of
+    classes in one accumulator drifted by ~C/2 ulps (C = 20000: ~1e-6 relative), so they run in
+    groups of cpu.SUM_GROUP classes totalled in float64: every strided kernel stays as exact as
+    the rows kernels."""
+    from fastce import spec
+    rng = np.random.default_rng(C)
+    x = (rng.standard_normal((2, C, 7)) * 2).astype(np.float32)
+    t = rng.integers(0, C, (2, 7))
+    p = rng.random(x.shape).astype(np.float32)
+    p /= p.sum(1, keepdims=True)
+    x64 = x.astype(np.float64)
+    lse = spec.logsumexp(x64, axis=1)
+    rel = lambda got, want: float(np.max(np.abs(np.asarray(got, np.float64) - want)
+                                         / np.abs(want)))
+    for kw in (dict(), dict(label_smoothing=0.1), dict(softcap=5.0)):
+        out = fastce.cross_entropy(x, t, reduction="none", return_lse=True, **kw)
+        want = spec.cross_entropy(x64, t, reduction="none", **kw)
+        assert rel(out.loss, want) < 3e-7, kw
+        _, g = fastce.cross_entropy_with_grad(x, t, **kw)
+        _, want_g = spec.cross_entropy_with_grad(x64, t, **kw)
+        assert np.max(np.abs(g - want_g)) < 3e-7 * np.abs(want_g).max(), kw
+    assert rel(fastce.cross_entropy(x, t, reduction="none", return_lse=True).lse, lse) < 3e-7
+    assert rel(fastce.cross_entropy(x, p, reduction="none"),
+               spec.cross_entropy(x64, p.astype(np.float64), reduction="none")) < 3e-7
+    assert rel(fastce.logsumexp(x, axis=1), lse) < 3e-7
+    sm = fastce.softmax(x, axis=1)
+    assert rel(sm, spec.softmax(x64, axis=1)) < 4e-6      # float32 exps of float32 x - max
+    assert np.max(np.abs(sm.sum(1, dtype=np.float64) - 1.0)) < 1e-6
+    st = fastce.finalize_stats(fastce.shard_stats(x, t, 0, C), t, reduction="none",
+                               return_lse=True)
+    assert rel(st.lse, lse) < 3e-7

@@ -556,3 +556,58 @@ def test_forked_pool_after_parallel_kernels():
         got = pool.map_async(_child_loss, range(4)).get(timeout=300)
     assert [g[:2] for g in got] == want             # the children's own pools: the same numbers
     assert all(g[2] != os.getpid() for g in got)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_mean_over_zero_weight_targets_is_nan_like_torch(backend, smoothing, dtype):
+    """Every target of zero weight: torch's mean is nan even with label smoothing (its nll
+    part is 0/0), not +inf; the gradient is nan; "sum" stays finite."""
+    rng = np.random.default_rng(7)
+    for shape in shapes(backend):
+        C = shape[1]
+        x = rng.standard_normal(shape).astype(dtype)
+        t = rng.integers(0, C, shape[:1] + shape[2:])
+        w = rng.random(C) + 0.5
+        w[np.unique(t)] = 0.0
+        w = w.astype(dtype)
+        for reduction in ("mean", "sum"):
+            want_l, want_g = torch_reference(x, t, w, reduction=reduction,
+                                             label_smoothing=smoothing)
+            loss, loss2, grad = fastce_both(backend, x, t, w, reduction=reduction,
+                                            label_smoothing=smoothing)
+            for got in (loss, loss2):
+                assert np.isnan(got) == np.isnan(want_l), (shape, reduction, got, want_l)
+            assert np.array_equal(np.isnan(grad), np.isnan(want_g)), (shape, reduction)
+            if reduction == "sum":
+                assert_close(loss, want_l, 1e-5 if dtype == np.float32 else 1e-10)
+
+
+def test_z_loss_where_the_max_is_infinite_follows_the_spec(backend):
+    """A row with a +inf logit or only -inf: lse is the max (+-inf) and the z-loss term
+    z_loss * lse^2 is +inf, as in fastce.spec (the loss itself is nan there), on every
+    layout and for probability targets."""
+    from fastce import spec
+    x = np.array([[np.inf, 1.0, 2.0], [-np.inf] * 3, [0.0, 1.0, 2.0]])
+    t = np.array([1, 0, 2])
+    p = np.full((3, 3), 1 / 3)
+    xs = np.repeat(x[:, :, None], 2, 2)
+    cases = [(x, t, x[:, :, None], t[:, None]), (x, p, x[:, :, None], p[:, :, None]),
+             (xs, t[:, None].repeat(2, 1), xs, t[:, None].repeat(2, 1)),
+             (xs, p[:, :, None].repeat(2, 2), xs, p[:, :, None].repeat(2, 2))]
+    for xc, tc, x3, t3 in cases:
+        prob = tc.dtype.kind == "f"
+        fn = spec.cross_entropy_prob if prob else spec.cross_entropy_index
+        _, want_z, want_lse, *_ = fn(x3, t3, z_loss=0.1)
+        out = fastce.cross_entropy(backend.to(xc), backend.to(tc), reduction="none",
+                                   z_loss=0.1, return_z_loss=True, return_lse=True)
+        got_z = backend.host(out.z_loss).reshape(want_z.shape)
+        got_lse = backend.host(out.lse).reshape(want_lse.shape)
+        assert np.array_equal(got_z[:2], want_z[:2]) and np.all(np.isinf(got_z[:2]))
+        assert np.array_equal(got_lse[:2], want_lse[:2])
+        assert_close(got_z[2:], want_z[2:], 1e-12)
+    st = fastce.merge_stats([fastce.shard_stats(x[:, :1], t, 0, 3),
+                             fastce.shard_stats(x[:, 1:], t, 1, 3)])
+    out = fastce.finalize_stats(st, t, reduction="none", z_loss=0.1, return_z_loss=True,
+                                return_lse=True)
+    assert list(out.lse[:2]) == [np.inf, -np.inf] and list(out.z_loss[:2]) == [np.inf, np.inf]

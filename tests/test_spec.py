@@ -78,3 +78,32 @@ def test_spec_seed_examples(weight, expected):
     from fastce import spec
     x = np.array([0, 1, 0, 0, 0, 1.0]).reshape(1, 3, 2)
     assert round(spec.cross_entropy(x, np.array([[0, 1]]), np.array(weight, float)), 4) == expected
+
+
+def test_spec_special_values_match_torch():
+    """A +inf logit on a class other than the target makes the loss and the gradient row nan
+    (torch's log_softmax subtracts the max: inf - inf); a -inf target logit gives +inf; all
+    target weights zero with label smoothing: nan (the nll part's 0/0)."""
+    x = np.array([[np.inf, 1.0, 2.0], [0.5, -np.inf, 1.0], [0.1, 0.5, -0.3]])
+    t = np.array([1, 1, 2])
+    for kw in (dict(), dict(label_smoothing=0.1), dict(reduction="none")):
+        want_l, want_g = torch_loss_and_grad(x, t, **kw)
+        got_l, got_g = spec_loss_and_grad(x, t, **kw)
+        assert np.array_equal(np.isnan(got_l), np.isnan(want_l)), kw
+        assert_close(np.nan_to_num(got_l, nan=0.0), np.nan_to_num(want_l, nan=0.0), 1e-12)
+        assert np.array_equal(np.isnan(got_g), np.isnan(want_g)), kw
+    w = np.array([1.0, 0.0, 2.0])
+    for eps in (0.0, 0.1):
+        want_l, _ = torch_loss_and_grad(x[2:], t[1:2], w, label_smoothing=eps)
+        got_l, _ = spec_loss_and_grad(x[2:], t[1:2], w, label_smoothing=eps)
+        assert np.isnan(want_l) and np.isnan(got_l)
+
+
+def test_spec_ignored_rows_get_exact_zero_gradient_with_softcap():
+    """Ignored elements have zero gradient whatever their logits, softcap included (torch's
+    autograd gives nan there for nan logits: a documented difference)."""
+    from fastce import spec
+    x = np.array([[np.nan] * 3, [0.0, 1.0, 2.0]])[:, :, None]
+    t = np.array([[-100], [0]])
+    _, g = spec.cross_entropy_with_grad(x, t, softcap=5.0)
+    assert np.array_equal(g[0], np.zeros((3, 1))) and np.all(np.isfinite(g[1]))
