@@ -31,7 +31,7 @@ from numba import njit
 from . import _alloc, cpu
 from .cpu import FASTMATH, LOG2E, cast_like, exp2_nonpos, exp2_nonpos_exact, fmaximum, softcap_fast
 from .cpu import (SUM_GROUP, _block_max, _row_exp_sum_store, _seg_exp_acc,  # shared passes
-                  _seg_flush, _seg_settle, _seg_softcap)
+                  _seg_flush, _seg_softcap)
 from .cpu import _softcap_grad_factor, block_bounds, blocks_per_row, task_range
 from .options import ShardOptions
 
@@ -167,19 +167,15 @@ def _block_sumexp(x, n, s0, ms, capf, inv_capf, has_cap, m, acc, sc):
         m[j] = ms[j] if ms[j] > -_INF and ms[j] < _INF else 0
     acc[:] = 0
     C = x.shape[1]
-    grouped = C > SUM_GROUP         # (see fastce.cpu.SUM_GROUP)
-    tot = np.zeros(L if grouped else 0)
+    tot = np.empty(L if C > SUM_GROUP else 0)       # (see fastce.cpu.SUM_GROUP)
     for c in range(C):
         if has_cap:
             _seg_softcap(x[n, c, s0:s0 + L], capf, inv_capf, sc)
             _seg_exp_acc(sc, m, log2e, acc)
         else:
             _seg_exp_acc(x[n, c, s0:s0 + L], m, log2e, acc)
-        if grouped and (c + 1) % SUM_GROUP == 0:
-            _seg_flush(acc, tot)
-    if grouped:
-        _seg_flush(acc, tot)
-        _seg_settle(tot, acc)
+        if C > SUM_GROUP and ((c + 1) % SUM_GROUP == 0 or c + 1 == C):
+            _seg_flush(acc, tot, c < SUM_GROUP, c + 1 == C)
 
 
 @njit(**_INLINE)

@@ -895,18 +895,14 @@ def _seg_copy(src, dst):
 
 
 @njit(**_INLINE)
-def _seg_flush(v, tot):
-    """tot_j += v_j (float64), v_j <- 0: a class group's sums into the totals (SUM_GROUP)."""
+def _seg_flush(v, tot, first, last):
+    """A class group's sums v into the float64 totals tot (SUM_GROUP): tot_j <- tot_j + v_j
+    (v_j alone for the ``first`` group); v_j <- 0 for the next group, or, after the ``last``,
+    the total rounded to v's dtype, where the sums are read."""
     for j in range(v.shape[0]):
-        tot[j] += np.float64(v[j])
-        v[j] = 0
-
-
-@njit(**_INLINE)
-def _seg_settle(tot, v):
-    """v_j <- tot_j, rounded to v's dtype: the totals back where the sums are read."""
-    for j in range(v.shape[0]):
-        v[j] = tot[j]
+        t = np.float64(v[j]) + (0.0 if first else tot[j])
+        tot[j] = t
+        v[j] = t if last else 0
 
 
 @njit(**_INLINE)
@@ -1106,31 +1102,26 @@ def _block_exp_sums(xb, gb, xs0, w, opts, in_place, ms, ssum, swd, sc, flat, nex
     capf = cast_like(opts.softcap, ms)
     inv_capf = cast_like(1.0 / opts.softcap if has_cap else 0.0, ms)
     log2e = cast_like(LOG2E, ms)
+    pairs = not has_cap and not (want_grad and in_place)    # two classes per sweep of the sums
     ssum[:] = 0
     swd[:] = 0
-    grouped = C > SUM_GROUP
-    if grouped:
-        tot[:] = 0
     for c0 in range(0, C, SUM_GROUP):
         c1 = min(C, c0 + SUM_GROUP)
-        c_pairs = c0
-        if not has_cap and not (want_grad and in_place):
-            # two classes per sweep of the running sums
-            c_pairs = c1 - (c1 - c0) % 2
-            for c in range(c0, c_pairs, 2):
-                if next_len:
-                    _seg_prefetch(flat, next0 + c * S, next_len)
-                    _seg_prefetch(flat, next0 + (c + 1) * S, next_len)
-                xa = xb[c, xs0:xs0 + L]
-                xc = xb[c + 1, xs0:xs0 + L]
-                if smoothing:
-                    _seg_axpy_dev(w[c], xa, ms, swd)
-                    _seg_axpy_dev(w[c + 1], xc, ms, swd)
-                if want_grad:
-                    _seg_exp_acc_store2(xa, xc, ms, log2e, ssum, gb[c, xs0:xs0 + L],
-                                        gb[c + 1, xs0:xs0 + L])
-                else:
-                    _seg_exp_acc2(xa, xc, ms, log2e, ssum)
+        c_pairs = c1 - (c1 - c0) % 2 if pairs else c0
+        for c in range(c0, c_pairs, 2):
+            if next_len:
+                _seg_prefetch(flat, next0 + c * S, next_len)
+                _seg_prefetch(flat, next0 + (c + 1) * S, next_len)
+            xa = xb[c, xs0:xs0 + L]
+            xc = xb[c + 1, xs0:xs0 + L]
+            if smoothing:
+                _seg_axpy_dev(w[c], xa, ms, swd)
+                _seg_axpy_dev(w[c + 1], xc, ms, swd)
+            if want_grad:
+                _seg_exp_acc_store2(xa, xc, ms, log2e, ssum, gb[c, xs0:xs0 + L],
+                                    gb[c + 1, xs0:xs0 + L])
+            else:
+                _seg_exp_acc2(xa, xc, ms, log2e, ssum)
         for c in range(c_pairs, c1):
             if next_len:
                 _seg_prefetch(flat, next0 + c * S, next_len)
@@ -1152,14 +1143,10 @@ def _block_exp_sums(xb, gb, xs0, w, opts, in_place, ms, ssum, swd, sc, flat, nex
                     _seg_exp_acc_store(xs, ms, log2e, ssum, gb[c, xs0:xs0 + L])
                 else:
                     _seg_exp_acc(xs, ms, log2e, ssum)
-        if grouped:
-            _seg_flush(ssum, tot[0])
+        if C > SUM_GROUP:
+            _seg_flush(ssum, tot[0], c0 == 0, c1 == C)
             if smoothing:
-                _seg_flush(swd, tot[1])
-    if grouped:
-        _seg_settle(tot[0], ssum)
-        if smoothing:
-            _seg_settle(tot[1], swd)
+                _seg_flush(swd, tot[1], c0 == 0, c1 == C)
 
 
 def _block_grad_coefs(opts, g, g_off, g_stride, lse_v, ssum, valid_v, wt_v, st_v, scale_v,
@@ -1401,9 +1388,9 @@ def _prob_blocks(x, p, w, opts, g, g_stride, grad, ce_out, zl_out, lse_out, part
             ms = m
         for j in range(L):
             ssum[j] = 0
-        acc = np.zeros((5, L))         # float64 per position: sum of q, of q (max - s); coefs;
-        A, D, scale_v, beta_v = acc[0], acc[1], acc[2], acc[3]     # the exp sums' totals
-        grouped = C > SUM_GROUP
+        # float64 per position: sums of q and of q (max - s), coefs, the exp sums' group totals
+        acc = np.zeros((5, L))
+        A, D, scale_v, beta_v = acc[0], acc[1], acc[2], acc[3]
         for c in range(C):
             xc = xb[c, s0:s0 + L]
             if has_cap:
@@ -1417,11 +1404,8 @@ def _prob_blocks(x, p, w, opts, g, g_stride, grad, ce_out, zl_out, lse_out, part
                 _seg_exp_acc_store(sc, ms, log2e, ssum, gb[c, s0:s0 + L])
             else:
                 _seg_exp_acc(sc, ms, log2e, ssum)
-            if grouped and (c + 1) % SUM_GROUP == 0:
-                _seg_flush(ssum, acc[4])
-        if grouped:
-            _seg_flush(ssum, acc[4])
-            _seg_settle(acc[4], ssum)
+            if C > SUM_GROUP and ((c + 1) % SUM_GROUP == 0 or c + 1 == C):
+                _seg_flush(ssum, acc[4], c < SUM_GROUP, c + 1 == C)
         for j in range(L):
             r = math.log(ssum[j])
             lse = np.float64(ms[j]) + r
@@ -1514,18 +1498,14 @@ def _softmax_strided(x, mode, out, lse_out, part, nparts):
         m = mm[0]
         _block_max(x[n], s0, m, mm[1])
         ssum = np.zeros_like(m)
-        grouped = C > SUM_GROUP
-        tot = np.zeros(L if grouped else 0)
+        tot = np.empty(L if C > SUM_GROUP else 0)
         for c in range(C):
             if mode == 2:       # softmax: one exp per entry, stored, then scaled by 1 / sum
                 _seg_exp_acc_store(x[n, c, s0:s0 + L], m, log2e, ssum, out[n, c, s0:s0 + L])
             else:
                 _seg_exp_acc(x[n, c, s0:s0 + L], m, log2e, ssum)
-            if grouped and (c + 1) % SUM_GROUP == 0:
-                _seg_flush(ssum, tot)
-        if grouped:
-            _seg_flush(ssum, tot)
-            _seg_settle(tot, ssum)
+            if C > SUM_GROUP and ((c + 1) % SUM_GROUP == 0 or c + 1 == C):
+                _seg_flush(ssum, tot, c < SUM_GROUP, c + 1 == C)
         logs = np.zeros(L, x.dtype)
         inv = np.empty(L, x.dtype)
         for j in range(L):
