@@ -676,9 +676,16 @@ class _Blocks:
         self.x_name, self.t_name, self.axis, self.kind = x.name, t.name, s.axis, s.kind
         self.g_none, self.gkey = g_none, gkey
         self.grid = _grid(tuple(n for i, n in enumerate(x.numblocks) if i != s.axis))
+        # each axis's chunk boundaries, once (hashing x.chunks per chunk was quadratic)
+        self.bounds = tuple(np.cumsum((0,) + c) for c in x.chunks)
 
     def x(self, b, k):
         return (self.x_name,) + b[:self.axis] + (k,) + b[self.axis:]
+
+    def region(self, b, k):
+        """The slices of the logits' chunk (b, k) (position block b, class chunk k)."""
+        return tuple(slice(int(e[i]), int(e[i + 1]))
+                     for e, i in zip(self.bounds, self.x(b, k)[1:]))
 
     def t(self, b, k):
         if self.kind == "index":
@@ -687,17 +694,6 @@ class _Blocks:
 
     def g(self, b):
         return (self.g_none.name,) + b if self.g_none is not None else self.gkey
-
-
-def _region(x, key):
-    """The slices of x's block ``key`` (a chunk's key: name, then its block indices)."""
-    return tuple(slice(int(b[i]), int(b[i + 1])) for b, i in zip(_bounds(x.chunks), key[1:]))
-
-
-@functools.lru_cache(maxsize=8)
-def _bounds(chunks):
-    """Each axis's chunk boundaries (0, c0, c0 + c1, ...)."""
-    return tuple(np.cumsum((0,) + c) for c in chunks)
 
 
 def _positions(chunks, axis):
@@ -791,7 +787,7 @@ def _whole_class_tasks(G, s, x, blocks, wkey, dn, res, grad_name):
     for b in blocks.grid:
         task = (fn, blocks.x(b, 0), blocks.t(b, 0), wkey, dn, blocks.g(b))
         if s.slab or s.out is not None:
-            slab = _slab_arg(grad_name, x, s, b[0], _region(x, blocks.x(b, 0)))
+            slab = _slab_arg(grad_name, x, s, b[0], blocks.region(b, 0))
             task = (partial(fn, slab=slab),) + task[1:]
         G.dsk[(res,) + b] = task
         if s.want_grad:
@@ -822,7 +818,7 @@ def _class_chunk_tasks(G, s, x, blocks, wkey, dn, res, grad_name):
             fn = stats[k]
             if s.slab:              # the exps, then the gradient, in the chunk's tile
                 fn = partial(fn, slab=_slab_arg(grad_name, x, s, b + (k,),
-                                                _region(x, blocks.x(b, k))))
+                                                blocks.region(b, k)))
             G.dsk[skeys[k]] = (fn, blocks.x(b, k), blocks.t(b, k), wkey)
         own = skeys
         if s.want_grad:                 # (statistics, exps) pairs: merge the statistics
@@ -836,7 +832,7 @@ def _class_chunk_tasks(G, s, x, blocks, wkey, dn, res, grad_name):
             for k in range(nk):
                 fn = grads[k]
                 if s.out is not None and not s.slab:    # computed apart, copied into out
-                    fn = partial(fn, slab=_Into(s.out, _region(x, blocks.x(b, k))))
+                    fn = partial(fn, slab=_Into(s.out, blocks.region(b, k)))
                 G.dsk[(grad_name,) + blocks.x(b, k)[1:]] = (
                     fn, own[k], blocks.x(b, k), blocks.t(b, k), merged, wkey, dn, blocks.g(b))
 

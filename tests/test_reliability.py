@@ -581,6 +581,18 @@ def test_mean_over_zero_weight_targets_is_nan_like_torch(backend, smoothing, dty
             assert np.array_equal(np.isnan(grad), np.isnan(want_g)), (shape, reduction)
             if reduction == "sum":
                 assert_close(loss, want_l, 1e-5 if dtype == np.float32 else 1e-10)
+    # the sharded and Dask paths divide through the same rule
+    x = rng.standard_normal((6, 5)).astype(dtype)
+    t = np.array([1, 3, 1, 3, 1, 3])
+    w = np.array([1.0, 0.0, 2.0, 0.0, 1.5], dtype)
+    st = fastce.merge_stats([fastce.shard_stats(x[:, :2], t, 0, 5, w, label_smoothing=smoothing),
+                             fastce.shard_stats(x[:, 2:], t, 2, 5, w, label_smoothing=smoothing)])
+    assert np.isnan(fastce.finalize_stats(st, t, w))
+    if not backend.small:
+        da = pytest.importorskip("dask.array")
+        got = fastce.cross_entropy(da.from_array(x, chunks=(3, 2)), da.from_array(t, chunks=3),
+                                   w, label_smoothing=smoothing).compute(scheduler="sync")
+        assert np.isnan(got)
 
 
 def test_z_loss_where_the_max_is_infinite_follows_the_spec(backend):
