@@ -168,15 +168,20 @@ def check_weight_meta(w, C):
         raise TypeError(f"fastce: weight must be a real numeric array, got dtype {w.dtype}")
 
 
-def _check_weight(be, weight, C, dtype):
+def _check_weight(be, weight, C, dtype, need_sum=True):
     """(weights in the compute dtype, their sum).  Raises if a finite weight overflows that
-    dtype (1e39 in float32 would silently become inf)."""
+    dtype (1e39 in float32 would silently become inf).  Without ``need_sum`` (the sum only
+    enters label smoothing's term) the sum is nan unless a narrowing cast needed checking: on
+    the GPU that saves a host round trip."""
     if weight is None:
         return be.ones(C, dtype), float(C)
     w = be.asarray(weight)
     check_weight_meta(w, C)
     with np.errstate(over="ignore"):
         wc = be.cast(w, dtype)
+    narrowed = w.dtype.kind == "f" and w.dtype.itemsize > np.dtype(dtype).itemsize
+    if not (need_sum or narrowed):          # (integers fit any float dtype's range)
+        return wc, math.nan
     W = be.total(wc)
     if not math.isfinite(W) and w.dtype != dtype and math.isfinite(be.total(w)):
         host = np.asarray(be.to_host(w), dtype=np.float64)
@@ -324,7 +329,7 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
             stats = stats + (be.wrap(be.full(loss_shape, -math.inf, _loss_dtype(x.dtype)), input),)
         return loss, grad, stats
     x3, N, C, S = _canonical(be, x, axis)
-    w, W = _check_weight(be, weight, C, _loss_dtype(x3.dtype))
+    w, W = _check_weight(be, weight, C, _loss_dtype(x3.dtype), need_sum=eps != 0.0)
     # Each position's log-sum-exp, written by the loss kernels in their own pass.
     lse = be.empty((N, S), np.float64) if want_lse else None
 
@@ -400,8 +405,8 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
         if reduction == "none":
             zpart = be.cast(zls.reshape(loss_shape), in_dtype)
         else:
-            zs = be.total(zls)
-            zpart = be.scalar(_div(zs, mDz) if mean else zs, in_dtype)
+            # mean_div's nan where Dz == 0 is ieee_div's 0/0 there: every z term is 0.
+            zpart = be.reduce_loss(zls, None, mean, mDz, 0.0, in_dtype)
         acc = _div(be.total(hit), count) if (hit is not None and count) else math.nan
         stats = (be.wrap(zpart, input), acc)
         if want_lse:
@@ -564,13 +569,7 @@ def _loss(be, ce, zls, hit, reduction, D, Dz, loss_shape, dtype, raw):
                 0.0 if hit is None else be.total(hit))
     if reduction == "none":
         return be.finish_per_position(ce, zls, loss_shape, dtype)
-    mean = reduction == "mean"
-    total = be.total(ce)
-    value = _mean(total, D) if mean else total
-    if zls is not None:
-        zsum = be.total(zls)
-        value = value + (_div(zsum, Dz) if mean else zsum)
-    return be.scalar(value, dtype)
+    return be.reduce_loss(ce, zls, reduction == "mean", D, Dz, dtype)
 
 
 def _empty_problem(be, x, C, t, kind, weight, ignore_index, reduction, loss_shape, input,
@@ -767,7 +766,7 @@ def nll_loss(log_probs, target, weight=None, *, ignore_index=-100, reduction="me
     if kind != "index":
         raise TypeError("fastce: nll_loss takes class-index (integer) targets")
     x3, N, C, S = _canonical(be, x, axis)
-    w, _ = _check_weight(be, weight, C, np.float64)
+    w, _ = _check_weight(be, weight, C, np.float64, need_sum=False)
     t2 = be.contiguous(t).reshape(N, S)
     D, _, bad = be.target_stats(t2, w, ignore_index, C)
     if bad >= 0:
@@ -779,7 +778,9 @@ def nll_loss(log_probs, target, weight=None, *, ignore_index=-100, reduction="me
     loss_shape = tuple(x.shape[:axis]) + tuple(x.shape[axis + 1:])
     if reduction == "none":
         return be.wrap(be.finish_per_position(per, None, loss_shape, _loss_dtype(x.dtype)), log_probs)
-    total = be.total(per)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        value = np.float64(total) / np.float64(D) if reduction == "mean" else np.float64(total)
-    return be.wrap(be.scalar(value, _loss_dtype(x.dtype)), log_probs)
+    mean = reduction == "mean"
+    if mean and D == 0.0:           # torch's total / 0: nan, or +-inf where weights cancel
+        value = be.scalar(_div(be.total(per), D), _loss_dtype(x.dtype))
+    else:
+        value = be.reduce_loss(per, None, mean, D, 0.0, _loss_dtype(x.dtype))
+    return be.wrap(value, log_probs)

@@ -131,6 +131,13 @@ class Backend(Protocol):
     def scalar(self, value, dtype):
         """The loss of a mean/sum reduction, a scalar of ``dtype``."""
 
+    def reduce_loss(self, ce, zl, mean, D, Dz, dtype):
+        """The loss of a mean/sum reduction from per-element (or partial) float64 losses, a
+        scalar of ``dtype``: ``total(ce)``, divided by ``D`` for the mean
+        (``fastce.options.mean_div``), plus ``total(zl)`` (divided by ``Dz``:
+        ``ieee_div``) unless ``zl`` is None.  Where the arrays live: on the GPU it stays
+        there (no host round trip)."""
+
     def finish_per_position(self, ce, zl, shape, dtype):
         """The unreduced loss: ``ce + zl`` (``zl`` may be None) as ``shape`` in ``dtype``."""
 

@@ -40,7 +40,7 @@ from numba.extending import intrinsic, overload, register_jitable
 
 from . import _alloc
 from . import elementwise as ew
-from .options import LossOptions, ieee_div
+from .options import LossOptions, ieee_div, mean_div
 
 __all__ = ["index_loss", "prob_loss", "target_stats", "softmax_family", "launch"]
 
@@ -2401,6 +2401,15 @@ class CPUBackend:
     @staticmethod
     def scalar(value, dtype):
         """The loss of a mean/sum reduction: a NumPy scalar of the input's dtype."""
+        return np.dtype(dtype).type(value)
+
+    @staticmethod
+    def reduce_loss(ce, zl, mean, D, Dz, dtype):
+        total = CPUBackend.total(ce)
+        value = mean_div(total, D) if mean else total
+        if zl is not None:
+            zsum = CPUBackend.total(zl)
+            value = value + (ieee_div(zsum, Dz) if mean else zsum)
         return np.dtype(dtype).type(value)
 
     @staticmethod

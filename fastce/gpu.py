@@ -24,10 +24,14 @@ Index arithmetic is 64-bit.  The per-element formulas are those of ``fastce.elem
 compiled as CUDA device functions.  Block reductions use a shared-memory tree (the CUDA simulator
 has no warp shuffles, and the tree keeps one code path for both).
 
-Kernels run on the CUDA default (legacy) stream, which orders them with CuPy's default stream
-and with blocking streams; work queued on a non-blocking stream must be synchronised first.
-Mean/sum losses, target validation and token accuracy copy a few numbers to the host (the API
-returns Python-side denominators and raises on bad targets), so those calls synchronise.
+Streams: every launch, allocation and copy of a call goes to one stream, CuPy's current
+stream (``with cupy.cuda.Stream(): ...`` applies, as it does to CuPy's own operations and to
+fastce's cuBLAS products), or Numba's default stream without CuPy.  An argument whose
+``__cuda_array_interface__`` (v3) names another stream (torch's current stream, say) is waited
+for with an event on the device, not by the host.  A call copies one small array back, the
+targets' statistics (the mean's denominator; bad targets raise before any logit is read with
+them), waiting for the call's stream only; the reduced loss stays on the device
+(``reduce_loss``).
 """
 from __future__ import annotations
 
@@ -810,6 +814,20 @@ def _k_gather_nd(out, src, base, dims, strides):
 
 
 @cuda.jit
+def _k_loss(ce_tot, zl_tot, has_z, mean, D, Dz, out):
+    """out[0] = ce_tot[0] (/ D for the mean, nan where D == 0) + zl_tot[0] (/ Dz for the mean)
+    when has_z, cast to out's dtype on the store: the reduced loss (fastce.api._loss)."""
+    if cuda.grid(1) == 0:
+        value = ce_tot[0]
+        if mean:
+            value = math.nan if D == 0.0 else value / D
+        if has_z:
+            z = zl_tot[0]
+            value += z / Dz if mean else z
+        out[0] = value
+
+
+@cuda.jit
 def _k_fill(out, value):
     i, step = _thread_range()
     while i < out.shape[0]:
@@ -912,7 +930,7 @@ def _launch(kernel, n, *args):
     """A grid-stride launch of ``kernel`` over n items (none when n is 0)."""
     if n:
         blocks, threads = _elem_cfg(n)
-        kernel[blocks, threads](*args)
+        kernel[blocks, threads, _stream()](*args)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -944,6 +962,61 @@ def _cupy():
         return None
 
 
+# ---------------------------------------------------------------------------------------------
+# Streams (see the module docstring): the handles are those of __cuda_array_interface__ v3
+# ---------------------------------------------------------------------------------------------
+LEGACY_STREAM, PER_THREAD_STREAM = 1, 2     # the interface's names of the two default streams
+
+
+def _stream_handle():
+    """The handle of the stream the current call runs on: CuPy's current stream (its null
+    stream, pointer 0, is the legacy default stream), else Numba's default stream."""
+    cp = _cupy()
+    if cp is not None:
+        return cp.cuda.get_current_stream().ptr or LEGACY_STREAM
+    return PER_THREAD_STREAM if config.CUDA_PER_THREAD_DEFAULT_STREAM else LEGACY_STREAM
+
+
+def _stream():
+    """Numba's stream object for the current call (launches, copies, event waits)."""
+    return _numba_stream(_device_id(), _stream_handle())
+
+
+@functools.lru_cache(maxsize=64)
+def _numba_stream(device, handle):
+    """Numba's view of stream ``handle`` on ``device`` (it does not own the stream); the
+    simulator's one stream there."""
+    if SIM:
+        return _SIM_STREAM
+    if handle == LEGACY_STREAM:
+        return cuda.legacy_default_stream()
+    if handle == PER_THREAD_STREAM:
+        return cuda.per_thread_default_stream()
+    return cuda.external_stream(handle)
+
+
+_SIM_STREAM = cuda.stream() if SIM else None
+
+
+def _wait_for_producer(handle):
+    """Order the call's stream after the work queued on stream ``handle`` (an argument's
+    interface: None means none is pending), with an event on the device: the host never
+    waits."""
+    if handle is None or handle == _stream_handle():
+        return
+    event = cuda.event(timing=False)
+    event.record(stream=_numba_stream(_device_id(), int(handle)))
+    event.wait(stream=_stream())
+
+
+def _host_copy(d):
+    """``d`` as a NumPy array, once the call's stream has written it."""
+    stream = _stream()
+    host = d.copy_to_host(stream=stream)
+    stream.synchronize()
+    return host
+
+
 def _shape(shape):
     return tuple(int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,)))
 
@@ -954,9 +1027,9 @@ def _alloc(shape, dtype):
     shape = _shape(shape)
     dtype = np.dtype(dtype)
     cp = _cupy()
-    if cp is not None and math.prod(shape) > 0:
+    if cp is not None and math.prod(shape) > 0:     # CuPy's pool, on the current stream
         return cuda.as_cuda_array(cp.empty(shape, dtype), sync=False)
-    return cuda.device_array(shape, dtype)
+    return cuda.device_array(shape, dtype, stream=_stream())
 
 
 def _to_dev(host):
@@ -965,7 +1038,7 @@ def _to_dev(host):
     cp = _cupy()
     if cp is not None and host.size > 0:
         return cuda.as_cuda_array(cp.asarray(host), sync=False)
-    return cuda.to_device(host)
+    return cuda.to_device(host, stream=_stream())
 
 
 def _is_numba_array(a):
@@ -987,8 +1060,11 @@ def _c_strides(shape):
 
 @functools.lru_cache(maxsize=1024)
 def _geometry(dims, strides, device):
-    """_k_gather_nd's (dims, strides) on the device, uploaded once per shape."""
-    return _to_dev(np.array(dims, np.int64)), _to_dev(np.array(strides, np.int64))
+    """_k_gather_nd's (dims, strides) on the device, uploaded once per shape (and complete
+    before any stream reads them)."""
+    arrays = _to_dev(np.array(dims, np.int64)), _to_dev(np.array(strides, np.int64))
+    _stream().synchronize()
+    return arrays
 
 
 class _Span:
@@ -1064,27 +1140,45 @@ def target_stats(t2, w, ignore_index, C):
         return 0.0, 0, -1
     nblocks, chunk = _red_cfg(n)
     part = _alloc((3, nblocks), np.float64)
-    _k_stats[nblocks, RED_T](_flat(t2), _flat(w), _i8(ignore_index), _i8(C), _i8(n),
+    _k_stats[nblocks, RED_T, _stream()](_flat(t2), _flat(w), _i8(ignore_index), _i8(C), _i8(n),
                              _i8(chunk), part[0], part[1], part[2])
-    host = part.copy_to_host()
+    host = _host_copy(part)
     bad = int(host[2].min())
     return float(host[0].sum()), int(host[1].sum()), (bad if bad < n else -1)
+
+
+def _total_dev(a):
+    """The deterministic float64 sum of the device array ``a`` (size > 0), left on the device
+    as a (1,) array: a fixed-order two-stage reduction."""
+    n = a.size
+    nblocks, chunk = _red_cfg(n)
+    part = _alloc((nblocks,), np.float64)
+    _k_sum[nblocks, RED_T, _stream()](_flat(a), _i8(n), _i8(chunk), part)
+    if nblocks > 1:
+        one = _alloc((1,), np.float64)
+        _k_sum[1, RED_T, _stream()](part, _i8(nblocks), _i8(nblocks), one)
+        part = one
+    return part
 
 
 def total(a) -> float:
     """Deterministic float64 sum: fixed-order two-stage reduction."""
     a = BACKEND.asarray(a)
-    n = a.size
-    if n == 0:
+    if a.size == 0:
         return 0.0
-    nblocks, chunk = _red_cfg(n)
-    part = _alloc((nblocks,), np.float64)
-    _k_sum[nblocks, RED_T](_flat(a), _i8(n), _i8(chunk), part)
-    if nblocks > 1:
-        one = _alloc((1,), np.float64)
-        _k_sum[1, RED_T](part, _i8(nblocks), _i8(nblocks), one)
-        part = one
-    return float(part.copy_to_host()[0])
+    return float(_host_copy(_total_dev(a))[0])
+
+
+def reduce_loss(ce, zl, mean, D, Dz, dtype):
+    """The reduced loss (see fastce.backend), computed and kept on the device: the totals of
+    ``total`` and the divisions of the host's ``options.mean_div`` / ``ieee_div`` (IEEE
+    division on the device), in one single-thread kernel, written as a 0-d array."""
+    out = _alloc((), dtype)
+    ce_tot = _total_dev(ce)
+    zl_tot = _total_dev(zl) if zl is not None else ce_tot
+    _k_loss[1, 1, _stream()](ce_tot, zl_tot, zl is not None, bool(mean), _f8(D), _f8(Dz),
+                             _flat(out))
+    return out
 
 
 def _index_scalars(o):
@@ -1121,10 +1215,10 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
             ce, zl, hit, _no_lse() if lse_out is None else lse_out)
     if S == 1 and C > SMALL_C:
         blocks, threads = _row_cfg(N, C)
-        ks["index_rows"][blocks, threads](*args)
+        ks["index_rows"][blocks, threads, _stream()](*args)
     else:
         blocks, threads = _elem_cfg(N * S)
-        ks["index_strided"][blocks, threads](*args)
+        ks["index_strided"][blocks, threads, _stream()](*args)
     return ce, zl, hit, None
 
 
@@ -1140,7 +1234,7 @@ def prob_loss(x3, p3, w, opts, grad, g, g_stride, lse_out=None):
         name, (blocks, threads) = "prob_rows", _row_cfg(N, C)
     else:
         name, (blocks, threads) = "prob_elems", _elem_cfg(N * S)
-    _compute_kernels(x3.dtype)[name][blocks, threads](
+    _compute_kernels(x3.dtype)[name][blocks, threads, _stream()](
         x3, p3, w, *_prob_scalars(opts), want, g, _i8(g_stride), gbuf, ce, zl,
         _no_lse() if lse_out is None else lse_out)
     return ce, zl
@@ -1161,10 +1255,10 @@ def softmax_family(x3, mode):
     ks = _compute_kernels(x3.dtype)
     if S == 1 and C > SMALL_C:
         blocks, threads = _row_cfg(N, C)
-        ks["softmax_rows"][blocks, threads](x3, _i8(mode), out, lse)
+        ks["softmax_rows"][blocks, threads, _stream()](x3, _i8(mode), out, lse)
     else:
         blocks, threads = _elem_cfg(N * S)
-        ks["softmax_strided"][blocks, threads](x3, _i8(mode), out, lse)
+        ks["softmax_strided"][blocks, threads, _stream()](x3, _i8(mode), out, lse)
     return out, lse
 
 
@@ -1214,7 +1308,7 @@ def full(shape, value, dtype):
 def _scalar_class(base):
     """``base`` (a Numba device array class) plus float()/int()/item() for 0-d losses."""
     def item(self):
-        return self.copy_to_host().reshape(-1)[0].item()
+        return _host_copy(self).reshape(-1)[0].item()
     ns = {"__float__": lambda self: float(item(self)), "__int__": lambda self: int(item(self)),
           "item": item}
     return type(base.__name__, (base,), ns)
@@ -1241,7 +1335,9 @@ def _ones(shape, dtype, device):
 
 @functools.lru_cache(maxsize=64)
 def _cached_ones(shape, dtype, device):
-    return full(shape, 1, dtype)
+    ones = full(shape, 1, dtype)
+    _stream().synchronize()         # complete before calls on other streams read it
+    return ones
 
 
 def _is_writeable_c_contiguous(a):
@@ -1304,7 +1400,7 @@ class GPUBackend:
 
     @staticmethod
     def to_host(a):
-        return GPUBackend.asarray(a).copy_to_host()
+        return _host_copy(GPUBackend.asarray(a))
 
     @staticmethod
     def asarray(a):
@@ -1315,8 +1411,10 @@ class GPUBackend:
         elif is_device_array(a):
             if type(a).__module__.startswith("torch") and getattr(a, "requires_grad", False):
                 a = a.detach()      # torch refuses the interface on tensors that require grad
-            _check_typestr(a.__cuda_array_interface__["typestr"])
-            d = cuda.as_cuda_array(a, sync=False)
+            cai = a.__cuda_array_interface__
+            _check_typestr(cai["typestr"])
+            _wait_for_producer(cai.get("stream"))
+            d = cuda.from_cuda_array_interface(cai, owner=a, sync=False)
         else:
             return _to_dev(np.array(a, order="C"))
         if not d.is_c_contiguous():
@@ -1338,7 +1436,7 @@ class GPUBackend:
     @staticmethod
     def element(a, pos):
         d = _flat(GPUBackend.asarray(a))
-        return d[pos:pos + 1].copy_to_host()[0].item()
+        return _host_copy(d[pos:pos + 1])[0].item()
 
     @staticmethod
     def empty(shape, dtype):
@@ -1350,6 +1448,7 @@ class GPUBackend:
         return _ones(_shape(shape), np.dtype(dtype).str, _device_id())
 
     total = staticmethod(total)
+    reduce_loss = staticmethod(reduce_loss)
     full = staticmethod(full)
 
     @staticmethod

@@ -105,6 +105,10 @@ def compile_ptx_all(cc=(8, 0)):
         cuda.compile_ptx(gpu._k_add.py_func, (arr(nt.float16, 1), arr(f8, 1), arr(f8, 1)), cc=cc)
         cuda.compile_ptx(gpu._k_lse_sign.py_func, (arr(f8, 1), arr(f8, 1)), cc=cc)
         n += 2
+        for o in (nt.float16, nt.float32, f8):      # the reduced loss, in the input's dtype
+            cuda.compile_ptx(gpu._k_loss.py_func, (arr(f8, 1), arr(f8, 1), nt.boolean,
+                                                   nt.boolean, f8, f8, arr(o, 1)), cc=cc)
+            n += 1
         return n
     except Exception as e:
         # float16 kernels link CUDA's fp16 headers through NVRTC

@@ -20,8 +20,8 @@ Data path (no copies for contiguous float32/float64 CPU tensors):
   CPU kernels compute float16 in float32 too); loss and gradient come back in the input's dtype.
 - CUDA tensors go to fastce's numba.cuda backend through ``__cuda_array_interface__`` (no copy).
   That path needs numba-cuda (and CuPy for ``linear_cross_entropy``) and is NOT TESTED ON
-  HARDWARE: fastce's kernels run on the CUDA legacy default stream, so when torch's current
-  stream is another one it is synchronised before and after the call.
+  HARDWARE: fastce's kernels run on torch's current stream (made CuPy's current stream for the
+  call); without CuPy, on the default stream, a side stream synchronised before and after.
 
 Saved for backward (``cross_entropy``):
 
@@ -81,23 +81,36 @@ def _check_cuda():
 
 
 class _Stream:
-    """fastce's GPU kernels run on the legacy default stream: order them after (and before)
-    the work of torch's current stream when that is another stream.  Untested on hardware."""
+    """Run fastce's GPU work on torch's current stream.  fastce runs on CuPy's current stream,
+    so a side stream of torch's becomes CuPy's for the call (nothing waits on the host).
+    Without CuPy fastce runs on the default stream: a side stream is then synchronised before
+    and after the call.  Untested on hardware."""
 
     def __init__(self, device):
         self.device = device
         self.sync = False
+        self.cupy_stream = None
 
     def __enter__(self):
         if self.device.type == "cuda":
             _check_cuda()
             cur = torch.cuda.current_stream(self.device)
-            self.sync = cur != torch.cuda.default_stream(self.device)
-            if self.sync:
-                cur.synchronize()
+            if cur != torch.cuda.default_stream(self.device):
+                try:
+                    import cupy
+                except ImportError:
+                    cupy = None
+                if cupy is not None:
+                    self.cupy_stream = cupy.cuda.ExternalStream(cur.cuda_stream)
+                    self.cupy_stream.__enter__()
+                else:
+                    self.sync = True
+                    cur.synchronize()
         return self
 
     def __exit__(self, *exc):
+        if self.cupy_stream is not None:
+            self.cupy_stream.__exit__(*exc)
         if self.sync:
             torch.cuda.default_stream(self.device).synchronize()
         return False

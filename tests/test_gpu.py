@@ -246,7 +246,7 @@ def test_kernels_compile_to_ptx():
         n = gpu_check.compile_ptx_all(cc=(8, 0))
     except gpu_check.NoCompiler as e:
         pytest.skip(str(e))
-    assert n == 38          # every kernel of fastce.gpu (update when adding one)
+    assert n == 41          # every kernel of fastce.gpu (update when adding one)
 
 
 @needs_gpu
@@ -282,7 +282,169 @@ def test_asv_gpu_benchmarks_skip_without_gpu():
         mod.GPUCopyBandwidth().setup()
 
 
+# --- streams ---------------------------------------------------------------------------------
+@pytest.mark.skipif(not SIMULATOR, reason="records the simulator's kernel launches")
+def test_every_launch_and_host_copy_of_a_call_is_on_the_call_stream(monkeypatch):
+    from numba import cuda
+    from numba.cuda.simulator.kernel import FakeCUDAKernel
+    from fastce import gpu
+
+    class Stream:
+        """The simulator's stream, counting the host's waits on it."""
+        def __init__(self):
+            self.inner, self.waits = cuda.stream(), 0
+
+        def synchronize(self):
+            self.waits += 1
+            self.inner.synchronize()
+
+    call_stream = Stream()
+    launches = []
+    getitem = FakeCUDAKernel.__getitem__
+
+    def record(kernel, configuration):
+        launches.append((kernel.fn.__name__, configuration))
+        return getitem(kernel, configuration)
+
+    monkeypatch.setattr(FakeCUDAKernel, "__getitem__", record)
+    monkeypatch.setattr(gpu, "_stream", lambda: call_stream)
+    rng = np.random.default_rng(21)
+    x, t = _case(rng, (4, 40), ignore=1)
+    x4, t4 = _case(rng, (2, 3, 5))
+    xp, p = _case(rng, (3, 37), prob=True)
+    w = rng.random(40) + 0.5
+    xd, td, wd = _to(x), _to(t), _to(w)
+    fastce.cross_entropy(xd, td, wd, ignore_index=1, return_token_accuracy=True)
+    fastce.cross_entropy_with_grad(_to(np.ascontiguousarray(x.T)).T, td, label_smoothing=0.1)
+    fastce.cross_entropy_backward(_to(x4), _to(t4), reduction="sum")
+    fastce.cross_entropy(_to(xp), _to(p))
+    fastce.nll_loss(fastce.log_softmax(xd, axis=1), td, wd, ignore_index=1)
+    fastce.logsumexp(xd, axis=1, b=_to(np.abs(x)))
+    kernels = {name for name, _ in launches}
+    assert {"_k_stats", "_k_sum", "index_rows", "index_strided", "prob_rows", "softmax_rows",
+            "_k_nll", "_k_gather_nd", "_k_lse_weighted"} <= kernels, kernels
+    off = [(name, cfg) for name, cfg in launches if len(cfg) < 3 or cfg[2] is not call_stream]
+    assert not off, off
+    assert call_stream.waits >= 4      # the host read stats and totals after the call's work
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16])
+def test_a_call_reads_back_only_its_target_statistics(monkeypatch, dtype):
+    """The reduced loss stays on the device: a call's one host copy is the target check (the
+    mean's denominator, bad targets); token accuracy, a Python float, is one more."""
+    from fastce import gpu
+    copies = []
+    host_copy = gpu._host_copy
+    monkeypatch.setattr(gpu, "_host_copy", lambda d: copies.append(d.size) or host_copy(d))
+    rng = np.random.default_rng(24)
+    x, t = _case(rng, (4, 40), ignore=1, dtype=dtype)
+    w = (rng.random(40) + 0.5).astype(dtype)
+    xd, td, wd = _to(x), _to(t), _to(w)
+    calls = [
+        (lambda: fastce.cross_entropy(xd, td, wd, ignore_index=1), 1),
+        (lambda: fastce.cross_entropy(xd, td, wd, ignore_index=1, reduction="sum",
+                                      z_loss=0.01), 1),
+        (lambda: fastce.cross_entropy_with_grad(xd, td, label_smoothing=0.1)[0], 1),
+        (lambda: fastce.nll_loss(xd, td, wd, ignore_index=1), 1),
+        (lambda: fastce.cross_entropy(xd, td, return_token_accuracy=True).loss, 2),
+    ]
+    for call, expected in calls:
+        copies.clear()
+        loss = call()
+        assert len(copies) == expected, copies
+        assert sum(copies) <= 3 * 1024 + 1             # the statistics' per-block partials
+    cpu = fastce.cross_entropy(x, t, w, ignore_index=1, z_loss=0.01)
+    got = fastce.cross_entropy(xd, td, wd, ignore_index=1, z_loss=0.01)
+    assert _host(got).dtype == cpu.dtype and _host(got).shape == ()
+    assert_close(_host(got), cpu, 1e-6 if dtype == np.float64 else 3e-3)
+
+
+@needs_gpu
+def test_reduced_loss_over_zero_weight_is_nan_on_the_device():
+    rng = np.random.default_rng(25)
+    x, t = _case(rng, (3, 37))
+    w = np.zeros(37)
+    loss = fastce.cross_entropy(_to(x), _to(t), _to(w), z_loss=0.1)
+    assert np.isnan(_host(loss))
+    assert np.isnan(_host(fastce.nll_loss(_to(x), _to(t), _to(w))))
+    assert _host(fastce.cross_entropy(_to(x), _to(t), _to(w), reduction="sum")) == 0.0
+
+
+def test_producer_streams_are_waited_for_with_an_event(monkeypatch):
+    """An argument whose __cuda_array_interface__ names a stream other than the call's: the
+    call's stream waits for it on the device (an event), the host does not."""
+    from fastce import gpu
+    log = []
+
+    class Event:
+        def record(self, stream):
+            log.append(("record", stream))
+
+        def wait(self, stream):
+            log.append(("wait", stream))
+
+    monkeypatch.setattr(gpu.cuda, "event", lambda timing=False: Event())
+    monkeypatch.setattr(gpu, "_stream_handle", lambda: 0xC0FFEE)
+    monkeypatch.setattr(gpu, "_stream", lambda: "call")
+    monkeypatch.setattr(gpu, "_numba_stream", lambda device, handle: f"stream {handle:#x}")
+    monkeypatch.setattr(gpu, "_device_id", lambda: 0)
+    gpu._wait_for_producer(None)           # nothing pending (interface v2, or no stream)
+    gpu._wait_for_producer(0xC0FFEE)       # the call's own stream
+    assert log == []
+    gpu._wait_for_producer(gpu.LEGACY_STREAM)
+    assert log == [("record", "stream 0x1"), ("wait", "call")]
+
+
 # --- real GPU (CuPy) -------------------------------------------------------------------------
+def _pending_logits(cupy, host):
+    """A device copy of ``host`` that the current stream writes only after ~100 ms of other
+    work: a kernel on any other stream that does not wait for it reads zeros."""
+    x = cupy.zeros(host.shape, host.dtype)
+    busy = cupy.ones((2048, 2048), cupy.float32)
+    for _ in range(100):
+        busy = busy @ busy * np.float32(1 / 2048)
+    x += cupy.asarray(host) + busy[0, 0] - 1        # busy[0, 0] == 1
+    return x
+
+
+@pytest.mark.gpu
+def test_runs_on_cupys_current_non_blocking_stream_after_its_pending_work():
+    import cupy
+    rng = np.random.default_rng(22)
+    x, t = _case(rng, (512, 3000), dtype=np.float32)
+    want_loss, want_grad = fastce.cross_entropy_with_grad(x, t)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        xd = _pending_logits(cupy, x)
+        loss, grad = fastce.cross_entropy_with_grad(xd, cupy.asarray(t))
+        grad_host = cupy.asnumpy(grad)      # on the stream, after fastce's work
+    assert_close(float(loss), want_loss, 1e-5)
+    assert_close(grad_host, want_grad, 1e-5)
+
+
+@pytest.mark.gpu
+def test_torch_side_stream_producer_is_waited_for():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs torch with CUDA")
+    import cupy
+    rng = np.random.default_rng(23)
+    x, t = _case(rng, (512, 3000), dtype=np.float32)
+    want = fastce.cross_entropy(x, t)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        busy = torch.ones((2048, 2048), device="cuda")
+        for _ in range(100):
+            busy = busy @ busy / 2048
+        xt = torch.as_tensor(x, device="cuda") + busy[0, 0] - 1
+        tt = torch.as_tensor(t, device="cuda")
+        # The tensors' interface names the side stream (torch's current one); fastce runs on
+        # CuPy's current stream, made to wait for the side stream by an event.
+        loss = fastce.cross_entropy(xt, tt)
+    assert_close(float(cupy.asnumpy(loss)), want, 1e-5)
+
+
 @pytest.mark.gpu
 def test_cupy_arrays_in_cupy_arrays_out():
     import cupy
