@@ -25,6 +25,7 @@ the (V/8, H) temporary: under 0.1 x the logits at N=4096, H=256, V=32000 float32
 """
 from __future__ import annotations
 
+import math
 import operator
 import time
 
@@ -215,7 +216,7 @@ def _linear_ce(hidden, classifier, target, bias, weight, grad_output, *, ignore_
 
     buf = xp.empty((rows, V), cdt) if N else None
     per_row = xp.empty(N, cdt) if reduction == "none" else None
-    total = 0.0
+    total = math.nan if (N == 0 and reduction == "mean") else 0.0     # torch's empty mean
     raw_sums = [0.0, 0.0]         # raw: the float64 sums of the cross-entropy and z-loss terms
     gh = gc = gb = None
     if want_grad:

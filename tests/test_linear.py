@@ -164,6 +164,11 @@ def test_all_ignored_and_empty():
     loss, gh, gc, gb = fastce.linear_cross_entropy_with_grad(e, c, np.empty(0, np.int64), b,
                                                              reduction="sum")
     assert loss == 0 and gh.shape == (0, 4) and not gc.any() and not gb.any()
+    # The mean over no positions is nan, as cross_entropy's and torch's.
+    for empty_mean in (fastce.linear_cross_entropy(e, c, np.empty(0, np.int64), b),
+                       fastce.linear_cross_entropy_with_grad(e, c, np.empty(0, np.int64))[0]):
+        assert np.isnan(empty_mean) and empty_mean.dtype == np.float64
+    assert np.isnan(fastce.cross_entropy(e @ c.T, np.empty(0, np.int64)))
 
 
 def test_target_dtypes_and_noncontiguous():
