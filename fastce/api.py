@@ -114,8 +114,14 @@ def _is_bf16(dt):
 
 
 def _loss_dtype(dt):
-    """The dtype of losses (and of float16/bfloat16's computation): float32 for bfloat16."""
+    """The dtype of losses: the logits', float32 for bfloat16."""
     return np.dtype(np.float32) if _is_bf16(dt) else dt
+
+
+def _compute_dtype(dt):
+    """The dtype of the computation (class weights, probability targets): float32 for the
+    16-bit dtypes."""
+    return np.dtype(np.float32) if (_is_bf16(dt) or dt == np.float16) else dt
 
 
 def _check_logits(be, input, name="input"):
@@ -148,14 +154,18 @@ def _class_axis(x, class_axis):
     return axis % x.ndim
 
 
-def _canonical(be, x, axis):
-    """(N, C, S) view of x (a copy only when x is not C-contiguous or is float16)."""
+def _canonical(be, x, axis, native_float16=False):
+    """(N, C, S) view of x (a copy only when x is not C-contiguous, or is float16 and the
+    kernels are not to read it as it is: ``native_float16`` and ``be.reads_float16``)."""
     shape = tuple(x.shape)
     N = math.prod(shape[:axis])
     C = shape[axis]
     S = math.prod(shape[axis + 1:])
     # float16 is computed in float32
-    x = be.cast(x, np.float32) if x.dtype == np.float16 else be.contiguous(x)
+    if x.dtype == np.float16 and not (native_float16 and be.reads_float16):
+        x = be.cast(x, np.float32)
+    else:
+        x = be.contiguous(x)
     return x.reshape(N, C, S), N, C, S
 
 
@@ -328,8 +338,9 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
         if want_lse:        # log of an empty sum (no classes), or no positions
             stats = stats + (be.wrap(be.full(loss_shape, -math.inf, _loss_dtype(x.dtype)), input),)
         return loss, grad, stats
-    x3, N, C, S = _canonical(be, x, axis)
-    w, W = _check_weight(be, weight, C, _loss_dtype(x3.dtype), need_sum=eps != 0.0)
+    x3, N, C, S = _canonical(be, x, axis, native_float16=True)
+    cdt = _compute_dtype(x3.dtype)
+    w, W = _check_weight(be, weight, C, cdt, need_sum=eps != 0.0)
     # Each position's log-sum-exp, written by the loss kernels in their own pass.
     lse = be.empty((N, S), np.float64) if want_lse else None
 
@@ -345,7 +356,7 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
                 raise _bad_target_error(be, t, bad, C, ignore_index)
         Dz = float(count)
     else:
-        t2 = be.cast(t, _loss_dtype(x3.dtype)).reshape(N, C, S)
+        t2 = be.cast(t, cdt).reshape(N, C, S)
         D = Dz = float(N * S)
         count = N * S
     # (D, Dz): this call's own denominators; (mD, mDz): those the mean divides by.

@@ -35,6 +35,9 @@ class Backend(Protocol):
     fuses_target_stats: bool
     #: Logits may be ``ml_dtypes.bfloat16`` (losses then float32, the gradient bfloat16).
     reads_bfloat16: bool
+    #: The loss kernels read float16 logits as they are and write a float16 gradient (computing
+    #: in float32); otherwise the entry points hand them a float32 copy.
+    reads_float16: bool
     #: ``cast`` accepts complex arrays, dropping the imaginary part (torch's ``dtype=``).
     casts_complex: bool
 

@@ -2326,6 +2326,7 @@ class CPUBackend:
     array_kind = "a NumPy array"
     fuses_target_stats = True       # index_loss(..., fuse_stats=True) is supported
     reads_bfloat16 = True           # ml_dtypes.bfloat16 logits (see index_loss)
+    reads_float16 = False           # float16 logits arrive as a float32 copy
     casts_complex = True
 
     @staticmethod

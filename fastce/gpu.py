@@ -1368,6 +1368,7 @@ class GPUBackend:
     array_kind = "a CUDA device array (CuPy, Numba or __cuda_array_interface__)"
     fuses_target_stats = False
     reads_bfloat16 = False          # bfloat16 on the GPU: issue #12
+    reads_float16 = True            # the loss kernels load float16 and compute in float32
     casts_complex = False
 
     @staticmethod

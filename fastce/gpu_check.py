@@ -90,6 +90,20 @@ def compile_ptx_all(cc=(8, 0)):
             cuda.compile_ptx(gpu._k_nll.py_func, (arr(f8, 2), arr(ft, 3), arr(nt.int64, 2),
                                                   arr(f8, 1), nt.int64), cc=cc)
             n += 2
+        # float16 logits and gradient, computed in float32 (reads_float16).
+        f2, f4 = nt.float16, nt.float32
+        fns = gpu._kernels(np.float32)[1]
+        sig = (arr(f2, 3), arr(nt.int64, 2), arr(f4, 1), *(f8,) * 7, nt.boolean, nt.int64,
+               nt.boolean, arr(f8, 1), nt.int64, arr(f2, 3), arr(f8, 2), arr(f8, 2), arr(u1, 2),
+               arr(f8, 2))
+        for k in ("index_rows", "index_strided"):
+            cuda.compile_ptx(fns[k], sig, cc=cc)
+            n += 1
+        sig = (arr(f2, 3), arr(f4, 3), arr(f4, 1), *(f8,) * 6, nt.boolean, arr(f8, 1),
+               nt.int64, arr(f2, 3), arr(f8, 2), arr(f8, 2), arr(f8, 2))
+        for k in ("prob_elems", "prob_rows"):
+            cuda.compile_ptx(fns[k], sig, cc=cc)
+            n += 1
         i8 = nt.int64
         cuda.compile_ptx(gpu._k_sum.py_func, (arr(f8, 1), i8, i8, arr(f8, 1)), cc=cc)
         cuda.compile_ptx(gpu._k_stats.py_func, (arr(i8, 1), arr(nt.float32, 1), i8, i8, i8, i8,

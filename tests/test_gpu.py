@@ -123,6 +123,37 @@ def test_float32_and_float16_match_cpu(shape):
 
 
 @needs_gpu
+@pytest.mark.parametrize("shape", [(4, 37), (2, 6, 3), (5, 3)])
+@pytest.mark.parametrize("prob", [False, True])
+def test_float16_is_read_and_written_as_it_is(monkeypatch, shape, prob):
+    """float16 logits go to the kernels without a float32 copy and the gradient is written in
+    float16: the float32 computation on the same values, its gradient rounded once."""
+    from fastce import gpu
+    rng = np.random.default_rng(26)
+    x, t = _case(rng, shape, prob=prob, dtype=np.float16)
+    w = (rng.random(shape[1]) + 0.5).astype(np.float32)
+    opts = dict(label_smoothing=0.1, softcap=4.0, z_loss=0.01)
+    if not prob:
+        opts["weight"] = _to(w)
+    wide_loss, wide_grad = fastce.cross_entropy_with_grad(_to(x.astype(np.float32)),
+                                                          _to(t.astype(np.float32) if prob else t),
+                                                          **opts)
+    sources = []
+    gather = gpu._gather
+    monkeypatch.setattr(gpu, "_gather", lambda d, *a: sources.append(d) or gather(d, *a))
+    xd = _to(x)
+    loss, grad = fastce.cross_entropy_with_grad(xd, _to(t), **opts)
+    assert not any(d is xd for d in sources)           # (probability targets: a float32 copy)
+    gh = _host(grad)
+    assert gh.dtype == np.float16 and _host(loss).dtype == np.float16
+    # The same float32 arithmetic (bitwise under the simulator; a real GPU's compiler may
+    # contract the two kernels' operations differently).
+    np.testing.assert_array_max_ulp(gh, _host(wide_grad).astype(np.float16),
+                                    maxulp=0 if SIMULATOR else 1)
+    assert_close(_host(loss).astype(np.float64), _host(wide_loss), 1e-3)
+
+
+@needs_gpu
 def test_scalar_results_are_0d_device_arrays():
     rng = np.random.default_rng(1)
     x, t = _case(rng, (3, 37))
@@ -246,7 +277,7 @@ def test_kernels_compile_to_ptx():
         n = gpu_check.compile_ptx_all(cc=(8, 0))
     except gpu_check.NoCompiler as e:
         pytest.skip(str(e))
-    assert n == 41          # every kernel of fastce.gpu (update when adding one)
+    assert n == 45          # every kernel of fastce.gpu (update when adding one)
 
 
 @needs_gpu
