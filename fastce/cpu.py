@@ -2411,7 +2411,8 @@ class CPUBackend:
         if zl is not None:
             zsum = CPUBackend.total(zl)
             value = value + (ieee_div(zsum, Dz) if mean else zsum)
-        return np.dtype(dtype).type(value)
+        with np.errstate(over="ignore"):        # float16's inf beyond 65504, as torch's
+            return np.dtype(dtype).type(value)
 
     @staticmethod
     def finish_per_position(ce, zl, shape, dtype):

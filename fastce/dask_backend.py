@@ -553,7 +553,7 @@ def _block_finalize(st, t, w, *, C, ignore_index, z_loss, reduction, want_hit, w
     if reduction == "none":
         r["per"] = (p.ce + p.z if p.z is not None else p.ce).astype(dtype)
         if want_z:
-            r["z"] = (p.z if p.z is not None else p.ce * 0.0).astype(dtype)
+            r["z"] = (p.z if p.z is not None else np.zeros_like(p.ce)).astype(dtype)
     if want_lse:
         r["lse"] = p.lse.astype(dtype)
     return r

@@ -203,6 +203,9 @@ def _linear_ce(hidden, classifier, target, bias, weight, grad_output, *, ignore_
                                  f"loss's shape ({N},), got {tuple(g_rows.shape)}")
     else:
         if want_grad and grad_output is not None:
+            if isinstance(grad_output, (str, bytes)):
+                raise TypeError(f"fastce: grad_output must be a real number or array, got "
+                                f"{grad_output!r}")
             if not np.isscalar(grad_output):
                 ga = xp.asarray(grad_output)
                 if ga.size != 1 or ga.ndim > 1:

@@ -59,7 +59,11 @@ class ShardStats(NamedTuple):
     that the options do not need are None.  The remaining fields describe the problem and are
     checked when merging: ``kind`` ("index" or "prob"), ``num_classes`` (C), ``classes`` (how
     many of the C classes the statistics cover), ``softcap``, ``label_smoothing``, ``dtype``
-    (the compute dtype of the logits).
+    (the compute dtype of the logits), ``ranges`` (the covered classes, as sorted disjoint
+    ``(start, stop)`` pairs: merging overlapping shards raises), ``loss_dtype`` (the dtype of
+    the loss, lse and z-loss that ``finalize_stats`` returns: the logits'), ``target`` (the
+    class-index targets the statistics were computed with, int64: merging or finalizing with
+    other targets raises).
     """
     max: object
     sumexp: object
@@ -76,6 +80,22 @@ class ShardStats(NamedTuple):
     softcap: object
     label_smoothing: float
     dtype: object
+    ranges: tuple = ()
+    loss_dtype: object = None
+    target: object = None
+
+
+def _union(a, b):
+    """The sorted union of two sets of disjoint class ranges; None where they overlap."""
+    out = []
+    for lo, hi in sorted(a + b):
+        if out and lo < out[-1][1]:
+            return None
+        if out and lo == out[-1][1]:
+            out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return tuple(out)
 
 
 class _CupyBackend:
@@ -276,7 +296,10 @@ def _to_stats(sh, out, want_argmax):
         argmax=(xp.where(out[7] >= 0, out[7] + sh.c0, sh.C).astype(np.int64).reshape(shp)
                 if want_argmax else None),
         kind=sh.kind, num_classes=sh.C, classes=sh.Cs, softcap=sh.softcap,
-        label_smoothing=sh.eps, dtype=np.dtype(sh.dtype))
+        label_smoothing=sh.eps, dtype=np.dtype(sh.dtype),
+        ranges=((sh.c0, sh.c0 + sh.Cs),) if sh.Cs else (),
+        loss_dtype=np.dtype(api._loss_dtype(sh.in_dtype)),
+        target=sh.t2.reshape(shp) if sh.kind == "index" else None)
 
 
 def shard_stats(input, target, c0, num_classes, weight=None, *, ignore_index=-100,
@@ -340,7 +363,7 @@ def _shard_grad_exps(exps, local, input, target, c0, num_classes, lse, weight=No
 # Merge
 # ---------------------------------------------------------------------------------------------
 def _module_of(a):
-    if isinstance(a, np.ndarray):
+    if isinstance(a, (np.ndarray, np.generic)):     # (0-d statistics merge into scalars)
         return np
     import cupy                         # a device array: the statistics are CuPy arrays
     return cupy
@@ -370,9 +393,19 @@ def _merge2(a, b):
                   | xp.isnan(a.amax))
         amax = xp.where(a_wins, a.amax, b.amax)
         arg = xp.where(a_wins, a.argmax, b.argmax)
+    if a.target is not None and not bool(xp.array_equal(a.target, b.target)):
+        raise ValueError("fastce: cannot merge statistics computed with different targets")
+    ranges = _union(a.ranges, b.ranges)
+    if ranges is None:
+        raise ValueError(f"fastce: cannot merge statistics of overlapping class ranges "
+                         f"{_show(a.ranges)} and {_show(b.ranges)} (each shard once)")
     return a._replace(max=M, sumexp=sumexp, target_logit=st, has_target=has, dev=dev,
                       qfin=qfin, qsum=qsum, amax=amax, argmax=arg,
-                      classes=a.classes + b.classes)
+                      classes=a.classes + b.classes, ranges=ranges)
+
+
+def _show(ranges):
+    return ", ".join(f"[{lo}, {hi})" for lo, hi in ranges) or "none"
 
 
 def merge_stats(*stats):
@@ -387,7 +420,7 @@ def merge_stats(*stats):
     for s in stats:
         if not isinstance(s, ShardStats):
             raise TypeError(f"fastce: merge_stats takes ShardStats, got {type(s).__name__}")
-        for f in ("kind", "num_classes", "softcap", "label_smoothing", "dtype"):
+        for f in ("kind", "num_classes", "softcap", "label_smoothing", "dtype", "loss_dtype"):
             if getattr(s, f) != getattr(first, f):
                 raise ValueError(f"fastce: cannot merge statistics with different {f}: "
                                  f"{getattr(first, f)!r} and {getattr(s, f)!r}")
@@ -417,9 +450,10 @@ class _Parts(NamedTuple):
 
 
 def _check_complete(st):
-    if st.classes != st.num_classes:
-        raise ValueError(f"fastce: the statistics cover {st.classes} of num_classes="
-                         f"{st.num_classes} classes: merge the statistics of every shard first")
+    if st.classes != st.num_classes or st.ranges != ((0, st.num_classes),):
+        raise ValueError(f"fastce: the statistics cover the classes {_show(st.ranges)} of "
+                         f"num_classes={st.num_classes}: merge the statistics of every shard "
+                         f"first")
 
 
 def finalize_parts(st, target, weight=None, *, ignore_index=-100, z_loss=0.0,
@@ -445,6 +479,9 @@ def finalize_parts(st, target, weight=None, *, ignore_index=-100, z_loss=0.0,
             if tuple(t.shape) != tuple(st.max.shape):
                 raise ValueError(f"fastce: target must have the statistics' shape "
                                  f"{tuple(st.max.shape)}, got {tuple(t.shape)}")
+            if st.target is not None and not bool(xp.array_equal(t, st.target)):
+                raise ValueError("fastce: target differs from the targets the statistics were "
+                                 "computed with")
             D, count = api.check_index_target(t, weight, ignore_index, C, st.dtype)
             w, W = api._check_weight(be, weight, C, st.dtype)
             t = t.astype(np.int64)
@@ -494,7 +531,7 @@ def finalize_stats(stats, target, weight=None, *, ignore_index=-100, reduction="
     parts = finalize_parts(st, target, weight, ignore_index=ignore_index, z_loss=zl,
                            want_hit=return_token_accuracy and st.kind == "index")
     D, Dz = (parts.D, parts.Dz) if denominators is None else map(float, denominators)
-    dt = st.dtype
+    dt = st.loss_dtype
     mean = reduction == "mean"
     if reduction == "none":
         per = parts.ce + parts.z if parts.z is not None else parts.ce
@@ -507,8 +544,9 @@ def finalize_stats(stats, target, weight=None, *, ignore_index=-100, reduction="
         zv = api._div(zs, Dz) if mean else zs
         if parts.z is not None:
             value = value + zv
-        loss = dt.type(value)
-        zpart = dt.type(zv)
+        with np.errstate(over="ignore"):        # float16's inf beyond 65504, as torch's
+            loss = dt.type(value)
+            zpart = dt.type(zv)
     if not (return_lse or return_z_loss or return_token_accuracy):
         return loss
     acc = None

@@ -129,6 +129,19 @@ def test_float16_and_grad_output():
                                    atol=2e-3)
 
 
+@pytest.mark.parametrize("chunks", [(1, 4), (1, 2), (1, 1)])
+def test_unreduced_z_loss_is_zero_beside_an_infinite_loss(chunks):
+    """Without z-loss the per-position z-loss is 0, also where the loss is +inf (a -inf
+    target logit): class chunks must not derive it from the loss (inf * 0 = nan)."""
+    x = np.array([[0.0, -np.inf, 1.0, 2.0], [0.5, 1.0, 1.5, 2.0]])
+    y = np.array([1, 0])
+    mem = fastce.cross_entropy(x, y, reduction="none", return_z_loss=True)
+    out = fastce.cross_entropy(da.from_array(x, chunks=chunks), da.from_array(y, chunks=1),
+                               reduction="none", return_z_loss=True)
+    np.testing.assert_array_equal(out.loss.compute(), mem.loss)
+    np.testing.assert_array_equal(out.z_loss.compute(), np.zeros(2))
+
+
 def test_bitwise_identical_across_schedulers():
     rng = np.random.default_rng(13)
     x, t, w = _index_case(rng, (64, 50), 1)

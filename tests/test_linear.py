@@ -234,6 +234,8 @@ def test_bad_grad_output():
                                               grad_output=np.ones(3))
     with pytest.raises(ValueError, match="grad_output must be a scalar"):
         fastce.linear_cross_entropy_with_grad(H_, C_, T_, grad_output=np.ones(3))
+    with pytest.raises(TypeError, match="grad_output must be a real number or array"):
+        fastce.linear_cross_entropy_with_grad(H_, C_, T_, grad_output="a")
 
 
 def test_device_array_without_cupy():

@@ -159,6 +159,55 @@ def test_merge_is_associative_and_checks():
     assert float(half) == pytest.approx(float(full) / (2 * D), rel=1e-14)
 
 
+def test_merge_checks_the_class_ranges_and_targets():
+    """What a count of classes cannot see: a shard merged twice (with another making up the
+    count), or statistics finalized or merged with other targets, raise instead of giving a
+    wrong loss."""
+    rng = np.random.default_rng(8)
+    x, t, w, C = _case(rng, (5, 10), 1, np.float64)
+    a = shards.shard_stats(x[:, 0:4], t, 0, C)
+    b = shards.shard_stats(x[:, 4:8], t, 4, C)
+    c = shards.shard_stats(x[:, 8:10], t, 8, C)
+    with pytest.raises(ValueError, match=r"overlapping class ranges \[0, 4\) and \[0, 4\)"):
+        shards.merge_stats(a, a, c)
+    with pytest.raises(ValueError, match=r"cover the classes \[0, 4\), \[8, 10\)"):
+        shards.finalize_stats(shards.merge_stats(a, c), t)
+    whole = shards.merge_stats(c, a, b)                 # any order covers [0, 10)
+    assert whole.ranges == ((0, 10),)
+    assert float(shards.finalize_stats(whole, t)) == pytest.approx(
+        float(fastce.cross_entropy(x, t)), rel=1e-12)
+    other = np.where(t == -100, -100, (t + 1) % C)
+    with pytest.raises(ValueError, match="target differs"):
+        shards.finalize_stats(whole, other)
+    with pytest.raises(ValueError, match="different targets"):
+        shards.merge_stats(a, shards.shard_stats(x[:, 4:10], other, 4, C))
+
+
+def test_unbatched_statistics_merge_and_16_bit_losses_keep_the_logits_dtype():
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal(9)
+    y = np.array(4)
+    st = shards.merge_stats([shards.shard_stats(x[a:b], y, a, 9) for a, b in [(0, 3), (3, 6),
+                                                                               (6, 9)]])
+    assert float(shards.finalize_stats(st, y)) == pytest.approx(float(fastce.cross_entropy(x, y)),
+                                                                rel=1e-12)
+    x16 = (rng.standard_normal((4, 10)) * 3).astype(np.float16)
+    t = np.array([0, 3, 5, 9])
+    st = shards.merge_stats(shards.shard_stats(x16[:, :6], t, 0, 10),
+                            shards.shard_stats(x16[:, 6:], t, 6, 10))
+    out = shards.finalize_stats(st, t, return_lse=True, return_z_loss=True)
+    mem = fastce.cross_entropy(x16, t, return_lse=True, return_z_loss=True)
+    assert out.loss.dtype == out.lse.dtype == out.z_loss.dtype == np.float16
+    assert float(out.loss) == float(mem.loss)
+    big = np.zeros((3000, 2), np.float16)
+    big[:, 1] = 40
+    tb = np.zeros(3000, np.int64)
+    st = shards.merge_stats(shards.shard_stats(big[:, :1], tb, 0, 2),
+                            shards.shard_stats(big[:, 1:], tb, 1, 2))
+    assert np.isinf(shards.finalize_stats(st, tb, reduction="sum"))      # beyond float16
+    assert np.isinf(fastce.cross_entropy(big, tb, reduction="sum"))
+
+
 def test_array_expressions_match_kernels():
     """The CuPy path's float64 expressions (run here with NumPy) agree with the kernels."""
     from fastce import _shard_kernels
