@@ -28,7 +28,7 @@ Streams: every launch, allocation and copy of a call goes to one stream, CuPy's 
 stream (``with cupy.cuda.Stream(): ...`` applies, as it does to CuPy's own operations and to
 fastce's cuBLAS products), or Numba's default stream without CuPy.  An argument whose
 ``__cuda_array_interface__`` (v3) names another stream (torch's current stream, say) is waited
-for with an event on the device, not by the host.  A call copies one small array back, the
+for with an event on the device, not by the host.  A call copies three numbers back, the
 targets' statistics (the mean's denominator; bad targets raise before any logit is read with
 them), waiting for the call's stream only; the reduced loss stays on the device
 (``reduce_loss``).
@@ -787,6 +787,35 @@ def _k_stats(t, w, ignore_index, C, n, chunk, part_D, part_n, part_bad):
         part_bad[b] = sh_b[0]
 
 
+@cuda.jit
+def _k_stats_merge(part_D, part_n, part_bad, out):
+    """One block: out = (sum of part_D, sum of part_n, min of part_bad), _k_stats's partials
+    folded in a fixed order (each thread its strided share, then the tree)."""
+    sh_d = cuda.shared.array(RED_T, np.float64)
+    sh_c = cuda.shared.array(RED_T, np.int64)
+    sh_b = cuda.shared.array(RED_T, np.int64)
+    tid = cuda.threadIdx.x
+    bd = cuda.blockDim.x
+    d = 0.0
+    cnt = _i8(0)
+    bad = _i8(part_bad[0])
+    i = tid
+    while i < part_D.shape[0]:
+        d += part_D[i]
+        cnt += _i8(part_n[i])
+        if _i8(part_bad[i]) < bad:
+            bad = _i8(part_bad[i])
+        i += bd
+    sh_d[tid] = d
+    sh_c[tid] = cnt
+    sh_b[tid] = bad
+    _tree_stats((sh_d, sh_c, sh_b), tid, bd)
+    if tid == 0:
+        out[0] = sh_d[0]
+        out[1] = sh_c[0]
+        out[2] = sh_b[0]
+
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1133,18 +1162,24 @@ def _compute_kernels(dtype):
 def target_stats(t2, w, ignore_index, C):
     """(D, count, bad_flat_position or -1) over the (N, S) integer targets ``t2``.
 
-    One kernel writes per-block partials (sum of w[t], count, first bad position) in a fixed
-    order; the host adds the <= RED_BLOCKS partials (one device-to-host copy)."""
+    One kernel writes per-block partials (sum of w[t], count, first bad position), a second
+    folds them, both in a fixed order; the host reads the three numbers (the call's one copy
+    back)."""
     n = t2.size
     if n == 0:
         return 0.0, 0, -1
     nblocks, chunk = _red_cfg(n)
     part = _alloc((3, nblocks), np.float64)
     _k_stats[nblocks, RED_T, _stream()](_flat(t2), _flat(w), _i8(ignore_index), _i8(C), _i8(n),
-                             _i8(chunk), part[0], part[1], part[2])
-    host = _host_copy(part)
-    bad = int(host[2].min())
-    return float(host[0].sum()), int(host[1].sum()), (bad if bad < n else -1)
+                                        _i8(chunk), part[0], part[1], part[2])
+    if nblocks > 1:
+        folded = _alloc((3,), np.float64)
+        _k_stats_merge[1, RED_T, _stream()](part[0], part[1], part[2], folded)
+        host = _host_copy(folded)
+    else:
+        host = _host_copy(part)[:, 0]
+    bad = int(host[2])
+    return float(host[0]), int(host[1]), (bad if bad < n else -1)
 
 
 def _total_dev(a):

@@ -108,7 +108,9 @@ def compile_ptx_all(cc=(8, 0)):
         cuda.compile_ptx(gpu._k_sum.py_func, (arr(f8, 1), i8, i8, arr(f8, 1)), cc=cc)
         cuda.compile_ptx(gpu._k_stats.py_func, (arr(i8, 1), arr(nt.float32, 1), i8, i8, i8, i8,
                                                 arr(f8, 1), arr(f8, 1), arr(f8, 1)), cc=cc)
-        n += 2
+        cuda.compile_ptx(gpu._k_stats_merge.py_func, (arr(f8, 1), arr(f8, 1), arr(f8, 1),
+                                                      arr(f8, 1)), cc=cc)
+        n += 3
         # The protocol's small kernels; _k_gather_nd casts on its store (float16 included).
         for o, a in ((nt.float16, nt.float32), (nt.float32, nt.float16), (f8, i8),
                      (f8, nt.boolean), (i8, nt.int32)):
