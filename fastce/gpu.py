@@ -29,10 +29,9 @@ stream (``with cupy.cuda.Stream(): ...`` applies, as it does to CuPy's own opera
 fastce's cuBLAS products), or Numba's default stream without CuPy.  An argument whose
 ``__cuda_array_interface__`` (v3) names another stream is waited for with an event on the
 device, not by the host (torch 2.13 exports v2, no stream: fastce.torch makes torch's current
-stream CuPy's for the call).  A call copies three numbers back, the
-targets' statistics (the mean's denominator; bad targets raise before any logit is read with
-them), waiting for the call's stream only; the reduced loss stays on the device
-(``reduce_loss``).
+stream CuPy's for the call).  A call copies three numbers back, the targets' statistics (the
+mean's denominator; bad targets raise before any logit is read with them), waiting for the
+call's stream only; the reduced loss stays on the device (``reduce_loss``).
 """
 from __future__ import annotations
 
