@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import warnings
 
 import numpy as np
 from numba import config, cuda
@@ -64,6 +66,47 @@ MAX_GRID = 1 << 30                    # most blocks per launch (CUDA allows 2**3
 
 _f8 = np.float64
 _i8 = np.int64
+
+# Kernels are cached on disk as the CPU's are (compiled once per machine, not per process);
+# FASTCE_GPU_CACHE=0 turns that off.
+GPU_CACHE = os.environ.get("FASTCE_GPU_CACHE", "1") != "0"
+
+
+class _SoftCache:
+    """Numba's kernel cache, but a cache that fails to load or save an entry costs a compile
+    (and a warning), never a launch: the cache path is untested on hardware."""
+
+    def __init__(self, cache):
+        self._cache = cache
+
+    def load_overload(self, *args, **kwargs):
+        try:
+            return self._cache.load_overload(*args, **kwargs)
+        except Exception as e:                              # pragma: no cover - GPU only
+            warnings.warn(f"fastce: GPU kernel cache not loaded ({type(e).__name__}: {e})")
+            return None
+
+    def save_overload(self, *args, **kwargs):
+        try:
+            self._cache.save_overload(*args, **kwargs)
+        except Exception as e:                              # pragma: no cover - GPU only
+            warnings.warn(f"fastce: GPU kernel cache not saved ({type(e).__name__}: {e})")
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+
+def _kernel(f):
+    """``cuda.jit(f)``, cached on disk (see GPU_CACHE; the simulator compiles nothing)."""
+    if SIM or not GPU_CACHE:
+        return cuda.jit(f)
+    try:
+        k = cuda.jit(f, cache=True)
+    except Exception:               # no writable cache directory: compile per process
+        return cuda.jit(f)
+    if hasattr(getattr(k, "_cache", None), "save_overload"):
+        k._cache = _SoftCache(k._cache)
+    return k
 
 # ---------------------------------------------------------------------------------------------
 # Shared per-element math (fastce.elementwise) as CUDA device functions
@@ -300,7 +343,7 @@ def _kernels(F):
     """Compile (lazily, once per dtype signature) the loss and softmax kernels computing in
     dtype F: ({name: kernel}, {name: Python function})."""
     fns = {**_index_kernels(F), **_prob_kernels(F), **_softmax_kernels(F)}
-    return {k: cuda.jit(f) for k, f in fns.items()}, fns
+    return {k: _kernel(f) for k, f in fns.items()}, fns
 
 
 @functools.lru_cache(maxsize=None)
@@ -733,7 +776,7 @@ def _softmax_kernels(F):
 # ---------------------------------------------------------------------------------------------
 # Reductions and the target pre-pass (fixed-order two-stage, no atomics)
 # ---------------------------------------------------------------------------------------------
-@cuda.jit
+@_kernel
 def _k_sum(a, n, chunk, out):
     """out[b] = float64 sum of a[b*chunk : (b+1)*chunk] in a fixed order."""
     sh = cuda.shared.array(RED_T, np.float64)
@@ -752,7 +795,7 @@ def _k_sum(a, n, chunk, out):
         out[cuda.blockIdx.x] = sh[0]
 
 
-@cuda.jit
+@_kernel
 def _k_stats(t, w, ignore_index, C, n, chunk, part_D, part_n, part_bad):
     """Per block: sum of w[t] and count over non-ignored targets, first bad position (or n)."""
     sh_d = cuda.shared.array(RED_T, np.float64)
@@ -787,7 +830,7 @@ def _k_stats(t, w, ignore_index, C, n, chunk, part_D, part_n, part_bad):
         part_bad[b] = sh_b[0]
 
 
-@cuda.jit
+@_kernel
 def _k_stats_merge(part_D, part_n, part_bad, out):
     """One block: out = (sum of part_D, sum of part_n, min of part_bad), _k_stats's partials
     folded in a fixed order (each thread its strided share, then the tree)."""
@@ -821,7 +864,7 @@ def _k_stats_merge(part_D, part_n, part_bad, out):
 # ---------------------------------------------------------------------------------------------
 # Small element-wise kernels: copies and casts (any ndim, any strides), fill, finishing
 # ---------------------------------------------------------------------------------------------
-@cuda.jit
+@_kernel
 def _k_gather_nd(out, src, base, dims, strides):
     """out[i] = src[base + sum_k idx_k(i) * strides[k]], idx(i) the C-order index of i in
     ``dims``, cast to out's dtype on the store: casts, contiguous copies of strided arrays
@@ -842,7 +885,7 @@ def _k_gather_nd(out, src, base, dims, strides):
         i += step
 
 
-@cuda.jit
+@_kernel
 def _k_loss(ce_tot, zl_tot, has_z, mean, D, Dz, out):
     """out[0] = ce_tot[0] (/ D for the mean, nan where D == 0) + zl_tot[0] (/ Dz for the mean)
     when has_z, cast to out's dtype on the store: the reduced loss (fastce.api._loss)."""
@@ -856,7 +899,7 @@ def _k_loss(ce_tot, zl_tot, has_z, mean, D, Dz, out):
         out[0] = value
 
 
-@cuda.jit
+@_kernel
 def _k_fill(out, value):
     i, step = _thread_range()
     while i < out.shape[0]:
@@ -864,7 +907,7 @@ def _k_fill(out, value):
         i += step
 
 
-@cuda.jit
+@_kernel
 def _k_add(out, a, b):
     """out = a + b (float64), cast to out's dtype: the unreduced loss ce + z-loss."""
     i, step = _thread_range()
@@ -873,7 +916,7 @@ def _k_add(out, a, b):
         i += step
 
 
-@cuda.jit
+@_kernel
 def _k_nll(out, x, t, w, ignore_index):
     """out[n, s] = -w[t] * x[n, t, s] in float64 (0 where t == ignore_index): nll_loss."""
     N = x.shape[0]
@@ -887,7 +930,7 @@ def _k_nll(out, x, t, w, ignore_index):
         i += step
 
 
-@cuda.jit
+@_kernel
 def _k_lse_sign(out, lse):
     """SciPy's sign of an unweighted logsumexp: 0 for -inf, NaN for NaN, else 1."""
     i, step = _thread_range()
@@ -897,7 +940,7 @@ def _k_lse_sign(out, lse):
         i += step
 
 
-@cuda.jit
+@_kernel
 def _k_lse_weighted(x, b, signed, lse_out, sgn_out):
     """scipy's logsumexp(x, b=b) of each row of x (N, C), b (N, C) float64: one thread per
     row, in float64; entries with b == 0 are skipped (even inf or NaN ones)."""

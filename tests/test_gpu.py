@@ -280,6 +280,29 @@ def test_kernels_compile_to_ptx():
     assert n == 46          # every kernel of fastce.gpu (update when adding one)
 
 
+def test_kernels_are_cached_on_disk_and_a_failing_cache_only_warns():
+    """Off the simulator every kernel is a cached dispatcher (compiled once per machine, as the
+    CPU's); a cache entry that fails to load or save costs a compile and a warning."""
+    if SIMULATOR:
+        pytest.skip("the simulator compiles nothing")
+    from fastce import gpu
+    kernels = [gpu._k_sum, gpu._k_stats, gpu._k_loss, *gpu._kernels(np.float32)[0].values()]
+    assert all(isinstance(k._cache, gpu._SoftCache) for k in kernels)
+
+    class Broken:
+        def load_overload(self, *args):
+            raise OSError("no such file")
+
+        def save_overload(self, *args):
+            raise EOFError("truncated")
+
+    soft = gpu._SoftCache(Broken())
+    with pytest.warns(UserWarning, match="not loaded .OSError: no such file"):
+        assert soft.load_overload("sig", None) is None
+    with pytest.warns(UserWarning, match="not saved .EOFError: truncated"):
+        soft.save_overload("sig", None)
+
+
 @needs_gpu
 def test_gpu_check_quick_mode(tmp_path):
     if not SIMULATOR:
