@@ -13,6 +13,8 @@ Writes, as it goes (a run cut short keeps what it measured):
 - DIR/parity.jsonl: per case, the device results against the float64 spec on whole rows of the
   first positions, and whether two runs are bitwise equal (a (40000, 65536) float16 case checks
   N*C > 2^31);
+- DIR/cache.json: a fresh process's first loss+grad twice over one new Numba cache directory
+  (the kernels compiled and saved, then loaded from the disk cache);
 - DIR/pytest_gpu.log + DIR/junit.xml: the GPU cases of the kernel tests, one pytest subprocess
   with the time that is left;
 - DIR/summary.md: the tables.
@@ -467,6 +469,55 @@ def preflight(cupy, name, log):
     return pre
 
 
+# A fresh process's first loss+grad on the GPU (run twice over one new Numba cache directory).
+_FIRST_CALL = """
+import json, time
+import numpy as np
+t0 = time.perf_counter()
+import cupy, fastce
+rng = np.random.default_rng(0)
+x = cupy.asarray(rng.standard_normal((64, 1000)).astype(np.float32))
+t = cupy.asarray(rng.integers(0, 1000, 64))
+t1 = time.perf_counter()
+fastce.cross_entropy_with_grad(x, t)
+cupy.cuda.runtime.deviceSynchronize()
+print(json.dumps({"import_s": t1 - t0, "first_call_s": time.perf_counter() - t1}))
+"""
+
+
+def kernel_cache_check(out, log, timeout):
+    """fastce.gpu's kernels cached on disk: a fresh process's first loss+grad twice over one
+    new Numba cache directory (compiling and saving, then loading), to out/cache.json.
+    Returns a line for the summary."""
+    import tempfile
+    cache = tempfile.mkdtemp(prefix="fastce_gpu_cache_")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env["NUMBA_CACHE_DIR"] = cache
+    runs = []
+    for label in ("compiled", "cached"):
+        try:
+            p = subprocess.run([sys.executable, "-c", _FIRST_CALL], env=env, text=True,
+                               capture_output=True, timeout=timeout)
+            if p.returncode == 0:
+                run = json.loads(p.stdout.strip().splitlines()[-1])
+            else:
+                run = {"error": p.stderr.strip()[-2000:]}
+            run["cache warnings"] = [ln for ln in p.stderr.splitlines() if "kernel cache" in ln]
+        except subprocess.TimeoutExpired:
+            run = {"error": f"timed out after {timeout:.0f} s"}
+        run["run"] = label
+        runs.append(run)
+        log(f"kernel cache: {json.dumps(run)[:500]}")
+    files = sum(len(names) for _, _, names in os.walk(cache))
+    with open(os.path.join(out, "cache.json"), "w") as f:
+        json.dump({"runs": runs, "cache files": files}, f, indent=1)
+    first, second = (r.get("first_call_s") for r in runs)
+    if first is None or second is None:
+        return f"kernel cache: a run failed ({files} cache files; cache.json)"
+    return (f"kernel cache: first loss+grad of a fresh process {first:.2f} s compiling, "
+            f"{second:.2f} s from the cache ({files} cache files; cache.json)")
+
+
 TEST_FILES = ("test_gpu.py", "test_cross_entropy.py", "test_errors.py", "test_reliability.py",
               "test_softmax.py", "test_torch_adapter.py")
 
@@ -552,6 +603,9 @@ def main(argv=None):
         notes = ["torch with CUDA is not available: no torch comparison"]
     else:
         notes = [] if _liger() else ["Liger-Kernel not importable: no Liger column"]
+    if not args.quick:
+        notes.append(kernel_cache_check(args.out, log, timeout=max(10.0, min(
+            120.0, (t_end - time.monotonic()) / 4))))
     timer = _timer(cupy)
     repeat = 1 if args.quick else 20
     cases = QUICK_CASES if args.quick else FULL_CASES

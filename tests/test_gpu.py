@@ -280,6 +280,33 @@ def test_kernels_compile_to_ptx():
     assert n == 46          # every kernel of fastce.gpu (update when adding one)
 
 
+def test_gpu_check_times_a_fresh_process_compiling_then_loading_the_kernels(tmp_path,
+                                                                             monkeypatch):
+    """gpu_check's kernel cache step (its subprocesses faked here: they need a GPU): both
+    first calls and the cache's warnings in cache.json, one line for the summary."""
+    import subprocess
+    from fastce import gpu_check
+    outputs = iter([(0, '{"import_s": 1.0, "first_call_s": 9.5}', ""),
+                    (0, '{"import_s": 1.0, "first_call_s": 0.25}',
+                     "UserWarning: fastce: GPU kernel cache not loaded (EOFError: x)")])
+    seen = []
+
+    def run(cmd, env, **kw):
+        seen.append(env["NUMBA_CACHE_DIR"])
+        rc, out, err = next(outputs)
+        return subprocess.CompletedProcess(cmd, rc, out, err)
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", run)
+    line = gpu_check.kernel_cache_check(str(tmp_path), lambda msg: None, timeout=5)
+    assert line.startswith("kernel cache: first loss+grad of a fresh process 9.50 s compiling, "
+                           "0.25 s from the cache")
+    assert seen[0] == seen[1]                          # one cache directory for both runs
+    report = json.loads((tmp_path / "cache.json").read_text())
+    assert [r["run"] for r in report["runs"]] == ["compiled", "cached"]
+    assert report["runs"][1]["cache warnings"] == [
+        "UserWarning: fastce: GPU kernel cache not loaded (EOFError: x)"]
+
+
 def test_kernels_are_cached_on_disk_and_a_failing_cache_only_warns():
     """Off the simulator every kernel is a cached dispatcher (compiled once per machine, as the
     CPU's); a cache entry that fails to load or save costs a compile and a warning."""
