@@ -3,7 +3,7 @@
 #   OUT=<results dir> bash benchmarks_gpu/run_on_device.sh
 # Carry along `.devdeps/` made here with
 #   python -m pip install --target .devdeps pytest hypothesis liger-kernel --no-deps
-# Everything lands in $OUT as it is measured (preflight.json, bench.jsonl, parity.jsonl,
+# Everything lands in $OUT as it is measured (preflight.json, cache.json, bench.jsonl, parity.jsonl,
 # pytest_gpu.log, junit.xml, summary.md), so a run cut short still reports.
 set -u
 OUT=${OUT:-gpu_check_out}
