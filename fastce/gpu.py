@@ -795,12 +795,23 @@ def _k_sum(a, n, chunk, out):
         out[cuda.blockIdx.x] = sh[0]
 
 
-@_kernel
-def _k_stats(t, w, ignore_index, C, n, chunk, part_D, part_n, part_bad):
-    """Per block: sum of w[t] and count over non-ignored targets, first bad position (or n)."""
+@cuda.jit(device=True)
+def _block_stats(d, cnt, bad, tid, bd):
+    """The block's (sum of d, sum of cnt, min of bad) over its threads, by the fixed-order
+    tree, in every thread."""
     sh_d = cuda.shared.array(RED_T, np.float64)
     sh_c = cuda.shared.array(RED_T, np.int64)
     sh_b = cuda.shared.array(RED_T, np.int64)
+    sh_d[tid] = d
+    sh_c[tid] = cnt
+    sh_b[tid] = bad
+    _tree_stats((sh_d, sh_c, sh_b), tid, bd)
+    return sh_d[0], sh_c[0], sh_b[0]
+
+
+@_kernel
+def _k_stats(t, w, ignore_index, C, n, chunk, part_D, part_n, part_bad):
+    """Per block: sum of w[t] and count over non-ignored targets, first bad position (or n)."""
     tid = cuda.threadIdx.x
     bd = cuda.blockDim.x
     lo = _i8(cuda.blockIdx.x) * chunk
@@ -819,24 +830,18 @@ def _k_stats(t, w, ignore_index, C, n, chunk, part_D, part_n, part_bad):
                 d += _f8(w[tj])
                 cnt += 1
         i += bd
-    sh_d[tid] = d
-    sh_c[tid] = cnt
-    sh_b[tid] = bad
-    _tree_stats((sh_d, sh_c, sh_b), tid, bd)
+    d, cnt, bad = _block_stats(d, cnt, bad, tid, bd)
     if tid == 0:
         b = cuda.blockIdx.x
-        part_D[b] = sh_d[0]
-        part_n[b] = sh_c[0]
-        part_bad[b] = sh_b[0]
+        part_D[b] = d
+        part_n[b] = cnt
+        part_bad[b] = bad
 
 
 @_kernel
 def _k_stats_merge(part_D, part_n, part_bad, out):
     """One block: out = (sum of part_D, sum of part_n, min of part_bad), _k_stats's partials
     folded in a fixed order (each thread its strided share, then the tree)."""
-    sh_d = cuda.shared.array(RED_T, np.float64)
-    sh_c = cuda.shared.array(RED_T, np.int64)
-    sh_b = cuda.shared.array(RED_T, np.int64)
     tid = cuda.threadIdx.x
     bd = cuda.blockDim.x
     d = 0.0
@@ -849,14 +854,11 @@ def _k_stats_merge(part_D, part_n, part_bad, out):
         if _i8(part_bad[i]) < bad:
             bad = _i8(part_bad[i])
         i += bd
-    sh_d[tid] = d
-    sh_c[tid] = cnt
-    sh_b[tid] = bad
-    _tree_stats((sh_d, sh_c, sh_b), tid, bd)
+    d, cnt, bad = _block_stats(d, cnt, bad, tid, bd)
     if tid == 0:
-        out[0] = sh_d[0]
-        out[1] = sh_c[0]
-        out[2] = sh_b[0]
+        out[0] = d
+        out[1] = cnt
+        out[2] = bad
 
 
 

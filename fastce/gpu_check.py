@@ -70,20 +70,28 @@ def compile_ptx_all(cc=(8, 0)):
             return nt.Array(dt, nd, "C")
         n = 0
         f8, u1 = nt.float64, nt.uint8
-        for F, ft in ((np.float32, nt.float32), (np.float64, nt.float64)):
+        f2, f4 = nt.float16, nt.float32
+        # (compute dtype, logits and gradient dtype, target dtypes): float16 logits are read
+        # and written as they are by the loss kernels (reads_float16), computed in float32;
+        # the softmax family reads them through a float32 copy.
+        for F, ft, xt, tdts in ((np.float32, f4, f4, (nt.int64, nt.int32, nt.uint8)),
+                                (np.float64, f8, f8, (nt.int64, nt.int32, nt.uint8)),
+                                (np.float32, f4, f2, (nt.int64,))):
             fns = gpu._kernels(F)[1]
-            for tdt in (nt.int64, nt.int32, nt.uint8):
-                sig = (arr(ft, 3), arr(tdt, 2), arr(ft, 1), *(f8,) * 7, nt.boolean, nt.int64,
-                       nt.boolean, arr(f8, 1), nt.int64, arr(ft, 3), arr(f8, 2), arr(f8, 2),
+            for tdt in tdts:
+                sig = (arr(xt, 3), arr(tdt, 2), arr(ft, 1), *(f8,) * 7, nt.boolean, nt.int64,
+                       nt.boolean, arr(f8, 1), nt.int64, arr(xt, 3), arr(f8, 2), arr(f8, 2),
                        arr(u1, 2), arr(f8, 2))
                 for k in ("index_rows", "index_strided"):
                     cuda.compile_ptx(fns[k], sig, cc=cc)
                     n += 1
-            sig = (arr(ft, 3), arr(ft, 3), arr(ft, 1), *(f8,) * 6, nt.boolean, arr(f8, 1),
-                   nt.int64, arr(ft, 3), arr(f8, 2), arr(f8, 2), arr(f8, 2))
+            sig = (arr(xt, 3), arr(ft, 3), arr(ft, 1), *(f8,) * 6, nt.boolean, arr(f8, 1),
+                   nt.int64, arr(xt, 3), arr(f8, 2), arr(f8, 2), arr(f8, 2))
             for k in ("prob_elems", "prob_rows"):
                 cuda.compile_ptx(fns[k], sig, cc=cc)
                 n += 1
+            if xt != ft:
+                continue
             for k in ("softmax_rows", "softmax_strided"):
                 cuda.compile_ptx(fns[k], (arr(ft, 3), nt.int64, arr(ft, 3), arr(f8, 2)), cc=cc)
                 n += 1
@@ -92,20 +100,6 @@ def compile_ptx_all(cc=(8, 0)):
             cuda.compile_ptx(gpu._k_nll.py_func, (arr(f8, 2), arr(ft, 3), arr(nt.int64, 2),
                                                   arr(f8, 1), nt.int64), cc=cc)
             n += 2
-        # float16 logits and gradient, computed in float32 (reads_float16).
-        f2, f4 = nt.float16, nt.float32
-        fns = gpu._kernels(np.float32)[1]
-        sig = (arr(f2, 3), arr(nt.int64, 2), arr(f4, 1), *(f8,) * 7, nt.boolean, nt.int64,
-               nt.boolean, arr(f8, 1), nt.int64, arr(f2, 3), arr(f8, 2), arr(f8, 2), arr(u1, 2),
-               arr(f8, 2))
-        for k in ("index_rows", "index_strided"):
-            cuda.compile_ptx(fns[k], sig, cc=cc)
-            n += 1
-        sig = (arr(f2, 3), arr(f4, 3), arr(f4, 1), *(f8,) * 6, nt.boolean, arr(f8, 1),
-               nt.int64, arr(f2, 3), arr(f8, 2), arr(f8, 2), arr(f8, 2))
-        for k in ("prob_elems", "prob_rows"):
-            cuda.compile_ptx(fns[k], sig, cc=cc)
-            n += 1
         i8 = nt.int64
         cuda.compile_ptx(gpu._k_sum.py_func, (arr(f8, 1), i8, i8, arr(f8, 1)), cc=cc)
         cuda.compile_ptx(gpu._k_stats.py_func, (arr(i8, 1), arr(nt.float32, 1), i8, i8, i8, i8,
