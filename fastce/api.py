@@ -312,11 +312,40 @@ def index_denominators(target, weight, ignore_index, C, dtype):
 # ---------------------------------------------------------------------------------------------
 # The one implementation behind every cross-entropy entry point
 # ---------------------------------------------------------------------------------------------
-def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reduction,
-                   label_smoothing, softcap, z_loss, class_axis, want_loss, want_grad,
-                   want_stats=False, out=None, denominators=None, want_lse=False, raw=False):
-    """Every cross-entropy entry point.  ``denominators`` (fastce.linear's chunks): the mean's
-    (D, Dz) of the whole batch, used instead of this call's own."""
+class _Unchecked(Exception):
+    """A bad target met with check_targets=False where the host reads the target statistics
+    (the CPU): _cross_entropy makes the call again with them ignored, then its nan results."""
+
+    def __init__(self, t, C, axis):
+        super().__init__()
+        self.t, self.C, self.axis = t, C, axis
+
+
+def _cross_entropy(input, target, weight, grad_output, *, check_targets=True, **kwargs):
+    """Every cross-entropy entry point (keywords: _cross_entropy_checked's).
+    ``check_targets=False``: a bad target makes its position's results nan instead of raising
+    (see fastce.spec); a backend that defers the target statistics (the GPU) then reads nothing
+    back from the device, its kernels making those nan results themselves."""
+    if check_targets is not True and check_targets is not False:
+        raise TypeError(f"fastce: check_targets must be True or False, got {check_targets!r}")
+    try:
+        return _cross_entropy_checked(input, target, weight, grad_output,
+                                      check_targets=check_targets, **kwargs)
+    except _Unchecked as e:
+        return _bad_targets_nan(e, kwargs["ignore_index"], kwargs["reduction"],
+                                (input, weight, grad_output), kwargs)
+
+
+def _cross_entropy_checked(input, target, weight, grad_output, *, ignore_index, reduction,
+                           label_smoothing, softcap, z_loss, class_axis, want_loss, want_grad,
+                           want_stats=False, out=None, denominators=None, want_lse=False,
+                           raw=False, check_targets=True, prechecked=None):
+    """_cross_entropy's work.  ``denominators`` (fastce.linear's chunks): the mean's (D, Dz) of
+    the whole batch, used instead of this call's own.  A bad target raises ValueError, or
+    _Unchecked with ``check_targets=False`` on a backend that does not defer its statistics.
+    ``prechecked`` (fastce.linear's chunks, whose caller checked the whole batch's targets and
+    weights): the weights' sum, and no target statistics (no host copy on the GPU); the mean
+    then needs ``denominators``."""
     be = backend_for(input=input, target=target, weight=weight, grad_output=grad_output)
     eps, cap, zl = check_options(reduction, label_smoothing, softcap, z_loss)
     x = _check_logits(be, input)
@@ -334,26 +363,43 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
     if x.shape[axis] == 0 or math.prod(loss_shape) == 0:
         loss, grad, stats = _empty_problem(be, x, int(x.shape[axis]), t, kind, weight,
                                            ignore_index, reduction, loss_shape, input,
-                                           want_grad, want_stats or want_lse, out, raw)
+                                           want_grad, want_stats or want_lse, out, raw,
+                                           check_targets)
         if want_lse:        # log of an empty sum (no classes), or no positions
             stats = stats + (be.wrap(be.full(loss_shape, -math.inf, _loss_dtype(x.dtype)), input),)
         return loss, grad, stats
     x3, N, C, S = _canonical(be, x, axis, native_float16=True)
     cdt = _compute_dtype(x3.dtype)
-    w, W = _check_weight(be, weight, C, cdt, need_sum=eps != 0.0)
+    if prechecked is None:
+        w, W = _check_weight(be, weight, C, cdt, need_sum=eps != 0.0)
+    else:
+        w, W = (be.ones(C, cdt) if weight is None else be.cast(weight, cdt)), prechecked
     # Each position's log-sum-exp, written by the loss kernels in their own pass.
     lse = be.empty((N, S), np.float64) if want_lse else None
 
     # The forward may validate its targets inside the loss kernel itself (which never reads
-    # with a bad one); the gradient needs the mean's denominator first: a pre-pass.
+    # with a bad one); the gradient needs the mean's denominator first: a pre-pass.  Unchecked
+    # targets on a deferring backend (the GPU): the pre-pass's statistics stay on the device.
     fuse_stats = kind == "index" and not want_grad and be.fuses_target_stats
+    defer = (kind == "index" and not check_targets and be.defers_target_stats
+             and denominators is None and not raw)
+    dstats = dev_den = None
     if kind == "index":
         t2 = be.contiguous(t).reshape(N, S)
         D, count = 1.0, 0
-        if not fuse_stats:
+        if prechecked is not None and not raw:
+            if reduction == "mean" and denominators is None:
+                raise ValueError("fastce: prechecked targets take the mean's denominators")
+            fuse_stats = False              # (nothing to count: D, count unused)
+        elif defer:
+            dstats = be.target_stats(t2, w, ignore_index, C, on_device=True)
+            dev_den = dstats[0:2]               # (D, Dz), read by the reducing kernel
+        elif not fuse_stats:
             D, count, bad = be.target_stats(t2, w, ignore_index, C)
             if bad >= 0:
-                raise _bad_target_error(be, t, bad, C, ignore_index)
+                if check_targets:
+                    raise _bad_target_error(be, t, bad, C, ignore_index)
+                raise _Unchecked(t, C, axis)
         Dz = float(count)
     else:
         t2 = be.cast(t, cdt).reshape(N, C, S)
@@ -364,8 +410,10 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
 
     mean = reduction == "mean"
     # Gradient coefficients (the forward's kernels ignore them; its D may not be known yet).
-    inv_D = (_div(1.0, mD) if mean else 1.0) if want_grad else 1.0
-    z2 = 2.0 * zl * (_div(1.0, mDz) if mean else 1.0) if want_grad else 0.0
+    # Deferred, the kernels multiply them by the device's (1/D, 1/Dz) (``den``).
+    den = be.grad_den(dstats) if (defer and want_grad and mean) else None
+    inv_D = (_div(1.0, mD) if mean and not defer else 1.0) if want_grad else 1.0
+    z2 = 2.0 * zl * (_div(1.0, mDz) if mean and not defer else 1.0) if want_grad else 0.0
     grad = None
     in_place = False
     if o is not None:
@@ -392,11 +440,13 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
     if kind == "index":
         ce, zls, hit, stats = be.index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride,
                                             per_position=reduction == "none",
-                                            fuse_stats=fuse_stats, lse_out=lse)
+                                            fuse_stats=fuse_stats, lse_out=lse, den=den)
         if fuse_stats:
             D, count, bad = stats
             if bad >= 0:
-                raise _bad_target_error(be, t, bad, C, ignore_index)
+                if check_targets:
+                    raise _bad_target_error(be, t, bad, C, ignore_index)
+                raise _Unchecked(t, C, axis)
             Dz = float(count)
             mD, mDz = denominators if denominators is not None else (D, Dz)
     else:
@@ -406,7 +456,7 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
     loss = None
     if want_loss:
         loss = _loss(be, ce, zls if zl else None, hit if want_stats else None, reduction,
-                     mD, mDz, loss_shape, in_dtype, raw)
+                     mD, mDz, loss_shape, in_dtype, raw, dev_den)
         if raw:
             loss = loss + (D, Dz)
     if grad is not None:
@@ -417,7 +467,10 @@ def _cross_entropy(input, target, weight, grad_output, *, ignore_index, reductio
             zpart = be.cast(zls.reshape(loss_shape), in_dtype)
         else:
             # mean_div's nan where Dz == 0 is ieee_div's 0/0 there: every z term is 0.
-            zpart = be.reduce_loss(zls, None, mean, mDz, 0.0, in_dtype)
+            zpart = be.reduce_loss(zls, None, mean, mDz, 0.0, in_dtype,
+                                   dev_den=None if dev_den is None else dev_den[1:2])
+        if hit is not None and defer:       # (token accuracy is a host number: one copy)
+            count = int(be.element(dstats, 1))
         acc = _div(be.total(hit), count) if (hit is not None and count) else math.nan
         stats = (be.wrap(zpart, input), acc)
         if want_lse:
@@ -475,7 +528,7 @@ def _lean_plan(input, target, axis, xw, tw):
 
 
 def _lean_call(input, target, weight, reduction, ignore_index, class_axis, label_smoothing,
-               softcap, z_loss, want_grad, grad_output=None, out=None):
+               softcap, z_loss, want_grad, grad_output=None, out=None, check_targets=True):
     """The common call (C-contiguous float32/float64 logits of two or more axes, int64, int32
     or uint8 targets, class weights of the logits' dtype or none, any class axis, reduction,
     label smoothing, softcap, z-loss and upstream gradient, and ``out`` that shares no memory
@@ -556,7 +609,9 @@ def _lean_call(input, target, weight, reduction, ignore_index, class_axis, label
         ce, zls, D, count, bad = plan.forward(input, target, w, w64, fwd_opts, ignore_index,
                                               per)
     if bad >= 0:
-        raise _bad_target_error(cpu_backend(), target, bad, C, ignore_index)
+        if check_targets is True:
+            raise _bad_target_error(cpu_backend(), target, bad, C, ignore_index)
+        return None                     # (the general path makes their results nan)
     if per:         # (as the general path's finish_per_position)
         loss = (ce + zls if zl else ce).reshape(target.shape).astype(dtype, copy=False)
     else:           # (as _loss)
@@ -569,7 +624,7 @@ def _lean_call(input, target, weight, reduction, ignore_index, class_axis, label
     return loss, (out if out is not None else grad.reshape(input.shape))
 
 
-def _loss(be, ce, zls, hit, reduction, D, Dz, loss_shape, dtype, raw):
+def _loss(be, ce, zls, hit, reduction, D, Dz, loss_shape, dtype, raw, dev_den=None):
     """The loss from the kernels' per-element (or partial) sums; ``zls`` None without z-loss,
     ``hit`` None unless token hits were asked for."""
     if raw:
@@ -580,23 +635,58 @@ def _loss(be, ce, zls, hit, reduction, D, Dz, loss_shape, dtype, raw):
                 0.0 if hit is None else be.total(hit))
     if reduction == "none":
         return be.finish_per_position(ce, zls, loss_shape, dtype)
-    return be.reduce_loss(ce, zls, reduction == "mean", D, Dz, dtype)
+    return be.reduce_loss(ce, zls, reduction == "mean", D, Dz, dtype, dev_den=dev_den)
+
+
+def _bad_mask(t, C, ignore_index):
+    """The mask of bad targets (neither ignore_index nor in [0, C)) of host targets ``t``."""
+    t = np.asarray(t).astype(np.int64)
+    return (t != ignore_index) & ((t < 0) | (t >= C))
+
+
+def _bad_targets_nan(found, ignore_index, reduction, args, kwargs):
+    """check_targets=False where the host read the target statistics (the CPU) and ``found``
+    (an _Unchecked) a bad target: the call again with the bad targets ignored, then their
+    positions' loss terms and gradient rows, and every reduced loss, made nan (fastce.spec's
+    definition; the GPU's kernels do the same themselves)."""
+    bad = _bad_mask(found.t, found.C, ignore_index)
+    fixed = np.where(bad, np.int64(ignore_index), np.asarray(found.t).astype(np.int64))
+    loss, grad, stats = _cross_entropy_checked(args[0], fixed, *args[1:], **kwargs)
+    if grad is not None:
+        np.moveaxis(grad, found.axis, -1)[bad] = np.nan
+    if stats is not None:
+        stats = (_nan_where(stats[0], bad, reduction),) + tuple(stats[1:])
+    return _nan_where(loss, bad, reduction), grad, stats
+
+
+def _nan_where(loss, bad, reduction):
+    """A NumPy loss (array or scalar) with nan at the positions ``bad`` (reduced: nan)."""
+    if loss is None:
+        return None
+    a = np.array(loss)
+    a[bad if reduction == "none" else ()] = np.nan
+    return a if isinstance(loss, np.ndarray) else a[()]
 
 
 def _empty_problem(be, x, C, t, kind, weight, ignore_index, reduction, loss_shape, input,
-                   want_grad, want_stats, out, raw=False):
+                   want_grad, want_stats, out, raw=False, check_targets=True):
     """No positions, or no classes (then every target must be ignored): torch's answers (mean
     nan, sum 0, empty or zero arrays), with no kernel launched and nothing of size C made.
     ``raw``: the sums and denominators of _cross_entropy's raw result instead (no target
-    counts: each is ignored; probability targets count every position)."""
+    counts: each is ignored; probability targets count every position).  With no classes and
+    ``check_targets=False``, targets that are not ignored make their positions' losses and
+    the sum nan."""
     if weight is not None:
         check_weight_meta(be.asarray(weight), C)
     n = math.prod(loss_shape)
+    bad = None
     if kind == "index" and n:
         t2 = be.contiguous(t).reshape(1, n)
-        _, count, bad = be.target_stats(t2, be.ones(1, np.float64), ignore_index, C)
-        if bad >= 0:
-            raise _bad_target_error(be, t, bad, C, ignore_index)
+        _, count, first = be.target_stats(t2, be.ones(1, np.float64), ignore_index, C)
+        if first >= 0:
+            if check_targets:
+                raise _bad_target_error(be, t, first, C, ignore_index)
+            bad = _bad_mask(be.to_host(t), C, ignore_index)
     # Probability targets over no classes: each element's loss is an empty sum, 0.
     value = 0.0 if (reduction == "sum" or (kind == "prob" and n)) else math.nan
     if raw and reduction != "none":
@@ -613,6 +703,14 @@ def _empty_problem(be, x, C, t, kind, weight, ignore_index, reduction, loss_shap
         zpart = be.zeros(loss_shape, _loss_dtype(x.dtype)) if reduction == "none" else be.scalar(
             0.0 if reduction == "sum" else math.nan, _loss_dtype(x.dtype))
         stats = (be.wrap(zpart, input), math.nan)
+    if bad is not None and not raw:     # (no classes, unchecked targets that are not ignored)
+        nan = be.scalar(math.nan, _loss_dtype(x.dtype))
+        if reduction == "none":
+            nan = be.asarray(np.where(bad.reshape(loss_shape), np.nan, 0.0).astype(
+                _loss_dtype(x.dtype)))
+        loss = nan
+        if stats is not None:
+            stats = (be.wrap(nan, input), math.nan)
     return be.wrap(loss, input), be.wrap(grad, input), stats
 
 
@@ -621,7 +719,8 @@ def _empty_problem(be, x, C, t, kind, weight, ignore_index, reduction, loss_shap
 # ---------------------------------------------------------------------------------------------
 def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="mean",
                   label_smoothing=0.0, softcap=None, z_loss=0.0, class_axis=None,
-                  return_z_loss=False, return_token_accuracy=False, return_lse=False):
+                  return_z_loss=False, return_token_accuracy=False, return_lse=False,
+                  check_targets=True):
     """Cross-entropy between logits ``input`` and ``target``, as torch's ``F.cross_entropy``.
 
     input: logits (C,), (N, C) or (N, C, d1, ..., dK); float16/32/64 (float16 computed in
@@ -638,16 +737,21 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
     return_z_loss / return_token_accuracy: return a ``CrossEntropyOutput`` with those extras,
         computed in the same pass.  return_lse: its ``lse`` field holds the per-position
         log-sum-exp (of the softcapped logits with softcap), from the same pass too.
+    check_targets: a target that is neither ignore_index nor in [0, C) raises ValueError.
+        False: no error; such a position's loss (and gradient row) is nan, so is a reduced
+        loss, and on the GPU the call reads nothing back from the device (no wait for the
+        check; see the README's "GPU").  Never an out-of-bounds read either way.
 
     Returns a NumPy scalar (CuPy 0-d array on the GPU) of the input's dtype for mean/sum, an
     array of the target's shape for "none".
     """
     if not (return_z_loss or return_token_accuracy or return_lse):
         lean = _lean_call(input, target, weight, reduction, ignore_index, class_axis,
-                          label_smoothing, softcap, z_loss, False)
+                          label_smoothing, softcap, z_loss, False, check_targets=check_targets)
         if lean is not None:
             return lean[0]
     if is_dask_array(input) or is_dask_array(target):
+        _dask_checks(check_targets)
         from . import dask_backend
         return dask_backend.cross_entropy(
             input, target, weight, None, ignore_index=ignore_index, reduction=reduction,
@@ -658,7 +762,8 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
     loss, _, stats = _cross_entropy(
         input, target, weight, None, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss, class_axis=class_axis,
-        want_loss=True, want_grad=False, want_stats=want_stats, want_lse=return_lse)
+        want_loss=True, want_grad=False, want_stats=want_stats, want_lse=return_lse,
+        check_targets=check_targets)
     if not (want_stats or return_lse):
         return loss
     return _output(loss, stats, return_z_loss, return_token_accuracy, return_lse)
@@ -666,7 +771,7 @@ def cross_entropy(input, target, weight=None, *, ignore_index=-100, reduction="m
 
 def cross_entropy_backward(input, target, grad_output=None, weight=None, *, ignore_index=-100,
                            reduction="mean", label_smoothing=0.0, softcap=None, z_loss=0.0,
-                           class_axis=None, out=None):
+                           class_axis=None, out=None, check_targets=True):
     """d loss / d input, the input's shape and dtype.  ``grad_output`` is the upstream gradient:
     a scalar for mean/sum, an array of the loss's shape for "none"; None means ones.
     ``out``: a C-contiguous array of the input's shape and dtype to write the gradient into; it
@@ -674,10 +779,11 @@ def cross_entropy_backward(input, target, grad_output=None, weight=None, *, igno
     Dask logits (lazy results, see fastce.dask_backend) ``out`` is a NumPy array or memmap
     that the chunk tasks write into (local schedulers only; not the logits' own memory)."""
     lean = _lean_call(input, target, weight, reduction, ignore_index, class_axis,
-                      label_smoothing, softcap, z_loss, True, grad_output, out)
+                      label_smoothing, softcap, z_loss, True, grad_output, out, check_targets)
     if lean is not None:
         return lean[1]
     if is_dask_array(input) or is_dask_array(target):
+        _dask_checks(check_targets)
         from . import dask_backend
         return dask_backend.cross_entropy(
             input, target, weight, grad_output, ignore_index=ignore_index, reduction=reduction,
@@ -686,14 +792,14 @@ def cross_entropy_backward(input, target, grad_output=None, weight=None, *, igno
     _, grad, _ = _cross_entropy(
         input, target, weight, grad_output, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss, class_axis=class_axis,
-        want_loss=False, want_grad=True, out=out)
+        want_loss=False, want_grad=True, out=out, check_targets=check_targets)
     return grad
 
 
 def cross_entropy_with_grad(input, target, weight=None, *, grad_output=None, ignore_index=-100,
                             reduction="mean", label_smoothing=0.0, softcap=None, z_loss=0.0,
                             class_axis=None, return_z_loss=False, return_token_accuracy=False,
-                            out=None, return_lse=False):
+                            out=None, return_lse=False, check_targets=True):
     """(loss, grad) from one fused pass over the logits; allocates only the gradient (nothing
     with ``out``, which may be ``input`` itself: see cross_entropy_backward).
 
@@ -702,10 +808,12 @@ def cross_entropy_with_grad(input, target, weight=None, *, grad_output=None, ign
     """
     if not (return_z_loss or return_token_accuracy or return_lse):
         lean = _lean_call(input, target, weight, reduction, ignore_index, class_axis,
-                          label_smoothing, softcap, z_loss, True, grad_output, out)
+                          label_smoothing, softcap, z_loss, True, grad_output, out,
+                          check_targets)
         if lean is not None:
             return lean
     if is_dask_array(input) or is_dask_array(target):
+        _dask_checks(check_targets)
         from . import dask_backend
         return dask_backend.cross_entropy(
             input, target, weight, grad_output, ignore_index=ignore_index, reduction=reduction,
@@ -717,10 +825,17 @@ def cross_entropy_with_grad(input, target, weight=None, *, grad_output=None, ign
     loss, grad, stats = _cross_entropy(
         input, target, weight, grad_output, ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, softcap=softcap, z_loss=z_loss, class_axis=class_axis,
-        want_loss=True, want_grad=True, want_stats=want_stats, out=out, want_lse=return_lse)
+        want_loss=True, want_grad=True, want_stats=want_stats, out=out, want_lse=return_lse,
+        check_targets=check_targets)
     if want_stats or return_lse:
         loss = _output(loss, stats, return_z_loss, return_token_accuracy, return_lse)
     return loss, grad
+
+
+def _dask_checks(check_targets):
+    if check_targets is not True:
+        raise NotImplementedError("fastce: check_targets=False is for in-memory (NumPy, CUDA) "
+                                  "arrays; a Dask graph checks its targets")
 
 
 def _output(loss, stats, return_z_loss, return_token_accuracy, return_lse):
@@ -734,7 +849,7 @@ class CrossEntropyLoss:
     ``loss_fn.backward(input, target, grad_output=None)`` and ``loss_fn.with_grad(...)``."""
 
     def __init__(self, weight=None, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                 softcap=None, z_loss=0.0, class_axis=None):
+                 softcap=None, z_loss=0.0, class_axis=None, check_targets=True):
         check_options(reduction, label_smoothing, softcap, z_loss)
         self.weight = weight
         self.ignore_index = ignore_index
@@ -743,11 +858,13 @@ class CrossEntropyLoss:
         self.softcap = softcap
         self.z_loss = z_loss
         self.class_axis = class_axis
+        self.check_targets = check_targets
 
     def _options(self):
         return dict(ignore_index=self.ignore_index, reduction=self.reduction,
                     label_smoothing=self.label_smoothing, softcap=self.softcap,
-                    z_loss=self.z_loss, class_axis=self.class_axis)
+                    z_loss=self.z_loss, class_axis=self.class_axis,
+                    check_targets=self.check_targets)
 
     def __call__(self, input, target):
         return cross_entropy(input, target, self.weight, **self._options())

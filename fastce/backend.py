@@ -33,6 +33,12 @@ class Backend(Protocol):
     #: ``index_loss(..., fuse_stats=True)`` validates the targets and returns their statistics
     #: in the loss pass itself (else the entry point calls ``target_stats`` first).
     fuses_target_stats: bool
+    #: With ``check_targets=False`` the target statistics stay where the kernels run (the GPU):
+    #: ``target_stats(..., on_device=True)``, ``grad_den``, ``index_loss(..., den=)`` and
+    #: ``reduce_loss(..., dev_den=)`` exist, and the index kernels make a bad target's loss
+    #: terms and gradient row nan themselves.  Otherwise the entry points read the statistics
+    #: and poison those outputs on the host.
+    defers_target_stats: bool
     #: Logits may be ``ml_dtypes.bfloat16`` (losses then float32, the gradient bfloat16).
     reads_bfloat16: bool
     #: The loss kernels read float16 logits as they are and write a float16 gradient (computing
@@ -89,11 +95,17 @@ class Backend(Protocol):
     def target_stats(self, t2, w, ignore_index, C):
         """(D, count, bad): the sum of the non-ignored targets' weights ``w[t]`` (float), their
         number, and the flat position of the first target outside [0, C) that is not
-        ``ignore_index`` (-1 when all are valid)."""
+        ``ignore_index`` (-1 when all are valid).  Deferring backends, ``on_device=True``:
+        the three numbers as a (3,) float64 array where the kernels run, not read back (no
+        bad target: the third is ``t2.size``)."""
+
+    def grad_den(self, stats):
+        """Deferring backends: (1/D, 1/Dz) of ``target_stats(..., on_device=True)`` as
+        ``fastce.options.ieee_div`` gives them, where the kernels run (``index_loss``'s den)."""
 
     # -- 4. The loss kernels ----------------------------------------------------------------
     def index_loss(self, x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=True,
-                   fuse_stats=False, lse_out=None):
+                   fuse_stats=False, lse_out=None, den=None):
         """Class-index targets: (ce, z_loss, hit, stats).  ce and z_loss are per-element
         float64 (or partial sums when not ``per_position``: only their ``total`` is read),
         hit the per-element argmax hits (when ``opts.want_hits``).  Writes d loss / d x3,
@@ -101,7 +113,8 @@ class Backend(Protocol):
         (N, C, S) when it is given.  ``stats``: ``target_stats``'s triple when ``fuse_stats``,
         else None.  ``opts`` is a ``fastce.options.LossOptions``.  ``lse_out`` (N, S) float64,
         when given, receives each element's log-sum-exp over C (of the softcapped logits
-        with softcap) from the same pass."""
+        with softcap) from the same pass.  ``den`` (deferring backends): ``grad_den``'s
+        factors of ``opts.grad_scale`` and ``opts.z_grad``."""
 
     def prob_loss(self, x3, p3, w, opts, grad, g, g_stride, lse_out=None):
         """Probability targets ``p3`` (N, C, S): (ce, z_loss) as ``index_loss``."""
@@ -134,12 +147,13 @@ class Backend(Protocol):
     def scalar(self, value, dtype):
         """The loss of a mean/sum reduction, a scalar of ``dtype``."""
 
-    def reduce_loss(self, ce, zl, mean, D, Dz, dtype):
+    def reduce_loss(self, ce, zl, mean, D, Dz, dtype, dev_den=None):
         """The loss of a mean/sum reduction from per-element (or partial) float64 losses, a
         scalar of ``dtype``: ``total(ce)``, divided by ``D`` for the mean
         (``fastce.options.mean_div``), plus ``total(zl)`` (divided by ``Dz``:
         ``ieee_div``) unless ``zl`` is None.  Where the arrays live: on the GPU it stays
-        there (no host round trip)."""
+        there (no host round trip).  ``dev_den`` (deferring backends): an array where the
+        kernels run holding D (and Dz), used instead of the host's numbers."""
 
     def finish_per_position(self, ce, zl, shape, dtype):
         """The unreduced loss: ``ce + zl`` (``zl`` may be None) as ``shape`` in ``dtype``."""

@@ -2174,13 +2174,14 @@ class LeanPlan:
 
 
 def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=True,
-               fuse_stats=False, lse_out=None):
+               fuse_stats=False, lse_out=None, den=None):
     """(ce, z-loss, hit, stats).  per_position: ce/z-loss/hit per position (N, S); else arrays
     whose sums are theirs (per-block partial sums, in a fixed partition).  Fills ``grad``
     (N, C, S) when given, and ``lse_out`` (N, S) float64, each position's log-sum-exp, in the
     same pass.  fuse_stats: stats = target_stats(...) computed by the loss kernel
     itself (forward only: the gradient needs the mean's denominator first); when it finds a bad
-    target the other outputs are meaningless (but no out-of-range read happened).  Else None."""
+    target the other outputs are meaningless (but no out-of-range read happened).  Else None.
+    den: unused (the host reads the target statistics: see Backend.defers_target_stats)."""
     N, C, S = x3.shape
     if is_bfloat16(x3.dtype) and not (S == 1 and C > SMALL_C):
         # Only the rows kernel reads bfloat16 itself; the others get a float32 copy.
@@ -2325,6 +2326,7 @@ class CPUBackend:
 
     array_kind = "a NumPy array"
     fuses_target_stats = True       # index_loss(..., fuse_stats=True) is supported
+    defers_target_stats = False     # the host reads the target statistics (they cost nothing)
     reads_bfloat16 = True           # ml_dtypes.bfloat16 logits (see index_loss)
     reads_float16 = False           # float16 logits arrive as a float32 copy
     casts_complex = True
@@ -2405,7 +2407,7 @@ class CPUBackend:
         return np.dtype(dtype).type(value)
 
     @staticmethod
-    def reduce_loss(ce, zl, mean, D, Dz, dtype):
+    def reduce_loss(ce, zl, mean, D, Dz, dtype, dev_den=None):
         total = CPUBackend.total(ce)
         value = mean_div(total, D) if mean else total
         if zl is not None:

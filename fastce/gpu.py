@@ -66,6 +66,8 @@ MAX_GRID = 1 << 30                    # most blocks per launch (CUDA allows 2**3
 
 _f8 = np.float64
 _i8 = np.int64
+IGNORED_ROW = -1        # index_finish's target code of an ignored element: zero gradient row
+BAD_ROW = -2            # and of a bad target (check_targets=False): nan gradient row
 
 # Kernels are cached on disk as the CPU's are (compiled once per machine, not per process);
 # FASTCE_GPU_CACHE=0 turns that off.
@@ -418,10 +420,13 @@ def _index_steps(F):
             lse_out[n, s] = rl
         ti = _i8(t[n, s])
         if ti == ignore_index or ti < 0 or ti >= C:
-            ce_out[n, s] = 0.0
-            zl_out[n, s] = 0.0
+            # A bad target (only reached with check_targets=False): nan loss terms, and
+            # BAD_ROW tells the caller to fill the gradient row with nan.
+            bad = ti != ignore_index
+            ce_out[n, s] = math.nan if bad else 0.0
+            zl_out[n, s] = math.nan if bad else 0.0
             hit_out[n, s] = 0
-            return _i8(-1), 0.0, 0.0, 0.0
+            return _i8(BAD_ROW if bad else IGNORED_ROW), 0.0, 0.0, 0.0
         w_t = _f8(w[ti])
         s_t = _f8(capped(x[n, ti, s], has_cap, capf, inv_capf))
         ce_out[n, s] = _index_loss(r, m - s_t, w_t, o.weight_sum, wdev, o.keep, o.smooth_c)
@@ -495,11 +500,13 @@ def _index_row_passes(F):
     @cuda.jit(device=True)
     def row_grad(x, w, row, ti, ms, scale_f, gamma_f, beta_f, grad, C, tid, bd, has_cap,
                  has_smooth, capf, inv_capf):
-        """Write a row's gradient over the thread's share (zeros for an ignored target)."""
+        """Write a row's gradient over the thread's share (zeros for an ignored target, nan
+        for a bad one)."""
         c = _i8(tid)
         if ti < 0:
+            fill = F(0.0) if ti == IGNORED_ROW else F(math.nan)
             while c < C:
-                grad[row, c, 0] = F(0.0)
+                grad[row, c, 0] = fill
                 c += bd
         while c + bd < C:           # two loads in flight per thread
             v0 = x[row, c, 0]
@@ -520,17 +527,18 @@ def _index_row_passes(F):
 def _index_kernels(F):
     """index_rows (S == 1, C > SMALL_C: one block per row) and index_strided (one thread per
     (n, s)).  Arguments: x (N, C, S), targets t (N, S), class weights w, the LossOptions
-    fields, ignore_index, want_grad, g (dL/dloss_i at g[i * g_stride]), grad (N, C, S) and the
-    per-element outputs ce, z-loss, hit (N, S)."""
+    fields, den (float64 (2,): factors of grad_scale and z_grad, the mean's 1/D and 1/Dz when
+    only the device knows them, else ones), ignore_index, want_grad, g (dL/dloss_i at
+    g[i * g_stride]), grad (N, C, S) and the per-element outputs ce, z-loss, hit (N, S)."""
     row_start, row_step, index_finish, grad_value = _index_steps(F)
     _, _, cap_consts = _steps(F)
     row_share, row_grad = _index_row_passes(F)
 
     def index_rows(x, t, w, keep, smooth_c, weight_sum, softcap, grad_scale, z_grad, z_loss,
-                   want_hits, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
+                   want_hits, den, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
                    hit_out, lse_out):
-        o = _index_options(keep, smooth_c, weight_sum, softcap, grad_scale, z_grad, z_loss,
-                           want_hits)
+        o = _index_options(keep, smooth_c, weight_sum, softcap, grad_scale * den[0],
+                           z_grad * den[1], z_loss, want_hits)
         sh_m = cuda.shared.array(ROW_MAX, np.float64)
         sh_s = cuda.shared.array(ROW_MAX, np.float64)
         sh_n = cuda.shared.array(ROW_MAX, np.int32)
@@ -562,10 +570,10 @@ def _index_kernels(F):
             row += step
 
     def index_strided(x, t, w, keep, smooth_c, weight_sum, softcap, grad_scale, z_grad, z_loss,
-                      want_hits, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
+                      want_hits, den, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
                       hit_out, lse_out):
-        o = _index_options(keep, smooth_c, weight_sum, softcap, grad_scale, z_grad, z_loss,
-                           want_hits)
+        o = _index_options(keep, smooth_c, weight_sum, softcap, grad_scale * den[0],
+                           z_grad * den[1], z_loss, want_hits)
         C = x.shape[1]
         S = x.shape[2]
         has_cap, _, capf, inv_capf = cap_consts(softcap)
@@ -586,7 +594,7 @@ def _index_kernels(F):
             if want_grad:
                 for c in range(C):
                     if ti < 0:
-                        grad[n, c, s] = F(0.0)
+                        grad[n, c, s] = F(0.0) if ti == IGNORED_ROW else F(math.nan)
                     else:
                         grad[n, c, s] = grad_value(x[n, c, s], c, ti, m, F(scale), F(gamma),
                                                    F(beta), w, has_cap, has_smooth, capf,
@@ -888,10 +896,15 @@ def _k_gather_nd(out, src, base, dims, strides):
 
 
 @_kernel
-def _k_loss(ce_tot, zl_tot, has_z, mean, D, Dz, out):
+def _k_loss(ce_tot, zl_tot, has_z, mean, D, Dz, dev_den, out):
     """out[0] = ce_tot[0] (/ D for the mean, nan where D == 0) + zl_tot[0] (/ Dz for the mean)
-    when has_z, cast to out's dtype on the store: the reduced loss (fastce.api._loss)."""
+    when has_z, cast to out's dtype on the store: the reduced loss (fastce.api._loss).  D (and
+    Dz) are read from dev_den[0] (and dev_den[1]) when it holds them."""
     if cuda.grid(1) == 0:
+        if dev_den.shape[0] > 0:
+            D = dev_den[0]
+        if dev_den.shape[0] > 1:
+            Dz = dev_den[1]
         value = ce_tot[0]
         if mean:
             value = math.nan if D == 0.0 else value / D
@@ -899,6 +912,21 @@ def _k_loss(ce_tot, zl_tot, has_z, mean, D, Dz, out):
             z = zl_tot[0]
             value += z / Dz if mean else z
         out[0] = value
+
+
+@cuda.jit(device=True)
+def _inverse(d):
+    """1 / d as fastce.options.ieee_div(1.0, d) gives it on the host (+inf for d == 0)."""
+    return math.inf if d == 0.0 else 1.0 / d
+
+
+@_kernel
+def _k_grad_den(stats, out):
+    """out = (1 / D, 1 / Dz) of the device's target statistics (D, count, ...): the mean's
+    gradient factors (den of the index kernels) when the host does not read the statistics."""
+    if cuda.grid(1) == 0:
+        out[0] = _inverse(stats[0])
+        out[1] = _inverse(stats[1])
 
 
 @_kernel
@@ -1204,27 +1232,39 @@ def _compute_kernels(dtype):
     return _kernels(F)[0]
 
 
-def target_stats(t2, w, ignore_index, C):
+def target_stats(t2, w, ignore_index, C, on_device=False):
     """(D, count, bad_flat_position or -1) over the (N, S) integer targets ``t2``.
 
     One kernel writes per-block partials (sum of w[t], count, first bad position), a second
     folds them, both in a fixed order; the host reads the three numbers (the call's one copy
-    back)."""
+    back).  ``on_device``: no copy back; the (3,) float64 device array of the three numbers
+    (the first bad position is t2.size when there is none)."""
     n = t2.size
     if n == 0:
+        if on_device:
+            return full((3,), 0.0, np.float64)
         return 0.0, 0, -1
     nblocks, chunk = _red_cfg(n)
     part = _alloc((3, nblocks), np.float64)
     _k_stats[nblocks, RED_T, _stream()](_flat(t2), _flat(w), _i8(ignore_index), _i8(C), _i8(n),
                                         _i8(chunk), part[0], part[1], part[2])
-    if nblocks > 1:
+    if nblocks > 1 or on_device:
         folded = _alloc((3,), np.float64)
         _k_stats_merge[1, RED_T, _stream()](part[0], part[1], part[2], folded)
+        if on_device:
+            return folded
         host = _host_copy(folded)
     else:
         host = _host_copy(part)[:, 0]
     bad = int(host[2])
     return float(host[0]), int(host[1]), (bad if bad < n else -1)
+
+
+def grad_den(stats):
+    """The index kernels' ``den`` for the mean from target_stats(..., on_device=True)."""
+    out = _alloc((2,), np.float64)
+    _k_grad_den[1, 1, _stream()](stats, out)
+    return out
 
 
 def _total_dev(a):
@@ -1249,15 +1289,20 @@ def total(a) -> float:
     return float(_host_copy(_total_dev(a))[0])
 
 
-def reduce_loss(ce, zl, mean, D, Dz, dtype):
+def reduce_loss(ce, zl, mean, D, Dz, dtype, dev_den=None):
     """The reduced loss (see fastce.backend), computed and kept on the device: the totals of
     ``total`` and the divisions of the host's ``options.mean_div`` / ``ieee_div`` (IEEE
-    division on the device), in one single-thread kernel, written as a 0-d array."""
+    division on the device), in one single-thread kernel, written as a 0-d array.
+    ``dev_den``: a float64 device array holding D (and Dz) instead of the host's numbers."""
     out = _alloc((), dtype)
     ce_tot = _total_dev(ce)
     zl_tot = _total_dev(zl) if zl is not None else ce_tot
+    if dev_den is None:
+        dev_den = _no_den()
+    else:
+        D = Dz = 0.0
     _k_loss[1, 1, _stream()](ce_tot, zl_tot, zl is not None, bool(mean), _f8(D), _f8(Dz),
-                             _flat(out))
+                             dev_den, _flat(out))
     return out
 
 
@@ -1275,11 +1320,12 @@ def _prob_scalars(o):
 
 
 def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=True,
-               fuse_stats=False, lse_out=None):
+               fuse_stats=False, lse_out=None, den=None):
     """(ce, z-loss, hit, None): per-element arrays (N, S) (whatever ``per_position``); fills
     ``grad`` (N, C, S) and ``lse_out`` (N, S) when given.  The targets are validated by
     ``target_stats`` beforehand (``fuse_stats`` is not supported here: fuses_target_stats is
-    False)."""
+    False), or not at all (check_targets=False: a bad target's loss terms and gradient row are
+    nan).  den: grad_den's factors of opts' grad_scale and z_grad (None: ones)."""
     if fuse_stats:
         raise NotImplementedError("fastce.gpu: the target statistics come from target_stats")
     N, C, S = x3.shape
@@ -1291,8 +1337,10 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
     want = grad is not None
     gbuf = grad if want else _alloc((1, 1, 1), x3.dtype)
     ks = _compute_kernels(x3.dtype)
-    args = (x3, t2, w, *_index_scalars(opts), _i8(ignore_index), want, g, _i8(g_stride), gbuf,
-            ce, zl, hit, _no_lse() if lse_out is None else lse_out)
+    if den is None:
+        den = _cached_ones((2,), np.dtype(np.float64).str, _device_id())
+    args = (x3, t2, w, *_index_scalars(opts), den, _i8(ignore_index), want, g, _i8(g_stride),
+            gbuf, ce, zl, hit, _no_lse() if lse_out is None else lse_out)
     if S == 1 and C > SMALL_C:
         blocks, threads = _row_cfg(N, C)
         ks["index_rows"][blocks, threads, _stream()](*args)
@@ -1323,6 +1371,11 @@ def prob_loss(x3, p3, w, opts, grad, g, g_stride, lse_out=None):
 def _no_lse():
     """The empty (0, 0) lse_out of a call that does not want the lse."""
     return _alloc((0, 0), np.float64)
+
+
+def _no_den():
+    """The empty dev_den of _k_loss: the denominators are its scalar arguments."""
+    return _alloc((0,), np.float64)
 
 
 def softmax_family(x3, mode):
@@ -1447,6 +1500,7 @@ class GPUBackend:
 
     array_kind = "a CUDA device array (CuPy, Numba or __cuda_array_interface__)"
     fuses_target_stats = False
+    defers_target_stats = True      # check_targets=False: the statistics stay on the device
     reads_bfloat16 = False          # bfloat16 on the GPU: issue #12
     reads_float16 = True            # the loss kernels load float16 and compute in float32
     casts_complex = False
@@ -1570,6 +1624,7 @@ class GPUBackend:
         return a
 
     target_stats = staticmethod(target_stats)
+    grad_den = staticmethod(grad_den)
     index_loss = staticmethod(index_loss)
     prob_loss = staticmethod(prob_loss)
     nll_loss = staticmethod(nll_loss)

@@ -103,9 +103,10 @@ def _axis(ndim, class_axis):
 # cross_entropy
 # ---------------------------------------------------------------------------------------------
 def _ce_kwargs(opts):
-    ignore_index, reduction, label_smoothing, softcap, z_loss, class_axis = opts
+    ignore_index, reduction, label_smoothing, softcap, z_loss, class_axis, check_targets = opts
     return dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                softcap=softcap, z_loss=z_loss, class_axis=class_axis)
+                softcap=softcap, z_loss=z_loss, class_axis=class_axis,
+                check_targets=check_targets)
 
 
 def _ce_loss_fill(opts):
@@ -192,7 +193,8 @@ def _check(reduction, logits):
 
 
 def cross_entropy(logits, labels, weight=None, *, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0, softcap=None, z_loss=0.0, class_axis=-1):
+                  label_smoothing=0.0, softcap=None, z_loss=0.0, class_axis=-1,
+                  check_targets=True):
     """PyTorch-semantics cross-entropy of JAX ``logits``, differentiable in ``logits``.
 
     logits: (..., C) by default (``class_axis=-1``, optax's layout; ``class_axis=1`` gives
@@ -202,14 +204,23 @@ def cross_entropy(logits, labels, weight=None, *, ignore_index=-100, reduction="
     class weights; the weighted mean divides by the targets' weight sum (torch's rule).
     ignore_index, reduction ("mean", "sum", "none"), label_smoothing, softcap, z_loss: as in
     ``fastce.cross_entropy``.  Note optax returns per-example losses: use reduction="none".
+    check_targets: False gives nan at bad labels (neither ignore_index nor in [0, C)) instead
+    of an error raised from the host callback (which inside ``jit`` ends the computation).
     """
     logits = jnp.asarray(logits)
     labels = jnp.asarray(labels)
     _check(reduction, logits)
     w = None if weight is None else jnp.asarray(weight)
     opts = (int(ignore_index), str(reduction), float(label_smoothing),
-            None if softcap is None else float(softcap), float(z_loss), int(class_axis))
+            None if softcap is None else float(softcap), float(z_loss), int(class_axis),
+            _flag(check_targets))
     return _ce(logits, labels, w, opts)
+
+
+def _flag(check_targets):
+    if check_targets is not True and check_targets is not False:
+        raise TypeError(f"fastce: check_targets must be True or False, got {check_targets!r}")
+    return check_targets
 
 
 # ---------------------------------------------------------------------------------------------

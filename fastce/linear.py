@@ -190,9 +190,12 @@ def _linear_ce(hidden, classifier, target, bias, weight, grad_output, *, ignore_
     V = c.shape[0]
     rows = chunk_rows(N, V, cdt.itemsize, chunk_size)
 
-    # Per-chunk options: a mean divides by the whole batch's denominators, so the chunks add up.
+    # Per-chunk options: a mean divides by the whole batch's denominators, so the chunks add up;
+    # the targets and weights were checked above (_prepare), so the chunks count nothing again
+    # (on the GPU: no host copy per chunk), given the weights' sum where smoothing needs it.
+    W = api._check_weight(backend_for(weight=w), w, V, cdt, need_sum=eps != 0.0)[1]
     opts = dict(ignore_index=ignore_index, label_smoothing=eps, softcap=softcap, z_loss=zl,
-                class_axis=1, reduction=reduction)
+                class_axis=1, reduction=reduction, prechecked=W)
     g_rows = None
     g = None
     if reduction == "none":

@@ -45,6 +45,10 @@ Gradient with respect to the logits (g_i the upstream gradient, D = Dz = 1 for s
     dL/dx_ic = dL/ds_ic * (1 - (s_ic / softcap)**2)       (with a softcap; else dL/ds_ic)
 
 Ignored elements have zero loss and zero gradient.
+
+Bad targets (neither ignore_index nor in [0, C)) are errors.  With ``check_targets=False`` (no
+check, so that a GPU call never waits for one) they are not: a bad element counts in neither D
+nor Dz, its ce_i and z_i are nan (so is every reduced loss) and so is its gradient row.
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ import numpy as np
 __all__ = [
     "log_softmax", "softmax", "logsumexp", "neg_log_softmax", "softcap_logits",
     "cross_entropy_index", "cross_entropy_prob", "reduce_loss", "grad_logits",
-    "cross_entropy", "cross_entropy_with_grad", "token_accuracy",
+    "cross_entropy", "cross_entropy_with_grad", "token_accuracy", "bad_targets",
 ]
 
 
@@ -113,6 +117,12 @@ def _target_distribution_index(target, weight, ignore_index, eps, C):
     return b, ignored, w_y
 
 
+def bad_targets(target, ignore_index, C):
+    """The mask of bad targets: neither ignore_index nor a class in [0, C)."""
+    target = np.asarray(target).astype(np.int64)
+    return (target != ignore_index) & ((target < 0) | (target >= C))
+
+
 def _z_terms(lse, z_loss, ignored):
     if not z_loss:
         return np.zeros(lse.shape)
@@ -121,16 +131,22 @@ def _z_terms(lse, z_loss, ignored):
 
 
 def cross_entropy_index(x, target, weight=None, *, ignore_index=-100, label_smoothing=0.0,
-                        softcap=None, z_loss=0.0):
+                        softcap=None, z_loss=0.0, check_targets=True):
     """Per-element loss pieces for class-index targets.
 
     Returns ``(ce, z, lse, ignored, D, Dz, b)``: ce_i and z_i (N, S), lse_i, the ignore mask,
     the mean's denominators and the scaled target distribution b_ic (N, C, S) used by the
-    gradient.  Targets must already be valid (in [0, C) or ignore_index).
+    gradient.  A bad target raises ValueError; with ``check_targets=False`` its element is
+    ignored but for its ce_i and z_i, nan (its gradient row: see cross_entropy_with_grad).
     """
     x = np.asarray(x, dtype=np.float64)
     N, C, S = x.shape
     target = np.asarray(target).astype(np.int64)
+    bad = bad_targets(target, ignore_index, C)
+    if bad.any():
+        if check_targets:
+            raise ValueError(f"target {int(target[bad][0])} is out of bounds for {C} classes")
+        target = np.where(bad, ignore_index, target)
     weight = np.ones(C) if weight is None else np.asarray(weight, dtype=np.float64)
     eps = label_smoothing
     s = softcap_logits(x, softcap)
@@ -143,10 +159,11 @@ def cross_entropy_index(x, target, weight=None, *, ignore_index=-100, label_smoo
         ce = (1.0 - eps) * nll
         if eps:
             ce = ce + eps / C * np.sum(weight[None, :, None] * nls, axis=1)
-    ce = np.where(ignored, 0.0, ce)
+    ce = np.where(bad, np.nan, np.where(ignored, 0.0, ce))
     D = float(np.sum(w_y))
     Dz = float(np.sum(~ignored))
-    return ce, _z_terms(lse, z_loss, ignored), lse, ignored, D, Dz, b
+    z = np.where(bad, np.nan, _z_terms(lse, z_loss, ignored))
+    return ce, z, lse, ignored, D, Dz, b
 
 
 def cross_entropy_prob(x, target, weight=None, *, label_smoothing=0.0, softcap=None, z_loss=0.0):
@@ -199,7 +216,7 @@ def grad_logits(x, lse, b, ignored, D, Dz, reduction, grad_output=1.0, *, softca
 
 
 def cross_entropy(x, target, weight=None, *, ignore_index=-100, reduction="mean",
-                  label_smoothing=0.0, softcap=None, z_loss=0.0):
+                  label_smoothing=0.0, softcap=None, z_loss=0.0, check_targets=True):
     """Loss of the canonical (N, C, S) problem; index targets when ``target`` is (N, S)."""
     x = np.asarray(x, dtype=np.float64)
     if np.ndim(target) == 3:
@@ -208,13 +225,16 @@ def cross_entropy(x, target, weight=None, *, ignore_index=-100, reduction="mean"
     else:
         ce, z, *_, D, Dz, _ = cross_entropy_index(x, target, weight, ignore_index=ignore_index,
                                                   label_smoothing=label_smoothing,
-                                                  softcap=softcap, z_loss=z_loss)
+                                                  softcap=softcap, z_loss=z_loss,
+                                                  check_targets=check_targets)
     return reduce_loss(ce, z, D, Dz, reduction, z_loss)
 
 
 def cross_entropy_with_grad(x, target, weight=None, *, ignore_index=-100, reduction="mean",
-                            label_smoothing=0.0, softcap=None, z_loss=0.0, grad_output=1.0):
-    """(loss, dL/dx) of the canonical problem."""
+                            label_smoothing=0.0, softcap=None, z_loss=0.0, grad_output=1.0,
+                            check_targets=True):
+    """(loss, dL/dx) of the canonical problem (with ``check_targets=False``, a bad target's
+    gradient row is nan)."""
     x = np.asarray(x, dtype=np.float64)
     if np.ndim(target) == 3:
         ce, z, lse, ignored, D, Dz, b = cross_entropy_prob(
@@ -222,10 +242,13 @@ def cross_entropy_with_grad(x, target, weight=None, *, ignore_index=-100, reduct
     else:
         ce, z, lse, ignored, D, Dz, b = cross_entropy_index(
             x, target, weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
-            softcap=softcap, z_loss=z_loss)
+            softcap=softcap, z_loss=z_loss, check_targets=check_targets)
     loss = reduce_loss(ce, z, D, Dz, reduction, z_loss)
     grad = grad_logits(x, lse, b, ignored, D, Dz, reduction, grad_output,
                        softcap=softcap, z_loss=z_loss)
+    if np.ndim(target) != 3:
+        grad[np.broadcast_to(bad_targets(target, ignore_index, x.shape[1])[:, None, :],
+                             grad.shape)] = np.nan
     return loss, grad
 
 

@@ -172,9 +172,11 @@ def _loss_shape(input: Tensor, class_axis: int):
     return tuple(input.shape[:axis]) + tuple(input.shape[axis + 1:])
 
 
-def _opts(ignore_index, reduction, label_smoothing, softcap, z_loss, class_axis):
+def _opts(ignore_index, reduction, label_smoothing, softcap, z_loss, class_axis,
+          check_targets=True):
     return dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                softcap=softcap, z_loss=z_loss, class_axis=class_axis)
+                softcap=softcap, z_loss=z_loss, class_axis=class_axis,
+                check_targets=check_targets)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,12 +184,13 @@ def _opts(ignore_index, reduction, label_smoothing, softcap, z_loss, class_axis)
 # ---------------------------------------------------------------------------------------------
 def _ce_impl(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
              reduction: str, label_smoothing: float, softcap: Optional[float], z_loss: float,
-             class_axis: int) -> Tensor:
+             class_axis: int, check_targets: bool) -> Tensor:
     cdt = _compute_dtype(input.dtype)
     with _Stream(input.device):
         loss = _fastce.cross_entropy(
             _arr(input, cdt), _target(target, input.dtype), _weight(weight, input.dtype),
-            **_opts(ignore_index, reduction, label_smoothing, softcap, z_loss, class_axis))
+            **_opts(ignore_index, reduction, label_smoothing, softcap, z_loss, class_axis,
+                    check_targets))
     return _tensor(loss, input, input.dtype)
 
 
@@ -196,7 +199,7 @@ _ce_op = torch.library.custom_op("fastce::cross_entropy", mutates_args=())(_ce_i
 
 @_ce_op.register_fake
 def _(input, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss,
-      class_axis):
+      class_axis, check_targets):
     shape = _loss_shape(input, class_axis) if reduction == "none" else ()
     return input.new_empty(shape)
 
@@ -223,14 +226,16 @@ def _grad_buffer(input: Tensor, cdt):
 
 def _ce_fused_impl(input: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                    reduction: str, label_smoothing: float, softcap: Optional[float],
-                   z_loss: float, class_axis: int) -> tuple[Tensor, Tensor]:
+                   z_loss: float, class_axis: int,
+                   check_targets: bool) -> tuple[Tensor, Tensor]:
     cdt = _compute_dtype(input.dtype)
     buf = _grad_buffer(input, cdt)
     with _Stream(input.device):
         loss, grad = _fastce.cross_entropy_with_grad(
             _arr(input, cdt), _target(target, input.dtype), _weight(weight, input.dtype),
             out=None if buf is None else _arr(buf),
-            **_opts(ignore_index, reduction, label_smoothing, softcap, z_loss, class_axis))
+            **_opts(ignore_index, reduction, label_smoothing, softcap, z_loss, class_axis,
+                    check_targets))
     grad = buf if buf is not None else _tensor(grad, input)
     return _tensor(loss, input, input.dtype), grad.to(input.dtype)
 
@@ -241,7 +246,7 @@ _ce_fused_op = torch.library.custom_op("fastce::cross_entropy_fused",
 
 @_ce_fused_op.register_fake
 def _(input, target, weight, ignore_index, reduction, label_smoothing, softcap, z_loss,
-      class_axis):
+      class_axis, check_targets):
     shape = _loss_shape(input, class_axis) if reduction == "none" else ()
     return input.new_empty(shape), torch.empty_like(input, memory_format=torch.contiguous_format)
 
@@ -249,7 +254,7 @@ def _(input, target, weight, ignore_index, reduction, label_smoothing, softcap, 
 def _ce_backward_impl(grad_output: Tensor, input: Tensor, target: Tensor,
                       weight: Optional[Tensor], ignore_index: int, reduction: str,
                       label_smoothing: float, softcap: Optional[float], z_loss: float,
-                      class_axis: int) -> Tensor:
+                      class_axis: int, check_targets: bool) -> Tensor:
     cdt = _compute_dtype(input.dtype)
     buf = _grad_buffer(input, cdt)
     go = grad_output
@@ -261,7 +266,8 @@ def _ce_backward_impl(grad_output: Tensor, input: Tensor, target: Tensor,
         grad = _fastce.cross_entropy_backward(
             _arr(input, cdt), _target(target, input.dtype), go, _weight(weight, input.dtype),
             out=None if buf is None else _arr(buf),
-            **_opts(ignore_index, reduction, label_smoothing, softcap, z_loss, class_axis))
+            **_opts(ignore_index, reduction, label_smoothing, softcap, z_loss, class_axis,
+                    check_targets))
     grad = buf if buf is not None else _tensor(grad, input)
     return grad.to(input.dtype)
 
@@ -272,11 +278,12 @@ _ce_backward_op = torch.library.custom_op("fastce::cross_entropy_backward",
 
 @_ce_backward_op.register_fake
 def _(grad_output, input, target, weight, ignore_index, reduction, label_smoothing, softcap,
-      z_loss, class_axis):
+      z_loss, class_axis, check_targets):
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
-_OPT_NAMES = ("ignore_index", "reduction", "label_smoothing", "softcap", "z_loss", "class_axis")
+_OPT_NAMES = ("ignore_index", "reduction", "label_smoothing", "softcap", "z_loss", "class_axis",
+              "check_targets")
 
 
 def _ce_setup(ctx, inputs, output):
@@ -307,7 +314,7 @@ def _is_one(g: Tensor) -> bool:
 def _fused_setup(ctx, inputs, output):
     input, target, weight, *opts = inputs
     ctx.opts = opts
-    ctx.class_axis = 0 if input.dim() <= 1 else opts[-1] % input.dim()
+    ctx.class_axis = 0 if input.dim() <= 1 else opts[_OPT_NAMES.index("class_axis")] % input.dim()
     ctx.reduction = opts[1]
     # No zeros for the (non-differentiable) gradient output: an input-sized fill per backward.
     ctx.set_materialize_grads(False)
@@ -386,11 +393,17 @@ def _no_grad_to(name, t):
             f"({name}.detach()) or use torch.nn.functional.cross_entropy")
 
 
+def _flag(check_targets):
+    if check_targets is not True and check_targets is not False:
+        raise TypeError(f"fastce: check_targets must be True or False, got {check_targets!r}")
+    return check_targets
+
+
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, *,
                   ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, softcap: Optional[float] = None,
                   z_loss: float = 0.0, class_axis: Optional[int] = None,
-                  fused: bool = False) -> Tensor:
+                  fused: bool = False, check_targets: bool = True) -> Tensor:
     """``torch.nn.functional.cross_entropy`` on fastce's kernels, differentiable in ``input``.
 
     input: logits (C,), (N, C) or (N, C, d1, ...), or any layout with ``class_axis`` naming
@@ -401,6 +414,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     class weights.  ignore_index, reduction, label_smoothing: as in torch.  softcap: Gemma-2
     logit soft-capping ``softcap * tanh(x / softcap)``; z_loss: PaLM's ``z_loss * lse**2``.
     fused: compute the gradient in the forward (see the module docstring).
+    check_targets: False gives nan results at bad targets instead of an error, and on CUDA no
+    wait for the check (see ``fastce.cross_entropy``).
 
     No gradient flows to target or weight.
     """
@@ -409,7 +424,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     _no_grad_to("weight", weight)
     args = (input, target, weight, int(ignore_index), str(reduction), float(label_smoothing),
             None if softcap is None else float(softcap), float(z_loss),
-            (1 if input.dim() > 1 else 0) if class_axis is None else int(class_axis))
+            (1 if input.dim() > 1 else 0) if class_axis is None else int(class_axis),
+            _flag(check_targets))
     eager = _eager(input, target, weight)
     if fused and input.requires_grad and torch.is_grad_enabled():
         loss, _ = (_EagerCrossEntropyFused.apply if eager else _ce_fused_op)(*args)
@@ -427,18 +443,19 @@ class CrossEntropyLoss(torch.nn.Module):
                  reduction: str = "mean", label_smoothing: float = 0.0,
                  softcap: Optional[float] = None, z_loss: float = 0.0,
                  class_axis: Optional[int] = None,
-                 fused: bool = False):
+                 fused: bool = False, check_targets: bool = True):
         super().__init__()
         if reduction not in ("none", "mean", "sum"):
             raise ValueError(f"fastce: reduction must be one of ('none', 'mean', 'sum'), got "
                              f"{reduction!r}")
         self.register_buffer("weight", weight)
-        values = (ignore_index, reduction, label_smoothing, softcap, z_loss, class_axis, fused)
+        values = (ignore_index, reduction, label_smoothing, softcap, z_loss, class_axis, fused,
+                  check_targets)
         for name, value in zip(self._OPTIONS, values):
             setattr(self, name, value)
 
     _OPTIONS = ("ignore_index", "reduction", "label_smoothing", "softcap", "z_loss",
-                "class_axis", "fused")
+                "class_axis", "fused", "check_targets")
 
     def _options(self):
         return {name: getattr(self, name) for name in self._OPTIONS}

@@ -175,6 +175,30 @@ def test_errors():
         jax.block_until_ready(fj.cross_entropy(jnp.zeros((3, 4)), jnp.asarray([0, 1, 7])))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_unchecked_bad_labels_give_nan_inside_jit(reduction):
+    """check_targets=False: no error from the callback; a bad label's loss and gradient row
+    are nan, the others as with that label ignored."""
+    x, t, C = _problem((6, 5), seed=8, ignore_frac=0.0)
+    tb = t.copy()
+    tb[[1, 4]] = [C, -2]
+    bad = np.isin(np.arange(6), [1, 4])
+
+    def f(xv, labels):
+        return jnp.sum(fj.cross_entropy(xv, labels, reduction=reduction, check_targets=False))
+
+    loss, grad = jax.jit(jax.value_and_grad(f))(jnp.asarray(x), jnp.asarray(tb))
+    ref_l, ref_g = jax.value_and_grad(
+        lambda xv: jnp.sum(fj.cross_entropy(xv, jnp.asarray(np.where(bad, -100, t)),
+                                            reduction=reduction)))(jnp.asarray(x))
+    assert np.isnan(loss)
+    grad, ref_g = np.asarray(grad), np.asarray(ref_g)
+    assert np.isnan(grad[bad]).all()
+    np.testing.assert_allclose(grad[~bad], ref_g[~bad], rtol=1e-12)
+    with pytest.raises(TypeError, match="check_targets"):
+        fj.cross_entropy(jnp.asarray(x), jnp.asarray(t), check_targets=None)
+
+
 def test_import_fastce_does_not_import_jax():
     code = "import sys, fastce; assert 'jax' not in sys.modules, 'jax imported'; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

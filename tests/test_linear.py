@@ -142,6 +142,28 @@ def test_matches_unfused_fastce():
     np.testing.assert_allclose(got[3], gl.sum(0), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(label_smoothing=0.1, reduction="sum"),
+                                dict(reduction="none", z_loss=1e-3)])
+def test_targets_are_counted_once_per_call(monkeypatch, kw):
+    """The whole batch's targets and weights are checked once; the chunks count nothing again
+    (on the GPU each count is a copy back to the host), with the same results."""
+    from fastce import cpu
+    calls = []
+    count = cpu.CPUBackend.target_stats
+    monkeypatch.setattr(cpu.CPUBackend, "target_stats",
+                        staticmethod(lambda *a, **k: calls.append(1) or count(*a, **k)))
+    rng = np.random.default_rng(5)
+    h, c, b, t, w = problem(rng, 90, 8, 40, np.float64, bias=True, weight=True, ignore_frac=0.2)
+    got = fastce.linear_cross_entropy_with_grad(h, c, t, b, weight=w, chunk_size=16, **kw)
+    assert len(calls) == 1
+    fastce.linear_cross_entropy(h, c, t, b, weight=w, chunk_size=16, **kw)
+    assert len(calls) == 2
+    monkeypatch.undo()
+    loss, gl = fastce.cross_entropy_with_grad(h @ c.T + b, t, w, **kw)
+    np.testing.assert_allclose(got[0], loss, rtol=1e-12)
+    np.testing.assert_allclose(got[1], gl @ c, rtol=1e-10, atol=1e-14)
+
+
 def test_float16():
     rng = np.random.default_rng(5)
     h, c, b, t, w = problem(rng, 40, 16, 30, np.float16, bias=True, weight=False, ignore_frac=0.1)

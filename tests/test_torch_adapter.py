@@ -148,12 +148,14 @@ def test_opcheck_cross_entropy_ops():
     x.requires_grad_(True)
     w = torch.rand(C, dtype=F64)
     ops = torch.ops.fastce
-    _opcheck(ops.cross_entropy.default, (x, t, w, -100, "mean", 0.1, None, 0.0, 1))
-    _opcheck(ops.cross_entropy.default, (x, t, None, -100, "none", 0.0, 2.0, 0.1, 1))
-    _opcheck(ops.cross_entropy_fused.default, (x, t, w, -100, "sum", 0.1, None, 0.0, 1))
-    _opcheck(ops.cross_entropy_fused.default, (x, t, None, -100, "none", 0.0, None, 0.0, -1))
+    _opcheck(ops.cross_entropy.default, (x, t, w, -100, "mean", 0.1, None, 0.0, 1, True))
+    _opcheck(ops.cross_entropy.default, (x, t, None, -100, "none", 0.0, 2.0, 0.1, 1, False))
+    _opcheck(ops.cross_entropy_fused.default, (x, t, w, -100, "sum", 0.1, None, 0.0, 1, True))
+    _opcheck(ops.cross_entropy_fused.default,
+             (x, t, None, -100, "none", 0.0, None, 0.0, -1, False))
     _opcheck(ops.cross_entropy_backward.default,
-             (torch.tensor(2.0, dtype=F64), x.detach(), t, w, -100, "mean", 0.1, None, 0.0, 1))
+             (torch.tensor(2.0, dtype=F64), x.detach(), t, w, -100, "mean", 0.1, None, 0.0, 1,
+              True))
 
 
 def test_opcheck_linear_ops():
@@ -288,6 +290,39 @@ def test_non_contiguous_input():
     xb = x.clone().requires_grad_(True)
     _close(la, F.cross_entropy(xb, t))
     _close(_grads(la, xa), _grads(F.cross_entropy(xb, t), xb))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_unchecked_bad_targets_give_nan_positions(fused, reduction):
+    """check_targets=False: a bad target's loss and gradient row are nan (a reduced loss is
+    nan); the other rows' gradients are torch's for those targets ignored."""
+    x, t, C = _problem((8, 5), seed=4)
+    t[t == -100] = 0
+    t[[2, 5]] = torch.tensor([C, -3])
+    bad = torch.zeros(8, dtype=torch.bool)
+    bad[[2, 5]] = True
+    xa = x.clone().requires_grad_(True)
+    loss = ft.cross_entropy(xa, t, reduction=reduction, fused=fused, check_targets=False)
+    with pytest.raises(ValueError, match="out of bounds"):
+        ft.cross_entropy(x, t)
+    xb = x.clone().requires_grad_(True)
+    ref = F.cross_entropy(xb, torch.where(bad, -100, t), reduction=reduction)
+    if reduction == "none":
+        assert torch.isnan(loss[bad]).all()
+        _close(loss[~bad], ref[~bad])
+        loss, ref = loss[~bad].sum(), ref[~bad].sum()
+    else:
+        assert torch.isnan(loss)
+        ref = ref * 1.0
+    (ga,) = torch.autograd.grad(loss, xa)       # (a nan loss still has its gradient)
+    (gb,) = torch.autograd.grad(ref, xb)
+    assert torch.isnan(ga[bad]).all()
+    _close(ga[~bad], gb[~bad])
+    m = ft.CrossEntropyLoss(check_targets=False)
+    assert "check_targets=False" in repr(m) and torch.isnan(m(x, t))
+    with pytest.raises(TypeError, match="check_targets"):
+        ft.cross_entropy(x, t, check_targets=1)
 
 
 def test_module():
