@@ -539,6 +539,7 @@ def _lean_call(input, target, weight, reduction, ignore_index, class_axis, label
     and fixed arguments) is made on its first call in each thread.  (loss, gradient or None);
     None: not this case (the caller takes the general path, which raises for bad arguments)."""
     if not (type(input) is np.ndarray and type(target) is np.ndarray and type(ignore_index) is int
+            and (check_targets is True or check_targets is False)
             and (weight is None or type(weight) is np.ndarray)
             and (grad_output is None or type(grad_output) in _LEAN_GRAD_OUTPUTS)):
         return None

@@ -199,8 +199,10 @@ def test_loss_object_and_argument_checks(backend):
     assert np.isnan(backend.host(loss_fn.backward(backend.to(x), backend.to(t)))[2]).all()
     with pytest.raises(ValueError, match="out of bounds"):
         fastce.CrossEntropyLoss()(backend.to(x), backend.to(t))
-    with pytest.raises(TypeError, match="check_targets"):
-        fastce.cross_entropy(backend.to(x), backend.to(t), check_targets="no")
+    for fn in (fastce.cross_entropy, fastce.cross_entropy_with_grad):
+        for args in ((x, t), (x, np.zeros_like(t))):            # (bad targets or none)
+            with pytest.raises(TypeError, match="check_targets"):
+                fn(*map(backend.to, args), check_targets=1)
 
 
 def test_dask_arrays_refuse_unchecked_targets():
@@ -263,3 +265,43 @@ def test_gpu_reads_nothing_back(monkeypatch, dtype):
                                                     check_targets=False)
     assert_close(_GPU.host(got_l), want_l, 1e-12)
     assert_close(_GPU.host(got_g), want_g, 1e-12)
+
+
+@pytest.mark.skipif(not SIMULATOR, reason="records the simulator's launches")
+def test_gpu_never_waits_and_launches_on_the_call_stream(monkeypatch):
+    """The unchecked calls' kernels (the device denominators' included) all go to the call's
+    stream, and the host never waits on it."""
+    from numba import cuda
+    from numba.cuda.simulator.kernel import FakeCUDAKernel
+    from fastce import gpu
+
+    class Stream:
+        def __init__(self):
+            self.inner, self.waits = cuda.stream(), 0
+
+        def synchronize(self):
+            self.waits += 1
+            self.inner.synchronize()
+
+    rng = np.random.default_rng(12)
+    x, t = random_case(rng, (3, 9), np.float32, ignore_frac=0.2)
+    t = _with_bad(rng, t, 9, -100, 0.3)
+    x4, t4 = random_case(rng, (2, 3, 2), np.float32)
+    xd, td, x4d, t4d = _GPU.to(x), _GPU.to(t), _GPU.to(x4), _GPU.to(t4)
+    calls = [lambda: fastce.cross_entropy_with_grad(xd, td, z_loss=0.1, check_targets=False),
+             lambda: fastce.cross_entropy(x4d, t4d, reduction="sum", check_targets=False),
+             lambda: fastce.cross_entropy_backward(x4d, t4d, check_targets=False)]
+    for call in calls:
+        call()                          # (the cached arrays of ones are made and waited for)
+    stream, launches = Stream(), []
+    getitem = FakeCUDAKernel.__getitem__
+    monkeypatch.setattr(FakeCUDAKernel, "__getitem__", lambda k, cfg: launches.append(
+        (k.fn.__name__, cfg)) or getitem(k, cfg))
+    monkeypatch.setattr(gpu, "_stream", lambda: stream)
+    for call in calls:
+        call()
+    names = {name for name, _ in launches}
+    assert {"_k_stats", "_k_stats_merge", "_k_grad_den", "_k_loss", "index_rows",
+            "index_strided"} <= names, names
+    assert all(len(cfg) == 3 and cfg[2] is stream for _, cfg in launches)
+    assert stream.waits == 0
