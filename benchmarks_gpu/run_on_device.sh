@@ -2,7 +2,8 @@
 # One run on a lent GPU machine (no package index there), from the repository root:
 #   OUT=<results dir> bash benchmarks_gpu/run_on_device.sh
 # Carry along `.devdeps/` made here with
-#   python -m pip install --target .devdeps pytest hypothesis liger-kernel --no-deps
+#   python -m pip install --target .devdeps pytest hypothesis liger-kernel ml_dtypes --no-deps
+# (ml_dtypes: bfloat16 device arrays; a binary wheel, so for the device's Python version)
 # Everything lands in $OUT as it is measured (preflight.json, cache.json, bench.jsonl, parity.jsonl,
 # pytest_gpu.log, junit.xml, summary.md), so a run cut short still reports.
 set -u

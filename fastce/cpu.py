@@ -40,6 +40,7 @@ from numba.extending import intrinsic, overload, register_jitable
 
 from . import _alloc
 from . import elementwise as ew
+from .bfloat16 import is_bfloat16, to_bf16, to_f32
 from .options import LossOptions, ieee_div, mean_div
 
 __all__ = ["index_loss", "prob_loss", "target_stats", "softmax_family", "launch"]
@@ -175,40 +176,7 @@ def _float_to_bits(typingctx, f):
 
 # bfloat16 logits reach the kernels as their uint16 bits (NumPy's view, zero-copy: Numba has
 # no bfloat16 type), are widened per row into float32 and computed as float32 rows.
-@intrinsic
-def _bf16_to_f32(typingctx, u):
-    """The float32 value of bfloat16 bits: the bits shifted into a float32's high half."""
-    if u != types.uint16:
-        return None
-
-    def codegen(context, builder, sig_, args):
-        i32 = ir.IntType(32)
-        bits = builder.shl(builder.zext(args[0], i32), ir.Constant(i32, 16))
-        return builder.bitcast(bits, ir.FloatType())
-
-    return types.float32(types.uint16), codegen
-
-
-@intrinsic
-def _f32_to_bf16(typingctx, f):
-    """bfloat16 bits of a float32, rounded to nearest even (ml_dtypes' and torch's rounding); a
-    NaN stays a (quiet) NaN.  Integer ops and a select only, so the narrowing loop vectorises."""
-    if f != types.float32:
-        return None
-
-    def codegen(context, builder, sig_, args):
-        i32 = ir.IntType(32)
-        bits = builder.bitcast(args[0], i32)
-        hi = builder.lshr(bits, ir.Constant(i32, 16))
-        odd = builder.and_(hi, ir.Constant(i32, 1))
-        rounded = builder.lshr(builder.add(bits, builder.add(odd, ir.Constant(i32, 0x7FFF))),
-                               ir.Constant(i32, 16))
-        quiet = builder.or_(hi, ir.Constant(i32, 0x40))
-        isnan = builder.fcmp_unordered("uno", args[0], args[0])
-        return builder.trunc(builder.select(isnan, quiet, rounded), ir.IntType(16))
-
-    return types.uint16(types.float32), codegen
-
+_bf16_to_f32, _f32_to_bf16 = to_f32, to_bf16
 
 
 def _byte_loader(bits):
@@ -1955,12 +1923,6 @@ def _no_grad(dtype):
     if a is None:
         a = _NO_GRAD[dtype] = np.empty((1, 1, 1), np.float32 if is_bfloat16(dtype) else dtype)
     return a
-
-
-def is_bfloat16(dtype):
-    """ml_dtypes.bfloat16, recognised by name (ml_dtypes is never imported here; kind first:
-    ``dtype.name`` is computed in Python)."""
-    return dtype.kind == "V" and dtype.name == "bfloat16"
 
 
 def _float32_copies(x3, grad, opts):

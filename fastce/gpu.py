@@ -43,6 +43,7 @@ import warnings
 import numpy as np
 from numba import config, cuda
 
+from . import bfloat16 as bf
 from . import elementwise as ew
 from .options import LossOptions
 from .dispatch import is_device_array
@@ -121,6 +122,32 @@ _prob_grad_coefs = cuda.jit(device=True)(ew.prob_grad_coefs)
 _softcap_grad_factor = cuda.jit(device=True)(ew.softcap_grad_factor)
 _z_term = cuda.jit(device=True)(ew.z_term)
 _reported_lse = cuda.jit(device=True)(ew.reported_lse)
+
+# How the loss kernels load a logit and store a gradient entry: as they are (float16/32/64:
+# the arithmetic widens, the store narrows), or as bfloat16 bits (uint16 views) widened to
+# float32 and rounded back (fastce.bfloat16; its NumPy twins under the simulator).
+_bf16_to_f32 = bf.to_f32_py if SIM else bf.to_f32
+_f32_to_bf16 = bf.to_bf16_py if SIM else bf.to_bf16
+
+
+@cuda.jit(device=True)
+def _as_is(v):
+    return v
+
+
+@cuda.jit(device=True)
+def _load_bf16(u):
+    return _bf16_to_f32(u)
+
+
+@cuda.jit(device=True)
+def _store_bf16(v):
+    return _f32_to_bf16(np.float32(v))
+
+
+def _io(bf16):
+    """(load, store) of the loss kernels: bfloat16 bits, or values as they are."""
+    return (_load_bf16, _store_bf16) if bf16 else (_as_is, _as_is)
 
 
 @cuda.jit(device=True)
@@ -341,6 +368,15 @@ def _prob_finish(m, ssum, nan, A, qd, o, want_grad, g, gi, n, s, ce_out, zl_out,
 
 
 @functools.lru_cache(maxsize=None)
+def _bf16_kernels():
+    """The index kernels reading bfloat16 logits and writing a bfloat16 gradient (computed in
+    float32): ({name: kernel}, {name: Python function}).  The other kernels get float32
+    copies."""
+    fns = _index_kernels(np.float32, bf16=True)
+    return {k: _kernel(f) for k, f in fns.items()}, fns
+
+
+@functools.lru_cache(maxsize=None)
 def _kernels(F):
     """Compile (lazily, once per dtype signature) the loss and softmax kernels computing in
     dtype F: ({name: kernel}, {name: Python function})."""
@@ -380,10 +416,11 @@ def _steps(F):
 
 
 @functools.lru_cache(maxsize=None)
-def _index_steps(F):
+def _index_steps(F, bf16=False):
     """(row_start, row_step, index_finish, grad_value): index-target math of one element in
-    dtype F."""
+    dtype F (logits read as bfloat16 bits when ``bf16``)."""
     online, capped, cap_consts = _steps(F)
+    load, _ = _io(bf16)
 
     @cuda.jit(device=True)
     def row_start(C):
@@ -428,7 +465,7 @@ def _index_steps(F):
             hit_out[n, s] = 0
             return _i8(BAD_ROW if bad else IGNORED_ROW), 0.0, 0.0, 0.0
         w_t = _f8(w[ti])
-        s_t = _f8(capped(x[n, ti, s], has_cap, capf, inv_capf))
+        s_t = _f8(capped(load(x[n, ti, s]), has_cap, capf, inv_capf))
         ce_out[n, s] = _index_loss(r, m - s_t, w_t, o.weight_sum, wdev, o.keep, o.smooth_c)
         zl_out[n, s] = _z_term(rl, o.z_loss)
         hit_out[n, s] = 1 if (nan == 0 and ir == ti) else 0
@@ -467,9 +504,10 @@ def _index_steps(F):
 
 
 @functools.lru_cache(maxsize=None)
-def _index_row_passes(F):
+def _index_row_passes(F, bf16=False):
     """(row_share, row_grad): a thread's two passes over its share of a row in index_rows."""
-    row_start, row_step, _, grad_value = _index_steps(F)
+    row_start, row_step, _, grad_value = _index_steps(F, bf16)
+    load, store = _io(bf16)
 
     @cuda.jit(device=True)
     def row_share(x, row, w, C, tid, bd, has_cap, has_smooth, capf, inv_capf):
@@ -478,10 +516,10 @@ def _index_row_passes(F):
         c = _i8(tid)
         # Four independent loads in flight per thread, then the updates in class order.
         while c + 3 * bd < C:
-            v0 = x[row, c, 0]
-            v1 = x[row, c + bd, 0]
-            v2 = x[row, c + 2 * bd, 0]
-            v3 = x[row, c + 3 * bd, 0]
+            v0 = load(x[row, c, 0])
+            v1 = load(x[row, c + bd, 0])
+            v2 = load(x[row, c + 2 * bd, 0])
+            v3 = load(x[row, c + 3 * bd, 0])
             m, ssum, wd, wq, mr, ir, nan = row_step(v0, c, w, m, ssum, wd, wq, mr, ir, nan, C,
                                                     has_cap, has_smooth, capf, inv_capf)
             m, ssum, wd, wq, mr, ir, nan = row_step(v1, c + bd, w, m, ssum, wd, wq, mr, ir, nan,
@@ -492,8 +530,9 @@ def _index_row_passes(F):
                                                     nan, C, has_cap, has_smooth, capf, inv_capf)
             c += 4 * bd
         while c < C:
-            m, ssum, wd, wq, mr, ir, nan = row_step(x[row, c, 0], c, w, m, ssum, wd, wq, mr, ir,
-                                                    nan, C, has_cap, has_smooth, capf, inv_capf)
+            m, ssum, wd, wq, mr, ir, nan = row_step(load(x[row, c, 0]), c, w, m, ssum, wd, wq,
+                                                    mr, ir, nan, C, has_cap, has_smooth, capf,
+                                                    inv_capf)
             c += bd
         return m, ssum, wd, wq, mr, ir, nan
 
@@ -504,35 +543,38 @@ def _index_row_passes(F):
         for a bad one)."""
         c = _i8(tid)
         if ti < 0:
-            fill = F(0.0) if ti == IGNORED_ROW else F(math.nan)
+            fill = store(F(0.0) if ti == IGNORED_ROW else F(math.nan))
             while c < C:
                 grad[row, c, 0] = fill
                 c += bd
         while c + bd < C:           # two loads in flight per thread
-            v0 = x[row, c, 0]
-            v1 = x[row, c + bd, 0]
-            grad[row, c, 0] = grad_value(v0, c, ti, ms, scale_f, gamma_f, beta_f, w, has_cap,
-                                         has_smooth, capf, inv_capf)
-            grad[row, c + bd, 0] = grad_value(v1, c + bd, ti, ms, scale_f, gamma_f, beta_f, w,
-                                              has_cap, has_smooth, capf, inv_capf)
+            v0 = load(x[row, c, 0])
+            v1 = load(x[row, c + bd, 0])
+            grad[row, c, 0] = store(grad_value(v0, c, ti, ms, scale_f, gamma_f, beta_f, w,
+                                               has_cap, has_smooth, capf, inv_capf))
+            grad[row, c + bd, 0] = store(grad_value(v1, c + bd, ti, ms, scale_f, gamma_f,
+                                                    beta_f, w, has_cap, has_smooth, capf,
+                                                    inv_capf))
             c += 2 * bd
         while c < C:
-            grad[row, c, 0] = grad_value(x[row, c, 0], c, ti, ms, scale_f, gamma_f, beta_f, w,
-                                         has_cap, has_smooth, capf, inv_capf)
+            grad[row, c, 0] = store(grad_value(load(x[row, c, 0]), c, ti, ms, scale_f, gamma_f,
+                                               beta_f, w, has_cap, has_smooth, capf, inv_capf))
             c += bd
 
     return row_share, row_grad
 
 
-def _index_kernels(F):
+def _index_kernels(F, bf16=False):
     """index_rows (S == 1, C > SMALL_C: one block per row) and index_strided (one thread per
     (n, s)).  Arguments: x (N, C, S), targets t (N, S), class weights w, the LossOptions
     fields, den (float64 (2,): factors of grad_scale and z_grad, the mean's 1/D and 1/Dz when
     only the device knows them, else ones), ignore_index, want_grad, g (dL/dloss_i at
-    g[i * g_stride]), grad (N, C, S) and the per-element outputs ce, z-loss, hit (N, S)."""
-    row_start, row_step, index_finish, grad_value = _index_steps(F)
+    g[i * g_stride]), grad (N, C, S) and the per-element outputs ce, z-loss, hit (N, S).
+    ``bf16``: x and grad are bfloat16 bits (uint16), computed in F = float32."""
+    row_start, row_step, index_finish, grad_value = _index_steps(F, bf16)
     _, _, cap_consts = _steps(F)
-    row_share, row_grad = _index_row_passes(F)
+    row_share, row_grad = _index_row_passes(F, bf16)
+    load, store = _io(bf16)
 
     def index_rows(x, t, w, keep, smooth_c, weight_sum, softcap, grad_scale, z_grad, z_loss,
                    want_hits, den, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
@@ -585,20 +627,20 @@ def _index_kernels(F):
             s = pos - n * S
             m, ssum, wd, wq, mr, ir, nan = row_start(C)
             for c in range(C):
-                m, ssum, wd, wq, mr, ir, nan = row_step(x[n, c, s], c, w, m, ssum, wd, wq, mr,
-                                                        ir, nan, C, has_cap, has_smooth, capf,
-                                                        inv_capf)
+                m, ssum, wd, wq, mr, ir, nan = row_step(load(x[n, c, s]), c, w, m, ssum, wd, wq,
+                                                        mr, ir, nan, C, has_cap, has_smooth,
+                                                        capf, inv_capf)
             ti, scale, gamma, beta = index_finish(
                 x, n, s, t, w, o, ignore_index, want_grad, g, pos * g_stride, _f8(m),
                 _f8(ssum), nan, _f8(wd), ir, C, ce_out, zl_out, hit_out, lse_out)
             if want_grad:
                 for c in range(C):
                     if ti < 0:
-                        grad[n, c, s] = F(0.0) if ti == IGNORED_ROW else F(math.nan)
+                        grad[n, c, s] = store(F(0.0) if ti == IGNORED_ROW else F(math.nan))
                     else:
-                        grad[n, c, s] = grad_value(x[n, c, s], c, ti, m, F(scale), F(gamma),
-                                                   F(beta), w, has_cap, has_smooth, capf,
-                                                   inv_capf)
+                        grad[n, c, s] = store(grad_value(load(x[n, c, s]), c, ti, m, F(scale),
+                                                         F(gamma), F(beta), w, has_cap,
+                                                         has_smooth, capf, inv_capf))
             pos += step
 
     return dict(index_rows=index_rows, index_strided=index_strided)
@@ -929,6 +971,20 @@ def _k_grad_den(stats, out):
         out[1] = _inverse(stats[1])
 
 
+def _map_kernel(fn):
+    """A grid-stride kernel out[i] = fn(src[i]) over flat arrays."""
+    def k_map(out, src):
+        i, step = _thread_range()
+        while i < out.shape[0]:
+            out[i] = fn(src[i])
+            i += step
+    return _kernel(k_map)
+
+
+_k_widen_bf16 = _map_kernel(_load_bf16)      # float32 values of bfloat16 bits
+_k_narrow_bf16 = _map_kernel(_store_bf16)    # bfloat16 bits, rounded to nearest even
+
+
 @_kernel
 def _k_fill(out, value):
     i, step = _thread_range()
@@ -1128,6 +1184,8 @@ def _alloc(shape, dtype):
     the Numba array keeps the CuPy one alive)."""
     shape = _shape(shape)
     dtype = np.dtype(dtype)
+    if bf.is_bfloat16(dtype):       # (neither CuPy nor Numba has the type: its bits, viewed)
+        return _alloc(shape, np.uint16).view(dtype)
     cp = _cupy()
     if cp is not None and math.prod(shape) > 0:     # CuPy's pool, on the current stream
         return cuda.as_cuda_array(cp.empty(shape, dtype), sync=False)
@@ -1220,8 +1278,34 @@ def _gather(d, shape, strides_of, dtype):
 
 
 def _copy_as(d, dtype):
-    """A C-contiguous copy of the device array ``d`` (any strides) in ``dtype``."""
-    return _gather(d, tuple(int(s) for s in d.shape), lambda st: st, dtype)
+    """A C-contiguous copy of the device array ``d`` (any strides) in ``dtype``; bfloat16 is
+    copied as its bits, widened to float32 or rounded from it."""
+    dtype = np.dtype(dtype)
+    shape = tuple(int(s) for s in d.shape)
+    if bf.is_bfloat16(d.dtype):
+        bits = _gather(d.view(np.uint16), shape, lambda st: st, np.uint16)
+        if bf.is_bfloat16(dtype):
+            return bits.view(dtype)
+        wide = _alloc(shape, np.float32)
+        _launch(_k_widen_bf16, wide.size, _flat(wide), _flat(bits))
+        return wide if dtype == np.float32 else _copy_as(wide, dtype)
+    if bf.is_bfloat16(dtype):
+        out = _alloc(shape, dtype)
+        _narrow_into(d, out)
+        return out
+    return _gather(d, shape, lambda st: st, dtype)
+
+
+def _bits(d):
+    """A bfloat16 device array as its uint16 bits (zero-copy), what the kernels read."""
+    return d.view(np.uint16) if bf.is_bfloat16(d.dtype) else d
+
+
+def _narrow_into(src, out):
+    """out (a C-contiguous bfloat16 array) = src's values rounded to bfloat16."""
+    if src.dtype != np.float32 or not src.is_c_contiguous():
+        src = _copy_as(src, np.float32)
+    _launch(_k_narrow_bf16, out.size, _flat(_bits(out)), _flat(src))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1329,14 +1413,19 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
     if fuse_stats:
         raise NotImplementedError("fastce.gpu: the target statistics come from target_stats")
     N, C, S = x3.shape
+    if bf.is_bfloat16(x3.dtype) and grad is not None and not bf.is_bfloat16(grad.dtype):
+        # bfloat16 logits into a float32 gradient (out=): through a float32 copy
+        return index_loss(_copy_as(x3, np.float32), t2, w, opts, ignore_index, grad, g,
+                          g_stride, per_position, fuse_stats, lse_out, den)
     ce = _alloc((N, S), np.float64)
     zl = _alloc((N, S), np.float64)
     hit = _alloc((N, S), np.uint8)
     if N * S == 0:
         return ce, zl, hit, None
     want = grad is not None
-    gbuf = grad if want else _alloc((1, 1, 1), x3.dtype)
-    ks = _compute_kernels(x3.dtype)
+    gbuf = _bits(grad) if want else _alloc((1, 1, 1), _bits(x3).dtype)
+    ks = _bf16_kernels()[0] if bf.is_bfloat16(x3.dtype) else _compute_kernels(x3.dtype)
+    x3 = _bits(x3)
     if den is None:
         den = _cached_ones((2,), np.dtype(np.float64).str, _device_id())
     args = (x3, t2, w, *_index_scalars(opts), den, _i8(ignore_index), want, g, _i8(g_stride),
@@ -1351,6 +1440,14 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
 
 
 def prob_loss(x3, p3, w, opts, grad, g, g_stride, lse_out=None):
+    if bf.is_bfloat16(x3.dtype):        # through a float32 copy of the logits and gradient
+        gf = grad
+        if grad is not None and bf.is_bfloat16(grad.dtype):
+            gf = _alloc(grad.shape, np.float32)
+        out = prob_loss(_copy_as(x3, np.float32), p3, w, opts, gf, g, g_stride, lse_out)
+        if gf is not grad:
+            _narrow_into(gf, grad)
+        return out
     N, C, S = x3.shape
     ce = _alloc((N, S), np.float64)
     zl = _alloc((N, S), np.float64)
@@ -1407,6 +1504,8 @@ def lse_weighted(x2, b2, signed):
 
 def nll_loss(x3, t2, w, ignore_index):
     """Per-element -w[t] * x3[n, t, s] (0 where ignored), float64 (N, S)."""
+    if bf.is_bfloat16(x3.dtype):
+        x3 = _copy_as(x3, np.float32)
     N, _, S = x3.shape
     out = _alloc((N, S), np.float64)
     _launch(_k_nll, N * S, out, x3, t2, w, _i8(ignore_index))
@@ -1501,7 +1600,7 @@ class GPUBackend:
     array_kind = "a CUDA device array (CuPy, Numba or __cuda_array_interface__)"
     fuses_target_stats = False
     defers_target_stats = True      # check_targets=False: the statistics stay on the device
-    reads_bfloat16 = False          # bfloat16 on the GPU: issue #12
+    reads_bfloat16 = True           # the index kernels read and write bfloat16 bits
     reads_float16 = True            # the loss kernels load float16 and compute in float32
     casts_complex = False
 
@@ -1547,9 +1646,14 @@ class GPUBackend:
             if type(a).__module__.startswith("torch") and getattr(a, "requires_grad", False):
                 a = a.detach()      # torch refuses the interface on tensors that require grad
             cai = a.__cuda_array_interface__
-            _check_typestr(cai["typestr"])
+            bf16 = _bfloat16_typestr(cai["typestr"])
             _wait_for_producer(cai.get("stream"))
+            if bf16:                # (Numba cannot type a void: its bits, then the dtype)
+                cai = dict(cai, typestr="<u2", descr=[("", "<u2")])
             d = cuda.from_cuda_array_interface(cai, owner=a, sync=False)
+            if bf16:
+                import ml_dtypes
+                d = d.view(ml_dtypes.bfloat16)
         else:
             return _to_dev(np.array(a, order="C"))
         if not d.is_c_contiguous():
@@ -1612,7 +1716,8 @@ class GPUBackend:
         caller's own array (``out=``) is returned as it is."""
         if not _is_numba_array(a):
             return a
-        if not _is_numba_array(like) and hasattr(like, "__cuda_array_interface__"):
+        if (not _is_numba_array(like) and hasattr(like, "__cuda_array_interface__")
+                and not bf.is_bfloat16(a.dtype)):       # (CuPy has no bfloat16)
             cp = _cupy()
             if cp is not None:
                 return cp.asarray(a)
@@ -1634,11 +1739,21 @@ class GPUBackend:
     broadcast_copy = staticmethod(broadcast_copy)
 
 
-def _check_typestr(typestr):
-    """Reject what Numba cannot type, by name: bfloat16 arrives as an opaque 2-byte void."""
-    if np.dtype(typestr).kind == "V":
-        raise TypeError(f"fastce: CUDA arrays of typestr {typestr!r} (e.g. bfloat16) are not "
-                        f"supported yet; cast them to float16 or float32")
+def _bfloat16_typestr(typestr):
+    """Whether an interface's typestr is bfloat16: the 2-byte void that torch and ml_dtypes
+    export it as (read through a uint16 view, then viewed as ml_dtypes.bfloat16, which that
+    needs).  Other voids, which Numba cannot type either, are rejected."""
+    dt = np.dtype(typestr)
+    if dt.kind != "V":
+        return False
+    if dt.itemsize != 2:
+        raise TypeError(f"fastce: CUDA arrays of typestr {typestr!r} are not supported")
+    try:
+        import ml_dtypes  # noqa: F401
+    except ImportError:
+        raise TypeError(f"fastce: a CUDA array of typestr {typestr!r} is read as bfloat16, "
+                        f"which needs ml_dtypes (pip install 'fastce[bf16]')") from None
+    return True
 
 
 def _extent(a):

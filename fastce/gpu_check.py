@@ -74,10 +74,12 @@ def compile_ptx_all(cc=(8, 0)):
         # (compute dtype, logits and gradient dtype, target dtypes): float16 logits are read
         # and written as they are by the loss kernels (reads_float16), computed in float32;
         # the softmax family reads them through a float32 copy.
+        # bfloat16 logits (None): read and written as their uint16 bits by the index kernels.
         for F, ft, xt, tdts in ((np.float32, f4, f4, (nt.int64, nt.int32, nt.uint8)),
                                 (np.float64, f8, f8, (nt.int64, nt.int32, nt.uint8)),
-                                (np.float32, f4, f2, (nt.int64,))):
-            fns = gpu._kernels(F)[1]
+                                (np.float32, f4, f2, (nt.int64,)),
+                                (None, f4, nt.uint16, (nt.int64,))):
+            fns = gpu._bf16_kernels()[1] if F is None else gpu._kernels(F)[1]
             for tdt in tdts:
                 sig = (arr(xt, 3), arr(tdt, 2), arr(ft, 1), *(f8,) * 7, nt.boolean,
                        arr(f8, 1), nt.int64, nt.boolean, arr(f8, 1), nt.int64, arr(xt, 3),
@@ -85,6 +87,8 @@ def compile_ptx_all(cc=(8, 0)):
                 for k in ("index_rows", "index_strided"):
                     cuda.compile_ptx(fns[k], sig, cc=cc)
                     n += 1
+            if F is None:
+                continue
             sig = (arr(xt, 3), arr(ft, 3), arr(ft, 1), *(f8,) * 6, nt.boolean, arr(f8, 1),
                    nt.int64, arr(xt, 3), arr(f8, 2), arr(f8, 2), arr(f8, 2))
             for k in ("prob_elems", "prob_rows"):
@@ -116,6 +120,9 @@ def compile_ptx_all(cc=(8, 0)):
             cuda.compile_ptx(gpu._k_fill.py_func, (arr(o, 1), o), cc=cc)
             n += 2
         cuda.compile_ptx(gpu._k_add.py_func, (arr(nt.float16, 1), arr(f8, 1), arr(f8, 1)), cc=cc)
+        cuda.compile_ptx(gpu._k_widen_bf16.py_func, (arr(f4, 1), arr(nt.uint16, 1)), cc=cc)
+        cuda.compile_ptx(gpu._k_narrow_bf16.py_func, (arr(nt.uint16, 1), arr(f4, 1)), cc=cc)
+        n += 2
         cuda.compile_ptx(gpu._k_lse_sign.py_func, (arr(f8, 1), arr(f8, 1)), cc=cc)
         n += 2
         for o in (nt.float16, nt.float32, f8):      # the reduced loss, in the input's dtype
@@ -232,7 +239,7 @@ FULL_CASES = [Case((4096, 32000), "float32"), Case((4096, 32000), "float16"),
               Case((8, 21, 512, 512), "float32", weights=True, ignored=0.1),
               # N*C > 2^31: 64-bit offsets
               Case((40000, 65536), "float16", timed=False)]
-QUICK_CASES = [Case((4, 40), "float32"), Case((4, 40), "float16"),
+QUICK_CASES = [Case((4, 40), "float32"), Case((4, 40), "float16"), Case((4, 40), "bfloat16"),
                Case((1, 3, 4, 4), "float32", weights=True, ignored=0.25)]
 PARITY_ROWS = 64        # positions compared with the float64 spec (the whole row each)
 
@@ -252,6 +259,8 @@ def _inputs(cupy, case, seed=0):
         w = cupy.asarray(rng.random(C) + 0.5, dtype=np.float32) if case.weights else None
         return x, t, w
     from numba import cuda
+    if case.dtype == "bfloat16":
+        import ml_dtypes  # noqa: F401  (names the dtype for NumPy)
     x = (rng.standard_normal(shape) * 3).astype(case.dtype)
     t = rng.integers(0, C, tshape)
     if case.ignored:

@@ -231,3 +231,36 @@ def test_bench_rows_run_and_print_ratios_to_float32():
     text = buf.getvalue()
     assert "bfloat16 forward: 1000.0 ms = 0.500x float32" in text
     assert "bfloat16 loss+grad out=: 1000.0 ms = 1.000x float32" in text
+
+
+def test_shared_conversions_and_their_simulator_twins():
+    """fastce.bfloat16's intrinsics (compiled for the CPU here; the GPU compiles the same IR)
+    and their NumPy twins (the CUDA simulator's) agree with ml_dtypes on every bfloat16 bit
+    pattern, and on float32 values around every rounding case (ties to even, NaN, inf)."""
+    from numba import njit
+    from fastce import bfloat16 as bf
+
+    widen = njit(lambda u: bf.to_f32(u))
+    narrow = njit(lambda f: bf.to_bf16(f))
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    want = bits.view(BF16).astype(np.float32)
+    for u in bits[::97].tolist() + [0x7F80, 0xFF80, 0x7FC1, 0x0001, 0x8000]:
+        for g in (widen(np.uint16(u)), bf.to_f32_py(np.uint16(u))):
+            g = np.float32(g)
+            assert g.view(np.uint32) == want[u].view(np.uint32) or (np.isnan(g) and
+                                                                     np.isnan(want[u]))
+    rng = np.random.default_rng(2)
+    f = np.concatenate([rng.standard_normal(3000).astype(np.float32) * 1e3,
+                        (rng.integers(0, 1 << 32, 3000, dtype=np.uint64).astype(np.uint32)
+                         .view(np.float32)),
+                        (np.arange(4000, dtype=np.uint32) * 0x8000).view(np.float32),  # ties
+                        np.array([np.inf, -np.inf, np.nan, 3.4e38, -0.0], np.float32)])
+    with np.errstate(invalid="ignore"):             # (NaN bit patterns)
+        want = f.astype(BF16).view(np.uint16)
+    for i, v in enumerate(f.tolist()):
+        v = np.float32(v)
+        for g in (narrow(v), bf.to_bf16_py(v)):
+            if np.isnan(v):
+                assert np.isnan(np.uint16(g).view(BF16).astype(np.float32))
+            else:
+                assert g == want[i], (v, g, want[i])

@@ -277,7 +277,7 @@ def test_kernels_compile_to_ptx():
         n = gpu_check.compile_ptx_all(cc=(8, 0))
     except gpu_check.NoCompiler as e:
         pytest.skip(str(e))
-    assert n == 47          # every kernel of fastce.gpu (update when adding one)
+    assert n == 51          # every kernel of fastce.gpu (update when adding one)
 
 
 def test_gpu_check_times_a_fresh_process_compiling_then_loading_the_kernels(tmp_path,
@@ -573,3 +573,63 @@ def test_cupy_large_rows_match_cpu():
     cl, cg = fastce.cross_entropy_with_grad(x, t, softcap=30.0, z_loss=1e-4)
     assert_close(cupy.asnumpy(gl), cl, 1e-5)
     assert_close(cupy.asnumpy(gg), cg, 1e-4)
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", [(3, 37), (5, 3), (2, 3, 4)])
+def test_bfloat16_read_and_written_by_the_index_kernels(monkeypatch, shape):
+    """bfloat16 logits (ml_dtypes on the device: Numba arrays, or a torch / ml_dtypes '<V2'
+    interface) reach the index kernels as their bits; the loss is float32, the gradient
+    bfloat16 rounded to nearest even: the CPU's bits.  out= float32, out=input, a strided
+    input, probability targets and nll_loss go through float32 copies; no float32 copy of the
+    logits otherwise."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from fastce import gpu
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    rng = np.random.default_rng(31)
+    x, t = _case(rng, shape, ignore=1, dtype=np.float32)
+    x = x.astype(bf16)
+    C = shape[1]
+    w = (rng.random(C) + 0.5).astype(np.float32)
+    widened = []
+    copy_as = gpu._copy_as
+    monkeypatch.setattr(gpu, "_copy_as", lambda d, dt: (d.dtype == bf16 and widened.append(
+        d.shape)) or copy_as(d, dt))
+    for opts in (dict(ignore_index=1), dict(label_smoothing=0.1, z_loss=0.01, ignore_index=1),
+                 dict(reduction="none", softcap=3.0)):
+        loss, grad = fastce.cross_entropy_with_grad(_to(x), _to(t), _to(w), **opts)
+        want_l, want_g = fastce.cross_entropy_with_grad(x, t, w, **opts)
+        assert _host(loss).dtype == np.float32 and _host(grad).dtype == bf16
+        assert_close(_host(loss), want_l, 1e-6)
+        np.testing.assert_array_equal(_host(grad).view(np.uint16), want_g.view(np.uint16))
+        only = fastce.cross_entropy(_to(x), _to(t), _to(w), **opts)
+        assert_close(_host(only), want_l, 1e-6)
+    assert not widened
+    want_l, want_g = fastce.cross_entropy_with_grad(x, t)
+    out32 = _to(np.zeros(shape, np.float32))
+    fastce.cross_entropy_with_grad(_to(x), _to(t), out=out32)
+    np.testing.assert_array_equal(_host(out32).astype(bf16).view(np.uint16),
+                                  want_g.view(np.uint16))
+    xd = _to(x)
+    fastce.cross_entropy_with_grad(xd, _to(t), out=xd)
+    np.testing.assert_array_equal(_host(xd).view(np.uint16), want_g.view(np.uint16))
+    perm = tuple(reversed(range(x.ndim)))                      # a strided device view
+    _, gs = fastce.cross_entropy_with_grad(_to(np.ascontiguousarray(x.transpose(perm)))
+                                           .transpose(perm), _to(t))
+    np.testing.assert_array_equal(_host(gs).view(np.uint16), want_g.view(np.uint16))
+    p = rng.random(shape).astype(np.float32)
+    p /= p.sum(axis=1, keepdims=True)
+    pl, pg = fastce.cross_entropy_with_grad(_to(x), _to(p))
+    cl, cg = fastce.cross_entropy_with_grad(x, p)
+    assert_close(_host(pl), cl, 1e-6)
+    np.testing.assert_array_equal(_host(pg).view(np.uint16), cg.view(np.uint16))
+    assert_close(_host(fastce.nll_loss(_to(x), _to(t), ignore_index=1)),
+                 fastce.nll_loss(x, t, ignore_index=1), 1e-6)
+    bad = t.copy()
+    bad.flat[-1] = C + 2
+    per, g = fastce.cross_entropy_with_grad(_to(x), _to(bad), reduction="none",
+                                            check_targets=False)
+    assert np.isnan(_host(per).flat[-1]) and np.isnan(
+        np.moveaxis(_host(g).astype(np.float32), 1, -1).reshape(-1, C)[-1]).all()
+    with pytest.raises(TypeError, match="bfloat16"):
+        fastce.softmax(_to(x), axis=1)

@@ -527,11 +527,16 @@ def test_dispatch_survives_an_interface_that_raises():
         dispatch.backend_for(input=_RefusingCudaArray(), target=np.zeros(3))
 
 
-def test_gpu_bfloat16_typestr_is_a_clear_type_error():
+def test_gpu_void_typestrs(monkeypatch):
+    """A 2-byte void (torch's and ml_dtypes' bfloat16) is read as bfloat16, which needs
+    ml_dtypes (a clear TypeError without it); other voids are rejected."""
     gpu = pytest.importorskip("fastce.gpu")
-    with pytest.raises(TypeError, match="bfloat16"):
-        gpu._check_typestr("<V2")
-    gpu._check_typestr("<f4")
+    assert gpu._bfloat16_typestr("<V2") and not gpu._bfloat16_typestr("<f4")
+    with pytest.raises(TypeError, match="not supported"):
+        gpu._bfloat16_typestr("<V4")
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)       # (import then fails)
+    with pytest.raises(TypeError, match="needs ml_dtypes"):
+        gpu._bfloat16_typestr("<V2")
 
 
 # ---------------------------------------------------------------------------------------------
