@@ -370,19 +370,23 @@ def _cross_entropy_checked(input, target, weight, grad_output, *, ignore_index, 
         return loss, grad, stats
     x3, N, C, S = _canonical(be, x, axis, native_float16=True)
     cdt = _compute_dtype(x3.dtype)
+    # Unchecked targets on a deferring backend (the GPU): the target statistics, and the
+    # weights' sum that label smoothing needs, stay on the device (see index_loss's den).
+    defer = (kind == "index" and not check_targets and be.defers_target_stats
+             and denominators is None and not raw)
+    w_sum = None
     if prechecked is None:
-        w, W = _check_weight(be, weight, C, cdt, need_sum=eps != 0.0)
+        w, W = _check_weight(be, weight, C, cdt, need_sum=eps != 0.0 and not defer)
+        if defer and eps != 0.0 and W != W:
+            w_sum = be.total_device(w)
     else:
         w, W = (be.ones(C, cdt) if weight is None else be.cast(weight, cdt)), prechecked
     # Each position's log-sum-exp, written by the loss kernels in their own pass.
     lse = be.empty((N, S), np.float64) if want_lse else None
 
     # The forward may validate its targets inside the loss kernel itself (which never reads
-    # with a bad one); the gradient needs the mean's denominator first: a pre-pass.  Unchecked
-    # targets on a deferring backend (the GPU): the pre-pass's statistics stay on the device.
+    # with a bad one); the gradient needs the mean's denominator first: a pre-pass.
     fuse_stats = kind == "index" and not want_grad and be.fuses_target_stats
-    defer = (kind == "index" and not check_targets and be.defers_target_stats
-             and denominators is None and not raw)
     dstats = dev_den = None
     if kind == "index":
         t2 = be.contiguous(t).reshape(N, S)
@@ -410,8 +414,11 @@ def _cross_entropy_checked(input, target, weight, grad_output, *, ignore_index, 
 
     mean = reduction == "mean"
     # Gradient coefficients (the forward's kernels ignore them; its D may not be known yet).
-    # Deferred, the kernels multiply them by the device's (1/D, 1/Dz) (``den``).
-    den = be.grad_den(dstats) if (defer and want_grad and mean) else None
+    # Deferred, the kernels multiply them by the device's (1/D, 1/Dz) (``den``, which also
+    # carries the weights' sum when the device has it).
+    den = None
+    if defer and ((want_grad and mean) or w_sum is not None):
+        den = be.grad_den(dstats, want_grad and mean, w_sum)
     inv_D = (_div(1.0, mD) if mean and not defer else 1.0) if want_grad else 1.0
     z2 = 2.0 * zl * (_div(1.0, mDz) if mean and not defer else 1.0) if want_grad else 0.0
     grad = None

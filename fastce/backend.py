@@ -34,8 +34,8 @@ class Backend(Protocol):
     #: in the loss pass itself (else the entry point calls ``target_stats`` first).
     fuses_target_stats: bool
     #: With ``check_targets=False`` the target statistics stay where the kernels run (the GPU):
-    #: ``target_stats(..., on_device=True)``, ``grad_den``, ``index_loss(..., den=)`` and
-    #: ``reduce_loss(..., dev_den=)`` exist, and the index kernels make a bad target's loss
+    #: ``target_stats(..., on_device=True)``, ``total_device``, ``grad_den``,
+    #: ``index_loss(..., den=)`` and ``reduce_loss(..., dev_den=)`` exist, and the index kernels make a bad target's loss
     #: terms and gradient row nan themselves.  Otherwise the entry points read the statistics
     #: and poison those outputs on the host.
     defers_target_stats: bool
@@ -99,9 +99,13 @@ class Backend(Protocol):
         the three numbers as a (3,) float64 array where the kernels run, not read back (no
         bad target: the third is ``t2.size``)."""
 
-    def grad_den(self, stats):
-        """Deferring backends: (1/D, 1/Dz) of ``target_stats(..., on_device=True)`` as
-        ``fastce.options.ieee_div`` gives them, where the kernels run (``index_loss``'s den)."""
+    def grad_den(self, stats, mean, w_sum=None):
+        """Deferring backends: ``index_loss``'s den, where the kernels run: (1/D, 1/Dz) of
+        ``target_stats(..., on_device=True)`` as ``fastce.options.ieee_div`` gives them (ones
+        unless ``mean``), then the weights' sum ``w_sum`` (``total_device``'s) if given."""
+
+    def total_device(self, a):
+        """Deferring backends: ``total(a)`` as a (1,) float64 array where the kernels run."""
 
     # -- 4. The loss kernels ----------------------------------------------------------------
     def index_loss(self, x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=True,
@@ -114,7 +118,8 @@ class Backend(Protocol):
         else None.  ``opts`` is a ``fastce.options.LossOptions``.  ``lse_out`` (N, S) float64,
         when given, receives each element's log-sum-exp over C (of the softcapped logits
         with softcap) from the same pass.  ``den`` (deferring backends): ``grad_den``'s
-        factors of ``opts.grad_scale`` and ``opts.z_grad``."""
+        factors of ``opts.grad_scale`` and ``opts.z_grad`` (and the weights' sum, used
+        instead of ``opts.weight_sum``)."""
 
     def prob_loss(self, x3, p3, w, opts, grad, g, g_stride, lse_out=None):
         """Probability targets ``p3`` (N, C, S): (ce, z_loss) as ``index_loss``."""

@@ -568,7 +568,8 @@ def _index_kernels(F, bf16=False):
     """index_rows (S == 1, C > SMALL_C: one block per row) and index_strided (one thread per
     (n, s)).  Arguments: x (N, C, S), targets t (N, S), class weights w, the LossOptions
     fields, den (float64 (2,): factors of grad_scale and z_grad, the mean's 1/D and 1/Dz when
-    only the device knows them, else ones), ignore_index, want_grad, g (dL/dloss_i at
+    only the device knows them, else ones; a third entry: the weights' sum, which then
+    replaces weight_sum), ignore_index, want_grad, g (dL/dloss_i at
     g[i * g_stride]), grad (N, C, S) and the per-element outputs ce, z-loss, hit (N, S).
     ``bf16``: x and grad are bfloat16 bits (uint16), computed in F = float32."""
     row_start, row_step, index_finish, grad_value = _index_steps(F, bf16)
@@ -579,8 +580,8 @@ def _index_kernels(F, bf16=False):
     def index_rows(x, t, w, keep, smooth_c, weight_sum, softcap, grad_scale, z_grad, z_loss,
                    want_hits, den, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
                    hit_out, lse_out):
-        o = _index_options(keep, smooth_c, weight_sum, softcap, grad_scale * den[0],
-                           z_grad * den[1], z_loss, want_hits)
+        o = _index_options(keep, smooth_c, weight_sum if den.shape[0] < 3 else den[2], softcap,
+                           grad_scale * den[0], z_grad * den[1], z_loss, want_hits)
         sh_m = cuda.shared.array(ROW_MAX, np.float64)
         sh_s = cuda.shared.array(ROW_MAX, np.float64)
         sh_n = cuda.shared.array(ROW_MAX, np.int32)
@@ -614,8 +615,8 @@ def _index_kernels(F, bf16=False):
     def index_strided(x, t, w, keep, smooth_c, weight_sum, softcap, grad_scale, z_grad, z_loss,
                       want_hits, den, ignore_index, want_grad, g, g_stride, grad, ce_out, zl_out,
                       hit_out, lse_out):
-        o = _index_options(keep, smooth_c, weight_sum, softcap, grad_scale * den[0],
-                           z_grad * den[1], z_loss, want_hits)
+        o = _index_options(keep, smooth_c, weight_sum if den.shape[0] < 3 else den[2], softcap,
+                           grad_scale * den[0], z_grad * den[1], z_loss, want_hits)
         C = x.shape[1]
         S = x.shape[2]
         has_cap, _, capf, inv_capf = cap_consts(softcap)
@@ -963,12 +964,15 @@ def _inverse(d):
 
 
 @_kernel
-def _k_grad_den(stats, out):
-    """out = (1 / D, 1 / Dz) of the device's target statistics (D, count, ...): the mean's
-    gradient factors (den of the index kernels) when the host does not read the statistics."""
+def _k_grad_den(stats, mean, w_sum, out):
+    """The index kernels' den when the host does not read the target statistics (D, count,
+    ...): the mean's gradient factors (1 / D, 1 / Dz) (ones unless ``mean``), then, when
+    out has a third entry, the weights' sum w_sum[0]."""
     if cuda.grid(1) == 0:
-        out[0] = _inverse(stats[0])
-        out[1] = _inverse(stats[1])
+        out[0] = _inverse(stats[0]) if mean else 1.0
+        out[1] = _inverse(stats[1]) if mean else 1.0
+        if out.shape[0] > 2:
+            out[2] = w_sum[0]
 
 
 def _map_kernel(fn):
@@ -1344,10 +1348,12 @@ def target_stats(t2, w, ignore_index, C, on_device=False):
     return float(host[0]), int(host[1]), (bad if bad < n else -1)
 
 
-def grad_den(stats):
-    """The index kernels' ``den`` for the mean from target_stats(..., on_device=True)."""
-    out = _alloc((2,), np.float64)
-    _k_grad_den[1, 1, _stream()](stats, out)
+def grad_den(stats, mean, w_sum=None):
+    """The index kernels' ``den`` from target_stats(..., on_device=True): the mean's factors
+    (ones unless ``mean``), and the weights' sum ``w_sum`` ((1,) on the device) if given."""
+    out = _alloc((2 if w_sum is None else 3,), np.float64)
+    _k_grad_den[1, 1, _stream()](stats, bool(mean), _no_den() if w_sum is None else w_sum,
+                                 out)
     return out
 
 
@@ -1409,7 +1415,8 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
     ``grad`` (N, C, S) and ``lse_out`` (N, S) when given.  The targets are validated by
     ``target_stats`` beforehand (``fuse_stats`` is not supported here: fuses_target_stats is
     False), or not at all (check_targets=False: a bad target's loss terms and gradient row are
-    nan).  den: grad_den's factors of opts' grad_scale and z_grad (None: ones)."""
+    nan).  den: grad_den's factors of opts' grad_scale and z_grad (None: ones), and maybe
+    the weights' sum."""
     if fuse_stats:
         raise NotImplementedError("fastce.gpu: the target statistics come from target_stats")
     N, C, S = x3.shape
@@ -1687,6 +1694,7 @@ class GPUBackend:
         return _ones(_shape(shape), np.dtype(dtype).str, _device_id())
 
     total = staticmethod(total)
+    total_device = staticmethod(_total_dev)
     reduce_loss = staticmethod(reduce_loss)
     full = staticmethod(full)
 

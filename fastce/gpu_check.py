@@ -110,7 +110,8 @@ def compile_ptx_all(cc=(8, 0)):
                                                 arr(f8, 1), arr(f8, 1), arr(f8, 1)), cc=cc)
         cuda.compile_ptx(gpu._k_stats_merge.py_func, (arr(f8, 1), arr(f8, 1), arr(f8, 1),
                                                       arr(f8, 1)), cc=cc)
-        cuda.compile_ptx(gpu._k_grad_den.py_func, (arr(f8, 1), arr(f8, 1)), cc=cc)
+        cuda.compile_ptx(gpu._k_grad_den.py_func, (arr(f8, 1), nt.boolean, arr(f8, 1), arr(f8, 1)),
+                         cc=cc)
         n += 4
         # The protocol's small kernels; _k_gather_nd casts on its store (float16 included).
         for o, a in ((nt.float16, nt.float32), (nt.float32, nt.float16), (f8, i8),

@@ -222,8 +222,8 @@ _GPU = Backend("gpu")
 @pytest.mark.parametrize("dtype", [np.float64, np.float16])
 def test_gpu_reads_nothing_back(monkeypatch, dtype):
     """No host copy at all for the loss, loss+grad and gradient (mean, sum, none, z-loss,
-    weights in the compute dtype, bad targets or not); token accuracy (a Python float) and
-    class weights summed for label smoothing still read numbers back."""
+    label smoothing, weights in the compute dtype, bad targets or not); token accuracy (a
+    Python float) still reads numbers back."""
     from fastce import gpu
     copies = []
     host_copy = gpu._host_copy
@@ -247,7 +247,9 @@ def test_gpu_reads_nothing_back(monkeypatch, dtype):
             (lambda: fastce.cross_entropy_with_grad(xd, td, label_smoothing=0.1,
                                                     check_targets=False), 0),
             (lambda: fastce.cross_entropy_with_grad(xd, td, wd, label_smoothing=0.1,
-                                                    check_targets=False), 1),
+                                                    check_targets=False), 0),
+            (lambda: fastce.cross_entropy(xd, td, wd, label_smoothing=0.1, z_loss=0.1,
+                                          reduction="sum", check_targets=False), 0),
             (lambda: fastce.cross_entropy(xd, td, return_token_accuracy=True,
                                           check_targets=False),
              2 if ((t >= 0) & (t < shape[1])).any() else 1),     # (no valid target: nan)
@@ -259,10 +261,12 @@ def test_gpu_reads_nothing_back(monkeypatch, dtype):
     # And the numbers: the CPU's (the GPU kernels make the nan rows themselves).
     x, t = random_case(rng, (5, 40), np.float64, ignore_frac=0.2)
     t = _with_bad(rng, t, 40, -100, 0.3)
-    got_l, got_g = fastce.cross_entropy_with_grad(_GPU.to(x), _GPU.to(t), z_loss=0.01,
+    w = rng.random(40) + 0.5
+    got_l, got_g = fastce.cross_entropy_with_grad(_GPU.to(x), _GPU.to(t), _GPU.to(w),
+                                                  z_loss=0.01, label_smoothing=0.2,
                                                   reduction="none", check_targets=False)
-    want_l, want_g = fastce.cross_entropy_with_grad(x, t, z_loss=0.01, reduction="none",
-                                                    check_targets=False)
+    want_l, want_g = fastce.cross_entropy_with_grad(x, t, w, z_loss=0.01, label_smoothing=0.2,
+                                                    reduction="none", check_targets=False)
     assert_close(_GPU.host(got_l), want_l, 1e-12)
     assert_close(_GPU.host(got_g), want_g, 1e-12)
 
