@@ -890,9 +890,13 @@ class CrossEntropyLoss:
 
 
 def nll_loss(log_probs, target, weight=None, *, ignore_index=-100, reduction="mean",
-             class_axis=None):
+             class_axis=None, check_targets=True):
     """Negative log-likelihood of ``target`` under ``log_probs`` (torch's ``F.nll_loss``):
-    ``l_i = -w[y_i] * log_probs[i, y_i]``, the mean dividing by the sum of the targets' weights."""
+    ``l_i = -w[y_i] * log_probs[i, y_i]``, the mean dividing by the sum of the targets' weights.
+    ``check_targets=False``: a bad target's loss is nan instead of an error (as in
+    cross_entropy; on the GPU nothing is read back)."""
+    if check_targets is not True and check_targets is not False:
+        raise TypeError(f"fastce: check_targets must be True or False, got {check_targets!r}")
     be = backend_for(input=log_probs, target=target, weight=weight)
     check_options(reduction, 0.0, None, 0.0)
     x = _check_logits(be, log_probs, "log_probs")
@@ -904,18 +908,35 @@ def nll_loss(log_probs, target, weight=None, *, ignore_index=-100, reduction="me
     x3, N, C, S = _canonical(be, x, axis)
     w, _ = _check_weight(be, weight, C, np.float64, need_sum=False)
     t2 = be.contiguous(t).reshape(N, S)
-    D, _, bad = be.target_stats(t2, w, ignore_index, C)
-    if bad >= 0:
-        raise _bad_target_error(be, t, bad, C, ignore_index)
+    # Unchecked on a deferring backend (the GPU): D stays there, the kernel makes bad targets'
+    # losses nan.  Elsewhere the host finds them: computed as ignored, then made nan.
+    defer = not check_targets and be.defers_target_stats and C > 0 and N * S > 0
+    bad_mask = dstats = None
+    D = 0.0
+    if defer:
+        dstats = be.target_stats(t2, w, ignore_index, C, on_device=True)
+    else:
+        D, _, bad = be.target_stats(t2, w, ignore_index, C)
+        if bad >= 0:
+            if check_targets:
+                raise _bad_target_error(be, t, bad, C, ignore_index)
+            bad_mask = _bad_mask(be.to_host(t), C, ignore_index).reshape(N, S)
+            t2 = be.asarray(np.where(bad_mask, np.int64(ignore_index),
+                                     np.asarray(be.to_host(t2)).astype(np.int64)))
     if C == 0 or N * S == 0:        # every target ignored (checked above): torch's nan mean
         per = be.zeros((N, S), np.float64)
     else:
         per = be.nll_loss(x3, t2, w, ignore_index)
+    if bad_mask is not None:
+        per = be.asarray(np.where(bad_mask, np.nan, np.asarray(be.to_host(per))))
     loss_shape = tuple(x.shape[:axis]) + tuple(x.shape[axis + 1:])
     if reduction == "none":
         return be.wrap(be.finish_per_position(per, None, loss_shape, _loss_dtype(x.dtype)), log_probs)
     mean = reduction == "mean"
-    if mean and D == 0.0:           # torch's total / 0: nan, or +-inf where weights cancel
+    if defer:                       # (the device's D, divided as _div below)
+        value = be.reduce_loss(per, None, mean, 0.0, 0.0, _loss_dtype(x.dtype),
+                               dev_den=dstats[0:1], ieee=True)
+    elif mean and D == 0.0:         # torch's total / 0: nan, or +-inf where weights cancel
         value = be.scalar(_div(be.total(per), D), _loss_dtype(x.dtype))
     else:
         value = be.reduce_loss(per, None, mean, D, 0.0, _loss_dtype(x.dtype))

@@ -126,7 +126,7 @@ class Backend(Protocol):
 
     def nll_loss(self, x3, t2, w, ignore_index):
         """Per-element ``-w[t] * x3[n, t, s]`` (0 where ignored), float64 (N, S); the targets
-        are validated beforehand."""
+        are validated beforehand (deferring backends, check_targets=False: nan where bad)."""
 
     # -- 5. The softmax family --------------------------------------------------------------
     def softmax_family(self, x3, mode):
@@ -152,13 +152,14 @@ class Backend(Protocol):
     def scalar(self, value, dtype):
         """The loss of a mean/sum reduction, a scalar of ``dtype``."""
 
-    def reduce_loss(self, ce, zl, mean, D, Dz, dtype, dev_den=None):
+    def reduce_loss(self, ce, zl, mean, D, Dz, dtype, dev_den=None, ieee=False):
         """The loss of a mean/sum reduction from per-element (or partial) float64 losses, a
         scalar of ``dtype``: ``total(ce)``, divided by ``D`` for the mean
         (``fastce.options.mean_div``), plus ``total(zl)`` (divided by ``Dz``:
         ``ieee_div``) unless ``zl`` is None.  Where the arrays live: on the GPU it stays
         there (no host round trip).  ``dev_den`` (deferring backends): an array where the
-        kernels run holding D (and Dz), used instead of the host's numbers."""
+        kernels run holding D (and Dz), used instead of the host's numbers.  ``ieee``: the mean
+        is ``ieee_div`` (nll_loss's: +-inf where D == 0 but the total is not)."""
 
     def finish_per_position(self, ce, zl, shape, dtype):
         """The unreduced loss: ``ce + zl`` (``zl`` may be None) as ``shape`` in ``dtype``."""

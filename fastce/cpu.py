@@ -2369,9 +2369,9 @@ class CPUBackend:
         return np.dtype(dtype).type(value)
 
     @staticmethod
-    def reduce_loss(ce, zl, mean, D, Dz, dtype, dev_den=None):
+    def reduce_loss(ce, zl, mean, D, Dz, dtype, dev_den=None, ieee=False):
         total = CPUBackend.total(ce)
-        value = mean_div(total, D) if mean else total
+        value = (ieee_div(total, D) if ieee else mean_div(total, D)) if mean else total
         if zl is not None:
             zsum = CPUBackend.total(zl)
             value = value + (ieee_div(zsum, Dz) if mean else zsum)

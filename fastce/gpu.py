@@ -939,10 +939,11 @@ def _k_gather_nd(out, src, base, dims, strides):
 
 
 @_kernel
-def _k_loss(ce_tot, zl_tot, has_z, mean, D, Dz, dev_den, out):
-    """out[0] = ce_tot[0] (/ D for the mean, nan where D == 0) + zl_tot[0] (/ Dz for the mean)
-    when has_z, cast to out's dtype on the store: the reduced loss (fastce.api._loss).  D (and
-    Dz) are read from dev_den[0] (and dev_den[1]) when it holds them."""
+def _k_loss(ce_tot, zl_tot, has_z, mean, ieee, D, Dz, dev_den, out):
+    """out[0] = ce_tot[0] (/ D for the mean, nan where D == 0 unless ``ieee``: then IEEE's
+    x / 0) + zl_tot[0] (/ Dz for the mean) when has_z, cast to out's dtype on the store: the
+    reduced loss (fastce.api._loss).  D (and Dz) are read from dev_den[0] (and dev_den[1])
+    when it holds them."""
     if cuda.grid(1) == 0:
         if dev_den.shape[0] > 0:
             D = dev_den[0]
@@ -950,7 +951,7 @@ def _k_loss(ce_tot, zl_tot, has_z, mean, D, Dz, dev_den, out):
             Dz = dev_den[1]
         value = ce_tot[0]
         if mean:
-            value = math.nan if D == 0.0 else value / D
+            value = value / D if (ieee or D != 0.0) else math.nan
         if has_z:
             z = zl_tot[0]
             value += z / Dz if mean else z
@@ -1008,15 +1009,22 @@ def _k_add(out, a, b):
 
 @_kernel
 def _k_nll(out, x, t, w, ignore_index):
-    """out[n, s] = -w[t] * x[n, t, s] in float64 (0 where t == ignore_index): nll_loss."""
+    """out[n, s] = -w[t] * x[n, t, s] in float64 (0 where t == ignore_index; nan for a bad t,
+    met only with check_targets=False): nll_loss."""
     N = x.shape[0]
+    C = x.shape[1]
     S = x.shape[2]
     i, step = _thread_range()
     while i < _i8(N) * S:
         n = i // S
         s = i - n * S
         c = _i8(t[n, s])
-        out[n, s] = 0.0 if c == ignore_index else -_f8(w[c]) * _f8(x[n, c, s])
+        if c == ignore_index:
+            out[n, s] = 0.0
+        elif c < 0 or c >= C:
+            out[n, s] = math.nan
+        else:
+            out[n, s] = -_f8(w[c]) * _f8(x[n, c, s])
         i += step
 
 
@@ -1379,11 +1387,12 @@ def total(a) -> float:
     return float(_host_copy(_total_dev(a))[0])
 
 
-def reduce_loss(ce, zl, mean, D, Dz, dtype, dev_den=None):
+def reduce_loss(ce, zl, mean, D, Dz, dtype, dev_den=None, ieee=False):
     """The reduced loss (see fastce.backend), computed and kept on the device: the totals of
     ``total`` and the divisions of the host's ``options.mean_div`` / ``ieee_div`` (IEEE
-    division on the device), in one single-thread kernel, written as a 0-d array.
-    ``dev_den``: a float64 device array holding D (and Dz) instead of the host's numbers."""
+    division on the device; ``ieee``: the mean's too), in one single-thread kernel, written
+    as a 0-d array.  ``dev_den``: a float64 device array holding D (and Dz) instead of the
+    host's numbers."""
     out = _alloc((), dtype)
     ce_tot = _total_dev(ce)
     zl_tot = _total_dev(zl) if zl is not None else ce_tot
@@ -1391,8 +1400,8 @@ def reduce_loss(ce, zl, mean, D, Dz, dtype, dev_den=None):
         dev_den = _no_den()
     else:
         D = Dz = 0.0
-    _k_loss[1, 1, _stream()](ce_tot, zl_tot, zl is not None, bool(mean), _f8(D), _f8(Dz),
-                             dev_den, _flat(out))
+    _k_loss[1, 1, _stream()](ce_tot, zl_tot, zl is not None, bool(mean), bool(ieee), _f8(D),
+                             _f8(Dz), dev_den, _flat(out))
     return out
 
 

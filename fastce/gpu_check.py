@@ -128,8 +128,8 @@ def compile_ptx_all(cc=(8, 0)):
         n += 2
         for o in (nt.float16, nt.float32, f8):      # the reduced loss, in the input's dtype
             cuda.compile_ptx(gpu._k_loss.py_func, (arr(f8, 1), arr(f8, 1), nt.boolean,
-                                                   nt.boolean, f8, f8, arr(f8, 1), arr(o, 1)),
-                             cc=cc)
+                                                   nt.boolean, nt.boolean, f8, f8, arr(f8, 1),
+                                                   arr(o, 1)), cc=cc)
             n += 1
         return n
     except Exception as e:

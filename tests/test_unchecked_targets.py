@@ -205,6 +205,52 @@ def test_loss_object_and_argument_checks(backend):
                 fn(*map(backend.to, args), check_targets=1)
 
 
+@pytest.mark.parametrize("shape", [(7, 5), (2, 4, 3)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_nll_loss(backend, shape, reduction):
+    """nll_loss(check_targets=False): a bad target's loss is nan (so is a reduced one); the
+    mean's D counts the valid targets' weights."""
+    rng = np.random.default_rng(9)
+    x, t = random_case(rng, shape, np.float64, ignore_frac=0.2)
+    C = shape[1]
+    t = _with_bad(rng, t, C, -100, 0.3)
+    w = rng.random(C) + 0.5
+    bad = spec.bad_targets(t, -100, C)
+    valid = (t != -100) & ~bad
+    safe = np.where(valid, t, 0)
+    picked = np.take_along_axis(x, np.expand_dims(safe, 1), axis=1)[:, 0]
+    want = np.where(bad, np.nan, np.where(valid, -w[safe] * picked, 0.0))
+    got = backend.host(fastce.nll_loss(backend.to(x), backend.to(t), backend.to(w),
+                                       reduction=reduction, check_targets=False))
+    if reduction == "none":
+        assert_close(got, want, 1e-12)
+    else:
+        assert np.isnan(got)
+    fixed = np.where(bad, -100, t)
+    for r in ("mean", "sum"):              # the valid targets' part: as with bad ones ignored
+        ok = backend.host(fastce.nll_loss(backend.to(x), backend.to(fixed), backend.to(w),
+                                          reduction=r))
+        assert_close(ok, (want[~bad].sum() / (w[safe] * valid).sum()) if r == "mean"
+                     else want[~bad].sum(), 1e-12)
+        unchecked = backend.host(fastce.nll_loss(backend.to(x), backend.to(fixed),
+                                                 backend.to(w), reduction=r,
+                                                 check_targets=False))
+        np.testing.assert_array_equal(unchecked, ok)        # (the device's D: the same bits)
+    # Weights that cancel (D == 0, the total not): torch's total / 0, +-inf, either way.
+    wc = np.zeros(C)
+    wc[[0, 1]] = [1.0, -1.0]
+    tc = np.full(t.shape, -100)
+    tc.flat[:2] = [0, 1]
+    for check in (True, False):
+        v = backend.host(fastce.nll_loss(backend.to(x), backend.to(tc), backend.to(wc),
+                                         check_targets=check))
+        assert np.isinf(v)
+    with pytest.raises(ValueError, match="out of bounds"):
+        fastce.nll_loss(backend.to(x), backend.to(t))
+    with pytest.raises(TypeError, match="check_targets"):
+        fastce.nll_loss(backend.to(x), backend.to(fixed), check_targets=0)
+
+
 def test_dask_arrays_refuse_unchecked_targets():
     da = pytest.importorskip("dask.array")
     x = da.zeros((4, 3), chunks=2)
@@ -250,6 +296,7 @@ def test_gpu_reads_nothing_back(monkeypatch, dtype):
                                                     check_targets=False), 0),
             (lambda: fastce.cross_entropy(xd, td, wd, label_smoothing=0.1, z_loss=0.1,
                                           reduction="sum", check_targets=False), 0),
+            (lambda: fastce.nll_loss(xd, td, wd, check_targets=False), 0),
             (lambda: fastce.cross_entropy(xd, td, return_token_accuracy=True,
                                           check_targets=False),
              2 if ((t >= 0) & (t < shape[1])).any() else 1),     # (no valid target: nan)
