@@ -76,6 +76,13 @@ def check_options(reduction, label_smoothing, softcap, z_loss):
 _INT64 = np.iinfo(np.int64)
 
 
+def check_targets_flag(check_targets):
+    """check_targets as given (True or False; anything else is a TypeError)."""
+    if check_targets is not True and check_targets is not False:
+        raise TypeError(f"fastce: check_targets must be True or False, got {check_targets!r}")
+    return check_targets
+
+
 def check_ignore_index(ignore_index):
     """``ignore_index`` as a Python int (any int64 value)."""
     if isinstance(ignore_index, (bool, np.bool_)):
@@ -326,8 +333,7 @@ def _cross_entropy(input, target, weight, grad_output, *, check_targets=True, **
     ``check_targets=False``: a bad target makes its position's results nan instead of raising
     (see fastce.spec); a backend that defers the target statistics (the GPU) then reads nothing
     back from the device, its kernels making those nan results themselves."""
-    if check_targets is not True and check_targets is not False:
-        raise TypeError(f"fastce: check_targets must be True or False, got {check_targets!r}")
+    check_targets_flag(check_targets)
     try:
         return _cross_entropy_checked(input, target, weight, grad_output,
                                       check_targets=check_targets, **kwargs)
@@ -895,8 +901,7 @@ def nll_loss(log_probs, target, weight=None, *, ignore_index=-100, reduction="me
     ``l_i = -w[y_i] * log_probs[i, y_i]``, the mean dividing by the sum of the targets' weights.
     ``check_targets=False``: a bad target's loss is nan instead of an error (as in
     cross_entropy; on the GPU nothing is read back)."""
-    if check_targets is not True and check_targets is not False:
-        raise TypeError(f"fastce: check_targets must be True or False, got {check_targets!r}")
+    check_targets_flag(check_targets)
     be = backend_for(input=log_probs, target=target, weight=weight)
     check_options(reduction, 0.0, None, 0.0)
     x = _check_logits(be, log_probs, "log_probs")

@@ -1443,7 +1443,7 @@ def index_loss(x3, t2, w, opts, ignore_index, grad, g, g_stride, per_position=Tr
     ks = _bf16_kernels()[0] if bf.is_bfloat16(x3.dtype) else _compute_kernels(x3.dtype)
     x3 = _bits(x3)
     if den is None:
-        den = _cached_ones((2,), np.dtype(np.float64).str, _device_id())
+        den = _cached_ones((2,), "<f8", _device_id())
     args = (x3, t2, w, *_index_scalars(opts), den, _i8(ignore_index), want, g, _i8(g_stride),
             gbuf, ce, zl, hit, _no_lse() if lse_out is None else lse_out)
     if S == 1 and C > SMALL_C:

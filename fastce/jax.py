@@ -213,14 +213,9 @@ def cross_entropy(logits, labels, weight=None, *, ignore_index=-100, reduction="
     w = None if weight is None else jnp.asarray(weight)
     opts = (int(ignore_index), str(reduction), float(label_smoothing),
             None if softcap is None else float(softcap), float(z_loss), int(class_axis),
-            _flag(check_targets))
+            _fastce.api.check_targets_flag(check_targets))
     return _ce(logits, labels, w, opts)
 
-
-def _flag(check_targets):
-    if check_targets is not True and check_targets is not False:
-        raise TypeError(f"fastce: check_targets must be True or False, got {check_targets!r}")
-    return check_targets
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,7 +48,6 @@ No gradient flows to ``target`` or ``weight`` (requiring one raises); no double 
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
@@ -393,12 +392,6 @@ def _no_grad_to(name, t):
             f"({name}.detach()) or use torch.nn.functional.cross_entropy")
 
 
-def _flag(check_targets):
-    if check_targets is not True and check_targets is not False:
-        raise TypeError(f"fastce: check_targets must be True or False, got {check_targets!r}")
-    return check_targets
-
-
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None, *,
                   ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, softcap: Optional[float] = None,
@@ -425,7 +418,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor] = None
     args = (input, target, weight, int(ignore_index), str(reduction), float(label_smoothing),
             None if softcap is None else float(softcap), float(z_loss),
             (1 if input.dim() > 1 else 0) if class_axis is None else int(class_axis),
-            _flag(check_targets))
+            _fastce.api.check_targets_flag(check_targets))
     eager = _eager(input, target, weight)
     if fused and input.requires_grad and torch.is_grad_enabled():
         loss, _ = (_EagerCrossEntropyFused.apply if eager else _ce_fused_op)(*args)

@@ -78,3 +78,31 @@ def assert_close(actual, expected, rtol, atol=None, what=""):
         atol = rtol * max(1e-2, float(finite.max()) if finite.size else 0.0)
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, equal_nan=True,
                                err_msg=what)
+
+
+def record_gpu_launches(monkeypatch):
+    """Under the CUDA simulator, route fastce.gpu's calls to a stream of their own that counts
+    the host's waits on it, and record every kernel launch: (stream, [(kernel name,
+    launch configuration), ...])."""
+    from numba import cuda
+    from numba.cuda.simulator.kernel import FakeCUDAKernel
+    from fastce import gpu
+
+    class Stream:
+        def __init__(self):
+            self.inner, self.waits = cuda.stream(), 0
+
+        def synchronize(self):
+            self.waits += 1
+            self.inner.synchronize()
+
+    stream, launches = Stream(), []
+    getitem = FakeCUDAKernel.__getitem__
+
+    def record(kernel, configuration):
+        launches.append((kernel.fn.__name__, configuration))
+        return getitem(kernel, configuration)
+
+    monkeypatch.setattr(FakeCUDAKernel, "__getitem__", record)
+    monkeypatch.setattr(gpu, "_stream", lambda: stream)
+    return stream, launches

@@ -22,7 +22,7 @@ import fastce
 from fastce import spec
 
 from conftest import HAVE_GPU, SIMULATOR, Backend
-from helpers import assert_close, spec_loss_and_grad
+from helpers import assert_close, record_gpu_launches, spec_loss_and_grad
 
 ON_GPU = SIMULATOR or HAVE_GPU
 # The simulator evaluates kernels with NumPy scalars, which warn on inf - inf (NaN expected).
@@ -366,29 +366,7 @@ def test_asv_gpu_benchmarks_skip_without_gpu():
 # --- streams ---------------------------------------------------------------------------------
 @pytest.mark.skipif(not SIMULATOR, reason="records the simulator's kernel launches")
 def test_every_launch_and_host_copy_of_a_call_is_on_the_call_stream(monkeypatch):
-    from numba import cuda
-    from numba.cuda.simulator.kernel import FakeCUDAKernel
-    from fastce import gpu
-
-    class Stream:
-        """The simulator's stream, counting the host's waits on it."""
-        def __init__(self):
-            self.inner, self.waits = cuda.stream(), 0
-
-        def synchronize(self):
-            self.waits += 1
-            self.inner.synchronize()
-
-    call_stream = Stream()
-    launches = []
-    getitem = FakeCUDAKernel.__getitem__
-
-    def record(kernel, configuration):
-        launches.append((kernel.fn.__name__, configuration))
-        return getitem(kernel, configuration)
-
-    monkeypatch.setattr(FakeCUDAKernel, "__getitem__", record)
-    monkeypatch.setattr(gpu, "_stream", lambda: call_stream)
+    call_stream, launches = record_gpu_launches(monkeypatch)
     rng = np.random.default_rng(21)
     x, t = _case(rng, (4, 40), ignore=1)
     x4, t4 = _case(rng, (2, 3, 5))
@@ -432,7 +410,7 @@ def test_a_call_reads_back_only_its_target_statistics(monkeypatch, dtype):
     ]
     for call, expected in calls:
         copies.clear()
-        loss = call()
+        call()
         assert len(copies) == expected, copies
         assert copies[0] == 3                          # (D, count, first bad position)
     cpu = fastce.cross_entropy(x, t, w, ignore_index=1, z_loss=0.01)

@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 import fastce
 from fastce import spec
 from conftest import SIMULATOR, Backend
-from helpers import assert_close, canonical, random_case, spec_loss_and_grad
+from helpers import (assert_close, canonical, random_case, record_gpu_launches,
+                     spec_loss_and_grad)
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 RTOL = {np.float64: 1e-9, np.float32: 2e-4}
@@ -322,18 +323,6 @@ def test_gpu_reads_nothing_back(monkeypatch, dtype):
 def test_gpu_never_waits_and_launches_on_the_call_stream(monkeypatch):
     """The unchecked calls' kernels (the device denominators' included) all go to the call's
     stream, and the host never waits on it."""
-    from numba import cuda
-    from numba.cuda.simulator.kernel import FakeCUDAKernel
-    from fastce import gpu
-
-    class Stream:
-        def __init__(self):
-            self.inner, self.waits = cuda.stream(), 0
-
-        def synchronize(self):
-            self.waits += 1
-            self.inner.synchronize()
-
     rng = np.random.default_rng(12)
     x, t = random_case(rng, (3, 9), np.float32, ignore_frac=0.2)
     t = _with_bad(rng, t, 9, -100, 0.3)
@@ -344,11 +333,7 @@ def test_gpu_never_waits_and_launches_on_the_call_stream(monkeypatch):
              lambda: fastce.cross_entropy_backward(x4d, t4d, check_targets=False)]
     for call in calls:
         call()                          # (the cached arrays of ones are made and waited for)
-    stream, launches = Stream(), []
-    getitem = FakeCUDAKernel.__getitem__
-    monkeypatch.setattr(FakeCUDAKernel, "__getitem__", lambda k, cfg: launches.append(
-        (k.fn.__name__, cfg)) or getitem(k, cfg))
-    monkeypatch.setattr(gpu, "_stream", lambda: stream)
+    stream, launches = record_gpu_launches(monkeypatch)
     for call in calls:
         call()
     names = {name for name, _ in launches}
