@@ -2008,6 +2008,10 @@ class LeanPlan:
         rows = S == 1                   # rows of few classes: the block kernel transposes them
         self.fwd_tail = (self.one, 0, self.no_grad, False, self.ce, self.zl, self.hit,
                          _NO_LSE[2], self.stats, rows)
+        # A problem this small runs in the caller's thread whatever the thread count (n_parts):
+        # its forward calls the entry point with the part arguments joined once here.
+        self.serial = self.work < SERIAL_BELOW
+        self.fwd_serial = self.fwd_tail + (0, 1)
         self.grad_tail = (self.ce, self.zl, self.hit, _NO_LSE[2], _NO_STATS, rows)
 
     def views(self, x, t):
@@ -2082,8 +2086,12 @@ class LeanPlan:
                       (x3, tb, self.tk, w, opts, ignore_index, self.one, 0, self.no_grad, True,
                        pos[0], pos[1], pos[2], _NO_LSE[2], self.stats, self.fwd_tail[-1]))
             return (pos[0], pos[1]) + _sum_stats(self.stats)
-        self._run(name, n_parts(self.work),
-                  (x3, tb, self.tk, w, opts, ignore_index) + self.fwd_tail)
+        entry = self.entries.get(name)
+        if entry is not None and self.serial:      # (W3: ~0.3 us less than through _run)
+            entry(x3, tb, self.tk, w, opts, ignore_index, *self.fwd_serial)
+        else:
+            self._run(name, n_parts(self.work),
+                      (x3, tb, self.tk, w, opts, ignore_index) + self.fwd_tail)
         if self.nblk > 1:
             return ((CPUBackend.total(self.ce), CPUBackend.total(self.zl))
                     + _sum_stats(self.stats))
