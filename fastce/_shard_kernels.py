@@ -32,7 +32,7 @@ from . import _alloc, cpu
 from .cpu import FASTMATH, LOG2E, cast_like, exp2_nonpos, exp2_nonpos_exact, fmaximum, softcap_fast
 from .cpu import (SUM_GROUP, _block_max, _row_exp_sum_store, _seg_exp_acc,  # shared passes
                   _seg_flush, _seg_softcap)
-from .cpu import _softcap_grad_factor, block_bounds, blocks_per_row, task_range
+from .cpu import _softcap_grad_factor, block_bounds, blocks_per_row, np_empty, task_range
 from .options import ShardOptions
 
 K_STATS = 8
@@ -167,7 +167,7 @@ def _block_sumexp(x, n, s0, ms, capf, inv_capf, has_cap, m, acc, sc):
         m[j] = ms[j] if ms[j] > -_INF and ms[j] < _INF else 0
     acc[:] = 0
     C = x.shape[1]
-    tot = np.empty(L if C > SUM_GROUP else 0)       # (see fastce.cpu.SUM_GROUP)
+    tot = np_empty(L if C > SUM_GROUP else 0, np.float64)      # (see fastce.cpu.SUM_GROUP)
     for c in range(C):
         if has_cap:
             _seg_softcap(x[n, c, s0:s0 + L], capf, inv_capf, sc)
@@ -217,7 +217,7 @@ def _stats_strided(x, tl, p, w, opts, out, part, nparts):
     for task in range(lo, hi):
         n, s0, L = block_bounds(np.int64(task), nblk, S)
         has_cap, capf, inv_capf = _caps(opts, x)
-        scratch = np.empty((4, L), x.dtype)
+        scratch = np_empty((4, L), x.dtype)
         m, ms, acc, sc = scratch[0], scratch[1], scratch[2], scratch[3]
         if C:
             _block_max(x[n], s0, m, ms)     # (ms: scratch until below)

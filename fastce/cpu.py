@@ -90,6 +90,63 @@ def fmaximum(typingctx, a, b):
     return a(a, b), codegen
 
 
+def _pick(pred):
+    """An intrinsic (a, b) -> b if b `pred` a else a, in their common type: Python's (and
+    Numba's) max / min of two numbers (pred ">" / "<"), NaN handling included, without the
+    function that Numba's overload of the builtin compiles per pair of types (cold start)."""
+    @intrinsic
+    def pick(typingctx, a, b):
+        ty = typingctx.unify_types(a, b)
+        if not isinstance(ty, types.Number):
+            return None
+
+        def codegen(context, builder, sig, args):
+            x = context.cast(builder, args[0], sig.args[0], ty)
+            y = context.cast(builder, args[1], sig.args[1], ty)
+            if isinstance(ty, types.Float):
+                better = builder.fcmp_ordered(pred, y, x)
+            elif ty.signed:
+                better = builder.icmp_signed(pred, y, x)
+            else:
+                better = builder.icmp_unsigned(pred, y, x)
+            return builder.select(better, y, x)
+
+        return ty(a, b), codegen
+    return pick
+
+
+max2 = _pick(">")
+min2 = _pick("<")
+
+
+@intrinsic
+def np_empty(typingctx, shape, dtype):
+    """np.empty(shape, dtype): a new C-ordered array, allocated where it is called.  NumPy's
+    overload compiles a function of its own for each (shape, dtype) pair (eight in the cold
+    start table, ~50 ms each); this lowers the allocation in place with Numba's own helpers."""
+    if isinstance(shape, types.Integer):
+        ndim = 1
+    elif isinstance(shape, types.BaseTuple) and all(isinstance(d, types.Integer) for d in shape):
+        ndim = len(shape)
+    else:
+        return None
+    if not isinstance(dtype, (types.DType, types.NumberClass)):
+        return None
+    arrtype = types.Array(dtype.dtype, ndim, "C")
+
+    def codegen(context, builder, sig, args):
+        shapes = _parse_shape(context, builder, sig.args[0], args[0])
+        return _empty_nd_impl(context, builder, arrtype, shapes)._getvalue()
+
+    return arrtype(shape, dtype), codegen
+
+
+try:
+    from numba.np.arrayobj import _empty_nd_impl, _parse_shape
+except ImportError:         # (internal helpers; a Numba without them: NumPy's overload)
+    np_empty = register_jitable(lambda shape, dtype: np.empty(shape, dtype))
+
+
 @intrinsic
 def _bits_to_float(typingctx, i):
     """Reinterpret int32 bits as float32 (int64 as float64)."""
@@ -205,22 +262,21 @@ def _byte_loader(bits):
 _load_int32 = _byte_loader(32)
 _load_int64 = _byte_loader(64)
 
-def row_scratch(x):
-    """A thread's float32 row for widen_max: (C,) for bfloat16 (uint16) logits x (N, C), else
-    empty."""
-    return np.empty(0, np.float32)
+@intrinsic
+def holds_bf16(typingctx, a):
+    """Whether array ``a`` holds bfloat16 bits (uint16): a constant of the compiled code."""
+    flag = isinstance(a, types.Array) and a.dtype == types.uint16
 
+    def codegen(context, builder, sig, args):
+        return context.get_constant(types.boolean, flag)
 
-@overload(row_scratch, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
-def _row_scratch_impl(x):
-    if x.dtype == types.uint16:
-        return lambda x: np.empty(x.shape[1], np.float32)
-    return lambda x: np.empty(0, np.float32)
+    return types.boolean(a), codegen
 
 
 def widen_max(src, scratch):
     """(the row of logits as floats, its max): a bfloat16 (uint16) row widened into
-    ``scratch`` (float32, see row_scratch) in the same pass as its max, a float row itself."""
+    ``scratch`` (float32, one element per class) in the same pass as its max, a float row
+    itself."""
     return src, src.max()
 
 
@@ -237,17 +293,6 @@ def _widen_max_impl(src, scratch):
             return out, m
         return impl
     return lambda src, scratch: (src, _row_max(src))
-
-
-def narrows(grad):
-    """Whether the gradient array holds bfloat16 bits (computed in a float32 row first)."""
-    return False
-
-
-@overload(narrows, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
-def _narrows_impl(grad):
-    flag = grad.dtype == types.uint16
-    return lambda grad: flag
 
 
 def grad_row(grad, i, row):
@@ -363,7 +408,7 @@ _C64 = tuple(math.log(2.0) ** k / math.factorial(k) for k in range(13))
 
 
 def _exp2_f32(u):
-    uc = max(u, np.float32(-126.0))
+    uc = max2(u, np.float32(-126.0))
     n = _rint(uc)
     f = uc - n                        # |f| <= 1/2
     p = np.float32(_C32[5])
@@ -376,7 +421,7 @@ def _exp2_f32(u):
 
 
 def _exp2_f64(u):
-    uc = max(u, -1022.0)
+    uc = max2(u, -1022.0)
     n = _rint(uc)
     f = uc - n
     p = _C64[12]
@@ -423,19 +468,19 @@ def exp2_exact_call(u):
     return exp2_nonpos_exact(u)
 
 
-def cast_like(value, arr):
-    """``value`` converted to ``arr``'s dtype (keeps float32 loops in float32)."""
-    return value
-
-
-@overload(cast_like)
-def _cast_like_impl(value, arr):
+@intrinsic
+def cast_like(typingctx, value, arr):
+    """``value`` converted to the dtype of ``arr`` (an array or a number), as ``dtype(value)``
+    converts it: keeps float32 loops in float32.  An intrinsic, not an overload: an overload
+    compiles a function of its own for each pair of types (~50 ms each on a cold start)."""
     dt = arr.dtype if isinstance(arr, types.Array) else arr
+    if not (isinstance(value, types.Number) and isinstance(dt, types.Number)):
+        return None
 
-    def impl(value, arr):
-        return dt(value)
+    def codegen(context, builder, sig, args):
+        return context.cast(builder, args[0], sig.args[0], sig.return_type)
 
-    return impl
+    return dt(value, arr), codegen
 
 
 def _tanh_taylor(n_terms):
@@ -715,7 +760,7 @@ def task_range(K, part, nparts):
     contiguous shares of sizes differing by at most one.  Every task writes its own outputs, so
     results do not depend on nparts."""
     q, r = divmod(np.int64(K), np.int64(nparts))
-    lo = part * q + min(part, r)
+    lo = part * q + (part if part < r else r)      # (min: also called from Python)
     return lo, lo + q + (1 if part < r else 0)
 
 
@@ -724,7 +769,7 @@ def block_bounds(task, nblk, S):
     """(n, s0, L): block ``task`` of the fixed partition, positions s0:s0 + L of row n."""
     n = task // nblk
     s0 = (task - n * nblk) * BLOCK
-    return n, s0, min(BLOCK, S - s0)
+    return n, s0, (BLOCK if BLOCK < S - s0 else S - s0)
 
 
 def _target_stats(t, tk, w, ignore_index, C, stats, part, nparts):
@@ -736,10 +781,10 @@ def _target_stats(t, tk, w, ignore_index, C, stats, part, nparts):
     lo, hi = task_range(M * nblk, part, nparts)
     for task in range(lo, hi):
         n, s0, L = block_bounds(np.int64(task), nblk, S)
-        ti = np.empty((2, L), np.int64)
+        ti = np_empty((2, L), np.int64)
         ts = ti[0]
         _seg_widen(t[n, s0 * tk:(s0 + L) * tk], tk, ts)
-        v = np.empty((2, L), w.dtype)
+        v = np_empty((2, L), w.dtype)
         nbad = _seg_targets(ts, w, ignore_index, C, v[0], v[1], ti[1])
         _seg_stats(ts, ignore_index, C, v[0], v[1], nbad, stats, task, n * S + s0)
 
@@ -766,9 +811,10 @@ def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, 
     inv_cap = 1.0 / cap if has_cap else 0.0
     smoothing = smooth_c != 0.0
     # A bfloat16 gradient is computed in the widened row itself, as out=input would be.
-    in_place = opts.in_place or narrows(grad)
+    in_place = opts.in_place or holds_bf16(grad)
     want_hit = WANT_HITS
-    wide = row_scratch(x)       # one per thread: the rows are widened one after the other
+    # bfloat16 logits: one float32 row per thread, the rows widened into it one after another
+    wide = np_empty(x.shape[1] if holds_bf16(x) else 0, np.float32)
     lo, hi = task_range(N, part, nparts)
     for i in range(lo, hi):
         row, m = widen_max(x[i], wide)
@@ -791,7 +837,7 @@ def _index_rows(x, t, w, opts, ignore_index, g, g_stride, grad, ce_out, zl_out, 
                         break
         sum_wd = 0.0
         if has_cap:
-            srow = np.empty(C, row.dtype)
+            srow = np_empty(C, row.dtype)
             for c in range(C):
                 srow[c] = softcap_fast(row[c], capf, inv_capf)
             ms = softcap_fast(m, capf, inv_capf)
@@ -936,7 +982,7 @@ def _seg_exp_acc_inplace(gs, ms, log2e, ssum):
 @njit(**_INLINE)
 def _seg_prefetch(flat, start, n):
     """Prefetch flat[start:start + n], one hint per 64-byte line."""
-    step = max(1, 64 // flat.itemsize)
+    step = max2(1, 64 // flat.itemsize)
     for k in range(0, n, step):
         prefetch(flat, start + k)
 
@@ -1074,7 +1120,7 @@ def _block_exp_sums(xb, gb, xs0, w, opts, in_place, ms, ssum, swd, sc, flat, nex
     ssum[:] = 0
     swd[:] = 0
     for c0 in range(0, C, SUM_GROUP):
-        c1 = min(C, c0 + SUM_GROUP)
+        c1 = min2(C, c0 + SUM_GROUP)
         c_pairs = c1 - (c1 - c0) % 2 if pairs else c0
         for c in range(c0, c_pairs, 2):
             if next_len:
@@ -1185,12 +1231,12 @@ def _index_block(x, xn, xs0, L, t, tk, on, os0, w, opts, ignore_index, in_place,
     xb = x[xn]
     gb = grad[xn if want_grad else 0]
     # The block's per-position vectors: one allocation in the logits' dtype, one in float64.
-    vx = np.empty((11, L), x.dtype)
+    vx = np_empty((11, L), x.dtype)
     m, ms, sc, ssum, swd = vx[0], vx[1], vx[2], vx[3], vx[4]
     scale_v, gamma_v, valid_v, wt_v, st_v, rv = vx[5], vx[6], vx[7], vx[8], vx[9], vx[10]
-    v64 = np.empty((8, L))
+    v64 = np_empty((8, L), np.float64)
     lse_v, ce_v, zl_v, first, hit_v, beta_v = v64[0], v64[1], v64[2], v64[3], v64[4], v64[5]
-    ti = np.empty((2, L), np.int64)
+    ti = np_empty((2, L), np.int64)
     ts, tc = ti[0], ti[1]               # the widened targets, and a scratch
     _seg_widen(t[on, os0 * tk:(os0 + L) * tk], tk, ts)
     # Pass 1: per-position max over the classes (ms: scratch until the softcap below).
@@ -1219,7 +1265,7 @@ def _index_block(x, xn, xs0, L, t, tk, on, os0, w, opts, ignore_index, in_place,
         _block_hits(xb, xs0, m, ts, valid_v, first, hit_v)
     # Pass 2, prefetching the next block (this thread's next task) unless it is the last.
     next_n, next_s0 = (xn, xs0 + L) if xs0 + L < S else (xn + 1, 0)
-    next_len = min(L, S - next_s0) if prefetch_next and next_n < x.shape[0] else 0
+    next_len = min2(L, S - next_s0) if prefetch_next and next_n < x.shape[0] else 0
     _block_exp_sums(xb, gb, xs0, w, opts, in_place, ms, ssum, swd, sc, x.reshape(-1),
                     next_n * C * S + next_s0, next_len, v64[6:8])
     # Per position: loss and z-loss (vectorised), then the block's sums or per-position values.
@@ -1263,12 +1309,12 @@ def _index_blocks(x, t, tk, w, opts, ignore_index, g, g_stride, grad, per_positi
         slot = np.int64(task)
         if rows:
             _, i0, L = block_bounds(slot, nblk, N)
-            xb = np.empty((1, C, L), x.dtype)
+            xb = np_empty((1, C, L), x.dtype)
             # Class outer: strided loads (gathers), contiguous stores.  Rows outer stored
             # through scatters, a third of a W3 forward's time (AVX-512); A/B: 1.0-2.1x faster.
             for c in range(C):
                 _seg_copy(x[i0:i0 + L, c, 0], xb[0, c])
-            gb = np.empty((1, C, L) if wg else (1, 1, 1), x.dtype)
+            gb = np_empty((1, C, L) if wg else (1, 1, 1), x.dtype)
             xn, xs0, on, os0, g_off = 0, 0, 0, i0, i0
         else:
             n, s0, L = block_bounds(slot, nblk, S)
@@ -1304,7 +1350,7 @@ def _prob_blocks(x, p, w, opts, g, g_stride, grad, ce_out, zl_out, lse_out, part
     # of one position would not vectorise at all: ~2.5x torch's time).
     xr, pr = x.reshape(N, C * S), p.reshape(N, C * S)
     gr = grad.reshape(grad.shape[0], grad.shape[1] * grad.shape[2])
-    capped = np.empty(C if has_cap and S == 1 else 0, x.dtype)
+    capped = np_empty(C if has_cap and S == 1 else 0, x.dtype)
     for task in range(lo, hi):
         n, s0, L = block_bounds(np.int64(task), nblk, S)
         if S == 1:
@@ -1346,11 +1392,11 @@ def _prob_blocks(x, p, w, opts, g, g_stride, grad, ce_out, zl_out, lse_out, part
         # Blocks: each pass a loop over a contiguous segment of L positions of one class.
         xb, pb = x[n], p[n]
         gb = grad[n if want_grad else 0]
-        v = np.empty((3, L), x.dtype)
+        v = np_empty((3, L), x.dtype)
         m, ss, ssum = v[0], v[1], v[2]
         _block_max(xb, s0, m, ss)           # (ss: scratch until the softcap pass)
         if has_cap:
-            ms = np.empty(L, x.dtype)
+            ms = np_empty(L, x.dtype)
             _seg_softcap(m, capf, inv_capf, ms)
         else:
             ms = m
@@ -1462,11 +1508,11 @@ def _softmax_strided(x, mode, out, lse_out, part, nparts):
     for task in range(lo, hi):
         n, s0, L = block_bounds(np.int64(task), nblk, S)
         log2e = cast_like(LOG2E, x)
-        mm = np.empty((2, L), x.dtype)
+        mm = np_empty((2, L), x.dtype)
         m = mm[0]
         _block_max(x[n], s0, m, mm[1])
         ssum = np.zeros_like(m)
-        tot = np.empty(L if C > SUM_GROUP else 0)
+        tot = np_empty(L if C > SUM_GROUP else 0, np.float64)
         for c in range(C):
             if mode == 2:       # softmax: one exp per entry, stored, then scaled by 1 / sum
                 _seg_exp_acc_store(x[n, c, s0:s0 + L], m, log2e, ssum, out[n, c, s0:s0 + L])
@@ -1475,7 +1521,7 @@ def _softmax_strided(x, mode, out, lse_out, part, nparts):
             if C > SUM_GROUP and ((c + 1) % SUM_GROUP == 0 or c + 1 == C):
                 _seg_flush(ssum, tot, c < SUM_GROUP, c + 1 == C)
         logs = np.zeros(L, x.dtype)
-        inv = np.empty(L, x.dtype)
+        inv = np_empty(L, x.dtype)
         for j in range(L):
             m64 = np.float64(m[j])
             lse = m64
@@ -1537,7 +1583,7 @@ def _seg_poisoned(seg, bs):
     weighted result is not finite: its fallback sums b * exp(x) unmasked), else 0.0."""
     p = 0.0
     for c in range(seg.shape[0]):
-        p = max(p, 1.0 if (bs[c] == 0.0 and not seg[c] < math.inf) else 0.0)
+        p = max2(p, 1.0 if (bs[c] == 0.0 and not seg[c] < math.inf) else 0.0)
     return p
 
 
@@ -1563,8 +1609,8 @@ def _chunk_bounds(task, K, C):
     i = task // K
     k = task - i * K
     L = (C + K - 1) // K
-    c0 = min(C, k * L)
-    return i, k, c0, min(C, c0 + L)
+    c0 = min2(C, k * L)
+    return i, k, c0, min2(C, c0 + L)
 
 
 def _lse_chunks(x, b, K, pm, ps, pp, part, nparts):
@@ -1625,7 +1671,7 @@ def _lse_combine(pm, ps, pp, signed, lse, sgn, mx, logs, inv, part, nparts):
         if r - r != 0.0:
             poisoned = 0.0
             for k in range(K):
-                poisoned = max(poisoned, pp[i, k])
+                poisoned = max2(poisoned, pp[i, k])
             if poisoned > 0.0:
                 r = math.nan
                 sg = math.nan
