@@ -29,14 +29,15 @@ import numpy as np
 from numba import njit
 
 from . import _alloc, cpu
-from .cpu import FASTMATH, LOG2E, cast_like, exp2_nonpos, exp2_nonpos_exact, fmaximum, softcap_fast
+from .cpu import (_INLINE, LOG2E, cast_like, exp2_nonpos, exp2_nonpos_exact, fmaximum,
+                  softcap_fast)
 from .cpu import (SUM_GROUP, _block_max, _row_exp_sum_store, _seg_exp_acc,  # shared passes
                   _seg_flush, _seg_softcap)
-from .cpu import _softcap_grad_factor, block_bounds, blocks_per_row, np_empty, task_range
+from .cpu import (_softcap_grad_factor, block_bounds, blocks_per_row, np_empty, np_zeros,
+                  task_range)
 from .options import ShardOptions
 
 K_STATS = 8
-_INLINE = dict(fastmath=FASTMATH, error_model="numpy")
 _INF = math.inf
 
 
@@ -182,7 +183,7 @@ def _block_sumexp(x, n, s0, ms, capf, inv_capf, has_cap, m, acc, sc):
 def _block_dev(x, n, s0, p, w, opts, ms, capf, inv_capf, has_cap, out):
     """Statistics rows 3-5 (dev, qfin, qsum) of the block's positions."""
     L = ms.shape[0]
-    f64 = np.zeros((3, L))
+    f64 = np_zeros((3, L), np.float64)
     for c in range(x.shape[1]):
         wc = np.float64(w[c])
         for j in range(L):

@@ -36,6 +36,7 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload, register_jitable
 
 from . import _alloc
@@ -50,7 +51,9 @@ __all__ = ["index_loss", "prob_loss", "target_stats", "softmax_family", "launch"
 FASTMATH = {"reassoc", "nsz", "contract", "arcp", "afn"}
 _JIT = dict(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 # Helpers that LLVM inlines into the kernels; only kernels call them, so they need no wrappers
-# callable from Python or C (~10% of a kernel's compile time).
+# callable from Python or C (~10% of a kernel's compile time).  The overloads below take the
+# same options: Numba compiles an overload once per set of its callers' options, so helpers
+# and overloads that call one another with one set compile each implementation once.
 _INLINE = dict(fastmath=FASTMATH, error_model="numpy", no_cpython_wrapper=True,
                no_cfunc_wrapper=True)
 
@@ -119,32 +122,41 @@ max2 = _pick(">")
 min2 = _pick("<")
 
 
-@intrinsic
-def np_empty(typingctx, shape, dtype):
-    """np.empty(shape, dtype): a new C-ordered array, allocated where it is called.  NumPy's
-    overload compiles a function of its own for each (shape, dtype) pair (eight in the cold
-    start table, ~50 ms each); this lowers the allocation in place with Numba's own helpers."""
-    if isinstance(shape, types.Integer):
-        ndim = 1
-    elif isinstance(shape, types.BaseTuple) and all(isinstance(d, types.Integer) for d in shape):
-        ndim = len(shape)
-    else:
-        return None
-    if not isinstance(dtype, (types.DType, types.NumberClass)):
-        return None
-    arrtype = types.Array(dtype.dtype, ndim, "C")
+def _allocator(zero):
+    """np.empty (``zero`` False) or np.zeros (True) of (shape, dtype): a new C-ordered array,
+    allocated where it is called.  NumPy's overloads compile a function of their own for each
+    (shape, dtype) pair (ten in the cold start table, ~50 ms each); this lowers the
+    allocation in place with Numba's own helpers."""
+    @intrinsic
+    def alloc(typingctx, shape, dtype):
+        if isinstance(shape, types.Integer):
+            ndim = 1
+        elif isinstance(shape, types.BaseTuple) and all(isinstance(d, types.Integer)
+                                                        for d in shape):
+            ndim = len(shape)
+        else:
+            return None
+        if not isinstance(dtype, (types.DType, types.NumberClass)):
+            return None
+        arrtype = types.Array(dtype.dtype, ndim, "C")
 
-    def codegen(context, builder, sig, args):
-        shapes = _parse_shape(context, builder, sig.args[0], args[0])
-        return _empty_nd_impl(context, builder, arrtype, shapes)._getvalue()
+        def codegen(context, builder, sig, args):
+            shapes = _parse_shape(context, builder, sig.args[0], args[0])
+            ary = _empty_nd_impl(context, builder, arrtype, shapes)
+            if zero:
+                cgutils.memset(builder, ary.data, builder.mul(ary.itemsize, ary.nitems), 0)
+            return ary._getvalue()
 
-    return arrtype(shape, dtype), codegen
+        return arrtype(shape, dtype), codegen
+    return alloc
 
 
 try:
     from numba.np.arrayobj import _empty_nd_impl, _parse_shape
-except ImportError:         # (internal helpers; a Numba without them: NumPy's overload)
+    np_empty, np_zeros = _allocator(False), _allocator(True)
+except ImportError:         # (internal helpers; a Numba without them: NumPy's overloads)
     np_empty = register_jitable(lambda shape, dtype: np.empty(shape, dtype))
+    np_zeros = register_jitable(lambda shape, dtype: np.zeros(shape, dtype))
 
 
 @intrinsic
@@ -280,7 +292,7 @@ def widen_max(src, scratch):
     return src, src.max()
 
 
-@overload(widen_max, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
+@overload(widen_max, jit_options=_INLINE)
 def _widen_max_impl(src, scratch):
     if src.dtype == types.uint16:
         def impl(src, scratch):
@@ -301,7 +313,7 @@ def grad_row(grad, i, row):
     return grad[i]
 
 
-@overload(grad_row, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
+@overload(grad_row, jit_options=_INLINE)
 def _grad_row_impl(grad, i, row):
     if grad.dtype == types.uint16:
         return lambda grad, i, row: row
@@ -312,7 +324,7 @@ def store_grad_row(gr, grad, i):
     """grad[i] <- gr rounded to bfloat16, for a bfloat16 gradient (else gr is grad[i])."""
 
 
-@overload(store_grad_row, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
+@overload(store_grad_row, jit_options=_INLINE)
 def _store_grad_row_impl(gr, grad, i):
     if grad.dtype == types.uint16:
         def impl(gr, grad, i):
@@ -327,7 +339,7 @@ def finish_grad_row(gr, grad, i, scale, gamma, w, smoothing, ti, beta):
     """The gradient of row i from its exps in gr (see _row_grad), less beta at the target."""
 
 
-@overload(finish_grad_row, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
+@overload(finish_grad_row, jit_options=_INLINE)
 def _finish_grad_row_impl(gr, grad, i, scale, gamma, w, smoothing, ti, beta):
     if grad.dtype == types.uint16:
         def impl(gr, grad, i, scale, gamma, w, smoothing, ti, beta):
@@ -378,7 +390,7 @@ def _log_ge1_f32(s):
     return r if s == s else s             # NaN stays NaN (a NaN sum from an +inf logit)
 
 
-@overload(log_ge1, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
+@overload(log_ge1, jit_options=_INLINE)
 def _log_ge1_impl(s):
     if s == types.float32:
         return _log_ge1_f32
@@ -440,7 +452,7 @@ def _exp2_f64(u):
     return p * _pow2i(n)
 
 
-@overload(exp2_nonpos, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
+@overload(exp2_nonpos, jit_options=_INLINE)
 def _exp2_nonpos_impl(u):
     if u == types.float32:
         return _exp2_f32
@@ -449,7 +461,7 @@ def _exp2_nonpos_impl(u):
     return None
 
 
-@overload(exp2_nonpos_exact, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
+@overload(exp2_nonpos_exact, jit_options=_INLINE)
 def _exp2_nonpos_exact_impl(u):
     if isinstance(u, types.Float):
         lo = u(-126.0 if u == types.float32 else -1022.0)
@@ -516,7 +528,7 @@ def _odd_horner(c):
     return impl
 
 
-@overload(_tanh_small, jit_options=dict(fastmath=FASTMATH, error_model="numpy"))
+@overload(_tanh_small, jit_options=_INLINE)
 def _tanh_small_impl(y):
     if y == types.float32:
         return _odd_horner(tuple(np.float32(v) for v in _TANH32))
@@ -541,7 +553,8 @@ def softcap_fast(x, cap, inv_cap):
 # The per-element formulas keep IEEE order ('contract' alone): with 'reassoc', LLVM rewrites
 # (max - s_t) + log(sum) into lse - s_t, reusing the lse it computed beside, and loses every
 # digit of the loss for logits near 1e100 (the very cancellation the formulas avoid).
-_STRICT = dict(fastmath={"contract"}, error_model="numpy")
+_STRICT = dict(fastmath={"contract"}, error_model="numpy", no_cpython_wrapper=True,
+               no_cfunc_wrapper=True)
 _index_loss = njit(**_STRICT)(ew.index_loss)
 _index_grad_coefs = njit(**_STRICT)(ew.index_grad_coefs)
 _prob_weight = njit(**_STRICT)(ew.prob_weight)
@@ -1403,7 +1416,7 @@ def _prob_blocks(x, p, w, opts, g, g_stride, grad, ce_out, zl_out, lse_out, part
         for j in range(L):
             ssum[j] = 0
         # float64 per position: sums of q and of q (max - s), coefs, the exp sums' group totals
-        acc = np.zeros((5, L))
+        acc = np_zeros((5, L), np.float64)
         A, D, scale_v, beta_v = acc[0], acc[1], acc[2], acc[3]
         for c in range(C):
             xc = xb[c, s0:s0 + L]
@@ -1520,7 +1533,7 @@ def _softmax_strided(x, mode, out, lse_out, part, nparts):
                 _seg_exp_acc(x[n, c, s0:s0 + L], m, log2e, ssum)
             if C > SUM_GROUP and ((c + 1) % SUM_GROUP == 0 or c + 1 == C):
                 _seg_flush(ssum, tot, c < SUM_GROUP, c + 1 == C)
-        logs = np.zeros(L, x.dtype)
+        logs = np_zeros(L, x.dtype)
         inv = np_empty(L, x.dtype)
         for j in range(L):
             m64 = np.float64(m[j])
