@@ -111,3 +111,42 @@ def test_bench_cold_quick():
              re.finditer(r"^  (\S.*?)\s+(\d+\.\d\d)\s+\d+\.\d\d$", out, re.M)}
     small = first["(4096, 10) float32 (small-C rows)"]
     assert first["same, int32 targets"] < 0.5 * small, out
+
+
+# Run in a subprocess with an empty cache: first calls of the rows, block and softmax kernels, with
+# every function that Numba compiles for them recorded (qualified name, argument types).
+_COMPILED = """
+import json, numpy as np
+from numba.core import event
+compiled = []
+class Record(event.Listener):
+    def on_start(self, e):
+        compiled.append((e.data["dispatcher"].py_func.__qualname__, str(e.data["args"])))
+    def on_end(self, e):
+        pass
+event.register("numba:compile", Record())
+import fastce
+rng = np.random.default_rng(0)
+x = rng.standard_normal((64, 100)).astype(np.float32)
+fastce.cross_entropy(x, np.arange(64) % 100)
+x = rng.standard_normal((2, 5, 8, 8)).astype(np.float32)
+fastce.cross_entropy(x, rng.integers(0, 5, (2, 8, 8)))
+fastce.softmax(rng.standard_normal((4, 100)).astype(np.float32), axis=-1)
+print("COMPILED " + json.dumps(compiled))
+"""
+
+
+def test_first_calls_compile_each_function_once_and_no_numpy_overloads(tmp_path):
+    """What the cold start no longer pays for: NumPy's np.empty / np.zeros and the builtins'
+    min / max overloads (a function compiled per signature; fastce lowers them in place), and
+    a function compiled twice for the same types (Numba compiles an overload once per set of
+    its callers' options: helpers and overloads must share one)."""
+    out = _python(["-c", _COMPILED], _env(NUMBA_CACHE_DIR=tmp_path), ROOT)
+    compiled = [tuple(c) for c in json.loads(re.search(r"^COMPILED (.*)$", out, re.M).group(1))]
+    names = [name for name, _ in compiled]
+    assert any(name.startswith("_index_blocks") for name in names), names
+    foreign = [n for n in names if n.split(".")[0] in ("ol_np_empty", "ol_np_zeros", "ol_min",
+                                                       "ol_max", "_cast_like_impl")]
+    assert not foreign, foreign
+    twice = [c for c in set(compiled) if compiled.count(c) > 1]
+    assert not twice, twice

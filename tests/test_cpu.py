@@ -34,6 +34,37 @@ def _log_all(s):
     return out
 
 
+@njit
+def _in_place_helpers(a, b, n):
+    """max2 / min2 over the pairs, then np_empty / np_zeros of n elements and (2, n)."""
+    hi = np.empty_like(a)
+    lo = np.empty_like(a)
+    for i in range(a.size):
+        hi[i] = cpu.max2(a[i], b[i])
+        lo[i] = cpu.min2(a[i], b[i])
+    z = cpu.np_zeros((2, n), np.float32)
+    e = cpu.np_empty(n, np.int64)
+    e[:] = 7
+    return hi, lo, z, e, cpu.max2(n, 3), cpu.min2(np.uint8(5), np.uint8(2)), cpu.cast_like(
+        1.0 / 3.0, z)
+
+
+def test_in_place_helpers_match_numpy_and_python():
+    """The intrinsics that replace np.empty / np.zeros, max / min and dtype casts (cold start)
+    give what those give, NaN included: max(a, b) is b only where b > a."""
+    vals = np.array([1.0, -2.0, np.nan, 0.0, -0.0, np.inf, 3.0], np.float64)
+    a, b = np.repeat(vals, vals.size), np.tile(vals, vals.size)
+    hi, lo, z, e, m, u, c = _in_place_helpers(a, b, 5)
+    expect_hi = [max(x, y) for x, y in zip(a, b)]
+    expect_lo = [min(x, y) for x, y in zip(a, b)]
+    assert np.array_equal(hi, expect_hi, equal_nan=True)
+    assert np.array_equal(lo, expect_lo, equal_nan=True)
+    assert np.signbit(hi).tolist() == np.signbit(expect_hi).tolist()
+    assert z.shape == (2, 5) and z.dtype == np.float32 and not z.any()
+    assert e.shape == (5,) and e.dtype == np.int64 and (e == 7).all()
+    assert (m, u) == (5, 2) and type(c) is float and c == float(np.float32(1.0 / 3.0))
+
+
 def test_exp2_float32_within_a_few_ulp():
     rng = np.random.default_rng(1)
     u = np.concatenate([-rng.uniform(0, 125.9, 1_000_000), -np.linspace(0, 2, 20001),
