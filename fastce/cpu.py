@@ -40,6 +40,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload, register_jitable
 
 from . import _alloc
+from ._inline_only import PIPELINE as _INLINE_ONLY
 from . import elementwise as ew
 from .bfloat16 import is_bfloat16, to_bf16, to_f32
 from .options import LossOptions, ieee_div, mean_div
@@ -56,6 +57,8 @@ _JIT = dict(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 # and overloads that call one another with one set compile each implementation once.
 _INLINE = dict(fastmath=FASTMATH, error_model="numpy", no_cpython_wrapper=True,
                no_cfunc_wrapper=True)
+if _INLINE_ONLY is not None:       # no machine code of their own (see fastce._inline_only)
+    _INLINE["pipeline_class"] = _INLINE_ONLY
 
 LOG2E = 1.4426950408889634
 # Positions per task of the block kernels: a block's C segments (C * BLOCK logits, 2 MiB of
@@ -553,8 +556,7 @@ def softcap_fast(x, cap, inv_cap):
 # The per-element formulas keep IEEE order ('contract' alone): with 'reassoc', LLVM rewrites
 # (max - s_t) + log(sum) into lse - s_t, reusing the lse it computed beside, and loses every
 # digit of the loss for logits near 1e100 (the very cancellation the formulas avoid).
-_STRICT = dict(fastmath={"contract"}, error_model="numpy", no_cpython_wrapper=True,
-               no_cfunc_wrapper=True)
+_STRICT = dict(_INLINE, fastmath={"contract"})
 _index_loss = njit(**_STRICT)(ew.index_loss)
 _index_grad_coefs = njit(**_STRICT)(ew.index_grad_coefs)
 _prob_weight = njit(**_STRICT)(ew.prob_weight)

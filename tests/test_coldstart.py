@@ -150,3 +150,47 @@ def test_first_calls_compile_each_function_once_and_no_numpy_overloads(tmp_path)
     assert not foreign, foreign
     twice = [c for c in set(compiled) if compiled.count(c) > 1]
     assert not twice, twice
+
+
+# Run in a subprocess with an empty cache: rows and block kernels with a gradient, then which
+# code library each compiled helper and kernel got, and the results' bytes.
+_LIBRARIES = """
+import hashlib, json, numpy as np, numba, fastce
+from fastce import cpu, _shard_kernels
+rng = np.random.default_rng(0)
+x = (3 * rng.standard_normal((64, 100))).astype(np.float32)
+t = np.arange(64) % 100
+x4 = rng.standard_normal((2, 5, 8, 8)).astype(np.float32)
+t4 = rng.integers(0, 5, (2, 8, 8))
+out = [fastce.cross_entropy(x, t, reduction="none"),
+       *fastce.cross_entropy_with_grad(x, t, label_smoothing=0.1),
+       fastce.cross_entropy(x4, t4, reduction="none"),
+       *fastce.cross_entropy_with_grad(x4, t4)]
+libraries = {}
+for module in (cpu, _shard_kernels):
+    for name, obj in vars(module).items():
+        if isinstance(obj, numba.core.dispatcher.Dispatcher):
+            kind = "helper" if obj.targetoptions.get("no_cpython_wrapper") else "kernel"
+            for cres in obj.overloads.values():
+                libraries.setdefault(kind, set()).add(type(cres.library).__name__)
+for d in cpu._KERNELS.values():
+    for cres in d.overloads.values():
+        libraries.setdefault("kernel", set()).add(type(cres.library).__name__)
+digest = hashlib.sha256(b"".join(np.asarray(a).tobytes() for a in out)).hexdigest()
+print("LIBRARIES " + json.dumps({k: sorted(v) for k, v in libraries.items()}) + " " + digest)
+"""
+
+
+def test_helpers_get_no_machine_code_of_their_own_and_kernels_compute_the_same(tmp_path):
+    """fastce._inline_only: the helpers' code libraries stop at linking IR (no optimisation or
+    machine code of their own); the kernels get ordinary libraries, and their results are
+    bitwise those of the kernels compiled with Numba's own pipeline (FASTCE_INLINE_ONLY=0)."""
+    runs = {}
+    for flag in ("1", "0"):
+        out = _python(["-c", _LIBRARIES],
+                      _env(NUMBA_CACHE_DIR=tmp_path / flag, FASTCE_INLINE_ONLY=flag), ROOT)
+        libraries, digest = re.search(r"^LIBRARIES (.*) (\w+)$", out, re.M).groups()
+        runs[flag] = (json.loads(libraries), digest)
+    assert runs["1"][0] == {"helper": ["InlineOnlyLibrary"], "kernel": ["JITCodeLibrary"]}
+    assert runs["0"][0] == {"helper": ["JITCodeLibrary"], "kernel": ["JITCodeLibrary"]}
+    assert runs["1"][1] == runs["0"][1]
