@@ -40,7 +40,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload, register_jitable
 
 from . import _alloc
-from ._inline_only import PIPELINE as _INLINE_ONLY
+from . import _pipelines
 from . import elementwise as ew
 from .bfloat16 import is_bfloat16, to_bf16, to_f32
 from .options import LossOptions, ieee_div, mean_div
@@ -57,8 +57,8 @@ _JIT = dict(fastmath=FASTMATH, error_model="numpy", cache=True, nogil=True)
 # and overloads that call one another with one set compile each implementation once.
 _INLINE = dict(fastmath=FASTMATH, error_model="numpy", no_cpython_wrapper=True,
                no_cfunc_wrapper=True)
-if _INLINE_ONLY is not None:       # no machine code of their own (see fastce._inline_only)
-    _INLINE["pipeline_class"] = _INLINE_ONLY
+if _pipelines.HELPER is not None:       # no machine code of their own (fastce._pipelines)
+    _INLINE["pipeline_class"] = _pipelines.HELPER
 
 LOG2E = 1.4426950408889634
 # Positions per task of the block kernels: a block's C segments (C * BLOCK logits, 2 MiB of
@@ -1462,7 +1462,7 @@ def _prob_blocks(x, p, w, opts, g, g_stride, grad, ce_out, zl_out, lse_out, part
 # +inf, NaN with a NaN); softmax NaN; log_softmax (x - m) - 0 (NaN, or -inf beside a +inf).
 # log_softmax is (x - m) - log(sum), not x - lse: no cancellation when x is close to m.  Its
 # loops are compiled without 'reassoc', which would let LLVM fold them into x - (m + log(sum)).
-_NO_REASSOC = dict(fastmath=FASTMATH - {"reassoc"}, error_model="numpy")
+_NO_REASSOC = dict(_INLINE, fastmath=FASTMATH - {"reassoc"})
 # Elements per task when few long rows are split (axis=None): 64 KiB of float32, enough work
 # per task to hide the scheduling cost, small enough to split a 1M-class row 64 ways.
 CHUNK = 16384

@@ -181,16 +181,16 @@ print("LIBRARIES " + json.dumps({k: sorted(v) for k, v in libraries.items()}) + 
 """
 
 
-def test_helpers_get_no_machine_code_of_their_own_and_kernels_compute_the_same(tmp_path):
-    """fastce._inline_only: the helpers' code libraries stop at linking IR (no optimisation or
-    machine code of their own); the kernels get ordinary libraries, and their results are
-    bitwise those of the kernels compiled with Numba's own pipeline (FASTCE_INLINE_ONLY=0)."""
+def test_helpers_get_no_machine_code_and_kernels_compute_the_same(tmp_path):
+    """fastce._pipelines: the helpers' code libraries stop at optimised IR (no machine code of
+    their own); the kernels get Numba's own, and their results are bitwise those with Numba's
+    pipeline for the helpers too (FASTCE_NUMBA_PIPELINES=default)."""
     runs = {}
-    for flag in ("1", "0"):
+    for flag in ("fastce", "default"):
         out = _python(["-c", _LIBRARIES],
-                      _env(NUMBA_CACHE_DIR=tmp_path / flag, FASTCE_INLINE_ONLY=flag), ROOT)
+                      _env(NUMBA_CACHE_DIR=tmp_path / flag, FASTCE_NUMBA_PIPELINES=flag), ROOT)
         libraries, digest = re.search(r"^LIBRARIES (.*) (\w+)$", out, re.M).groups()
         runs[flag] = (json.loads(libraries), digest)
-    assert runs["1"][0] == {"helper": ["InlineOnlyLibrary"], "kernel": ["JITCodeLibrary"]}
-    assert runs["0"][0] == {"helper": ["JITCodeLibrary"], "kernel": ["JITCodeLibrary"]}
-    assert runs["1"][1] == runs["0"][1]
+    assert runs["fastce"][0] == {"helper": ["HelperLibrary"], "kernel": ["JITCodeLibrary"]}
+    assert runs["default"][0] == {"helper": ["JITCodeLibrary"], "kernel": ["JITCodeLibrary"]}
+    assert runs["fastce"][1] == runs["default"][1]

@@ -1,0 +1,109 @@
+"""A Numba compiler pipeline for fastce's helpers: no machine code for functions that only
+ever run inlined into the kernels.
+
+Numba compiles each ``@njit`` function as a code library of its own and finalises it: it
+optimises the library's module at -O3, emits machine code for it and adds it to the JIT
+engine.  A kernel links in its helpers' optimised modules and optimises the whole again,
+inlining them.  fastce's helpers are only ever called by its kernels (no Python or C wrapper;
+each kernel's module holds a copy of their IR, inlined or not), so their machine code was
+never run: ~0.8 s of the cold table's ~6.5 s of LLVM time (issue #16).
+
+``HELPER`` is Numba's nopython pipeline with one pass added before lowering, which gives the
+helper a code library whose finalisation links in its callees' IR and optimises it as Numba's
+does, then stops.  The kernels inline the same IR as before, so their machine code is the same
+(tests/test_coldstart.py checks their results bitwise); a helper cannot be called from Python.
+Numba's other users in the process are untouched.
+
+``HELPER`` is None, and the helpers compile as Numba's other functions do, where a Numba
+release lacks what this relies on (its code library classes, pass registry) or where the
+environment sets ``FASTCE_NUMBA_PIPELINES=default``.
+
+Not done: skipping the helpers' -O3 as well (another ~1.5 s): the kernels then inline
+unoptimised IR, and the rows kernel's exp loop came out with 4x the stack spills (W1 forward
+~4% slower); skipping the function passes on every module (~0.9 s): softmax and probability
+targets 5-10% slower.
+"""
+from __future__ import annotations
+
+import os
+
+__all__ = ["HELPER"]
+
+
+def _make_pipeline():
+    from numba.core.codegen import JITCodeLibrary
+    from numba.core.compiler import CompilerBase, DefaultPassBuilder
+    from numba.core.compiler_machinery import LoweringPass, register_pass
+    from numba.core.typed_passes import AnnotateTypes
+
+    class HelperLibrary(JITCodeLibrary):
+        """Finalisation links the callees' IR in and optimises the module as Numba's does,
+        then stops: no machine code (its functions resolve to address 0)."""
+
+        def finalize(self):
+            self._raise_if_finalized()
+            seen = set()
+            for library in self._linking_libraries:
+                if library not in seen:
+                    seen.add(library)
+                    self._reload_init.update(library._reload_init)
+                    self._final_module.link_in(library._get_module_for_linking(),
+                                               preserve=True)
+            # The kernels inline this optimised IR, as they inline Numba's own: their code
+            # is the same instruction for instruction.
+            self._optimize_final_module()
+            self._final_module.verify()
+            self._finalized = True
+
+        def get_pointer_to_function(self, name):
+            self._ensure_finalized()
+            return 0
+
+        @property
+        def codegen(self):
+            # Numba sets each compiled function's environment pointer in the JIT engine,
+            # which holds nothing of this library.  Kernels never read their helpers'
+            # environments (a kernel loaded from the on-disk cache has none either).
+            return _NoEnvironment(self._codegen)
+
+    class _NoEnvironment:
+        def __init__(self, codegen):
+            self._codegen = codegen
+
+        def set_env(self, env_name, env):
+            pass
+
+        def __getattr__(self, name):
+            return getattr(self._codegen, name)
+
+    @register_pass(mutates_CFG=False, analysis_only=False)
+    class UseHelperLibrary(LoweringPass):
+        _name = "fastce_use_helper_library"
+
+        def __init__(self):
+            LoweringPass.__init__(self)
+
+        def run_pass(self, state):
+            if state.library is not None:
+                return False
+            state.library = HelperLibrary(state.targetctx.codegen(),
+                                          state.func_id.func_qualname)
+            state.library.enable_object_caching()
+            return True
+
+    class HelperCompiler(CompilerBase):
+        def define_pipelines(self):
+            pm = DefaultPassBuilder.define_nopython_pipeline(self.state)
+            pm.add_pass_after(UseHelperLibrary, AnnotateTypes)
+            pm.finalize()
+            return [pm]
+
+    return HelperCompiler
+
+
+HELPER = None
+if os.environ.get("FASTCE_NUMBA_PIPELINES", "fastce") != "default":
+    try:
+        HELPER = _make_pipeline()
+    except (ImportError, AttributeError, TypeError, ValueError):      # pragma: no cover
+        HELPER = None
