@@ -10,9 +10,11 @@ never run: ~0.8 s of the cold table's ~6.5 s of LLVM time (issue #16).
 
 ``HELPER`` is Numba's nopython pipeline with one pass added before lowering, which gives the
 helper a code library whose finalisation links in its callees' IR and optimises it as Numba's
-does, then stops.  The kernels inline the same IR as before, so their machine code is the same
-(tests/test_coldstart.py checks their results bitwise); a helper cannot be called from Python.
-Numba's other users in the process are untouched.
+does, then stops.  The kernels' results are bitwise the same (tests/test_coldstart.py); their
+machine code differs a little, because Numba's machine-code emission rewrites the helper's IR
+in place (LLVM's code generation passes: 14 of the 20 modules of a rows call grew) before the
+kernels link it in, and ran within ~2% of Numba's in alternating processes.  A helper cannot be called from Python.  Numba's other
+users in the process are untouched.
 
 ``HELPER`` is None, and the helpers compile as Numba's other functions do, where a Numba
 release lacks what this relies on (its code library classes, pass registry) or where the
@@ -20,7 +22,7 @@ environment sets ``FASTCE_NUMBA_PIPELINES=default``.
 
 Not done: skipping the helpers' -O3 as well (another ~1.5 s): the kernels then inline
 unoptimised IR, and the rows kernel's exp loop came out with 4x the stack spills (W1 forward
-~4% slower); skipping the function passes on every module (~0.9 s): softmax and probability
+3-4% slower); skipping the function passes on every module (~0.9 s): softmax and probability
 targets 5-10% slower.
 """
 from __future__ import annotations
