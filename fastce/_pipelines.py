@@ -38,6 +38,13 @@ def _make_pipeline():
     from numba.core.compiler_machinery import LoweringPass, register_pass
     from numba.core.typed_passes import AnnotateTypes
 
+    # What HelperLibrary calls of Numba's code library (an AttributeError: Numba's pipeline);
+    # the fields it reads (_linking_libraries, _final_module, _reload_init) are checked by
+    # tests/test_coldstart.py on the installed Numba.
+    for name in ("_raise_if_finalized", "_ensure_finalized", "_get_module_for_linking",
+                 "_optimize_final_module", "enable_object_caching"):
+        getattr(JITCodeLibrary, name)
+
     class HelperLibrary(JITCodeLibrary):
         """Finalisation links the callees' IR in and optimises the module as Numba's does,
         then stops: no machine code (its functions resolve to address 0)."""
