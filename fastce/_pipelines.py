@@ -6,15 +6,15 @@ optimises the library's module at -O3, emits machine code for it and adds it to 
 engine.  A kernel links in its helpers' optimised modules and optimises the whole again,
 inlining them.  fastce's helpers are only ever called by its kernels (no Python or C wrapper;
 each kernel's module holds a copy of their IR, inlined or not), so their machine code was
-never run: ~0.8 s of the cold table's ~6.5 s of LLVM time (issue #16).
+never run: ~0.8 s of the cold table's 6.5-8.7 s of LLVM time (issue #16).
 
 ``HELPER`` is Numba's nopython pipeline with one pass added before lowering, which gives the
 helper a code library whose finalisation links in its callees' IR and optimises it as Numba's
 does, then stops.  The kernels' results are bitwise the same (tests/test_coldstart.py); their
 machine code differs a little, because Numba's machine-code emission rewrites the helper's IR
 in place (LLVM's code generation passes: 14 of the 20 modules of a rows call grew) before the
-kernels link it in, and ran within ~2% of Numba's in alternating processes.  A helper cannot be called from Python.  Numba's other
-users in the process are untouched.
+kernels link it in, and ran within ~2% of Numba's in alternating processes.  A helper cannot
+be called from Python.  Numba's other users in the process are untouched.
 
 ``HELPER`` is None, and the helpers compile as Numba's other functions do, where a Numba
 release lacks what this relies on (its code library classes, pass registry) or where the
@@ -58,8 +58,8 @@ def _make_pipeline():
                     self._reload_init.update(library._reload_init)
                     self._final_module.link_in(library._get_module_for_linking(),
                                                preserve=True)
-            # The kernels inline this optimised IR, as they inline Numba's own: their code
-            # is the same instruction for instruction.
+            # Numba's -O3, as its own finalisation runs it (the kernels inline this IR); what
+            # is skipped is the machine code, which would also rewrite the IR in place.
             self._optimize_final_module()
             self._final_module.verify()
             self._finalized = True

@@ -31,8 +31,8 @@ from numba import njit
 from . import _alloc, cpu
 from .cpu import (_INLINE, LOG2E, cast_like, exp2_nonpos, exp2_nonpos_exact, fmaximum,
                   softcap_fast)
-from .cpu import (SUM_GROUP, _block_max, _row_exp_sum_store, _seg_exp_acc,  # shared passes
-                  _seg_flush, _seg_softcap)
+from .cpu import (SUM_GROUP, _block_max, _row_exp_sum_store, _seg_copy,  # shared passes
+                  _seg_exp_acc, _seg_flush, _seg_softcap)
 from .cpu import (_softcap_grad_factor, block_bounds, blocks_per_row, np_empty, np_zeros,
                   task_range)
 from .options import ShardOptions
@@ -201,7 +201,9 @@ def _block_dev(x, n, s0, p, w, opts, ms, capf, inv_capf, has_cap, out):
 def _block_argmax(x, n, s0, m, out):
     """Statistics rows 6-7 (amax, first argmax) of the block's positions; m: their max."""
     L = m.shape[0]
-    first = np.full(L, -1.0)
+    first = np_empty(L, np.float64)
+    for j in range(L):
+        first[j] = -1.0
     for c in range(x.shape[1] - 1, -1, -1):
         for j in range(L):
             if x[n, c, s0 + j] == m[j]:
@@ -227,7 +229,7 @@ def _stats_strided(x, tl, p, w, opts, out, part, nparts):
         if has_cap:
             _seg_softcap(m, capf, inv_capf, ms)
         else:
-            ms[:] = m
+            _seg_copy(m, ms)        # (a slice assignment compiles NumPy's shape-error path)
         if opts.want_argmax:
             _block_argmax(x, n, s0, m, out)
         _block_sumexp(x, n, s0, ms, capf, inv_capf, has_cap, m, acc, sc)   # (m: scratch now)

@@ -1526,7 +1526,7 @@ def _softmax_strided(x, mode, out, lse_out, part, nparts):
         mm = np_empty((2, L), x.dtype)
         m = mm[0]
         _block_max(x[n], s0, m, mm[1])
-        ssum = np.zeros_like(m)
+        ssum = np_zeros(L, x.dtype)
         tot = np_empty(L if C > SUM_GROUP else 0, np.float64)
         for c in range(C):
             if mode == 2:       # softmax: one exp per entry, stored, then scaled by 1 / sum
